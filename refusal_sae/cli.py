@@ -1,0 +1,76 @@
+"""The command line: Lightning's `LightningCLI`, with the pipeline's stages behind `fit`.
+
+Options come from the signatures of the data module, the SAE module and the Trainer
+(`--data.*`, `--model.*`, `--trainer.*`), configs are YAML read through OmegaConf so they can
+interpolate (`${run_dir}`), and a `UserError` anywhere ends in one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import NoReturn
+
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from datamodules import RefusalDataModule
+from lightning_modules import SAEModule
+from refusal_sae.errors import UserError
+
+log = logging.getLogger("refusal_sae")
+
+NOT_BUILT_YET = ("activations", "sae", "circuits")
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """Reports a bad option or config key in one line (not argparse's usage dump), exit status 2."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse parses nested parsers with errors as exceptions
+            super().error(message, ex)
+        reason = " ".join(line.strip(" -") for line in message.splitlines() if line.strip())
+        print(f"error: {reason} (options: python -m refusal_sae fit --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class RefusalCLI(LightningCLI):
+    """`fit` runs the pipeline: data, activations, SAEs, circuits (the stages built so far)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_dir", default="runs/default", help="Directory every stage writes into.")
+        parser.link_arguments("run_dir", "data.run_dir")
+        parser.link_arguments("run_dir", "trainer.default_root_dir")
+
+    def fit(
+        self,
+        model: SAEModule,
+        datamodule: RefusalDataModule,
+        ckpt_path: str | None = None,
+        weights_only: bool | None = None,
+    ) -> None:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        n = {split: len(samples) for split, samples in datamodule.splits.items()}
+        log.info("stage data: %d discovery + %d evaluation prompts -> %s",
+                 n["discovery"], n["evaluation"], datamodule.data_dir)
+        log.warning("stages %s are not built yet in this version: no activations were collected "
+                    "and no SAE was trained", ", ".join(NOT_BUILT_YET))
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point; bad input exits with status 2 and one line, never a traceback."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config fields' docstrings are their help
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        RefusalCLI(
+            SAEModule,
+            RefusalDataModule,
+            parser_class=OneLineErrorParser,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,450 @@
+"""Stage 1 of the pipeline: OR-Bench prompts, loaded, analysed, balanced and split.
+
+OR-Bench (Cui et al. 2025, `bench-llm/or-bench`) ships three CSV files with columns `prompt,category`:
+
+| file                   | dataset_type | refusal_label | meaning                                  |
+|------------------------|--------------|---------------|------------------------------------------|
+| `or-bench-80k.csv`     | `safe_80k`   | False         | safe prompts                             |
+| `or-bench-hard-1k.csv` | `hard`       | False         | safe prompts that look toxic             |
+| `or-bench-toxic.csv`   | `toxic`      | True          | toxic prompts a safe model should refuse |
+
+Circuits are only comparable across categories if no category or label dominates, so prompts are
+balanced per category (the spec's "use_all" strategy keeps every toxic prompt and matches it with as
+many safe ones) and split into a *discovery* split (circuits are found there) and a held-out
+*evaluation* split (circuits are judged there).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from refusal_sae.errors import UserError
+from refusal_sae.io import atomic_open, write_json
+
+log = logging.getLogger(__name__)
+
+DatasetType = Literal["safe_80k", "hard", "toxic"]
+DATASET_TYPES: tuple[DatasetType, ...] = ("safe_80k", "hard", "toxic")
+FILES: dict[DatasetType, str] = {
+    "safe_80k": "or-bench-80k.csv",
+    "hard": "or-bench-hard-1k.csv",
+    "toxic": "or-bench-toxic.csv",
+}
+HUB_PREFIX = "hub:"
+SAMPLE_SOURCE = "sample"
+REQUIRED_COLUMNS = ("prompt", "category")
+
+
+@dataclass(frozen=True)
+class PromptSample:
+    """One prompt with the fields the spec asks for."""
+
+    prompt: str
+    category: str
+    refusal_label: bool  # True = toxic (should be refused), False = safe
+    dataset_type: DatasetType
+    original_source: str  # file name (local) or hub config name the row came from
+
+
+def sample_data_dir() -> Path:
+    """The small OR-Bench-format dataset bundled with the package (written by this project)."""
+    return Path(__file__).with_name("sample_data")
+
+
+def _rows_to_samples(
+    rows: Iterable[dict[str, Any]], dataset_type: DatasetType, where: str
+) -> list[PromptSample]:
+    """Validate raw `prompt,category` rows and turn them into samples; `where` names the source in errors."""
+    samples = []
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        prompt = (row.get("prompt") or "").strip()
+        category = (row.get("category") or "").strip()
+        if not prompt:
+            raise UserError(f"{where}: empty prompt on line {line}; remove the row or fill in the prompt")
+        if not category:
+            raise UserError(f"{where}: empty category on line {line}; give every row a category")
+        samples.append(
+            PromptSample(
+                prompt=prompt,
+                category=category,
+                refusal_label=dataset_type == "toxic",
+                dataset_type=dataset_type,
+                original_source=Path(where).name,
+            )
+        )
+    if not samples:
+        raise UserError(f"{where}: no rows; give a file with at least one prompt")
+    return samples
+
+
+def _check_columns(columns: Sequence[str] | None, where: str) -> None:
+    for column in REQUIRED_COLUMNS:
+        if column not in (columns or []):
+            found = ", ".join(columns or []) or "none"
+            raise UserError(
+                f"{where}: missing column '{column}' (columns found: {found}); "
+                "OR-Bench files need a header 'prompt,category'"
+            )
+
+
+def read_orbench_csv(path: Path, dataset_type: DatasetType) -> list[PromptSample]:
+    """Read one OR-Bench CSV strictly: UTF-8, a `prompt` and a `category` column, no empty prompts."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}: not valid UTF-8 (byte {e.start}, line {line}); re-save the file as UTF-8"
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    _check_columns(reader.fieldnames, str(path))
+    return _rows_to_samples(reader, dataset_type, str(path))
+
+
+class ORBenchLoader:
+    """Loads OR-Bench from a local directory, the bundled sample, or the Hugging Face hub.
+
+    `source` is a directory holding any subset of the three CSV files, the word `sample` for the
+    dataset bundled with this package, or `hub:<dataset id>` (e.g. `hub:bench-llm/or-bench`) to
+    download through `datasets`. Files that are asked for but absent are listed in `missing` and
+    logged; finding none of them is an error.
+    """
+
+    def __init__(
+        self,
+        source: str | Path,
+        dataset_types: Sequence[DatasetType] = DATASET_TYPES,
+        revision: str | None = None,
+    ) -> None:
+        unknown = [t for t in dataset_types if t not in DATASET_TYPES]
+        if unknown or not dataset_types:
+            raise UserError(
+                f"data.prompts.dataset_types: unknown value(s) {unknown or '[]'}; "
+                f"choose from {list(DATASET_TYPES)}"
+            )
+        self.source = str(source)
+        self.dataset_types = tuple(dataset_types)
+        self.revision = revision
+        self.missing: list[str] = []
+
+    def load(self) -> list[PromptSample]:
+        if self.source.startswith(HUB_PREFIX):
+            return self._load_hub(self.source[len(HUB_PREFIX) :])
+        directory = sample_data_dir() if self.source == SAMPLE_SOURCE else Path(self.source)
+        return self._load_dir(directory)
+
+    def _load_dir(self, directory: Path) -> list[PromptSample]:
+        if not directory.is_dir():
+            raise UserError(
+                f"data.prompts.source: directory '{directory}' not found; give a directory holding "
+                f"OR-Bench CSVs ({', '.join(FILES.values())}), '{SAMPLE_SOURCE}', "
+                f"or '{HUB_PREFIX}bench-llm/or-bench'"
+            )
+        samples: list[PromptSample] = []
+        self.missing = []
+        for dataset_type in self.dataset_types:
+            path = directory / FILES[dataset_type]
+            if path.is_file():
+                samples += read_orbench_csv(path, dataset_type)
+            else:
+                self.missing.append(FILES[dataset_type])
+        if len(self.missing) == len(self.dataset_types):
+            raise UserError(
+                f"data.prompts.source: none of {', '.join(self.missing)} found in '{directory}'; "
+                "point it at a directory with OR-Bench CSV files"
+            )
+        if self.missing:
+            log.warning("OR-Bench files not found in %s: %s", directory, ", ".join(self.missing))
+        return samples
+
+    def _load_hub(self, dataset_id: str) -> list[PromptSample]:
+        """Download each configured file from the hub; each OR-Bench file is a dataset config there."""
+        import datasets
+
+        samples: list[PromptSample] = []
+        self.missing = []
+        for dataset_type in self.dataset_types:
+            config = FILES[dataset_type].removesuffix(".csv")
+            where = f"{HUB_PREFIX}{dataset_id}/{config}"
+            try:
+                table = datasets.load_dataset(dataset_id, name=config, split="train", revision=self.revision)
+            except (ConnectionError, OSError, ValueError) as e:
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(
+                    f"{where}: could not load from the Hugging Face hub ({first_line}); "
+                    "check the dataset id and your network, or download the CSVs and give their directory"
+                ) from None
+            _check_columns(table.column_names, where)
+            samples += _rows_to_samples(table, dataset_type, where)
+        return samples
+
+
+def _length_stats(values: list[int]) -> dict[str, float]:
+    return {
+        "min": min(values),
+        "max": max(values),
+        "mean": round(statistics.fmean(values), 2),
+        "median": statistics.median(values),
+        "p95": float(np.percentile(values, 95)),
+    }
+
+
+class DataAnalyzer:
+    """Counts and length statistics that show imbalances before any circuit is discovered."""
+
+    def __init__(self, samples: Sequence[PromptSample]) -> None:
+        if not samples:
+            raise UserError("DataAnalyzer: no samples to analyse; check data.prompts.source")
+        self.samples = samples
+
+    def report(self) -> dict[str, Any]:
+        """Counts per category and dataset_type, safe:toxic ratios, prompt lengths (chars and words)."""
+        counts: dict[str, Counter[str]] = defaultdict(Counter)
+        for s in self.samples:
+            counts[s.category][s.dataset_type] += 1
+        per_category = {}
+        for category in sorted(counts):
+            c = counts[category]
+            safe, toxic = c["safe_80k"] + c["hard"], c["toxic"]
+            per_category[category] = {
+                **{t: c[t] for t in DATASET_TYPES},
+                "safe": safe,
+                "toxic": toxic,
+                # safe:toxic imbalance; null when a category has no toxic prompt at all
+                "safe_to_toxic_ratio": round(safe / toxic, 3) if toxic else None,
+            }
+        by_type: dict[str, list[PromptSample]] = defaultdict(list)
+        for s in self.samples:
+            by_type[s.dataset_type].append(s)
+        lengths = {
+            t: {
+                "chars": _length_stats([len(s.prompt) for s in group]),
+                "words": _length_stats([len(s.prompt.split()) for s in group]),
+            }
+            for t, group in sorted(by_type.items())
+        }
+        total_safe = sum(not s.refusal_label for s in self.samples)
+        total_toxic = len(self.samples) - total_safe
+        return {
+            "n_samples": len(self.samples),
+            "n_categories": len(per_category),
+            "per_dataset_type": {t: len(by_type.get(t, [])) for t in DATASET_TYPES},
+            "safe_to_toxic_ratio": round(total_safe / total_toxic, 3) if total_toxic else None,
+            "per_category": per_category,
+            "prompt_length": lengths,
+        }
+
+    def write(self, out_dir: str | Path, name: str = "data_report") -> dict[str, Any]:
+        """Write `<name>.json` and a bar chart `<name>.png` of prompts per category and type."""
+        report = self.report()
+        out_dir = Path(out_dir)
+        write_json(out_dir / f"{name}.json", report)
+        plot_category_counts(report, out_dir / f"{name}.png")
+        return report
+
+
+def plot_category_counts(report: dict[str, Any], path: Path) -> None:
+    """Grouped bars: prompts per category, one bar per dataset_type present."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    categories = list(report["per_category"])
+    types = [t for t in DATASET_TYPES if report["per_dataset_type"][t]]
+    x = np.arange(len(categories))
+    width = 0.8 / max(len(types), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(categories) + 2), 4))
+    for i, t in enumerate(types):
+        ax.bar(x + i * width, [report["per_category"][c][t] for c in categories], width, label=t)
+    ax.set_xticks(x + width * (len(types) - 1) / 2, categories, rotation=30, ha="right")
+    ax.set_ylabel("prompts")
+    ax.set_title(f"OR-Bench prompts per category ({report['n_samples']} total)")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+
+
+BalanceStrategy = Literal["use_all", "n_per_category"]
+Split = Literal["discovery", "evaluation"]
+
+
+class DataProcessor:
+    """Balances prompts per category and splits them into discovery and evaluation sets, seeded.
+
+    Every random choice draws from one generator seeded by `seed` over samples in a fixed order,
+    so the same input and seed always give the same prompts in the same splits.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def select_categories(
+        self, samples: Sequence[PromptSample], categories: Sequence[str] | None
+    ) -> list[PromptSample]:
+        """Keep only `categories` (all when None); an unknown name is an error listing the known ones."""
+        if categories is None:
+            return list(samples)
+        known = sorted({s.category for s in samples})
+        unknown = [c for c in categories if c not in known]
+        if unknown:
+            raise UserError(
+                f"data.prompts.categories: unknown category {unknown[0]!r}; known: {', '.join(known)}"
+            )
+        wanted = set(categories)
+        return [s for s in samples if s.category in wanted]
+
+    def balance(
+        self,
+        samples: Sequence[PromptSample],
+        strategy: BalanceStrategy = "use_all",
+        n_per_category: int | None = None,
+        safe_types: Sequence[DatasetType] = ("hard", "safe_80k"),
+    ) -> list[PromptSample]:
+        """Equal toxic and safe counts in every category.
+
+        `use_all`: every toxic prompt of a category, matched by as many safe prompts drawn at random
+        from `safe_types` (if a category has fewer safe than toxic prompts, its toxic prompts are
+        subsampled to match). `n_per_category`: exactly n toxic and n safe prompts per category.
+        """
+        if strategy not in ("use_all", "n_per_category"):
+            raise UserError(f"data.prompts.balance: unknown strategy {strategy!r}; use 'use_all' or 'n_per_category'")
+        if strategy == "n_per_category" and (n_per_category is None or n_per_category < 1):
+            raise UserError(
+                f"data.prompts.n_per_category: {n_per_category!r} with balance 'n_per_category'; give a positive integer"
+            )
+        rng = np.random.default_rng(self.seed)
+        by_category: dict[str, dict[bool, list[PromptSample]]] = defaultdict(lambda: {True: [], False: []})
+        for s in samples:
+            if s.refusal_label or s.dataset_type in safe_types:
+                by_category[s.category][s.refusal_label].append(s)
+        balanced: list[PromptSample] = []
+        for category in sorted(by_category):
+            toxic, safe = by_category[category][True], by_category[category][False]
+            if not toxic:
+                raise UserError(
+                    f"data.prompts: category {category!r} has no toxic rows; "
+                    "add or-bench-toxic.csv rows for it or leave it out of data.prompts.categories"
+                )
+            if strategy == "use_all":
+                n = min(len(toxic), len(safe))
+                if n < len(toxic):
+                    log.warning("category %s: %d toxic but only %d safe prompts; using %d of each",
+                                category, len(toxic), len(safe), n)
+            else:
+                n = n_per_category  # type: ignore[assignment]
+                for label, pool in (("toxic", toxic), ("safe", safe)):
+                    if len(pool) < n:
+                        raise UserError(
+                            f"data.prompts.n_per_category: {n} but category {category!r} has only "
+                            f"{len(pool)} {label} prompts; lower it or use balance 'use_all'"
+                        )
+            balanced += [toxic[i] for i in sorted(rng.choice(len(toxic), n, replace=False))]
+            balanced += [safe[i] for i in sorted(rng.choice(len(safe), n, replace=False))]
+        if not balanced:
+            raise UserError(
+                "data.prompts: zero prompts after balancing; check data.prompts.categories, "
+                "data.prompts.safe_types and that the source has both toxic and safe prompts"
+            )
+        return balanced
+
+    def split(
+        self, samples: Sequence[PromptSample], eval_fraction: float = 0.3
+    ) -> dict[Split, list[PromptSample]]:
+        """Stratified split by (category, refusal_label): each stratum of n >= 2 prompts gives
+        round(n * eval_fraction) prompts, at least 1 and at most n - 1, to the evaluation split."""
+        if not 0.0 < eval_fraction < 1.0:
+            raise UserError(f"data.prompts.eval_fraction: {eval_fraction} must be between 0 and 1 (exclusive)")
+        rng = np.random.default_rng([self.seed, 1])  # independent of the balancing stream
+        strata: dict[tuple[str, bool], list[PromptSample]] = defaultdict(list)
+        for s in samples:
+            strata[(s.category, s.refusal_label)].append(s)
+        eval_ids: set[int] = set()
+        for key in sorted(strata):
+            members = strata[key]
+            n_eval = min(max(round(len(members) * eval_fraction), 1), len(members) - 1)
+            eval_ids.update(id(members[i]) for i in rng.choice(len(members), n_eval, replace=False))
+        return {
+            "discovery": [s for s in samples if id(s) not in eval_ids],
+            "evaluation": [s for s in samples if id(s) in eval_ids],
+        }
+
+
+SPLIT_COLUMNS = ("prompt", "category", "refusal_label", "dataset_type", "original_source", "split")
+
+
+def write_splits(splits: dict[Split, list[PromptSample]], path: str | Path) -> None:
+    """One CSV of every balanced prompt with its split, so a run's prompts can be inspected and reused."""
+    with atomic_open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SPLIT_COLUMNS)
+        writer.writeheader()
+        for split, samples in splits.items():
+            for s in samples:
+                writer.writerow({**asdict(s), "split": split})
+
+
+def read_splits(path: str | Path) -> dict[Split, list[PromptSample]]:
+    """Inverse of `write_splits`."""
+    splits: dict[Split, list[PromptSample]] = {"discovery": [], "evaluation": []}
+    with open(path, encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            split = row.pop("split")
+            row["refusal_label"] = row["refusal_label"] == "True"
+            splits[split].append(PromptSample(**row))  # type: ignore[index, arg-type]
+    return splits
+
+
+@dataclass
+class PromptConfig:
+    """Where the prompts come from and how they are balanced and split (the `data.prompts` options)."""
+
+    source: str = SAMPLE_SOURCE
+    """A directory of OR-Bench CSVs, 'sample' (bundled), or 'hub:bench-llm/or-bench'."""
+    dataset_types: list[DatasetType] = field(default_factory=lambda: list(DATASET_TYPES))
+    """Which OR-Bench files to read."""
+    revision: str | None = None
+    """Hub revision (commit or tag) to pin, for 'hub:' sources."""
+    categories: list[str] | None = None
+    """Categories to keep; null keeps all."""
+    balance: BalanceStrategy = "use_all"
+    """'use_all': all toxic prompts per category, matched by as many safe ones; 'n_per_category': n of each."""
+    n_per_category: int | None = None
+    """Toxic (and safe) prompts per category with balance 'n_per_category'."""
+    safe_types: list[DatasetType] = field(default_factory=lambda: ["hard", "safe_80k"])
+    """Which safe files the matching safe prompts are drawn from."""
+    eval_fraction: float = 0.3
+    """Share of each (category, label) stratum held out for evaluation."""
+    seed: int = 0
+    """Seed of balancing and splitting."""
+
+
+def prepare_prompts(cfg: PromptConfig, out_dir: str | Path) -> dict[Split, list[PromptSample]]:
+    """Run stage 1 end to end and write its outputs into `out_dir`.
+
+    Writes `data_report.{json,png}` (everything loaded), `balanced_report.{json,png}` (after balancing)
+    and `prompts.csv` (the balanced prompts with their split), each atomically, the prompts last, so a
+    complete `prompts.csv` means the stage finished.
+    """
+    out_dir = Path(out_dir)
+    samples = ORBenchLoader(cfg.source, cfg.dataset_types, cfg.revision).load()
+    DataAnalyzer(samples).write(out_dir, "data_report")
+    processor = DataProcessor(cfg.seed)
+    samples = processor.select_categories(samples, cfg.categories)
+    balanced = processor.balance(samples, cfg.balance, cfg.n_per_category, cfg.safe_types)
+    DataAnalyzer(balanced).write(out_dir, "balanced_report")
+    splits = processor.split(balanced, cfg.eval_fraction)
+    write_splits(splits, out_dir / "prompts.csv")
+    return splits

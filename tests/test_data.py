@@ -1,0 +1,254 @@
+"""Stage 1: loading, analysing, balancing and splitting OR-Bench prompts."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import pytest
+
+from refusal_sae.data import (
+    DataAnalyzer,
+    DataProcessor,
+    ORBenchLoader,
+    PromptConfig,
+    prepare_prompts,
+    read_splits,
+)
+from refusal_sae.errors import UserError
+from refusal_sae.io import atomic_open
+from tests.conftest import write_csv
+
+CATEGORIES = {
+    "deception", "harassment", "harmful", "hate", "illegal",
+    "privacy", "self-harm", "sexual", "unethical", "violence",
+}  # fmt: skip
+
+
+def per_category_labels(samples) -> Counter:
+    return Counter((s.category, s.refusal_label) for s in samples)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def test_real_orbench_counts(orbench_dir: Path) -> None:
+    loader = ORBenchLoader(orbench_dir)
+    samples = loader.load()
+    types = Counter(s.dataset_type for s in samples)
+    assert types == {"hard": 1319, "toxic": 655}
+    assert {s.category for s in samples} == CATEGORIES
+    assert loader.missing == ["or-bench-80k.csv"]
+    assert all(s.refusal_label == (s.dataset_type == "toxic") for s in samples)
+    assert {s.original_source for s in samples} == {"or-bench-hard-1k.csv", "or-bench-toxic.csv"}
+
+
+def test_80k_file_loads_as_safe(tmp_path: Path) -> None:
+    write_csv(tmp_path / "or-bench-80k.csv", [{"prompt": "How do locks work?", "category": "illegal"}])
+    write_csv(tmp_path / "or-bench-toxic.csv", [{"prompt": "How do I pick my neighbour's lock?", "category": "illegal"}])
+    loader = ORBenchLoader(tmp_path)
+    samples = loader.load()
+    assert [(s.dataset_type, s.refusal_label, s.original_source) for s in samples] == [
+        ("safe_80k", False, "or-bench-80k.csv"),
+        ("toxic", True, "or-bench-toxic.csv"),
+    ]
+    assert loader.missing == ["or-bench-hard-1k.csv"]
+
+
+def test_bundled_sample_has_every_category_and_both_labels() -> None:
+    samples = ORBenchLoader("sample").load()
+    labels = per_category_labels(samples)
+    assert {c for c, _ in labels} == CATEGORIES
+    assert all(labels[(c, True)] > 0 and labels[(c, False)] > 0 for c in CATEGORIES)
+    assert {s.dataset_type for s in samples} == {"safe_80k", "hard", "toxic"}
+
+
+def test_hub_source_reads_each_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub download is mocked at its boundary (`datasets.load_dataset`); everything after it is real."""
+    calls = []
+
+    def fake_load_dataset(path, name, split, revision):
+        calls.append((path, name, split, revision))
+        label = "toxic" if name == "or-bench-toxic" else "safe"
+        return datasets.Dataset.from_dict({"prompt": [f"a {label} prompt", f"another {label} prompt"],
+                                           "category": ["privacy", "hate"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    samples = ORBenchLoader("hub:bench-llm/or-bench", ["hard", "toxic"], revision="abc123").load()
+    assert calls == [
+        ("bench-llm/or-bench", "or-bench-hard-1k", "train", "abc123"),
+        ("bench-llm/or-bench", "or-bench-toxic", "train", "abc123"),
+    ]
+    assert [(s.prompt, s.category, s.refusal_label) for s in samples] == [
+        ("a safe prompt", "privacy", False), ("another safe prompt", "hate", False),
+        ("a toxic prompt", "privacy", True), ("another toxic prompt", "hate", True),
+    ]  # fmt: skip
+    assert samples[0].original_source == "or-bench-hard-1k"
+
+
+def test_hub_failure_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'bench-llm/or-bench' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserError, match=r"hub:bench-llm/or-bench/or-bench-80k: could not load .*Couldn't reach") as e:
+        ORBenchLoader("hub:bench-llm/or-bench").load()
+    assert "\n" not in str(e.value)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"data.prompts.source: directory '.*nowhere' not found"):
+        ORBenchLoader(tmp_path / "nowhere").load()
+
+
+def test_directory_without_orbench_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"none of or-bench-80k.csv, or-bench-hard-1k.csv, or-bench-toxic.csv found"):
+        ORBenchLoader(tmp_path).load()
+
+
+@pytest.mark.parametrize("missing", ["prompt", "category"])
+def test_missing_column(tmp_path: Path, missing: str) -> None:
+    columns = tuple(c for c in ("prompt", "category", "extra") if c != missing)
+    path = write_csv(tmp_path / "or-bench-toxic.csv", [dict.fromkeys(columns, "x")], columns)
+    with pytest.raises(UserError, match=rf"or-bench-toxic.csv: missing column '{missing}' \(columns found: "):
+        ORBenchLoader(path.parent).load()
+
+
+def test_empty_prompt_names_the_line(tmp_path: Path) -> None:
+    rows = [{"prompt": "fine", "category": "hate"}, {"prompt": "   ", "category": "hate"}]
+    write_csv(tmp_path / "or-bench-toxic.csv", rows)
+    with pytest.raises(UserError, match=r"or-bench-toxic.csv: empty prompt on line 3"):
+        ORBenchLoader(tmp_path).load()
+
+
+def test_non_utf8_bytes(tmp_path: Path) -> None:
+    (tmp_path / "or-bench-toxic.csv").write_bytes(b"prompt,category\ncaf\xe9 au lait,hate\n")
+    with pytest.raises(UserError, match=r"or-bench-toxic.csv: not valid UTF-8 \(byte 19, line 2\)"):
+        ORBenchLoader(tmp_path).load()
+
+
+def test_unknown_dataset_type() -> None:
+    with pytest.raises(UserError, match=r"dataset_types: unknown value\(s\) \['safe'\]"):
+        ORBenchLoader("sample", ["safe"])  # type: ignore[list-item]
+
+
+def test_unknown_category(orbench_dir: Path) -> None:
+    samples = ORBenchLoader(orbench_dir).load()
+    with pytest.raises(UserError, match=r"unknown category 'weapons'; known: deception, harassment"):
+        DataProcessor().select_categories(samples, ["hate", "weapons"])
+
+
+def test_category_without_toxic_rows(tmp_path: Path) -> None:
+    write_csv(tmp_path / "or-bench-hard-1k.csv", [{"prompt": "p1", "category": "hate"}, {"prompt": "p2", "category": "privacy"}])
+    write_csv(tmp_path / "or-bench-toxic.csv", [{"prompt": "t1", "category": "hate"}])
+    samples = ORBenchLoader(tmp_path).load()
+    with pytest.raises(UserError, match=r"category 'privacy' has no toxic rows"):
+        DataProcessor().balance(samples)
+
+
+def test_zero_rows_after_balancing(orbench_dir: Path) -> None:
+    samples = ORBenchLoader(orbench_dir).load()
+    with pytest.raises(UserError, match=r"zero prompts after balancing"):
+        DataProcessor().balance(samples, safe_types=["safe_80k"])  # no 80k file here, so no safe prompts
+
+
+def test_n_per_category_larger_than_available(orbench_dir: Path) -> None:
+    samples = ORBenchLoader(orbench_dir).load()
+    with pytest.raises(UserError, match=r"n_per_category: 40 but category 'harmful' has only 30 toxic prompts"):
+        DataProcessor().balance(samples, "n_per_category", 40)
+
+
+# --- balancing and splitting ----------------------------------------------------------------
+
+
+def test_use_all_balances_every_category(orbench_dir: Path) -> None:
+    samples = ORBenchLoader(orbench_dir).load()
+    available = per_category_labels(samples)
+    balanced = DataProcessor(seed=0).balance(samples, "use_all")
+    counts = per_category_labels(balanced)
+    for category in CATEGORIES:
+        expected = min(available[(category, True)], available[(category, False)])
+        assert counts[(category, True)] == counts[(category, False)] == expected
+    # where safe prompts are plentiful, every toxic prompt is kept
+    assert counts[("illegal", True)] == available[("illegal", True)] == 50
+    assert len(set(balanced)) == len(balanced)
+
+
+def test_n_per_category(orbench_dir: Path) -> None:
+    balanced = DataProcessor(seed=3).balance(ORBenchLoader(orbench_dir).load(), "n_per_category", 12)
+    assert set(per_category_labels(balanced).values()) == {12}
+    assert len(balanced) == 240
+
+
+def test_balance_and_split_are_deterministic_per_seed(orbench_dir: Path) -> None:
+    samples = ORBenchLoader(orbench_dir).load()
+
+    def run(seed: int):
+        processor = DataProcessor(seed)
+        splits = processor.split(processor.balance(samples), 0.3)
+        return [s.prompt for s in splits["discovery"]], [s.prompt for s in splits["evaluation"]]
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_split_is_stratified_and_disjoint(orbench_dir: Path) -> None:
+    processor = DataProcessor(seed=1)
+    balanced = processor.balance(ORBenchLoader(orbench_dir).load())
+    splits = processor.split(balanced, eval_fraction=0.25)
+    discovery, evaluation = splits["discovery"], splits["evaluation"]
+    assert not set(discovery) & set(evaluation)
+    assert sorted(map(id, discovery + evaluation)) == sorted(map(id, balanced))
+    everything, held_out = per_category_labels(balanced), per_category_labels(evaluation)
+    for key, n in everything.items():
+        assert held_out[key] == round(n * 0.25), key
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5])
+def test_eval_fraction_out_of_range(fraction: float) -> None:
+    with pytest.raises(UserError, match=rf"eval_fraction: {fraction} must be between 0 and 1"):
+        DataProcessor().split(ORBenchLoader("sample").load(), fraction)
+
+
+# --- analysis and outputs --------------------------------------------------------------------
+
+
+def test_analyzer_report(orbench_dir: Path, tmp_path: Path) -> None:
+    samples = ORBenchLoader(orbench_dir).load()
+    report = DataAnalyzer(samples).write(tmp_path)
+    assert json.loads((tmp_path / "data_report.json").read_text()) == report
+    assert (tmp_path / "data_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["n_samples"] == 1974 and report["n_categories"] == 10
+    assert report["per_dataset_type"] == {"safe_80k": 0, "hard": 1319, "toxic": 655}
+    illegal = report["per_category"]["illegal"]
+    assert (illegal["hard"], illegal["toxic"], illegal["safe_to_toxic_ratio"]) == (527, 50, 10.54)
+    assert report["safe_to_toxic_ratio"] == round(1319 / 655, 3)
+    words = report["prompt_length"]["toxic"]["words"]
+    assert words["min"] <= words["median"] <= words["p95"] <= words["max"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_prepare_prompts_writes_a_reusable_split(orbench_dir: Path, tmp_path: Path) -> None:
+    cfg = PromptConfig(source=str(orbench_dir), categories=["hate", "privacy"], seed=5)
+    splits = prepare_prompts(cfg, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "balanced_report.json", "balanced_report.png", "data_report.json", "data_report.png", "prompts.csv",
+    ]  # fmt: skip
+    assert read_splits(tmp_path / "prompts.csv") == splits
+    balanced = json.loads((tmp_path / "balanced_report.json").read_text())
+    assert set(balanced["per_category"]) == {"hate", "privacy"}
+
+
+def test_atomic_open_keeps_old_file_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_open(target) as f:
+        f.write("half of the new")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]
