@@ -13,8 +13,8 @@ L1 penalty, and does not shrink the activations it keeps.
 The training recipe is the one shared by EleutherAI/sparsify, openai/sparse_autoencoder and
 saprmarks/dictionary_learning: unit-norm decoder rows, encoder initialised as the decoder's transpose,
 b_dec started at the data's geometric median, FVU as the reconstruction loss and an AuxK loss that
-revives dead latents. Checkpoints use sparsify's layout (`sae.safetensors` + `cfg.json`), so each
-library loads the other's.
+revives dead latents. The error term is float64 (see `exact_error`). Checkpoints use sparsify's
+layout (`sae.safetensors` + `cfg.json`), so each library loads the other's.
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ class SAEOutput(NamedTuple):
     error: Tensor
     """x - reconstruction in float64, so that (reconstruction + error).to(x.dtype) == x exactly."""
     fvu: Tensor
-    """Fraction of variance unexplained: sum of squared errors / sum of squared deviations from the batch mean."""
+    """Fraction of variance unexplained: sum of squared errors / sum of squared deviations from the batch mean
+    (scale-free, so one number means the same at every layer; needs at least two distinct tokens)."""
     auxk_loss: Tensor
     """FVU of the dead latents' reconstruction of the error (0 outside training or with no dead latents)."""
     loss: Tensor
@@ -190,12 +191,14 @@ class SparseAutoencoder(nn.Module):
         return torch.zeros_like(pre).scatter(-1, indices, values)
 
     def encode(self, x: Tensor) -> Tensor:
-        """Sparse features of `x`, shape (..., width)."""
+        """Sparse features of `x`, shape (..., width): exactly k non-zeros per token unless fewer than k
+        pre-activations are positive."""
         return self.select_topk(self.pre_activations(x))
 
     def decode(self, features: Tensor) -> Tensor:
-        """W_dec^T f + b_dec for any (e.g. patched) dense features. The result is fp32."""
-        return features.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        """W_dec^T f + b_dec for any (e.g. patched) dense features; the matmul runs in the features' dtype
+        (bf16 under autocast), the result is fp32 because b_dec is."""
+        return features @ self.W_dec.to(features.dtype) + self.b_dec
 
     def error(self, x: Tensor) -> Tensor:
         """The SAE error term of `x` (float64): `(decode(encode(x)) + error(x)).to(x.dtype) == x`."""
@@ -214,7 +217,7 @@ class SparseAutoencoder(nn.Module):
         # Losses in fp32 whatever autocast did to the matmuls: bf16 sums of squares lose the small errors.
         d_in, width = self.cfg.d_in, self.cfg.width
         x_flat = x.float().reshape(-1, d_in)
-        residual = x_flat - reconstruction.float().reshape(-1, d_in)
+        residual = x_flat - reconstruction.reshape(-1, d_in)
         total_variance = (x_flat - x_flat.mean(0)).pow(2).sum()
         fvu = residual.pow(2).sum() / total_variance
         use_auxk = self.training and self.cfg.auxk_alpha > 0
@@ -250,7 +253,7 @@ class SparseAutoencoder(nn.Module):
         error_hat = (aux_features @ self.W_dec.to(aux_features.dtype)).float()  # no b_dec: it predicts an error
         target = residual.detach()
         variance = (target - target.mean(0)).pow(2).sum()
-        return ((error_hat - target).pow(2).sum() / variance).nan_to_num(0.0)
+        return (error_hat - target).pow(2).sum() / variance
 
     @torch.no_grad()
     def _count_firing(self, features: Tensor) -> None:

@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ORBENCH_DIR = ROOT.parent / "shared" / "data" / "or-bench"
@@ -27,3 +28,12 @@ def write_csv(path: Path, rows: list[dict[str, str]], columns: tuple[str, ...] =
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """For tests on tiny matrices: extra intra-op threads only add synchronisation, 10x slower on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

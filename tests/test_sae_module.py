@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_modules import SAEModule
 from refusal_sae.sae import SAEConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SparseMixture(Dataset):
