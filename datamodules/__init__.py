@@ -1,5 +1,5 @@
 """LightningDataModules: thin glue that runs `refusal_sae` data stages at Lightning's hooks."""
 
-from datamodules.refusal_datamodule import RefusalDataModule
+from datamodules.activation_datamodule import ActivationDataModule
 
-__all__ = ["RefusalDataModule"]
+__all__ = ["ActivationDataModule"]

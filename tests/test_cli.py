@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from refusal_sae.cli import main
+from refusal_sae.sae import SparseAutoencoder
 from tests.conftest import ROOT, write_csv
+from tests.tiny_model import make_tiny_model
 
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
@@ -52,21 +55,47 @@ def test_print_config_resolves_interpolation(capsys: pytest.CaptureFixture[str],
     assert "    seed: 11" in result.stdout  # data.prompts.seed: ${seed_everything}
 
 
-def test_fit_runs_data_stage_and_says_what_did_not_run(tmp_path: Path) -> None:
-    result = cli("fit", "--config", str(DEFAULT_CONFIG), "--run_dir", str(tmp_path))
+@pytest.fixture(scope="module")
+def tiny_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Options that run the whole default pipeline on a tiny model and 40 bundled prompts, in seconds."""
+    model_dir = make_tiny_model(tmp_path_factory.mktemp("tiny"), n_layers=2)
+    return ["--config", str(DEFAULT_CONFIG), "--data.model.name", str(model_dir),
+            "--data.activations.layers", "[0, 1]", "--model.sae.d_in", "32",
+            "--data.prompts.balance", "n_per_category", "--data.prompts.n_per_category", "2",
+            "--data.batch_size", "64", "--trainer.max_epochs", "2"]
+
+
+def test_fit_runs_the_pipeline(tiny_args: list[str], tmp_path: Path) -> None:
+    result = cli("fit", *tiny_args, "--run_dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "data" / "prompts.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert {r["split"] for r in rows} == {"discovery", "evaluation"}
     toxic = sum(r["refusal_label"] == "True" for r in rows)
-    assert toxic == len(rows) - toxic == 120  # bundled sample: 12 toxic per category, all kept
-    assert "not built yet" in result.stderr and "no SAE was trained" in result.stderr
+    assert toxic == len(rows) - toxic == 20
+    manifest = json.loads((tmp_path / "activations" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["config"]["layers"] == ["residuals_0", "residuals_1"]
+    for layer in ("residuals_0", "residuals_1"):
+        sae = SparseAutoencoder.load(tmp_path / "saes" / layer, expected_layer=layer, expected_d_in=32)
+        assert sae.cfg.k_active == 32
+    assert "circuit discovery and evaluation are not built yet" in result.stderr
 
 
-def test_same_seed_gives_same_prompts(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_same_config_and_seed_give_the_same_saes(
+    capsys: pytest.CaptureFixture[str], tiny_args: list[str], tmp_path: Path
+) -> None:
     for run in ("a", "b"):
-        assert cli_in_process(capsys, "fit", "--config", str(DEFAULT_CONFIG), "--run_dir", str(tmp_path / run)).returncode == 0
-    assert (tmp_path / "a/data/prompts.csv").read_bytes() == (tmp_path / "b/data/prompts.csv").read_bytes()
+        result = cli_in_process(capsys, "fit", *tiny_args, "--run_dir", str(tmp_path / run))
+        assert result.returncode == 0, result.stderr
+    for output in ("data/prompts.csv", "saes/residuals_1/sae.safetensors", "saes/residuals_0/cfg.json"):
+        assert (tmp_path / "a" / output).read_bytes() == (tmp_path / "b" / output).read_bytes(), output
+
+
+def test_d_in_that_does_not_match_the_cache(
+    capsys: pytest.CaptureFixture[str], tiny_args: list[str], tmp_path: Path
+) -> None:
+    error = one_line_error(cli_in_process(capsys, "fit", *tiny_args, "--run_dir", str(tmp_path), "--model.sae.d_in", "64"))
+    assert "model.sae.d_in=64 but the activation cache" in error and "set model.sae.d_in: 32" in error
 
 
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:

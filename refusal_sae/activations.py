@@ -1,0 +1,407 @@
+"""Stage 2: residual-stream activations of every prompt token, collected once into an on-disk cache.
+
+SAE training and circuit discovery read activations many times, and at real scale (a 7B model, eleven
+layers of 4096 dims, thousands of prompts) they do not fit in memory. So `InferencePipeline` writes
+them to a directory of shards that later stages memory-map:
+
+    <cache_dir>/
+      manifest.json                  what produced the cache (model, layers, prompts, template, dtype)
+                                     and every complete shard with a sha256 per file
+      shard_00000/
+        residuals_<i>.npy            (tokens, d_model) activations of layer i, one row per real token
+        tokens.npy                   per-token metadata (TOKEN_DTYPE): prompt index, position, ...
+        prompt_offsets.npy           row where each of the shard's prompts starts, plus the end
+
+A shard holds the tokens of a fixed block of `shard_size` consecutive prompts, so shard boundaries do not
+depend on when a run was interrupted. A shard is built in a temporary directory, hashed, renamed into
+place and only then recorded in the manifest (itself replaced atomically). A killed run therefore
+leaves at worst a temporary directory or an unrecorded shard, both deleted by the next run, which
+resumes at the first unrecorded shard and writes exactly what an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from refusal_sae.data import PromptSample, Split
+from refusal_sae.errors import UserError
+from refusal_sae.io import write_json
+from refusal_sae.model import ModelWrapper
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+MANIFEST = "manifest.json"
+# What a cache directory may hold: the manifest (and its temporary twin), shards and temporary shards.
+CACHE_ENTRY = re.compile(r"manifest\.json|\.manifest\.json\..*\.tmp|shard_\d{5}|\.shard_\d{5}\.tmp")
+SPLITS: tuple[Split, ...] = ("discovery", "evaluation")
+DATASET_TYPE_CODES = ("safe_80k", "hard", "toxic")
+TOKEN_DTYPE = np.dtype(
+    [
+        ("prompt_index", "<i4"),  # row of the prompt in the collected prompt list
+        ("position", "<i4"),  # token position within the chat-formatted prompt
+        ("is_last", "?"),  # the prompt's last token (where the model decides how to answer)
+        ("refusal_label", "?"),
+        ("category", "<i2"),  # index into manifest["categories"]
+        ("dataset_type", "i1"),  # index into DATASET_TYPE_CODES
+        ("split", "i1"),  # index into SPLITS
+    ]
+)
+# numpy has no bfloat16: bf16 activations are stored as their raw 16 bits and viewed back by torch.
+STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ActivationConfig:
+    """What to collect and where (the `data.activations` options)."""
+
+    layers: list[str | int]
+    """Residual-stream sites to record: names like residuals_21 or block indices (negative counts from the end)."""
+    cache_dir: str | None = None
+    """Where the cache lives; null puts it in <run_dir>/activations."""
+    batch_size: int = 8
+    """Prompts per forward pass."""
+    shard_size: int = 256
+    """Prompts per shard: the unit of atomic writing and of resuming."""
+    dtype: str = "auto"
+    """Storage dtype: auto (bfloat16 on GPU, float32 on CPU), float32, float16 or bfloat16."""
+    overwrite: bool = False
+    """Delete a cache built by a different config instead of stopping with an error."""
+    verify: bool = True
+    """Check every shard's sha256 when the cache is opened."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prompts_fingerprint(samples: Sequence[tuple[PromptSample, Split]]) -> str:
+    """sha256 over the collected prompts in order with their labels and split: any change invalidates a cache."""
+    digest = hashlib.sha256()
+    for sample, split in samples:
+        digest.update(json.dumps([*asdict(sample).values(), split]).encode())
+    return digest.hexdigest()
+
+
+class ActivationCache:
+    """Read access to a complete cache: memory-mapped per-shard arrays and per-prompt views."""
+
+    def __init__(self, directory: str | Path, verify: bool = True) -> None:
+        self.dir = Path(directory)
+        path = self.dir / MANIFEST
+        if not path.is_file():
+            raise UserError(f"{path} not found: no activation cache there; run `fit` to collect activations")
+        self.manifest = json.loads(path.read_text(encoding="utf-8"))
+        if not self.manifest.get("complete"):
+            raise UserError(f"{path}: the cache is incomplete; run `fit` again to finish collecting")
+        self.layers: list[str] = self.manifest["config"]["layers"]
+        self.d_model: int = self.manifest["config"]["model"]["d_model"]
+        self.dtype: str = self.manifest["config"]["dtype"]
+        self.shards: list[dict[str, Any]] = self.manifest["shards"]
+        if verify:
+            for shard in self.shards:
+                verify_shard(self.dir / shard["name"], shard)
+        self._offsets = [np.load(self.dir / s["name"] / "prompt_offsets.npy") for s in self.shards]
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s["n_tokens"] for s in self.shards)
+
+    @property
+    def n_prompts(self) -> int:
+        return self.manifest["config"]["n_prompts"]
+
+    def activations(self, shard: int, layer: str) -> np.ndarray:
+        """Memory-mapped (tokens, d_model) array of one shard and layer (raw uint16 bits for bfloat16)."""
+        return np.load(self.dir / self.shards[shard]["name"] / f"{layer}.npy", mmap_mode="r")
+
+    def tokens(self, shard: int) -> np.ndarray:
+        """Memory-mapped per-token metadata of one shard (TOKEN_DTYPE)."""
+        return np.load(self.dir / self.shards[shard]["name"] / "tokens.npy", mmap_mode="r")
+
+    def to_torch(self, array: np.ndarray) -> torch.Tensor:
+        """A copy of (a slice of) a cache array as a torch tensor of the cache's dtype."""
+        return torch.from_numpy(np.ascontiguousarray(array)).view(TORCH_DTYPES[self.dtype])
+
+    def prompt(self, index: int, layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """All tokens of prompt `index`: `{layer: (tokens, d_model)}`, in position order."""
+        shard_size = self.manifest["config"]["shard_size"]
+        if not 0 <= index < self.n_prompts:
+            raise IndexError(f"prompt index {index} outside 0..{self.n_prompts - 1}")
+        shard, local = divmod(index, shard_size)
+        start, end = self._offsets[shard][local], self._offsets[shard][local + 1]
+        return {layer: self.to_torch(self.activations(shard, layer)[start:end]) for layer in layers or self.layers}
+
+    def prompt_metadata(self) -> np.ndarray:
+        """Metadata of every prompt's last token, one row per prompt in prompt order (TOKEN_DTYPE)."""
+        return np.concatenate([self.tokens(i)[self.tokens(i)["is_last"]] for i in range(len(self.shards))])
+
+
+def verify_shard(directory: Path, record: dict[str, Any]) -> None:
+    """Size and sha256 of every file of a shard against the manifest; UserError naming the first bad file."""
+    for name, expected in record["sha256"].items():
+        path = directory / name
+        if not path.is_file():
+            raise UserError(f"activation cache file {path} is missing; delete {directory.parent} and run `fit` again")
+        if sha256_file(path) != expected:
+            raise UserError(
+                f"activation cache file {path} is corrupted or truncated (sha256 mismatch); "
+                f"delete {directory} and run `fit` again to recollect it"
+            )
+
+
+class InferencePipeline:
+    """Batched no-grad inference over the prompts, writing the activation cache shard by shard."""
+
+    def __init__(self, wrapper: ModelWrapper, cfg: ActivationConfig, cache_dir: str | Path) -> None:
+        if cfg.batch_size < 1 or cfg.shard_size < 1:
+            raise UserError(
+                f"data.activations: batch_size={cfg.batch_size} and shard_size={cfg.shard_size} must be positive"
+            )
+        self.wrapper = wrapper
+        self.cfg = cfg
+        self.layers = wrapper.resolve_layers(cfg.layers)
+        self.dtype = self._storage_dtype(cfg.dtype, wrapper.device)
+        self.dir = Path(cache_dir)
+
+    @staticmethod
+    def _storage_dtype(dtype: str, device: torch.device) -> str:
+        if dtype == "auto":
+            return "bfloat16" if device.type == "cuda" else "float32"
+        if dtype not in STORAGE:
+            raise UserError(f"data.activations.dtype: {dtype!r} unknown; use auto, {', '.join(STORAGE)}")
+        return dtype
+
+    def cache_config(self, samples: Sequence[tuple[PromptSample, Split]]) -> dict[str, Any]:
+        """Everything that determines the cache's content; a cache is reused only if this matches exactly."""
+        return {
+            "format": CACHE_FORMAT,
+            "model": self.wrapper.identity,
+            "layers": self.layers,
+            "dtype": self.dtype,
+            "shard_size": self.cfg.shard_size,
+            "batch_size": self.cfg.batch_size,
+            "n_prompts": len(samples),
+            "prompts_sha256": prompts_fingerprint(samples),
+        }
+
+    def run(self, splits: dict[Split, list[PromptSample]]) -> ActivationCache:
+        """Collect (or finish collecting) activations for every prompt of both splits; return the cache."""
+        samples = [(s, split) for split in SPLITS for s in splits.get(split, [])]
+        if not samples:
+            raise UserError("data.activations: the prompt list is empty; nothing to collect")
+        config = self.cache_config(samples)
+        categories = sorted({s.category for s, _ in samples})
+        done = self._resume(config)
+        n_shards = -(-len(samples) // self.cfg.shard_size)
+        bar = tqdm(total=len(samples), initial=min(len(done) * self.cfg.shard_size, len(samples)),
+                   desc="collecting activations", unit="prompt")
+        for index in range(len(done), n_shards):
+            start = index * self.cfg.shard_size
+            block = samples[start : start + self.cfg.shard_size]
+            done.append(self._write_shard(index, start, block, categories, bar))
+            self._write_manifest(config, categories, done, complete=index == n_shards - 1)
+        bar.close()
+        return ActivationCache(self.dir, verify=False)
+
+    def _resume(self, config: dict[str, Any]) -> list[dict[str, Any]]:
+        """Shards already complete for this exact config; every other cache file in the directory is removed."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        foreign = sorted(p.name for p in self.dir.iterdir() if not CACHE_ENTRY.fullmatch(p.name))
+        if foreign:
+            raise UserError(
+                f"data.activations.cache_dir: {self.dir} holds files that are not part of an activation cache "
+                f"({', '.join(foreign[:3])}); choose an empty or new directory"
+            )
+        path = self.dir / MANIFEST
+        done: list[dict[str, Any]] = []
+        if path.is_file():
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            old = manifest.get("config", {})
+            if old != config:
+                changed = sorted(k for k in config | old if config.get(k) != old.get(k))
+                if not self.cfg.overwrite:
+                    raise UserError(
+                        f"activation cache {self.dir} was built with a different {', '.join(changed)}; "
+                        "delete it, choose another data.activations.cache_dir, or set data.activations.overwrite: true"
+                    )
+                log.warning("rebuilding activation cache %s (changed: %s)", self.dir, ", ".join(changed))
+            else:
+                done = manifest["shards"]
+                state = "complete; reusing it" if manifest.get("complete") else f"resuming after {len(done)} shards"
+                log.info("activation cache %s: %s", self.dir, state)
+        keep = {s["name"] for s in done} | ({MANIFEST} if done else set())
+        for entry in self.dir.iterdir():  # partial shards of a killed run, or a cache being rebuilt
+            if entry.name not in keep:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        return done
+
+    def _write_manifest(self, config: dict[str, Any], categories: list[str],
+                        shards: list[dict[str, Any]], complete: bool) -> None:
+        write_json(self.dir / MANIFEST, {"config": config, "categories": categories,
+                                         "splits": list(SPLITS), "shards": shards, "complete": complete})
+
+    def _write_shard(self, index: int, start: int, block: list[tuple[PromptSample, Split]],
+                     categories: list[str], bar: tqdm) -> dict[str, Any]:
+        name = f"shard_{index:05d}"
+        tmp = self.dir / f".{name}.tmp"
+        try:
+            tmp.mkdir()
+            record = self._fill_shard(tmp, start, block, categories, bar)
+            tmp.rename(self.dir / name)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(
+                f"writing activation shard {self.dir / name} failed ({e.strerror or e}); free disk space or "
+                "set data.activations.cache_dir elsewhere; complete shards are kept and the next run resumes"
+            ) from e
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return {"name": name, **record}
+
+    def _fill_shard(self, tmp: Path, start: int, block: list[tuple[PromptSample, Split]],
+                    categories: list[str], bar: tqdm) -> dict[str, Any]:
+        """Tokenize the block, preallocate memory-mapped files, fill them batch by batch, hash them."""
+        batches = [block[i : i + self.cfg.batch_size] for i in range(0, len(block), self.cfg.batch_size)]
+        encoded = [self.wrapper.tokenize([s.prompt for s, _ in batch]) for batch in batches]
+        lengths = np.concatenate([enc["attention_mask"].sum(1).numpy() for enc in encoded])
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        n_tokens = int(offsets[-1])
+        d_model = self.wrapper.d_model
+        arrays = {
+            layer: np.lib.format.open_memmap(tmp / f"{layer}.npy", mode="w+", dtype=STORAGE[self.dtype],
+                                             shape=(n_tokens, d_model))
+            for layer in self.layers
+        }
+        tokens = np.zeros(n_tokens, TOKEN_DTYPE)
+        row, prompt = 0, 0
+        for batch, enc in zip(batches, encoded):
+            mask = enc["attention_mask"].bool()
+            residuals = self.wrapper.residuals(enc["input_ids"], enc["attention_mask"], self.layers)
+            n = int(mask.sum())
+            for layer, acts in residuals.items():
+                real = acts[mask.to(acts.device)]  # (n, d_model): padding dropped, prompts in order
+                bad = ~torch.isfinite(real).all(-1)
+                if bad.any():
+                    first = int(np.searchsorted(offsets, row + int(bad.nonzero()[0, 0]), side="right")) - 1
+                    raise UserError(
+                        f"NaN/inf activations at layer {layer} for prompt {start + first}; "
+                        "use a wider dtype (data.model.dtype: float32 or bfloat16) or check the model weights"
+                    )
+                stored = real.to(TORCH_DTYPES[self.dtype]).cpu()
+                if self.dtype == "bfloat16":
+                    stored = stored.view(torch.int16)
+                arrays[layer][row : row + n] = stored.numpy().view(STORAGE[self.dtype])
+            for (sample, split), length in zip(batch, mask.sum(1).tolist()):
+                t = tokens[offsets[prompt] : offsets[prompt] + length]
+                t["prompt_index"] = start + prompt
+                t["position"] = np.arange(length)
+                t["is_last"][-1] = True
+                t["refusal_label"] = sample.refusal_label
+                t["category"] = categories.index(sample.category)
+                t["dataset_type"] = DATASET_TYPE_CODES.index(sample.dataset_type)
+                t["split"] = SPLITS.index(split)
+                prompt += 1
+            row += n
+            bar.update(len(batch))
+        for array in arrays.values():
+            array.flush()
+        del arrays
+        np.save(tmp / "tokens.npy", tokens)
+        np.save(tmp / "prompt_offsets.npy", offsets)
+        return {
+            "prompts": [start, start + len(block)],
+            "n_tokens": n_tokens,
+            "sha256": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
+        }
+
+
+class TokenStream(torch.utils.data.IterableDataset):
+    """Shuffled batches `{layer: (batch_size, d_model)}` of the same tokens for every layer, from a cache.
+
+    Memory stays bounded whatever the cache size: shards are memory-mapped and visited one at a time in a
+    seeded random order, and each batch gathers only its own rows. Under DDP (and across DataLoader
+    workers) every shard's shuffled tokens are cut into equal disjoint parts, one per process, so the
+    ranks see disjoint tokens and the same number of batches (the remainder and the last partial batch
+    are dropped). Call `set_epoch` before each epoch for a new order.
+    """
+
+    def __init__(self, cache_dir: str | Path, layers: Sequence[str] | None = None, batch_size: int = 4096,
+                 seed: int = 0, splits: Sequence[Split] = SPLITS, shuffle: bool = True,
+                 with_index: bool = False) -> None:
+        super().__init__()
+        self.dir = Path(cache_dir)
+        cache = ActivationCache(self.dir, verify=False)
+        self.layers = list(layers or cache.layers)
+        unknown = [layer for layer in self.layers if layer not in cache.layers]
+        if unknown:
+            raise UserError(f"layer {unknown[0]} is not in activation cache {self.dir}; cached: {', '.join(cache.layers)}")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.split_codes = [SPLITS.index(s) for s in splits]
+        self.shuffle = shuffle
+        self.with_index = with_index  # also yield "index": each token's row in the whole cache
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @staticmethod
+    def _part() -> tuple[int, int]:
+        """(this process's part, number of parts) over DDP ranks x DataLoader workers."""
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return rank * workers + worker, world * workers
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self.iterate(*self._part())
+
+    def iterate(self, part: int, parts: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of one of `parts` disjoint parts of this epoch's tokens."""
+        cache = ActivationCache(self.dir, verify=False)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(cache.shards)) if self.shuffle else range(len(cache.shards))
+        keys = [*self.layers, *(["index"] if self.with_index else [])]
+        first_row = np.cumsum([0] + [s["n_tokens"] for s in cache.shards])
+        pending: list[dict[str, torch.Tensor]] = []
+        n_pending = 0
+        for shard in order:
+            rows = np.flatnonzero(np.isin(cache.tokens(shard)["split"], self.split_codes))
+            if self.shuffle:
+                rows = rng.permutation(rows)
+            share = len(rows) // parts
+            mine = rows[part * share : (part + 1) * share]
+            for start in range(0, len(mine), self.batch_size):
+                chunk = np.sort(mine[start : start + self.batch_size])  # sorted: sequential reads
+                batch = {layer: cache.to_torch(cache.activations(shard, layer)[chunk]) for layer in self.layers}
+                if self.with_index:
+                    batch["index"] = torch.from_numpy(first_row[shard] + chunk)
+                pending.append(batch)
+                n_pending += len(chunk)
+                while n_pending >= self.batch_size:
+                    merged = {key: torch.cat([p[key] for p in pending]) for key in keys}
+                    yield {key: x[: self.batch_size] for key, x in merged.items()}
+                    rest = {key: x[self.batch_size :] for key, x in merged.items()}
+                    n_pending -= self.batch_size
+                    pending = [rest] if n_pending else []

@@ -1,0 +1,552 @@
+"""The language model of the activation-collection stage: loading, chat formatting, residual-stream hooks.
+
+`ModelWrapper` loads a causal LM and its tokenizer (safetensors or GGUF only, never pickles), turns
+prompts into one-user-turn chat inputs, and reads the residual stream at chosen layers.
+
+Layer names
+    `residuals_<i>` is the residual stream after decoder block i, i.e. the output of
+    `model.model.layers[i]` (the decoder layer list is found generically, through
+    `model.get_decoder().layers`). The module hooked is, per family:
+
+    * Llama / Mistral: `LlamaForCausalLM.model.layers[i]`, a `LlamaDecoderLayer` (`MistralDecoderLayer`);
+    * Qwen2 (the embedded Qwen2.5-Coder-0.5B-Instruct): `Qwen2ForCausalLM.model.layers[i]`, a `Qwen2DecoderLayer`;
+    * Gemma / Gemma2: `GemmaForCausalLM.model.layers[i]`, a `GemmaDecoderLayer` (`Gemma2DecoderLayer`).
+
+    A forward hook reads the block's output: in transformers 5.x a decoder layer returns the hidden
+    state tensor itself, in older versions a tuple whose first element is the hidden state; both are
+    handled. Relation to `output_hidden_states=True`: `hidden_states[0]` is the embedding output and
+    `hidden_states[i + 1] == residuals_<i>` for every block but the last; `hidden_states[-1]` is taken
+    AFTER the final norm (`model.model.norm`), whereas `residuals_<n_layers - 1>` is the last block's
+    output BEFORE that norm.
+
+Early stop
+    `residuals` raises a private exception from the hook of the deepest requested block and catches
+    it, so later blocks, the final norm and the lm_head never run: collecting layer 12 of a 32-layer
+    model costs 13 blocks, not 32 plus a vocabulary-sized matmul.
+
+Padding
+    Prompts are padded on the RIGHT. With causal attention a real token never attends to a later
+    position, so a prompt's real-token residuals do not depend on what it is batched with; the padded
+    positions hold garbage and must be masked out with `attention_mask` by the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from refusal_sae.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+LAYER_PREFIX = "residuals_"
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+_LAYER_RE = re.compile(rf"{LAYER_PREFIX}(-?\d+)")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class ModelConfig:
+    """Which language model produces the activations and how prompts are fed to it (the `data.model` options)."""
+
+    name: str = EMBEDDED
+    """'embedded' (bundled Qwen2.5-Coder-0.5B-Instruct), a hub id, a local directory, or a path to a .gguf file."""
+    revision: str | None = None
+    """Hub revision (commit, branch or tag) to pin, for hub ids."""
+    gguf_file: str | None = None
+    """GGUF file name inside the hub repo or directory given as name; null loads safetensors."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint; leave off unless you trust its author."""
+    dtype: str = "auto"
+    """'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'float16' or 'bfloat16'."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
+    chat_template: str | None = None
+    """Jinja chat template (or a path to a .jinja file) overriding the tokenizer's; null uses the tokenizer's."""
+    max_length: int = 256
+    """Prompts are truncated to this many tokens, chat template included (with a warning)."""
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the deepest requested block to end the forward pass early."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving config values
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; otherwise the named device, which must exist here."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(
+            f"data.model.device: unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"data.model.device: {device!r} asked for but CUDA is not available here; use auto or cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(
+                f"data.model.device: {device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible; "
+                f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise UserError(f"data.model.device: {device!r} asked for but MPS is not available here; use auto or cpu")
+    elif dev.type != "cpu":
+        raise UserError(f"data.model.device: unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA (float16 where bf16 is unsupported), float32 elsewhere; or a named dtype."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return DTYPES[dtype.lower()]
+    except (KeyError, AttributeError):
+        raise UserError(
+            f"data.model.dtype: unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16"
+        ) from None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_kwarg() -> str:
+    """`dtype=` since transformers 4.56, `torch_dtype=` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else with a path shape is meant as a local path."""
+    return (
+        name.startswith(("/", ".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or name.endswith(".gguf")
+    )
+
+
+def _compact(names: Sequence[str]) -> str:
+    return ", ".join(names) if len(names) <= 3 else f"{names[0]} … {names[-1]}"
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@contextlib.contextmanager
+def _no_safetensors_conversion() -> Iterator[None]:
+    """Stop transformers from fetching a bot-converted safetensors PR for a hub repo that has only pickles."""
+    old = os.environ.get("DISABLE_SAFETENSORS_CONVERSION")
+    os.environ["DISABLE_SAFETENSORS_CONVERSION"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DISABLE_SAFETENSORS_CONVERSION", None)
+        else:
+            os.environ["DISABLE_SAFETENSORS_CONVERSION"] = old
+
+
+# --------------------------------------------------------------------------------------------------
+# The wrapper
+
+
+class ModelWrapper:
+    """A causal LM in eval mode with gradients off, its tokenizer, and residual-stream hooks.
+
+    Attributes: `model` (the `AutoModelForCausalLM`), `tokenizer` (right padding, pad = eos if it had
+    none), `cfg`, `device`, `dtype`, `n_layers`, `d_model`, `chat_template` (the template text used,
+    or None if there is none).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg
+        if not isinstance(cfg.max_length, int) or cfg.max_length < 1:
+            raise UserError(f"data.model.max_length: {cfg.max_length!r} is not a positive integer; give e.g. 256")
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        source, gguf_file, local = self._resolve_source()
+        self._source, self._gguf_file, self._local = source, gguf_file, local
+        self._gguf_hash: str | None = None
+
+        common: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+        if cfg.revision is not None:
+            common["revision"] = cfg.revision
+        if local:
+            common["local_files_only"] = True
+        if gguf_file is not None:
+            common["gguf_file"] = gguf_file
+        model_kwargs: dict[str, Any] = {_dtype_kwarg(): self.dtype}
+        if gguf_file is None:
+            model_kwargs["use_safetensors"] = True
+        else:
+            with contextlib.suppress(ImportError):  # transformers >= 5 may keep GGUF blocks packed otherwise
+                from transformers import GgufConfig
+
+                model_kwargs["quantization_config"] = GgufConfig(dequantize=True)
+
+        t0 = time.perf_counter()
+        try:
+            with _no_safetensors_conversion():
+                tokenizer = AutoTokenizer.from_pretrained(source, **common)
+                model = AutoModelForCausalLM.from_pretrained(source, **common, **model_kwargs)
+        except OSError as e:
+            if gguf_file is None and "safetensors" in str(e):
+                raise UserError(
+                    f"data.model.name: {cfg.name!r} has no safetensors weights; only safetensors or GGUF "
+                    f"checkpoints are loaded (never pickles), so convert it or pick a safetensors revision"
+                ) from None
+            where = "" if local else " (no network and not in the hub cache?)"
+            raise UserError(
+                f"data.model.name: cannot load model {cfg.name!r}{where}: {_first_line(e)}; check the model id "
+                f"and revision, the network, or give a local directory holding config.json, tokenizer and *.safetensors"
+            ) from None
+        if gguf_file is not None:
+            packed = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
+            if packed:
+                raise UserError(
+                    f"data.model.gguf_file: {gguf_file!r} loaded with quantized weights left packed ({packed[0]}, ...); "
+                    f"use a newer transformers or a safetensors checkpoint"
+                )
+            quantizer = getattr(model, "hf_quantizer", None)
+            if quantizer is not None:  # the weights are dense; a leftover quantizer only blocks .to()
+                with contextlib.suppress(Exception):
+                    quantizer.remove_quantization_config(model)
+            model.to(self.dtype)
+        model.to(self.device)
+        model.eval()
+        model.requires_grad_(False)
+        self.model = model
+        log.info("model %s loaded in %.1fs (%s, %s)", cfg.name, time.perf_counter() - t0, self.dtype, self.device)
+
+        tokenizer.padding_side = "right"
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise UserError(f"data.model.name: the tokenizer of {cfg.name!r} has neither a pad nor an eos token")
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        self.chat_template = self._resolve_chat_template()
+
+        self._decoder, self._layers = self._find_layers()
+        self.n_layers = len(self._layers)
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.d_model = int(text_config.hidden_size)
+
+    # ---------------------------------------------------------------------------------------------
+    # loading helpers
+
+    def _resolve_source(self) -> tuple[str, str | None, bool]:
+        """(what to pass to from_pretrained, gguf_file, whether it is local), after checking local paths."""
+        cfg = self.cfg
+        name = cfg.name
+        if name == EMBEDDED:
+            if cfg.gguf_file is not None:
+                raise UserError(
+                    "data.model.gguf_file: not used with name 'embedded' (already converted to safetensors); "
+                    "set it to null"
+                )
+            from refusal_sae.embedded import embedded_model_dir
+
+            return str(embedded_model_dir()), None, True
+
+        path = Path(name).expanduser()
+        if name.endswith(".gguf"):
+            if cfg.gguf_file is not None:
+                raise UserError(
+                    f"data.model.gguf_file: {cfg.gguf_file!r} given although name {name!r} is a .gguf file; "
+                    f"set one of them only"
+                )
+            if not path.is_file():
+                raise UserError(f"data.model.name: GGUF file {name!r} not found; check the path")
+            return str(path.parent), path.name, True
+        if path.exists():
+            if not path.is_dir():
+                raise UserError(
+                    f"data.model.name: {name!r} is a file; give a model directory, a hub id or a .gguf file"
+                )
+            if cfg.gguf_file is not None:
+                if not (path / cfg.gguf_file).is_file():
+                    found = sorted(p.name for p in path.glob("*.gguf"))
+                    raise UserError(
+                        f"data.model.gguf_file: {cfg.gguf_file!r} not found in {name!r} "
+                        f"(GGUF files there: {', '.join(found) or 'none'}); check the file name"
+                    )
+            else:
+                self._check_safetensors_dir(path)
+            return str(path), cfg.gguf_file, True
+        if _looks_like_path(name):
+            raise UserError(
+                f"data.model.name: model directory {name!r} not found; give an existing local directory, "
+                f"a .gguf file, a hub id like 'org/model', or 'embedded'"
+            )
+        return name, cfg.gguf_file, False
+
+    def _check_safetensors_dir(self, path: Path) -> None:
+        if any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
+            return
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        name = self.cfg.name
+        if pickles:
+            raise UserError(
+                f"data.model.name: {name!r} holds only pickle weights ({', '.join(pickles[:3])}); only safetensors "
+                f"or GGUF checkpoints are loaded, so convert it to safetensors (save_pretrained) first"
+            )
+        if ggufs:
+            raise UserError(
+                f"data.model.name: {name!r} holds no safetensors but GGUF file(s) {', '.join(ggufs[:3])}; "
+                f"set data.model.gguf_file to one of them"
+            )
+        raise UserError(
+            f"data.model.name: {name!r} holds no model weights (*.safetensors); give a directory written by "
+            f"save_pretrained, a .gguf file, a hub id, or 'embedded'"
+        )
+
+    def _resolve_chat_template(self) -> str | None:
+        override = self.cfg.chat_template
+        if override:
+            if len(override) < 4096 and "{" not in override and override.endswith((".jinja", ".j2")):
+                path = Path(override).expanduser()
+                if not path.is_file():
+                    raise UserError(f"data.model.chat_template: template file {override!r} not found")
+                return path.read_text(encoding="utf-8")
+            return override
+        template = getattr(self.tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # several named templates: the default one is for plain chat
+            template = template.get("default")
+        return template or None
+
+    def _find_layers(self) -> tuple[nn.Module, nn.ModuleList]:
+        """(the module whose forward runs the blocks, its decoder layer list)."""
+        owners = []
+        with contextlib.suppress(Exception):
+            owners.append(self.model.get_decoder())
+        owners += [getattr(self.model, "model", None), getattr(self.model, "base_model", None)]
+        for owner in owners:
+            layers = getattr(owner, "layers", None)
+            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+                return owner, layers
+        raise UserError(
+            f"data.model.name: {self.cfg.name!r} ({type(self.model).__name__}) has no decoder layer list "
+            f"(model.model.layers); use a Llama, Mistral, Qwen2 or Gemma style causal LM"
+        )
+
+    # ---------------------------------------------------------------------------------------------
+    # public API
+
+    @property
+    def layer_names(self) -> list[str]:
+        """`["residuals_0", ..., f"residuals_{n_layers - 1}"]`."""
+        return [f"{LAYER_PREFIX}{i}" for i in range(self.n_layers)]
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What produced the activations, JSON-serialisable, for a cache manifest."""
+        return {
+            "name": self.cfg.name,
+            "revision": self.cfg.revision,
+            "commit": getattr(self.model.config, "_commit_hash", None),
+            "gguf_file": self._gguf_file,
+            "gguf_sha256": self._gguf_sha256(),
+            "model_type": self.model.config.model_type,
+            "architecture": type(self.model).__name__,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "dtype": _dtype_name(self.dtype),
+            "chat_template": self.chat_template,
+            "max_length": self.cfg.max_length,
+        }
+
+    def _gguf_sha256(self) -> str | None:
+        """The pinned hash for 'embedded'; the file's sha256 for a local GGUF (computed once); else None."""
+        if self.cfg.name == EMBEDDED:
+            from refusal_sae.embedded import GGUF_SHA256
+
+            return GGUF_SHA256
+        if self._gguf_file is None or not self._local:
+            return None  # a hub GGUF is identified by revision/commit
+        if self._gguf_hash is None:
+            digest = hashlib.sha256()
+            with open(Path(self._source) / self._gguf_file, "rb") as f:
+                while block := f.read(8 * 1024 * 1024):
+                    digest.update(block)
+            self._gguf_hash = digest.hexdigest()
+        return self._gguf_hash
+
+    def resolve_layers(self, layers: Sequence[str | int]) -> list[str]:
+        """Layer names for `layers` ("residuals_21", 21 or -3), sorted by depth, without duplicates."""
+        if isinstance(layers, (str, int)):
+            layers = [layers]
+        indices = set()
+        for layer in layers:
+            index = None
+            if isinstance(layer, int) and not isinstance(layer, bool):
+                index = layer
+            elif isinstance(layer, str):
+                m = _LAYER_RE.fullmatch(layer.strip())
+                if m:
+                    index = int(m.group(1))
+                    if index < 0:
+                        index = None  # names are never negative; only bare ints count from the end
+                elif re.fullmatch(r"-?\d+", layer.strip()):
+                    index = int(layer)
+            if index is not None and -self.n_layers <= index < self.n_layers:
+                indices.add(index % self.n_layers)
+                continue
+            raise UserError(
+                f"unknown layer {layer!r}: {self.cfg.name!r} has {self.n_layers} layers, "
+                f"valid names {_compact(self.layer_names)} (or indices {-self.n_layers} .. {self.n_layers - 1})"
+            )
+        return [f"{LAYER_PREFIX}{i}" for i in sorted(indices)]
+
+    def format_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """Each prompt as one user turn plus the generation prompt, rendered with the chat template."""
+        if self.chat_template is None:
+            raise UserError(
+                f"data.model.chat_template: the tokenizer of {self.cfg.name!r} has no chat template; "
+                f"set data.model.chat_template to a Jinja template"
+            )
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                chat_template=self.chat_template,
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            for prompt in prompts
+        ]
+
+    def tokenize(self, prompts: Sequence[str]):
+        """Chat-format `prompts` and tokenize them: right padding, truncation to max_length, tensors on CPU.
+
+        Returns a `BatchEncoding` with `input_ids` and `attention_mask` of shape (batch, longest).
+        No special tokens are added: the template already holds them.
+        """
+        texts = self.format_prompts(prompts)
+        if not texts:
+            from transformers import BatchEncoding
+
+            empty = torch.zeros((0, 0), dtype=torch.long)
+            return BatchEncoding({"input_ids": empty, "attention_mask": empty.clone()})
+        max_length = self.cfg.max_length
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        too_long = [n for n in lengths if n > max_length]
+        if too_long:
+            log.warning(
+                "%d of %d prompts were truncated to data.model.max_length=%d tokens (longest %d, chat template "
+                "included); raise data.model.max_length to keep them whole",
+                len(too_long), len(texts), max_length, max(too_long),
+            )
+        return self.tokenizer(
+            texts,
+            add_special_tokens=False,
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+
+    def _inputs(self, input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        input_ids = torch.as_tensor(input_ids).to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return input_ids, torch.as_tensor(attention_mask).to(self.device)
+
+    @torch.no_grad()
+    def residuals(self, input_ids: Tensor, attention_mask: Tensor | None, layers: Sequence[str | int]) -> dict[str, Tensor]:
+        """{layer: (batch, seq, d_model)} residual stream after each requested block, in depth order.
+
+        Tensors are in the model's dtype on its device; padded positions hold garbage. The forward
+        pass stops right after the deepest requested block.
+        """
+        names = self.resolve_layers(layers)
+        if not names:
+            raise UserError("no layers asked for; give at least one, e.g. residuals_0")
+        input_ids, attention_mask = self._inputs(input_ids, attention_mask)
+        indices = [int(n.removeprefix(LAYER_PREFIX)) for n in names]
+        last = indices[-1]
+        out: dict[str, Tensor] = {}
+
+        def make_hook(name: str, stop: bool):
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                hidden = output[0] if isinstance(output, (tuple, list)) else output
+                out[name] = hidden.detach()
+                if stop:
+                    raise _StopForward
+
+            return hook
+
+        handles = [
+            self._layers[i].register_forward_hook(make_hook(name, i == last)) for i, name in zip(indices, names)
+        ]
+        try:
+            self._decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [n for n in names if n not in out]
+        if missing:  # the forward ended without reaching a hooked block: a bug, not a user mistake
+            raise RuntimeError(f"hooks on {missing} never fired; is {type(self._decoder).__name__} a plain decoder?")
+        return {name: out[name] for name in names}
+
+    @torch.no_grad()
+    def last_token_logits(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """(batch, vocab) float32 logits at each prompt's last real token.
+
+        Runs the base model (all blocks + final norm), gathers the last real position of each row
+        (the last 1 of `attention_mask`, so right or left padding both work) and applies the lm_head to
+        those positions only.
+        """
+        input_ids, attention_mask = self._inputs(input_ids, attention_mask)
+        output = self._decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask.bool() * positions).argmax(dim=1)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        logits = self.model.get_output_embeddings()(hidden[rows, last])
+        text_config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else None
+        softcap = getattr(text_config or self.model.config, "final_logit_softcapping", None)
+        if softcap:  # Gemma 2/3 squash logits in their CausalLM forward; do the same here
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits.float()
+
+
+__all__ = ["DTYPES", "LAYER_PREFIX", "ModelConfig", "ModelWrapper", "resolve_device", "resolve_dtype"]

@@ -1,0 +1,222 @@
+"""Stage 2: the activation cache, written by a real (tiny) model and read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from refusal_sae.activations import MANIFEST, SPLITS, ActivationCache, ActivationConfig, InferencePipeline, TokenStream
+from refusal_sae.data import PromptConfig, prepare_prompts
+from refusal_sae.errors import UserError
+from refusal_sae.model import ModelConfig, ModelWrapper
+from tests.conftest import ROOT
+from tests.tiny_model import make_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"), n_layers=3)
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory: pytest.TempPathFactory):
+    cfg = PromptConfig(balance="n_per_category", n_per_category=2, seed=0)  # 40 bundled prompts
+    return prepare_prompts(cfg, tmp_path_factory.mktemp("data"))
+
+
+def collect(model_dir: Path, cache_dir: Path, splits, **kwargs) -> ActivationCache:
+    cfg = ActivationConfig(**{"layers": [0, "residuals_2"], "shard_size": 16, "batch_size": 5, **kwargs})
+    return InferencePipeline(ModelWrapper(ModelConfig(name=str(model_dir))), cfg, cache_dir).run(splits)
+
+
+def test_cache_holds_every_real_token_with_its_metadata(tiny_dir: Path, splits, tmp_path: Path) -> None:
+    cache = collect(tiny_dir, tmp_path / "cache", splits)
+    samples = [(s, split) for split in SPLITS for s in splits[split]]
+    wrapper = ModelWrapper(ModelConfig(name=str(tiny_dir)))
+    assert cache.layers == ["residuals_0", "residuals_2"]
+    assert [s["name"] for s in cache.shards] == ["shard_00000", "shard_00001", "shard_00002"]
+    assert cache.n_prompts == len(samples) == 40
+    lengths = [int(wrapper.tokenize([s.prompt])["attention_mask"].sum()) for s, _ in samples]
+    assert cache.n_tokens == sum(lengths)
+    for index in (0, 17, 39):  # a prompt alone gives the same activations as batched with others
+        sample, split = samples[index]
+        enc = wrapper.tokenize([sample.prompt])
+        alone = wrapper.residuals(enc["input_ids"], enc["attention_mask"], cache.layers)
+        cached = cache.prompt(index)
+        for layer in cache.layers:
+            assert cached[layer].shape == (lengths[index], wrapper.d_model)
+            torch.testing.assert_close(cached[layer], alone[layer][0], rtol=1e-4, atol=1e-5)
+    last = cache.prompt_metadata()
+    assert last["prompt_index"].tolist() == list(range(40))
+    assert last["position"].tolist() == [n - 1 for n in lengths]
+    assert last["refusal_label"].tolist() == [s.refusal_label for s, _ in samples]
+    assert [cache.manifest["categories"][c] for c in last["category"]] == [s.category for s, _ in samples]
+    assert [SPLITS[c] for c in last["split"]] == [split for _, split in samples]
+
+
+def test_complete_cache_is_reused_and_a_changed_config_is_refused(tiny_dir: Path, splits, tmp_path: Path) -> None:
+    collect(tiny_dir, tmp_path / "cache", splits)
+    stamp = (tmp_path / "cache" / "shard_00000" / "residuals_0.npy").stat().st_mtime_ns
+    collect(tiny_dir, tmp_path / "cache", splits)
+    assert (tmp_path / "cache" / "shard_00000" / "residuals_0.npy").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match=r"was built with a different dtype, layers; .*overwrite: true"):
+        collect(tiny_dir, tmp_path / "cache", splits, layers=[1], dtype="float16")
+    cache = collect(tiny_dir, tmp_path / "cache", splits, layers=[1], dtype="float16", overwrite=True)
+    assert cache.layers == ["residuals_1"] and cache.prompt(0)["residuals_1"].dtype == torch.float16
+
+
+def test_bfloat16_storage_round_trips(tiny_dir: Path, splits, tmp_path: Path) -> None:
+    full = collect(tiny_dir, tmp_path / "fp32", splits)
+    half = collect(tiny_dir, tmp_path / "bf16", splits, dtype="bfloat16")
+    x = half.prompt(3)["residuals_2"]
+    assert x.dtype == torch.bfloat16
+    assert torch.equal(x, full.prompt(3)["residuals_2"].to(torch.bfloat16))
+
+
+def test_corrupted_shard_is_named(tiny_dir: Path, splits, tmp_path: Path) -> None:
+    collect(tiny_dir, tmp_path / "cache", splits)
+    target = tmp_path / "cache" / "shard_00001" / "residuals_2.npy"
+    data = bytearray(target.read_bytes())
+    data[-7] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"shard_00001/residuals_2.npy is corrupted or truncated"):
+        ActivationCache(tmp_path / "cache")
+    target.write_bytes(bytes(data[:-100]))
+    with pytest.raises(UserError, match=r"shard_00001/residuals_2.npy is corrupted or truncated"):
+        ActivationCache(tmp_path / "cache")
+
+
+def test_nan_activations_name_prompt_and_layer(tmp_path: Path, splits) -> None:
+    model_dir = make_tiny_model(tmp_path / "nan", n_layers=3)
+    wrapper = ModelWrapper(ModelConfig(name=str(model_dir)))
+    # poison the second block's MLP output for every token: residuals_0 stays finite, residuals_1 does not
+    with torch.no_grad():
+        wrapper.model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    pipeline = InferencePipeline(wrapper, ActivationConfig(layers=[0, 1], shard_size=16, batch_size=5), tmp_path / "c")
+    with pytest.raises(UserError, match=r"NaN/inf activations at layer residuals_1 for prompt 0"):
+        pipeline.run(splits)
+    assert not (tmp_path / "c" / "shard_00000").exists() and not (tmp_path / "c" / MANIFEST).exists()
+
+
+def test_empty_prompt_list(tiny_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"the prompt list is empty"):
+        collect(tiny_dir, tmp_path / "cache", {"discovery": [], "evaluation": []})
+
+
+def test_foreign_directory_is_never_deleted(tiny_dir: Path, splits, tmp_path: Path) -> None:
+    (tmp_path / "mine.txt").write_text("precious")
+    with pytest.raises(UserError, match=r"holds files that are not part of an activation cache \(mine.txt\)"):
+        collect(tiny_dir, tmp_path, splits)
+    assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+CHILD = """
+import sys
+from refusal_sae.activations import ActivationConfig, InferencePipeline
+from refusal_sae.data import read_splits
+from refusal_sae.model import ModelConfig, ModelWrapper
+model_dir, prompts_csv, cache_dir = sys.argv[1:4]
+cfg = ActivationConfig(layers=[0, 1, 2], shard_size=4, batch_size=2)
+InferencePipeline(ModelWrapper(ModelConfig(name=model_dir)), cfg, cache_dir).run(read_splits(prompts_csv))
+"""
+
+
+def run_child(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", CHILD, *args], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_killed_collection_resumes_to_the_identical_cache(tmp_path: Path) -> None:
+    """A subprocess is SIGKILLed part-way; the next run finishes, and the cache equals an uninterrupted one."""
+    model_dir = make_tiny_model(tmp_path / "model", n_layers=3, d_model=256)
+    prompts = tmp_path / "data" / "prompts.csv"
+    prepare_prompts(PromptConfig(balance="n_per_category", n_per_category=4, seed=0), prompts.parent)  # 80 prompts
+    child = run_child(str(model_dir), str(prompts), str(tmp_path / "killed"))
+    manifest = tmp_path / "killed" / "manifest.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and child.poll() is None:
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
+            child.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, f"the collection was not killed part-way: {child.stderr.read()}"
+    partial = json.loads(manifest.read_text())
+    assert not partial["complete"] and 2 <= len(partial["shards"]) < 20
+
+    resumed = run_child(str(model_dir), str(prompts), str(tmp_path / "killed"))
+    uninterrupted = run_child(str(model_dir), str(prompts), str(tmp_path / "whole"))
+    for process in (resumed, uninterrupted):
+        assert process.wait(timeout=300) == 0, process.stderr.read()
+    assert tree(tmp_path / "killed") == tree(tmp_path / "whole")
+    assert len(json.loads(manifest.read_text())["shards"]) == 20
+
+
+def test_full_disk_leaves_no_partial_shard(tiny_dir: Path, splits, tmp_path: Path) -> None:
+    """A file-size limit makes writes fail like a full disk; complete shards stay, the next run resumes."""
+    prompts = tmp_path / "data" / "prompts.csv"
+    prepare_prompts(PromptConfig(balance="n_per_category", n_per_category=2, seed=0), prompts.parent)
+    limited = (
+        "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))\n" + CHILD
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", limited, str(tiny_dir), str(prompts), str(tmp_path / "c")],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "writing activation shard" in result.stderr and "File too large" in result.stderr
+    leftovers = [p.name for p in (tmp_path / "c").iterdir()]
+    recorded = json.loads((tmp_path / "c" / "manifest.json").read_text())["shards"] if "manifest.json" in leftovers else []
+    assert sorted(leftovers) == sorted([s["name"] for s in recorded] + (["manifest.json"] if recorded else []))
+    resumed = run_child(str(tiny_dir), str(prompts), str(tmp_path / "c"))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert ActivationCache(tmp_path / "c").n_prompts == 40
+
+
+def test_token_stream_covers_each_token_once_per_epoch(tiny_dir: Path, splits, tmp_path: Path) -> None:
+    cache = collect(tiny_dir, tmp_path / "cache", splits)
+    rows = {layer: torch.cat([cache.to_torch(cache.activations(i, layer)) for i in range(len(cache.shards))])
+            for layer in cache.layers}
+    stream = TokenStream(tmp_path / "cache", batch_size=7, seed=1, with_index=True)
+    orders = []
+    for epoch in (0, 1):
+        stream.set_epoch(epoch)
+        batches = list(stream)
+        assert len(batches) == cache.n_tokens // 7
+        index = torch.cat([b["index"] for b in batches])
+        assert len(set(index.tolist())) == len(index) == 7 * (cache.n_tokens // 7)  # each token at most once
+        for layer in cache.layers:  # every layer's rows belong to the same tokens
+            assert torch.equal(torch.cat([b[layer] for b in batches]), rows[layer][index])
+        orders.append(index)
+    assert not torch.equal(orders[0], orders[1])  # a new order each epoch
+    assert set(orders[0].tolist()) == set(orders[1].tolist())
+
+
+def test_token_stream_parts_are_disjoint_and_equal(tiny_dir: Path, splits, tmp_path: Path) -> None:
+    cache = collect(tiny_dir, tmp_path / "cache", splits)
+    stream = TokenStream(tmp_path / "cache", layers=["residuals_2"], batch_size=4, seed=3, splits=["discovery"],
+                         with_index=True)
+    parts = [set(torch.cat([b["index"] for b in stream.iterate(part, 3)]).tolist()) for part in range(3)]
+    assert len(parts[0]) == len(parts[1]) == len(parts[2]) > 0
+    assert not (parts[0] & parts[1]) and not (parts[1] & parts[2]) and not (parts[0] & parts[2])
+    split = np.concatenate([cache.tokens(i)["split"] for i in range(len(cache.shards))])
+    discovery = set(np.flatnonzero(split == SPLITS.index("discovery")).tolist())
+    assert parts[0] | parts[1] | parts[2] <= discovery
+    # what is left out: per shard, fewer than 3 tokens to even the parts; per part, one partial batch
+    assert len(discovery) - 3 * len(parts[0]) < 3 * len(cache.shards) + 3 * 4

@@ -1,0 +1,124 @@
+"""A tiny random-weight Llama chat model, built in the test, for fast model-stage tests.
+
+`make_tiny_model(directory)` writes a seeded `LlamaForCausalLM` (2 layers, d_model 32 by default) and a
+real fast tokenizer (a word-level vocabulary counted from the bundled sample prompts, with bos/eos/pad
+and chat-role special tokens) plus a small Jinja chat template, all with `save_pretrained` (weights as
+safetensors). The directory then loads offline like any local checkpoint, e.g. through
+`refusal_sae.model.ModelWrapper(ModelConfig(name=str(directory)))`. Same arguments, same files.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import Counter
+from pathlib import Path
+
+from refusal_sae.data import sample_data_dir
+
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, *ROLE_TOKENS)  # ids 0..6 in this order
+
+#: One user turn renders as "<s> <|user|> {content} </s> <|assistant|>" (the last part with the
+#: generation prompt), so a formatted prompt always starts with bos and ends with <|assistant|>.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|> {{ message['content'] }} {{ eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# the same split as the `Whitespace` pre-tokenizer, applied to lowercased text
+_WORD = re.compile(r"\w+|[^\w\s]+")
+
+
+def sample_prompts() -> list[str]:
+    """Every prompt of the bundled sample CSVs, in file order (320 prompts)."""
+    prompts = []
+    for path in sorted(sample_data_dir().glob("*.csv")):
+        with open(path, encoding="utf-8", newline="") as f:
+            prompts += [row["prompt"] for row in csv.DictReader(f)]
+    return prompts
+
+
+def make_tiny_tokenizer(vocab_size: int = 512, chat_template: str | None = TINY_CHAT_TEMPLATE):
+    """A `PreTrainedTokenizerFast`: lowercase, whitespace/punctuation split, word-level vocabulary.
+
+    The vocabulary is the special tokens then the `vocab_size - len(SPECIAL_TOKENS)` most frequent
+    words of the sample prompts (ties broken alphabetically, so it is deterministic); other words are
+    `<unk>`.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    counts = Counter(w for p in sample_prompts() for w in _WORD.findall(p.lower()))
+    n_words = vocab_size - len(SPECIAL_TOKENS)
+    if n_words <= 0:
+        raise ValueError(f"vocab_size must exceed {len(SPECIAL_TOKENS)} (the special tokens)")
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n_words]]
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *words])}
+
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=list(ROLE_TOKENS),
+        model_max_length=512,
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def make_tiny_model(
+    directory: str | Path,
+    n_layers: int = 2,
+    d_model: int = 32,
+    vocab_size: int = 512,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    seed: int = 0,
+    chat_template: str | None = TINY_CHAT_TEMPLATE,
+) -> Path:
+    """Write a seeded random `LlamaForCausalLM` and its tokenizer into `directory`; return the directory.
+
+    `chat_template=None` saves a tokenizer without a chat template. Weights are float32 safetensors,
+    initialised with a wider std than Llama's default so that residuals differ visibly between layers.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tiny_tokenizer(vocab_size, chat_template)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        intermediate_size=intermediate_size or 2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(state)  # leave the caller's RNG as it was
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
