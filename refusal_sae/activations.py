@@ -392,9 +392,10 @@ class TokenStream(torch.utils.data.IterableDataset):
                 rows = rng.permutation(rows)
             share = len(rows) // parts
             mine = rows[part * share : (part + 1) * share]
+            arrays = {layer: cache.activations(shard, layer) for layer in self.layers}  # unmapped after the shard
             for start in range(0, len(mine), self.batch_size):
                 chunk = np.sort(mine[start : start + self.batch_size])  # sorted: sequential reads
-                batch = {layer: cache.to_torch(cache.activations(shard, layer)[chunk]) for layer in self.layers}
+                batch = {layer: cache.to_torch(array[chunk]) for layer, array in arrays.items()}
                 if self.with_index:
                     batch["index"] = torch.from_numpy(first_row[shard] + chunk)
                 pending.append(batch)
