@@ -3,7 +3,8 @@
 `prepare_data` (once per node) runs the stages that write to disk: the prompts (load, analyse,
 balance, split) and, when the cache is not complete for the current config, activation collection.
 `setup` (every process) reads their outputs back, and `train_dataloader` streams token activations
-of every hooked layer from the memory-mapped cache, a disjoint part per DDP rank.
+of every hooked layer from the memory-mapped cache, a disjoint part per DDP rank; `prompt_dataset`
+serves the same cache per prompt.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from refusal_sae.activations import ActivationCache, ActivationConfig, InferencePipeline, TokenStream
+from refusal_sae.activations import (
+    ActivationCache,
+    ActivationConfig,
+    InferencePipeline,
+    PromptActivations,
+    TokenStream,
+)
 from refusal_sae.data import PromptConfig, PromptSample, Split, prepare_prompts, read_splits
 from refusal_sae.model import ModelConfig, ModelWrapper
 
@@ -72,3 +79,7 @@ class ActivationDataModule(L.LightningDataModule):
         stream = TokenStream(self.cache_dir, batch_size=self.batch_size, seed=self.prompts.seed,
                              splits=self.train_splits)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+
+    def prompt_dataset(self, split: Split) -> PromptActivations:
+        """Every token of each prompt of `split`, per prompt (for circuit discovery and evaluation)."""
+        return PromptActivations(self.cache, [split])

@@ -406,3 +406,31 @@ class TokenStream(torch.utils.data.IterableDataset):
                     rest = {key: x[self.batch_size :] for key, x in merged.items()}
                     n_pending -= self.batch_size
                     pending = [rest] if n_pending else []
+
+
+class PromptActivations(torch.utils.data.Dataset):
+    """Per-prompt views of a cache, for sequence-level analysis (circuit discovery aggregates over tokens).
+
+    Item i is the i-th prompt of the chosen splits: `{"activations": {layer: (tokens, d_model)},
+    "prompt_index", "category", "refusal_label", "split"}`.
+    """
+
+    def __init__(self, cache: ActivationCache, splits: Sequence[Split] = SPLITS,
+                 layers: Sequence[str] | None = None) -> None:
+        last = cache.prompt_metadata()
+        self.rows = last[np.isin(last["split"], [SPLITS.index(s) for s in splits])]
+        self.cache = cache
+        self.layers = list(layers or cache.layers)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[i]
+        return {
+            "activations": self.cache.prompt(int(row["prompt_index"]), self.layers),
+            "prompt_index": int(row["prompt_index"]),
+            "category": self.cache.manifest["categories"][row["category"]],
+            "refusal_label": bool(row["refusal_label"]),
+            "split": SPLITS[row["split"]],
+        }

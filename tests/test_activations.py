@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from refusal_sae.activations import MANIFEST, SPLITS, ActivationCache, ActivationConfig, InferencePipeline, TokenStream
+from refusal_sae.activations import (
+    MANIFEST,
+    SPLITS,
+    ActivationCache,
+    ActivationConfig,
+    InferencePipeline,
+    PromptActivations,
+    TokenStream,
+)
 from refusal_sae.data import PromptConfig, prepare_prompts
 from refusal_sae.errors import UserError
 from refusal_sae.model import ModelConfig, ModelWrapper
@@ -63,6 +71,13 @@ def test_cache_holds_every_real_token_with_its_metadata(tiny_dir: Path, splits, 
     assert last["refusal_label"].tolist() == [s.refusal_label for s, _ in samples]
     assert [cache.manifest["categories"][c] for c in last["category"]] == [s.category for s, _ in samples]
     assert [SPLITS[c] for c in last["split"]] == [split for _, split in samples]
+    held_out = PromptActivations(cache, ["evaluation"], layers=["residuals_2"])
+    assert len(held_out) == len(splits["evaluation"])
+    item = held_out[3]
+    index = len(splits["discovery"]) + 3
+    assert (item["prompt_index"], item["split"]) == (index, "evaluation")
+    assert (item["category"], item["refusal_label"]) == (samples[index][0].category, samples[index][0].refusal_label)
+    assert torch.equal(item["activations"]["residuals_2"], cache.prompt(index)["residuals_2"])
 
 
 def test_complete_cache_is_reused_and_a_changed_config_is_refused(tiny_dir: Path, splits, tmp_path: Path) -> None:
