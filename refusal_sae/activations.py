@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from refusal_sae.data import PromptSample, Split
 from refusal_sae.errors import UserError
-from refusal_sae.io import write_json
+from refusal_sae.io import sha256_file, write_json
 from refusal_sae.model import ModelWrapper
 
 log = logging.getLogger(__name__)
@@ -82,14 +82,6 @@ class ActivationConfig:
     """Delete a cache built by a different config instead of stopping with an error."""
     verify: bool = True
     """Check every shard's sha256 when the cache is opened."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def prompts_fingerprint(samples: Sequence[tuple[PromptSample, Split]]) -> str:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from refusal_sae.errors import UserError
-from refusal_sae.io import atomic_open, write_json
+from refusal_sae.io import atomic_open, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def assemble_gguf(
 
     if out.exists():
         actual_size = out.stat().st_size
-        if actual_size == size and _sha256_file(out) == sha256:
+        if actual_size == size and sha256_file(out) == sha256:
             return out
         logger.warning("%s exists but does not match sha256 %s; rebuilding it", out, sha256)
         out.unlink()
@@ -238,24 +238,8 @@ def assemble_gguf(
     return out
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BUFSIZE):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------
 # Dequantizing into a safetensors directory
-
-
-def _dtype_kwarg() -> str:
-    """`dtype=` since transformers 4.56, `torch_dtype=` before."""
-    import transformers
-    from packaging.version import Version
-
-    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 def _load_from_gguf(gguf: Path):
@@ -263,7 +247,9 @@ def _load_from_gguf(gguf: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {_dtype_kwarg(): torch.float32, "local_files_only": True, "trust_remote_code": False}
+    from refusal_sae.model import dtype_kwarg
+
+    kwargs = {dtype_kwarg(): torch.float32, "local_files_only": True, "trust_remote_code": False}
     try:  # transformers >= 5 can keep GGUF blocks packed; ask explicitly for dense weights
         from transformers import GgufConfig
 

@@ -7,6 +7,7 @@ directory, flushed to disk, then renamed over the target (rename is atomic on PO
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -38,3 +39,12 @@ def write_json(path: str | Path, obj: Any) -> None:
     with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def sha256_file(path: str | Path, block_size: int = 1 << 23) -> str:
+    """Hex sha256 of a file, read in blocks so large files never sit in memory whole."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(block_size):
+            digest.update(block)
+    return digest.hexdigest()

@@ -33,7 +33,6 @@ Padding
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -47,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from refusal_sae.errors import UserError
+from refusal_sae.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _dtype_kwarg() -> str:
+def dtype_kwarg() -> str:
     """`dtype=` since transformers 4.56, `torch_dtype=` before."""
     import transformers
     from packaging.version import Version
@@ -210,7 +210,7 @@ class ModelWrapper:
             common["local_files_only"] = True
         if gguf_file is not None:
             common["gguf_file"] = gguf_file
-        model_kwargs: dict[str, Any] = {_dtype_kwarg(): self.dtype}
+        model_kwargs: dict[str, Any] = {dtype_kwarg(): self.dtype}
         if gguf_file is None:
             model_kwargs["use_safetensors"] = True
         else:
@@ -400,11 +400,7 @@ class ModelWrapper:
         if self._gguf_file is None or not self._local:
             return None  # a hub GGUF is identified by revision/commit
         if self._gguf_hash is None:
-            digest = hashlib.sha256()
-            with open(Path(self._source) / self._gguf_file, "rb") as f:
-                while block := f.read(8 * 1024 * 1024):
-                    digest.update(block)
-            self._gguf_hash = digest.hexdigest()
+            self._gguf_hash = sha256_file(Path(self._source) / self._gguf_file)
         return self._gguf_hash
 
     def resolve_layers(self, layers: Sequence[str | int]) -> list[str]:
