@@ -41,6 +41,17 @@ class RefusalCLI(LightningCLI):
         parser.link_arguments("run_dir", "data.run_dir")
         parser.link_arguments("run_dir", "trainer.default_root_dir")
 
+    def before_instantiate_classes(self) -> None:
+        """Put a logger's relative `save_dir` (e.g. W&B's default ".") under `run_dir`, even when
+        `--run_dir` is given on the command line after the config file was read."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        loggers = config.trainer.logger
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init_args = getattr(logger, "init_args", None)
+            save_dir = getattr(init_args, "save_dir", None)
+            if isinstance(save_dir, str) and not Path(save_dir).is_absolute():
+                init_args.save_dir = str(Path(config.run_dir) / save_dir)
+
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
             log.info("SAEs saved in %s", Path(self.trainer.default_root_dir) / "saes")

@@ -62,7 +62,7 @@ def tiny_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return ["--config", str(DEFAULT_CONFIG), "--data.model.name", str(model_dir),
             "--data.activations.layers", "[0, 1]", "--model.sae.d_in", "32",
             "--data.prompts.balance", "n_per_category", "--data.prompts.n_per_category", "2",
-            "--data.batch_size", "64", "--trainer.max_epochs", "2"]
+            "--data.batch_size", "64", "--trainer.max_epochs", "2", "--trainer.logger", "false"]
 
 
 def test_fit_runs_the_pipeline(tiny_args: list[str], tmp_path: Path) -> None:
