@@ -56,8 +56,8 @@ Validity report
     predictor of refusal, for comparison. The dict is JSON-able; `write_validity_report` writes it.
 
 Prompt length
-    The score must be read at the generation position, which right-truncation would cut off, so a
-    prompt longer than `data.model.max_length` (chat template included) is an error here, not a warning.
+    The score must be read at the generation position, which truncation would cut off, so a prompt
+    longer than `data.model.max_length` (chat template included) is an error (`ModelWrapper.tokenize`).
 """
 
 from __future__ import annotations
@@ -386,37 +386,13 @@ def _check_batch_size(batch_size: int) -> None:
         raise UserError(f"batch_size: {batch_size!r} is not a positive integer; give e.g. 8")
 
 
-def encode_prompts(wrapper: ModelWrapper, prompts: Sequence[str], padding_side: Literal["left", "right"]):
-    """Chat-format and tokenize `prompts` with the given padding side, never truncating.
-
-    A prompt longer than `data.model.max_length` is an error: truncation would cut off the generation
-    prompt, and the metric and the answer both start there. The wrapper's tokenizer keeps its padding side.
-    """
-    texts = wrapper.format_prompts(prompts)
-    tok = wrapper.tokenizer
-    lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
-    over = [n for n in lengths if n > wrapper.cfg.max_length]
-    if over:
-        raise UserError(
-            f"data.model.max_length: {len(over)} of {len(texts)} prompts are longer than {wrapper.cfg.max_length} "
-            f"tokens with the chat template (longest {max(over)}); truncation would cut off the generation prompt "
-            f"the refusal metric is read at, so raise data.model.max_length or drop those prompts"
-        )
-    old = tok.padding_side
-    tok.padding_side = padding_side
-    try:
-        return tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    finally:
-        tok.padding_side = old
-
-
 def _log_probs_of_prompts(
     wrapper: ModelWrapper, prompts: Sequence[str], batch_size: int, metric: RefusalMetric
 ) -> tuple[Tensor, Tensor]:
     _check_batch_size(batch_size)
     refusal, compliance = [], []
     for start in range(0, len(prompts), batch_size):
-        enc = encode_prompts(wrapper, prompts[start : start + batch_size], "right")
+        enc = wrapper.tokenize(prompts[start : start + batch_size], "right")
         logits = wrapper.last_token_logits(enc["input_ids"], enc["attention_mask"])
         r, c = metric.log_probs(logits)
         refusal.append(r.cpu())
@@ -489,7 +465,7 @@ def generate_answers(
     )
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        enc = encode_prompts(wrapper, prompts[start : start + batch_size], "left")
+        enc = wrapper.tokenize(prompts[start : start + batch_size], "left")
         input_ids = enc["input_ids"].to(wrapper.device)
         attention_mask = enc["attention_mask"].to(wrapper.device)
         out = wrapper.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
@@ -647,7 +623,6 @@ __all__ = [
     "RefusalMetric",
     "RefusalMetricConfig",
     "ValidityConfig",
-    "encode_prompts",
     "generate_answers",
     "is_refusal",
     "mean_refusal_score",

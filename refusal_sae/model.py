@@ -40,7 +40,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -83,7 +83,7 @@ class ModelConfig:
     chat_template: str | None = None
     """Jinja chat template (or a path to a .jinja file) overriding the tokenizer's; null uses the tokenizer's."""
     max_length: int = 256
-    """Prompts are truncated to this many tokens, chat template included (with a warning)."""
+    """Longest prompt in tokens, chat template included; a longer prompt is an error, not truncated."""
 
 
 class _StopForward(Exception):
@@ -448,8 +448,11 @@ class ModelWrapper:
             for prompt in prompts
         ]
 
-    def tokenize(self, prompts: Sequence[str]):
-        """Chat-format `prompts` and tokenize them: right padding, truncation to max_length, tensors on CPU.
+    def tokenize(self, prompts: Sequence[str], padding_side: Literal["left", "right"] = "right"):
+        """Chat-format `prompts` and tokenize them, tensors on CPU; longer than max_length is an error.
+
+        Right padding (the default) keeps every prompt's positions from 0, as activations need; left
+        padding lines the last tokens up, as batched generation needs.
 
         Returns a `BatchEncoding` with `input_ids` and `attention_mask` of shape (batch, longest).
         No special tokens are added: the template already holds them.
@@ -464,19 +467,13 @@ class ModelWrapper:
         lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         too_long = [n for n in lengths if n > max_length]
         if too_long:
-            log.warning(
-                "%d of %d prompts were truncated to data.model.max_length=%d tokens (longest %d, chat template "
-                "included); raise data.model.max_length to keep them whole",
-                len(too_long), len(texts), max_length, max(too_long),
+            raise UserError(
+                f"data.model.max_length: {len(too_long)} of {len(texts)} prompts are longer than {max_length} "
+                f"tokens (longest {max(too_long)}, chat template included); raise data.model.max_length "
+                "(truncating would cut off the generation prompt, the position where the model decides)"
             )
-        return self.tokenizer(
-            texts,
-            add_special_tokens=False,
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
+        return self.tokenizer(texts, add_special_tokens=False, padding=True, padding_side=padding_side,
+                              return_tensors="pt")
 
     def _inputs(self, input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         input_ids = torch.as_tensor(input_ids).to(self.device)

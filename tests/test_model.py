@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -268,14 +267,12 @@ def test_tokenize_no_prompts(wrapper: ModelWrapper) -> None:
     assert enc["input_ids"].shape == enc["attention_mask"].shape == (0, 0)
 
 
-def test_tokenize_truncates_with_a_warning(tiny_dir: Path, caplog) -> None:
+def test_prompt_longer_than_max_length_is_an_error(tiny_dir: Path) -> None:
     w = ModelWrapper(ModelConfig(name=str(tiny_dir), max_length=6))
-    with caplog.at_level(logging.WARNING, logger="refusal_sae.model"):
-        enc = w.tokenize(["hi", LONG, SHORT])
-    assert enc["input_ids"].shape == (3, 6)
-    assert enc["attention_mask"].tolist()[0] == [1, 1, 1, 1, 1, 0]  # "<s> <|user|> hi </s> <|assistant|>"
-    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(msgs) == 1 and "2 of 3 prompts were truncated" in msgs[0] and "max_length=6" in msgs[0]
+    enc = w.tokenize(["hi"])
+    assert enc["attention_mask"].tolist() == [[1, 1, 1, 1, 1]]  # "<s> <|user|> hi </s> <|assistant|>"
+    with pytest.raises(UserError, match=r"max_length: 2 of 3 prompts are longer than 6 tokens .*raise data.model.max_length"):
+        w.tokenize(["hi", LONG, SHORT])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,7 +380,7 @@ def test_config_fields_are_documented_cli_options() -> None:
     finally:
         set_parsing_settings(docstring_parse_attribute_docstrings=False)
     assert (cfg.model.name, cfg.model.max_length, cfg.model.dtype) == ("org/x", 8, "auto")
-    assert "Prompts are truncated to this many tokens" in help_text
+    assert "a longer prompt is an error, not truncated" in help_text
     assert "leave off unless you trust its author" in help_text
 
 
