@@ -130,7 +130,8 @@ class ActivationCache:
 
     def to_torch(self, array: np.ndarray) -> torch.Tensor:
         """A copy of (a slice of) a cache array as a torch tensor of the cache's dtype."""
-        return torch.from_numpy(np.ascontiguousarray(array)).view(TORCH_DTYPES[self.dtype])
+        owned = np.require(array, requirements=("C_CONTIGUOUS", "WRITEABLE", "OWNDATA"))  # never the mmap itself
+        return torch.from_numpy(owned).view(TORCH_DTYPES[self.dtype])
 
     def prompt(self, index: int, layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """All tokens of prompt `index`: `{layer: (tokens, d_model)}`, in position order."""
