@@ -36,6 +36,12 @@ def orbench_dir() -> Path:
     return ORBENCH_DIR
 
 
+def first_prompts(path: Path, n: int) -> list[str]:
+    """The first `n` prompts of an OR-Bench CSV."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return [row["prompt"] for row, _ in zip(csv.DictReader(f), range(n))]
+
+
 def write_csv(path: Path, rows: list[dict[str, str]], columns: tuple[str, ...] = ("prompt", "category")) -> Path:
     """Write an OR-Bench-style CSV made in the test."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ real embedded Qwen2.5-Coder-0.5B-Instruct and is skipped when its wheels or the 
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -31,7 +30,7 @@ from refusal_sae.metric import (
     write_validity_report,
 )
 from refusal_sae.model import ModelConfig, ModelWrapper
-from tests.conftest import ORBENCH_DIR, requires_embedded
+from tests.conftest import first_prompts, requires_embedded
 from tests.tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -366,22 +365,15 @@ def test_config_fields_are_documented() -> None:
 # integration: the real embedded model
 
 
-def _first_prompts(path: Path, n: int) -> list[str]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return [row["prompt"] for row, _ in zip(csv.DictReader(f), range(n))]
-
-
 @requires_embedded
-def test_embedded_model_scores_refusals_above_compliances() -> None:
-    if not (ORBENCH_DIR / "or-bench-toxic.csv").is_file() or not (ORBENCH_DIR / "or-bench-hard-1k.csv").is_file():
-        pytest.skip(f"real OR-Bench data not found at {ORBENCH_DIR}")
+def test_embedded_model_scores_refusals_above_compliances(orbench_dir: Path) -> None:
     torch.set_num_threads(2)  # a 0.5B model: worth the second core (one_thread restores the count)
     w = ModelWrapper(ModelConfig(name="embedded"))
     metric = RefusalMetric.from_wrapper(w)
     assert [t.token for t in metric.refusal][:2] == ["I", "ĠI"] and not metric.shared
     digit = RefusalMetric.from_wrapper(w, RefusalMetricConfig(refusal_openers=["1."], compliance_openers=["Sure"]))
     assert [t.token for t in digit.refusal] == ["1"]  # " 1." starts with a bare "Ġ": that variant is skipped
-    prompts = _first_prompts(ORBENCH_DIR / "or-bench-toxic.csv", 2) + _first_prompts(ORBENCH_DIR / "or-bench-hard-1k.csv", 2)
+    prompts = first_prompts(orbench_dir / "or-bench-toxic.csv", 2) + first_prompts(orbench_dir / "or-bench-hard-1k.csv", 2)
     scores = refusal_scores(w, prompts, batch_size=4, metric=metric)
     assert torch.isfinite(scores).all()
 

@@ -6,7 +6,6 @@ loads the real embedded Qwen2.5-Coder-0.5B-Instruct and is skipped when its whee
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 
 from refusal_sae.errors import UserError
 from refusal_sae.model import ModelConfig, ModelWrapper
-from tests.conftest import ORBENCH_DIR, requires_embedded
+from tests.conftest import first_prompts, requires_embedded
 from tests.tiny_model import TINY_CHAT_TEMPLATE, make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -388,15 +387,8 @@ def test_config_fields_are_documented_cli_options() -> None:
 # integration: the real embedded model
 
 
-def _first_prompts(path: Path, n: int) -> list[str]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return [row["prompt"] for row, _ in zip(csv.DictReader(f), range(n))]
-
-
 @requires_embedded
-def test_embedded_model_hooks_are_wired() -> None:
-    if not (ORBENCH_DIR / "or-bench-toxic.csv").is_file() or not (ORBENCH_DIR / "or-bench-hard-1k.csv").is_file():
-        pytest.skip(f"real OR-Bench data not found at {ORBENCH_DIR}")
+def test_embedded_model_hooks_are_wired(orbench_dir: Path) -> None:
     from refusal_sae.embedded import GGUF_SHA256
 
     w = ModelWrapper(ModelConfig(name="embedded"))
@@ -405,8 +397,8 @@ def test_embedded_model_hooks_are_wired() -> None:
     assert (identity["model_type"], identity["gguf_sha256"]) == ("qwen2", GGUF_SHA256)
     assert "<|im_start|>" in identity["chat_template"]
 
-    toxic = _first_prompts(ORBENCH_DIR / "or-bench-toxic.csv", 2)
-    hard = _first_prompts(ORBENCH_DIR / "or-bench-hard-1k.csv", 2)
+    toxic = first_prompts(orbench_dir / "or-bench-toxic.csv", 2)
+    hard = first_prompts(orbench_dir / "or-bench-hard-1k.csv", 2)
     enc = w.tokenize(toxic + hard)
     layer = w.resolve_layers([-6])[0]  # residuals_18: late, and the forward stops there
     acts = w.residuals(enc["input_ids"], enc["attention_mask"], [layer])[layer]
