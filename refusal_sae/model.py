@@ -37,7 +37,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -519,6 +519,33 @@ class ModelWrapper:
         if missing:  # the forward ended without reaching a hooked block: a bug, not a user mistake
             raise RuntimeError(f"hooks on {missing} never fired; is {type(self._decoder).__name__} a plain decoder?")
         return {name: out[name] for name in names}
+
+    @contextlib.contextmanager
+    def edit_residuals(self, edits: Mapping[str, Callable[[Tensor], Tensor]]) -> Iterator[None]:
+        """Within the block, replace the residual stream after each layer in `edits` by `edit(hidden)`.
+
+        Hooks fire in depth order during one forward pass, so an edit at a deeper layer sees the
+        stream as the shallower edits left it (how ablations at several SAE layers compose).
+        """
+        names = self.resolve_layers(list(edits))
+
+        def make_hook(edit: Callable[[Tensor], Tensor]):
+            def hook(module: nn.Module, args: Any, output: Any) -> Any:
+                if isinstance(output, (tuple, list)):
+                    return (edit(output[0]), *output[1:])
+                return edit(output)
+
+            return hook
+
+        handles = [
+            self._layers[int(name.removeprefix(LAYER_PREFIX))].register_forward_hook(make_hook(edits[name]))
+            for name in names
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @torch.no_grad()
     def last_token_logits(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:

@@ -1,0 +1,126 @@
+"""A tiny Llama whose refusal score is driven by a known set of SAE features, by construction.
+
+The model (built in the test, exact maths):
+
+* every token embedding is MASSIVE * m (a shared direction that dominates the RMS norm, so the norms
+  downstream are nearly constant and the score nearly linear) plus STRENGTH along three directions:
+  the planted directions p_i for TRIGGER words, three random "neutral" directions with random signs
+  for every other word (every embedding has the same norm, so m's share is the same in every token);
+* block 0's attention is uniform over the prefix (q = k = 0) and copies its normalised input
+  (v = o = identity); its MLP writes nothing. Block 1 writes nothing (an identity block);
+* the head reads refusal - compliance = GAIN * sum_i p_i . norm(x) at the last position.
+
+So the residual stream after either block, at the generation position, holds the prefix mean of the
+trigger embeddings along the planted directions, and only those directions move the score. The SAE of
+both layers is exact: latents +b_j and -b_j for every basis vector b_j, k = d_model, so a planted
+direction is exactly one latent per layer. Toxic prompts contain trigger words, safe prompts none.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from refusal_sae.circuits import Node
+from refusal_sae.data import PromptSample
+from refusal_sae.metric import RefusalMetricConfig
+from refusal_sae.sae import SAEConfig, SAEMeta, SparseAutoencoder
+from tests.tiny_model import make_tiny_model, make_tiny_tokenizer
+
+D_MODEL = 32
+LAYERS = ["residuals_0", "residuals_1"]
+PLANTED = [0, 1, 2]  # basis directions that drive the score; latent j is +b_j
+MASSIVE, STRENGTH, GAIN = 8.0, 2.0, 6.0
+REFUSAL_WORD, COMPLIANCE_WORD = "not", "how"
+METRIC = RefusalMetricConfig(refusal_openers=[REFUSAL_WORD], compliance_openers=[COMPLIANCE_WORD],
+                             space_variants=False)
+
+
+def basis() -> torch.Tensor:
+    """Orthonormal rows b_j; b_{d-1} is the massive direction m. The standard basis, so that a planted
+    coordinate of a neutral token is exactly 0 in floating point (a rotated basis would leave rounding
+    noise there that the -b_j latents would pick up as a spurious, label-correlated signal)."""
+    return torch.eye(D_MODEL)
+
+
+def vocabulary() -> tuple[list[str], list[str]]:
+    """(trigger words, neutral words) from the tiny tokenizer's vocabulary."""
+    words = [w for w in make_tiny_tokenizer().get_vocab() if w.isalpha() and w not in (REFUSAL_WORD, COMPLIANCE_WORD)]
+    words.sort()
+    return words[:6], words[6:200]
+
+
+def make_planted_model(directory: Path, seed: int = 0) -> Path:
+    from transformers import LlamaForCausalLM
+
+    make_tiny_model(directory, n_layers=2, d_model=D_MODEL, n_heads=4, n_kv_heads=4, seed=seed)
+    model = LlamaForCausalLM.from_pretrained(directory)
+    tokenizer = make_tiny_tokenizer()
+    b = basis()
+    planted = b[PLANTED].sum(0)
+    neutral = list(range(len(PLANTED), D_MODEL - 1))
+    g = torch.Generator().manual_seed(seed + 1)
+    triggers, _ = vocabulary()
+    trigger_ids = set(tokenizer.convert_tokens_to_ids(triggers))
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        for i in range(emb.shape[0]):
+            if i in trigger_ids:
+                direction = planted
+            else:  # as many neutral coordinates as planted ones, random signs: the same norm as a trigger
+                coords = torch.tensor(neutral)[torch.randperm(len(neutral), generator=g)[: len(PLANTED)]]
+                signs = torch.randint(0, 2, (len(PLANTED),), generator=g) * 2.0 - 1
+                direction = (signs[:, None] * b[coords]).sum(0)
+            emb[i] = MASSIVE * b[-1] + STRENGTH * direction
+        attn0 = model.model.layers[0].self_attn
+        for proj in (attn0.q_proj, attn0.k_proj):
+            proj.weight.zero_()
+        attn0.v_proj.weight.copy_(torch.eye(D_MODEL))
+        attn0.o_proj.weight.copy_(torch.eye(D_MODEL))
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+        head = model.lm_head.weight
+        head.zero_()
+        head[tokenizer.convert_tokens_to_ids(REFUSAL_WORD)] = GAIN * planted
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def exact_saes() -> dict[str, SparseAutoencoder]:
+    """Per layer an SAE with latents +b_j (index j) and -b_j (index d + j): decode(encode(x)) == x."""
+    b = basis()
+    saes = {}
+    for layer in LAYERS:
+        sae = SparseAutoencoder(SAEConfig(d_in=D_MODEL, num_latents=2 * D_MODEL, k=D_MODEL), SAEMeta(layer=layer))
+        with torch.no_grad():
+            sae.W_dec.copy_(torch.cat([b, -b]))
+            sae.b_dec.zero_()
+            sae.encoder.weight.copy_(torch.cat([b, -b]))
+            sae.encoder.bias.zero_()
+        saes[layer] = sae.eval()
+    return saes
+
+
+def planted_nodes() -> set[str]:
+    return {Node(layer, j, 0.0).name for layer in LAYERS for j in PLANTED}
+
+
+def planted_prompts(n_per_label: int, categories: tuple[str, ...] = ("alpha", "beta"), seed: int = 0):
+    """{split: samples}: toxic prompts hold 1-2 trigger words among 5-8 neutral words, safe ones none."""
+    rng = random.Random(seed)
+    triggers, neutral = vocabulary()
+    samples = []
+    for category in categories:
+        for toxic in (True, False):
+            for _ in range(n_per_label):
+                words = rng.choices(neutral, k=rng.randint(5, 8))
+                if toxic:
+                    for w in rng.sample(triggers, rng.randint(1, 2)):
+                        words.insert(rng.randrange(len(words) + 1), w)
+                samples.append(PromptSample(" ".join(words), category, toxic, "toxic" if toxic else "hard", "planted"))
+    rng.shuffle(samples)
+    cut = len(samples) // 2
+    return {"discovery": samples[:cut], "evaluation": samples[cut:]}
