@@ -58,6 +58,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.train_splits = list(train_splits)
         self.splits: dict[Split, list[PromptSample]] = {}
         self.cache: ActivationCache | None = None
+        self._wrapper: ModelWrapper | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -67,9 +68,15 @@ class ActivationDataModule(L.LightningDataModule):
     def cache_dir(self) -> Path:
         return Path(self.activations.cache_dir) if self.activations.cache_dir else self.run_dir / "activations"
 
+    def llm(self) -> ModelWrapper:
+        """The model, loaded on first use and kept (collection, circuit evaluation and behaviour labels share it)."""
+        if self._wrapper is None:
+            self._wrapper = ModelWrapper(self.model_cfg)
+        return self._wrapper
+
     def prepare_data(self) -> None:
         splits = prepare_prompts(self.prompts, self.data_dir)
-        InferencePipeline(ModelWrapper(self.model_cfg), self.activations, self.cache_dir).run(splits)
+        InferencePipeline(self.llm(), self.activations, self.cache_dir).run(splits)
 
     def setup(self, stage: str) -> None:
         self.splits = read_splits(self.data_dir / "prompts.csv")

@@ -56,21 +56,23 @@ class CircuitConfig:
     label_source: LabelSource = "dataset"
     """What a feature must correlate with: the dataset's refusal_label, or whether this model refused
     (greedy generation, string match)."""
-    threshold: float = 0.3
-    """|Pearson r| a node needs to enter the circuit (correlation method)."""
+    threshold: float = 0.5
+    """|Pearson r| a node needs to enter the circuit (correlation method). With few prompts chance
+    correlations are large (|r| >= 0.5 has p ~ 0.05 at 16 prompts): set it with the prompt count in mind."""
     alpha: float | None = None
     """Also require the (corrected) p-value <= alpha; null: |r| alone decides."""
     correction: Correction = "none"
     """Multiple-testing correction of the p-values over all nodes of a circuit."""
     top_n: int = 20
     """Nodes per layer when labels have no variance (magnitude method)."""
-    edge_threshold: float = 0.01
-    """|Pearson r| between nodes of adjacent layers for an edge."""
+    edge_threshold: float = 0.3
+    """|Pearson r| between nodes of adjacent layers for an edge. The spec's example, 0.01, links nearly
+    every pair of nodes (hundreds of thousands of edges for circuits of a few hundred nodes per layer)."""
     separate_safe_toxic: bool = False
     """Also discover one circuit of the toxic and one of the safe prompts of each category."""
     include_errors: bool = True
     """SAE error terms are candidate nodes (one per layer), scored like features."""
-    sweep: list[float] = field(default_factory=lambda: [0.6, 0.5, 0.4, 0.3, 0.2])
+    sweep: list[float] = field(default_factory=lambda: [0.8, 0.7, 0.6, 0.5])
     """Thresholds of the evaluation sweep (correlation method)."""
     sweep_top_n: list[int] = field(default_factory=lambda: [1, 5, 20, 50, 200])
     """Nodes per layer of the evaluation sweep (magnitude method)."""
@@ -377,6 +379,7 @@ def discover(
 
     `labels` holds one label per row of `pf` (the label source's); only the circuit's prompts are used.
     """
+    category = str(category)  # not numpy.str_: GraphML and JSON want plain values
     mask = pf.categories == category
     if group != "all":
         mask &= pf.labels == (group == "toxic")

@@ -7,6 +7,7 @@ interpolate (`${run_dir}`), and a `UserError` anywhere ends in one line on stder
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules import ActivationDataModule
 from lightning_modules import SAEModule
+from refusal_sae.analysis import SUMMARY_FILE, format_summary
 from refusal_sae.errors import UserError
 
 log = logging.getLogger("refusal_sae")
@@ -53,9 +55,17 @@ class RefusalCLI(LightningCLI):
                 init_args.save_dir = str(Path(config.run_dir) / save_dir)
 
     def after_fit(self) -> None:
-        if self.trainer.is_global_zero:
-            log.info("SAEs saved in %s", Path(self.trainer.default_root_dir) / "saes")
-            log.warning("circuit discovery and evaluation are not built yet in this version: no circuits were found")
+        """Print where the SAEs are and the latest circuits' summary (rank 0)."""
+        if not self.trainer.is_global_zero:
+            return
+        root = Path(self.trainer.default_root_dir)
+        print(f"SAEs saved in {root / 'saes'}")
+        summary = root / "analysis" / "latest" / SUMMARY_FILE
+        if summary.is_file():
+            print(format_summary(json.loads(summary.read_text(encoding="utf-8"))))
+        else:
+            print("no circuit evaluation ran (add CircuitDiscoveryCallback and AblationEvaluationCallback to "
+                  "trainer.callbacks, as configs/default.yaml does)")
 
 
 def main(args: list[str] | None = None) -> None:

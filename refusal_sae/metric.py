@@ -62,6 +62,7 @@ Prompt length
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -608,6 +609,29 @@ def validity_report(
             for s, sc, a, r, pr, pc in zip(samples, scores, answers, refused, log_r.exp(), log_c.exp())
         ]
     return report
+
+
+def behavior_labels(
+    wrapper: ModelWrapper, samples: Sequence[PromptSample], cfg: ValidityConfig, cache_path: str | Path
+) -> np.ndarray:
+    """Whether the model refuses each prompt (greedy answer, `is_refusal`), as a bool array.
+
+    Answers are kept in `cache_path` (JSON keyed by prompt, with the model and generation settings), so
+    each prompt is generated once per run; a cache made with other settings is ignored and rewritten.
+    """
+    cache_path = Path(cache_path)
+    settings = {"model": wrapper.cfg.name, "max_new_tokens": cfg.max_new_tokens}
+    answers: dict[str, str] = {}
+    if cache_path.is_file():
+        saved = json.loads(cache_path.read_text(encoding="utf-8"))
+        if saved.get("settings") == settings:
+            answers = saved["answers"]
+    todo = sorted({s.prompt for s in samples} - answers.keys())
+    if todo:
+        log.info("generating %d answers to label refusals (label_source: behavior)", len(todo))
+        answers.update(zip(todo, generate_answers(wrapper, todo, cfg.max_new_tokens, cfg.batch_size)))
+        write_json(cache_path, {"settings": settings, "answers": answers})
+    return np.array([is_refusal(answers[s.prompt], cfg.refusal_phrases) for s in samples], dtype=bool)
 
 
 def write_validity_report(report: dict[str, Any], path: str | Path) -> None:

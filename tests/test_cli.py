@@ -58,11 +58,29 @@ def test_print_config_resolves_interpolation(capsys: pytest.CaptureFixture[str],
 @pytest.fixture(scope="module")
 def tiny_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """Options that run the whole default pipeline on a tiny model and 40 bundled prompts, in seconds."""
-    model_dir = make_tiny_model(tmp_path_factory.mktemp("tiny"), n_layers=2)
-    return ["--config", str(DEFAULT_CONFIG), "--data.model.name", str(model_dir),
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = make_tiny_model(root, n_layers=2)
+    callbacks = root / "callbacks.yaml"  # the default callbacks, with openers from the tiny vocabulary
+    callbacks.write_text(TINY_CALLBACKS)
+    return ["--config", str(DEFAULT_CONFIG), "--config", str(callbacks), "--data.model.name", str(model_dir),
             "--data.activations.layers", "[0, 1]", "--model.sae.d_in", "32",
-            "--data.prompts.balance", "n_per_category", "--data.prompts.n_per_category", "2",
+            "--model.sae.num_latents", "128", "--data.prompts.balance", "n_per_category",
+            "--data.prompts.n_per_category", "3",
             "--data.batch_size", "64", "--trainer.max_epochs", "2", "--trainer.logger", "false"]
+
+
+TINY_CALLBACKS = """
+trainer:
+  callbacks:
+    - class_path: lightning_modules.RunDirCheckpoint
+    - class_path: callbacks.CircuitDiscoveryCallback
+      init_args: {every_n_epochs: 2, circuits: {threshold: 0.9, edge_threshold: 0.9, sweep: [0.99, 0.9, 0.5]}}
+    - class_path: callbacks.AblationEvaluationCallback
+      init_args:
+        every_n_epochs: 2
+        metric: {refusal_openers: [not], compliance_openers: [how]}
+        validity: {max_new_tokens: 2, refusal_phrases: [not]}
+"""
 
 
 def test_fit_runs_the_pipeline(tiny_args: list[str], tmp_path: Path) -> None:
@@ -72,13 +90,23 @@ def test_fit_runs_the_pipeline(tiny_args: list[str], tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     assert {r["split"] for r in rows} == {"discovery", "evaluation"}
     toxic = sum(r["refusal_label"] == "True" for r in rows)
-    assert toxic == len(rows) - toxic == 20
+    assert toxic == len(rows) - toxic == 30
     manifest = json.loads((tmp_path / "activations" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["config"]["layers"] == ["residuals_0", "residuals_1"]
     for layer in ("residuals_0", "residuals_1"):
         sae = SparseAutoencoder.load(tmp_path / "saes" / layer, expected_layer=layer, expected_d_in=32)
         assert sae.cfg.k_active == 32
-    assert "circuit discovery and evaluation are not built yet" in result.stderr
+    latest = tmp_path / "analysis" / "latest"
+    assert latest.resolve() == (tmp_path / "analysis" / "epoch_002").resolve()
+    index = json.loads((latest / "circuits" / "index.json").read_text())
+    assert len(index["circuits"]) == 10  # one per category
+    for name in ("evaluation.json", "curves.png", "similarity.json", "similarity.png", "summary.json",
+                 "means.safetensors", "circuits/violence.graphml"):
+        assert (latest / name).is_file(), name
+    evaluation = json.loads((latest / "evaluation.json").read_text())
+    assert [len(c["points"]) for c in evaluation["circuits"]] == [3] * 10
+    assert (tmp_path / "metric_validity.json").is_file()
+    assert "Refusal looks" in result.stdout and "violence" in result.stdout
 
 
 def test_same_config_and_seed_give_the_same_saes(
