@@ -83,8 +83,15 @@ trainer:
 """
 
 
-def test_fit_runs_the_pipeline(tiny_args: list[str], tmp_path: Path) -> None:
-    result = cli("fit", *tiny_args, "--run_dir", str(tmp_path))
+@pytest.fixture(scope="module")
+def tiny_run(tiny_args: list[str], tmp_path_factory: pytest.TempPathFactory):
+    """The whole pipeline, circuits included, run once by the real command on the tiny model."""
+    run_dir = tmp_path_factory.mktemp("run")
+    return cli("fit", *tiny_args, "--run_dir", str(run_dir)), run_dir
+
+
+def test_fit_runs_the_pipeline(tiny_run) -> None:
+    result, tmp_path = tiny_run
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "data" / "prompts.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -115,8 +122,30 @@ def test_same_config_and_seed_give_the_same_saes(
     for run in ("a", "b"):
         result = cli_in_process(capsys, "fit", *tiny_args, "--run_dir", str(tmp_path / run))
         assert result.returncode == 0, result.stderr
-    for output in ("data/prompts.csv", "saes/residuals_1/sae.safetensors", "saes/residuals_0/cfg.json"):
+    outputs = ["data/prompts.csv", "saes/residuals_1/sae.safetensors", "saes/residuals_0/cfg.json"]
+    analysis = tmp_path / "a" / "analysis" / "epoch_002"
+    outputs += [str(p.relative_to(tmp_path / "a")) for p in analysis.rglob("*.json")]
+    assert len(outputs) > 20  # circuits, sweeps, similarity, evaluation, summary
+    for output in outputs:
+        if output.endswith("summary.json"):  # names its own directory
+            continue
         assert (tmp_path / "a" / output).read_bytes() == (tmp_path / "b" / output).read_bytes(), output
+
+
+def test_notebook_opens_a_finished_run(tiny_run, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nbclient
+    import nbformat
+
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    monkeypatch.setenv("REFUSAL_SAE_RUN_DIR", str(run_dir))
+    notebook = nbformat.read(ROOT / "notebooks" / "02_run.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=300, resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "residuals_0:" in text and "FVU" in text and "Refusal looks" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4  # data, curves, heatmap, graph
 
 
 def test_d_in_that_does_not_match_the_cache(
