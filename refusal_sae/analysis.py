@@ -60,6 +60,8 @@ def discover_circuits(
     `labeller` gives behaviour labels (whether the model refused) when `cfg.label_source` is behavior.
     """
     out = Path(out_dir)
+    if cfg.method == "attribution":
+        raise UserError("circuits.method: attribution is not built into discovery yet; use correlation")
     pf = encode_prompts(saes, PromptActivations(cache, ["discovery"], list(saes)), cfg.aggregation)
     labels = pf.labels
     if cfg.label_source == "behavior":

@@ -44,13 +44,16 @@ Aggregation = Literal["mean", "last"]
 LabelSource = Literal["dataset", "behavior"]
 Correction = Literal["none", "bonferroni", "fdr_bh"]
 Group = Literal["all", "toxic", "safe"]
-Method = Literal["correlation", "magnitude"]
+Method = Literal["correlation", "magnitude", "attribution"]
 
 
 @dataclass
 class CircuitConfig:
     """How circuits are discovered, and which thresholds the evaluation sweeps."""
 
+    method: Literal["correlation", "attribution"] = "correlation"
+    """correlation: the spec's Pearson r with the label (magnitude when labels do not vary); attribution:
+    Marks et al.'s indirect effect on the refusal metric, by attribution patching (needs the model)."""
     aggregation: Aggregation = "mean"
     """Per-prompt feature value: mean over the prompt's tokens, or the last token (generation position)."""
     label_source: LabelSource = "dataset"
@@ -63,6 +66,12 @@ class CircuitConfig:
     """Also require the (corrected) p-value <= alpha; null: |r| alone decides."""
     correction: Correction = "none"
     """Multiple-testing correction of the p-values over all nodes of a circuit."""
+    node_threshold: float = 0.1
+    """|indirect effect| on F (refusal-score units) a node needs to enter the circuit (attribution)."""
+    attribution: Literal["patching", "ig"] = "patching"
+    """Attribution estimate: one gradient (patching) or integrated gradients over `ig_steps` steps."""
+    ig_steps: int = 10
+    """Interpolation steps of integrated gradients."""
     top_n: int = 20
     """Nodes per layer when labels have no variance (magnitude method)."""
     edge_threshold: float = 0.3
@@ -76,6 +85,9 @@ class CircuitConfig:
     """Thresholds of the evaluation sweep (correlation method)."""
     sweep_top_n: list[int] = field(default_factory=lambda: [1, 5, 20, 50, 200])
     """Nodes per layer of the evaluation sweep (magnitude method)."""
+    sweep_nodes: list[int] | None = None
+    """When set, the sweep takes the N most important nodes of all layers together, for any method:
+    what comparing methods at matched circuit sizes needs. Null: `sweep` / `sweep_top_n`."""
 
     def __post_init__(self) -> None:
         for name in ("threshold", "edge_threshold"):
@@ -101,7 +113,8 @@ class Node:
     feature: int
     """SAE latent index, or ERROR (-1) for the layer's error node."""
     importance: float
-    correlation: float | None = None
+    score: float | None = None
+    """Signed score: Pearson r (correlation) or indirect effect on F (attribution); None for magnitude."""
     p_value: float | None = None
 
     @property
@@ -114,8 +127,9 @@ class Edge:
     source: str
     target: str
     weight: float
-    """|Pearson r| of the two nodes' per-prompt values."""
-    correlation: float
+    """|score|."""
+    score: float
+    """Pearson r of the two nodes' per-prompt values (correlation), or the edge's indirect effect (attribution)."""
 
 
 @dataclass
@@ -167,7 +181,7 @@ class Circuit:
             graph.add_node(n.name, layer=n.layer, feature=n.feature, importance=n.importance,
                            kind="error" if n.feature == ERROR else "feature")
         for e in self.edges:
-            graph.add_edge(e.source, e.target, weight=e.weight, correlation=e.correlation)
+            graph.add_edge(e.source, e.target, weight=e.weight, score=e.score)
         return graph
 
     def save(self, directory: str | Path) -> None:
@@ -296,12 +310,13 @@ def correct(p: np.ndarray, method: Correction) -> np.ndarray:
 
 @dataclass
 class NodeScores:
-    """Every candidate node's importance (and r, p for correlation) for one circuit's prompts."""
+    """Every candidate node's importance (and signed score, p-value) for one circuit's prompts; per layer
+    one entry per latent, then the error node's when errors are candidates."""
 
     method: Method
     layers: list[str]
     importance: dict[str, np.ndarray]
-    correlation: dict[str, np.ndarray] | None
+    signed: dict[str, np.ndarray] | None
     p_value: dict[str, np.ndarray] | None
     n_prompts: int
 
@@ -345,7 +360,7 @@ def select_nodes(scores: NodeScores, cfg: CircuitConfig, threshold: float | None
         width = len(imp) - 1 if cfg.include_errors else len(imp)
         for j in chosen:
             feature = ERROR if j == width else int(j)
-            r = None if scores.correlation is None else float(scores.correlation[layer][j])
+            r = None if scores.signed is None else float(scores.signed[layer][j])
             p = None if scores.p_value is None else float(scores.p_value[layer][j])
             nodes.append(Node(layer, feature, float(imp[j]), r, p))
     return sorted(nodes, key=lambda n: (-n.importance, n.layer, n.feature))

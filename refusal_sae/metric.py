@@ -74,6 +74,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from refusal_sae.data import PromptSample
 from refusal_sae.errors import UserError
@@ -465,7 +466,7 @@ def generate_answers(
         pad_token_id=tok.pad_token_id,
     )
     answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generating answers", unit="batch", leave=False):
         enc = wrapper.tokenize(prompts[start : start + batch_size], "left")
         input_ids = enc["input_ids"].to(wrapper.device)
         attention_mask = enc["attention_mask"].to(wrapper.device)

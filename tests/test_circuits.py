@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import networkx as nx
@@ -12,6 +13,7 @@ from scipy import stats
 
 from refusal_sae.ablation import AblationConfig, Ablator, evaluate_sweep, normalised
 from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
+from refusal_sae.analysis import discover_circuits, evaluate_circuits, format_summary
 from refusal_sae.circuits import (
     ERROR,
     Circuit,
@@ -26,6 +28,7 @@ from refusal_sae.circuits import (
 from refusal_sae.errors import UserError
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import ModelConfig, ModelWrapper
+from refusal_sae.similarity import SimilarityConfig
 from tests.planted import LAYERS, METRIC, PLANTED, exact_saes, make_planted_model, planted_nodes, planted_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,7 +78,7 @@ def test_planted_circuit_is_recovered_sufficient_and_necessary(planted, category
     assert circuit.node_names() == planted_nodes()
     # every planted latent correlates strongly with the label; nothing else comes close
     for layer in LAYERS:
-        r = scores.correlation[layer]
+        r = scores.signed[layer]
         assert np.all(r[PLANTED] > 0.8)
         assert np.abs(np.delete(r, PLANTED)).max() < 0.5
 
@@ -203,3 +206,46 @@ def test_bad_circuit_config_values() -> None:
         CircuitConfig(alpha=0)
     with pytest.raises(UserError, match="top_n"):
         CircuitConfig(sweep_top_n=[0])
+
+
+# ------------------------------------------------------------------ the analysis stages, end to end
+
+
+@pytest.fixture(scope="module")
+def planted_cache(planted, tmp_path_factory: pytest.TempPathFactory):
+    wrapper, splits, _, _ = planted
+    cfg = ActivationConfig(layers=LAYERS, shard_size=64)
+    return InferencePipeline(wrapper, cfg, tmp_path_factory.mktemp("cache")).run(splits)
+
+
+def test_analysis_stages_write_every_output(planted, planted_cache, tmp_path: Path) -> None:
+    wrapper, splits, saes, _ = planted
+    cfg = CircuitConfig(threshold=0.5, separate_safe_toxic=True, sweep=[0.9, 0.5], sweep_top_n=[1, 3])
+    circuits = discover_circuits(saes, planted_cache, splits, cfg, SimilarityConfig(permutations=50), tmp_path)
+    assert [c.name for c in circuits] == ["alpha", "alpha/toxic", "alpha/safe", "beta", "beta/toxic", "beta/safe"]
+    assert all(c.method == "magnitude" for c in circuits if c.group != "all")
+    similarity = json.loads((tmp_path / "similarity.json").read_text())
+    assert similarity["node_jaccard"][0][1] == 1.0  # both categories share exactly the planted circuit
+    assert [r["category"] for r in similarity["safe_vs_toxic"]] == ["alpha", "beta"]
+
+    summary = evaluate_circuits(wrapper, saes, splits, tmp_path, AblationConfig(), METRIC)
+    assert summary["circuits"]["alpha"]["best"]["faithfulness"] > 0.9
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    toxic = next(r for r in evaluation["circuits"] if r["name"] == "alpha/toxic")
+    n_toxic = sum(s.refusal_label and s.category == "alpha" for s in splits["evaluation"])
+    assert toxic["n_eval_prompts"] == toxic["n_positive"] == n_toxic  # judged on the toxic prompts only
+    assert [p["top_n"] for p in toxic["points"]] == [1, 3]
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "alpha" in format_summary(summary)
+
+
+def test_evaluation_refuses_missing_saes_and_empty_sweeps(planted, planted_cache, tmp_path: Path) -> None:
+    wrapper, splits, saes, _ = planted
+    cfg = CircuitConfig(threshold=0.5, sweep=[1.0])
+    discover_circuits(saes, planted_cache, splits, cfg, SimilarityConfig(permutations=10), tmp_path)
+    with pytest.raises(UserError, match="SAEs for \\['residuals_1'\\], which are missing"):
+        evaluate_circuits(wrapper, {"residuals_0": saes["residuals_0"]}, splits, tmp_path, AblationConfig(), METRIC)
+    with pytest.raises(UserError, match="every point of the sweep \\[1.0\\] selects no node"):
+        evaluate_circuits(wrapper, saes, splits, tmp_path, AblationConfig(), METRIC)
+    with pytest.raises(UserError, match="run circuit discovery"):
+        evaluate_circuits(wrapper, saes, splits, tmp_path / "nowhere", AblationConfig(), METRIC)

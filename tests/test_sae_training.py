@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from refusal_sae.sae import SparseAutoencoder
 from tests.conftest import ROOT
-from tests.test_cli import DEFAULT_CONFIG, cli_in_process, one_line_error
+from tests.test_cli import DEFAULT_CONFIG, TINY_CALLBACKS, cli_in_process, one_line_error
 from tests.tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,13 +29,16 @@ BATCH = 64  # tokens per batch and process
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """The default config on a tiny model, 40 prompts and a shared activation cache, without W&B."""
+    """The default config (circuit callbacks with the tiny vocabulary's openers) on a tiny model, 60
+    prompts and a shared activation cache, without W&B."""
     root = tmp_path_factory.mktemp("tiny")
     model_dir = make_tiny_model(root / "model", n_layers=2)
-    return ["--config", str(DEFAULT_CONFIG), "--data.model.name", str(model_dir),
+    callbacks = root / "callbacks.yaml"
+    callbacks.write_text(TINY_CALLBACKS)
+    return ["--config", str(DEFAULT_CONFIG), "--config", str(callbacks), "--data.model.name", str(model_dir),
             "--data.activations.layers", "[0, 1]", "--data.activations.cache_dir", str(root / "activations"),
             "--model.sae.d_in", "32", "--data.prompts.balance", "n_per_category",
-            "--data.prompts.n_per_category", "2",
+            "--data.prompts.n_per_category", "3",
             "--data.batch_size", str(BATCH), "--trainer.logger", "false"]
 
 
@@ -76,8 +79,11 @@ def test_ddp_ranks_end_identical_with_global_dead_latent_counts_and_w_and_b_offl
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, "expected one offline W&B run from rank 0"
     history = runs[0].read_bytes()
+    # the circuit callbacks ran once, on rank 0, and logged curves, tables and the heatmap
+    assert (tmp_path / "analysis" / "latest" / "summary.json").is_file()
     for key in ("sae/residuals_0/fvu", "sae/residuals_1/fvu_epoch", "sae/residuals_1/dead_fraction",
-                "sae/residuals_0/cos_sim"):
+                "sae/residuals_0/cos_sim", "similarity/mean_node_jaccard", "circuits/violence/curves",
+                "circuits/sweep", "circuits/curves", "similarity/heatmap", "circuits/hate/best_faithfulness"):
         assert key.encode() in history, key
 
 
