@@ -24,12 +24,14 @@ from lightning.pytorch.loggers import WandbLogger
 
 from refusal_sae.ablation import AblationConfig
 from refusal_sae.analysis import (
+    COMPARISON_FILE,
     CURVES_FILE,
     EVALUATION_FILE,
     discover_circuits,
     evaluate_circuits,
     format_summary,
     make_labeller,
+    read_discovery,
 )
 from refusal_sae.circuits import CircuitConfig
 from refusal_sae.errors import UserError
@@ -102,33 +104,43 @@ class CircuitDiscoveryCallback(_EveryNEpochs):
     """Finds the circuits of every category with the current SAEs and compares them across categories.
 
     Args:
-        circuits: how nodes and edges are chosen, and the sweep the evaluation runs.
+        circuits: the discovery methods, how nodes and edges are chosen, and the sweep the evaluation runs.
         similarity: the monolithic-vs-modular analysis.
+        metric: the refusal metric F (opener token sets); attribution differentiates it, and the
+            evaluation uses it too unless AblationEvaluationCallback sets its own.
         validity: greedy generation settings for behaviour labels (circuits.label_source: behavior).
+        batch_size: prompts per forward / backward pass of attribution.
         every_n_epochs: run after every N training epochs (and after the last).
     """
 
     def __init__(self, circuits: CircuitConfig = CircuitConfig(), similarity: SimilarityConfig = SimilarityConfig(),
-                 validity: ValidityConfig = ValidityConfig(), every_n_epochs: int = 1) -> None:
+                 metric: RefusalMetricConfig = RefusalMetricConfig(), validity: ValidityConfig = ValidityConfig(),
+                 batch_size: int = 8, every_n_epochs: int = 1) -> None:
         super().__init__(every_n_epochs)
         self.circuits = circuits
         self.similarity = similarity
+        self.metric = metric
         self.validity = validity
+        self.batch_size = batch_size
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, out: Path) -> None:
         dm = _datamodule(trainer)
-        circuits = discover_circuits(_saes(pl_module), dm.cache, dm.splits, self.circuits, self.similarity, out,
-                                     self.labeller(trainer, self.validity))
-        metrics = {f"circuits/{c.name}/n_nodes": float(len(c.nodes)) for c in circuits}
-        metrics |= {f"circuits/{c.name}/n_edges": float(len(c.edges)) for c in circuits}
-        similarity_path = out / "similarity.json"
-        if similarity_path.is_file():
+        found = discover_circuits(_saes(pl_module), dm.cache, dm.splits, self.circuits, self.similarity, out,
+                                  self.labeller(trainer, self.validity), dm.llm, self.metric, self.batch_size)
+        metrics = {}
+        for method, circuits in found.items():
+            metrics |= {f"circuits/{method}/{c.name}/n_nodes": float(len(c.nodes)) for c in circuits}
+            metrics |= {f"circuits/{method}/{c.name}/n_edges": float(len(c.edges)) for c in circuits}
+            similarity_path = out / method / "similarity.json"
+            if not similarity_path.is_file():
+                continue
             verdict = json.loads(similarity_path.read_text(encoding="utf-8"))["verdict"]
             for key in ("mean_node_jaccard", "mean_edge_jaccard", "mean_null_node_jaccard", "significant_node_fraction"):
-                metrics[f"similarity/{key}"] = _float(verdict[key])
+                metrics[f"similarity/{method}/{key}"] = _float(verdict[key])
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
-                    logger.log_image("similarity/heatmap", [str(out / "similarity.png")], step=trainer.global_step)
+                    logger.log_image(f"similarity/{method}/heatmap", [str(out / method / "similarity.png")],
+                                     step=trainer.global_step)
         self.log_metrics(trainer, {k: v for k, v in metrics.items() if v == v})
         point_latest(out)
         log.info("circuits of epoch %d written to %s", trainer.current_epoch + 1, out)
@@ -139,13 +151,13 @@ class AblationEvaluationCallback(_EveryNEpochs):
 
     Args:
         ablation: error-term handling, batch size and the random baseline's seed.
-        metric: the refusal metric F (opener token sets).
+        metric: the refusal metric F; null: CircuitDiscoveryCallback's.
         validity: write `<run_dir>/metric_validity.json` once per run (greedy answers of the evaluation
             prompts: does the score predict refusals?); null to skip it.
         every_n_epochs: must match CircuitDiscoveryCallback's.
     """
 
-    def __init__(self, ablation: AblationConfig = AblationConfig(), metric: RefusalMetricConfig = RefusalMetricConfig(),
+    def __init__(self, ablation: AblationConfig = AblationConfig(), metric: RefusalMetricConfig | None = None,
                  validity: ValidityConfig | None = ValidityConfig(), every_n_epochs: int = 1) -> None:
         super().__init__(every_n_epochs)
         self.ablation = ablation
@@ -155,50 +167,63 @@ class AblationEvaluationCallback(_EveryNEpochs):
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, out: Path) -> None:
         dm = _datamodule(trainer)
         wrapper = dm.llm()
+        recorded = read_discovery(out)["metric"]
+        metric = self.metric or (RefusalMetricConfig(**recorded) if recorded else RefusalMetricConfig())
         validity_path = Path(dm.run_dir) / VALIDITY_FILE
         if self.validity is not None and not validity_path.is_file():
             log.info("metric validity report: greedy answers of %d evaluation prompts", len(dm.splits["evaluation"]))
-            write_validity_report(validity_report(wrapper, dm.splits["evaluation"], self.metric, self.validity),
+            write_validity_report(validity_report(wrapper, dm.splits["evaluation"], metric, self.validity),
                                   validity_path)
-        summary = evaluate_circuits(wrapper, _saes(pl_module), dm.splits, out, self.ablation, self.metric,
+        summary = evaluate_circuits(wrapper, _saes(pl_module), dm.splits, out, self.ablation, metric,
                                     self.labeller(trainer, self.validity or ValidityConfig()))
         self.report(trainer, out)
         point_latest(out)
         log.info("%s", format_summary(summary))
 
     def report(self, trainer: L.Trainer, out: Path) -> None:
-        results = json.loads((out / EVALUATION_FILE).read_text(encoding="utf-8"))["circuits"]
-        metrics = {}
-        for r in results:
-            if r["best"] is not None:
-                for key in ("faithfulness", "completeness", "n_nodes"):
-                    metrics[f"circuits/{r['name']}/best_{key}"] = float(r["best"][key])
+        metrics, images = {}, []
+        results = {}
+        for method in read_discovery(out)["methods"]:
+            results[method] = json.loads((out / method / EVALUATION_FILE).read_text(encoding="utf-8"))["circuits"]
+            images.append((f"circuits/{method}/curves", out / method / CURVES_FILE))
+            for r in results[method]:
+                if r["best"] is not None:
+                    for key in ("faithfulness", "completeness", "n_nodes"):
+                        metrics[f"circuits/{method}/{r['name']}/best_{key}"] = float(r["best"][key])
+                for key in ("cpr", "cmd"):
+                    if r[key] is not None:
+                        metrics[f"circuits/{method}/{r['name']}/{key}"] = r[key]
+        if len(results) > 1:
+            images.append(("circuits/comparison", out / f"{COMPARISON_FILE}.png"))
         self.log_metrics(trainer, metrics)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                self._wandb(logger, trainer, results, out)
+                self._wandb(logger, trainer, results, images)
 
     @staticmethod
-    def _wandb(logger: WandbLogger, trainer: L.Trainer, results: list[dict[str, Any]], out: Path) -> None:
-        """Per circuit a line plot of the sweep and one table of every point; the curves PNG."""
+    def _wandb(logger: WandbLogger, trainer: L.Trainer, results: dict[str, list[dict[str, Any]]],
+               images: list[tuple[str, Path]]) -> None:
+        """Per circuit a line plot of every method's sweep, one table of every point, the PNGs."""
         import wandb
 
-        columns = ["circuit", "threshold", "top_n", "n_nodes", "faithfulness", "completeness",
+        columns = ["method", "circuit", "threshold", "max_nodes", "n_nodes", "faithfulness", "completeness",
                    "random_faithfulness", "random_completeness", "completeness_ratio"]
-        rows = [[r["name"], p["threshold"], p["top_n"], p["n_nodes"], p["circuit"]["faithfulness"],
+        rows = [[method, r["name"], p["threshold"], p.get("max_nodes"), p["n_nodes"], p["circuit"]["faithfulness"],
                  p["circuit"]["completeness"], p["random"]["faithfulness"], p["random"]["completeness"],
-                 p["circuit"]["completeness_ratio"]] for r in results for p in r["points"]]
+                 p["circuit"]["completeness_ratio"]] for method, rs in results.items() for r in rs for p in r["points"]]
         logger.log_table("circuits/sweep", columns=columns, data=rows, step=trainer.global_step)
         plots = {}
-        for r in results:
-            xs = [p["n_nodes"] for p in r["points"]]
-            ys = [[_float(p[side][key]) for p in r["points"]]
-                  for side in ("circuit", "random") for key in ("faithfulness", "completeness")]
-            plots[f"circuits/{r['name']}/curves"] = wandb.plot.line_series(
-                xs=xs, ys=ys, keys=["faithfulness", "completeness", "random faithfulness", "random completeness"],
-                title=f"{r['name']}: ablation sweep", xname="nodes")
+        for method, rs in results.items():
+            for r in rs:
+                xs = [p["n_nodes"] for p in r["points"]]
+                ys = [[_float(p[side][key]) for p in r["points"]]
+                      for side in ("circuit", "random") for key in ("faithfulness", "completeness")]
+                plots[f"circuits/{method}/{r['name']}/curves"] = wandb.plot.line_series(
+                    xs=xs, ys=ys, keys=["faithfulness", "completeness", "random faithfulness", "random completeness"],
+                    title=f"{method} {r['name']}: ablation sweep", xname="nodes")
         logger.experiment.log(plots, step=trainer.global_step)
-        logger.log_image("circuits/curves", [str(out / CURVES_FILE)], step=trainer.global_step)
+        for key, path in images:
+            logger.log_image(key, [str(path)], step=trainer.global_step)
 
 
 def _float(value: Any) -> float:

@@ -51,9 +51,10 @@ Method = Literal["correlation", "magnitude", "attribution"]
 class CircuitConfig:
     """How circuits are discovered, and which thresholds the evaluation sweeps."""
 
-    method: Literal["correlation", "attribution"] = "correlation"
-    """correlation: the spec's Pearson r with the label (magnitude when labels do not vary); attribution:
-    Marks et al.'s indirect effect on the refusal metric, by attribution patching (needs the model)."""
+    methods: list[Literal["correlation", "attribution"]] = field(default_factory=lambda: ["correlation"])
+    """Discovery methods, each giving its own circuits, evaluation and similarity analysis. correlation:
+    the spec's Pearson r with the label (magnitude when labels do not vary); attribution: Marks et al.'s
+    indirect effect on the refusal metric, by attribution patching (runs the model with gradients)."""
     aggregation: Aggregation = "mean"
     """Per-prompt feature value: mean over the prompt's tokens, or the last token (generation position)."""
     label_source: LabelSource = "dataset"
@@ -75,8 +76,9 @@ class CircuitConfig:
     top_n: int = 20
     """Nodes per layer when labels have no variance (magnitude method)."""
     edge_threshold: float = 0.3
-    """|Pearson r| between nodes of adjacent layers for an edge. The spec's example, 0.01, links nearly
-    every pair of nodes (hundreds of thousands of edges for circuits of a few hundred nodes per layer)."""
+    """For an edge between nodes of adjacent layers: |Pearson r| of their values (correlation; the spec's
+    example, 0.01, links nearly every pair: hundreds of thousands of edges for circuits of a few hundred
+    nodes per layer), or |indirect effect| on F through the edge (attribution)."""
     separate_safe_toxic: bool = False
     """Also discover one circuit of the toxic and one of the safe prompts of each category."""
     include_errors: bool = True
@@ -85,19 +87,27 @@ class CircuitConfig:
     """Thresholds of the evaluation sweep (correlation method)."""
     sweep_top_n: list[int] = field(default_factory=lambda: [1, 5, 20, 50, 200])
     """Nodes per layer of the evaluation sweep (magnitude method)."""
-    sweep_nodes: list[int] | None = None
-    """When set, the sweep takes the N most important nodes of all layers together, for any method:
-    what comparing methods at matched circuit sizes needs. Null: `sweep` / `sweep_top_n`."""
+    sweep_nodes: list[int] = field(default_factory=lambda: [10, 30, 100, 300])
+    """Circuit sizes of the attribution sweep: the N most important nodes of all layers together."""
+    matched_sweep: bool = False
+    """Every method sweeps `sweep_nodes` (correlation too, instead of `sweep`), to compare methods at
+    equal circuit sizes."""
 
     def __post_init__(self) -> None:
-        for name in ("threshold", "edge_threshold"):
-            value = getattr(self, name)
-            if not 0 <= value <= 1:
-                raise UserError(f"circuits.{name}: {value} is not a |correlation| in [0, 1]")
+        if not 0 <= self.threshold <= 1:
+            raise UserError(f"circuits.threshold: {self.threshold} is not a |correlation| in [0, 1]")
+        if self.edge_threshold < 0:
+            raise UserError(f"circuits.edge_threshold: {self.edge_threshold} must be >= 0")
         if any(not 0 <= t <= 1 for t in self.sweep):
             raise UserError(f"circuits.sweep: {self.sweep} must hold |correlation| thresholds in [0, 1]")
-        if self.top_n < 1 or any(n < 1 for n in self.sweep_top_n):
-            raise UserError(f"circuits.top_n / sweep_top_n: {self.top_n} / {self.sweep_top_n} must be >= 1")
+        if self.top_n < 1 or any(n < 1 for n in [*self.sweep_top_n, *self.sweep_nodes]):
+            raise UserError(f"circuits.top_n / sweep_top_n / sweep_nodes: {self.top_n} / {self.sweep_top_n} / "
+                            f"{self.sweep_nodes} must be >= 1")
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise UserError(f"circuits.methods: {self.methods} must name each method once, e.g. [correlation]")
+        if self.node_threshold < 0 or self.ig_steps < 1:
+            raise UserError(f"circuits.node_threshold / ig_steps: {self.node_threshold} / {self.ig_steps} must be "
+                            ">= 0 / >= 1")
         if self.alpha is not None and not 0 < self.alpha <= 1:
             raise UserError(f"circuits.alpha: {self.alpha} is not a p-value level in (0, 1]")
 
@@ -145,6 +155,8 @@ class Circuit:
     n_prompts: int = 0
     threshold: float | None = None
     top_n: int | None = None
+    max_nodes: int | None = None
+    """For a sweep point chosen by size: the number of most important nodes it takes."""
 
     @property
     def name(self) -> str:
@@ -171,7 +183,7 @@ class Circuit:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Circuit:
-        keys = {"category", "group", "method", "layers", "n_prompts", "threshold", "top_n"}
+        keys = {"category", "group", "method", "layers", "n_prompts", "threshold", "top_n", "max_nodes"}
         nodes = [Node(**{k: v for k, v in n.items() if k != "name"}) for n in d["nodes"]]
         return cls(**{k: d[k] for k in keys}, nodes=nodes, edges=[Edge(**e) for e in d["edges"]])
 
@@ -343,27 +355,33 @@ def score_nodes(pf: PromptFeatures, labels: np.ndarray, cfg: CircuitConfig) -> N
 
 
 def select_nodes(scores: NodeScores, cfg: CircuitConfig, threshold: float | None = None,
-                 top_n: int | None = None) -> list[Node]:
-    """Nodes passing `threshold` (correlation) or the `top_n` per layer (magnitude), most important first."""
-    nodes = []
+                 top_n: int | None = None, max_nodes: int | None = None) -> list[Node]:
+    """The circuit's nodes, most important first: the `max_nodes` most important of all layers when
+    given; else those passing `threshold` (correlation: cfg.threshold, attribution: cfg.node_threshold)
+    or the `top_n` per layer (magnitude). A node with importance 0 is never chosen."""
+    chosen: list[tuple[str, int]] = []
     for layer in scores.layers:
         imp = scores.importance[layer]
-        if scores.method == "correlation":
-            keep = imp >= (cfg.threshold if threshold is None else threshold)
-            if cfg.alpha is not None:
-                keep &= scores.p_value[layer] <= cfg.alpha
-            chosen = np.flatnonzero(keep & (imp > 0))
+        if max_nodes is not None:
+            keep = imp > 0
+        elif scores.method == "magnitude":
+            order = np.argsort(-imp, kind="stable")[: cfg.top_n if top_n is None else top_n]
+            keep = np.zeros(len(imp), bool)
+            keep[order] = True
         else:
-            n = cfg.top_n if top_n is None else top_n
-            order = np.argsort(-imp, kind="stable")[:n]
-            chosen = order[imp[order] > 0]
-        width = len(imp) - 1 if cfg.include_errors else len(imp)
-        for j in chosen:
-            feature = ERROR if j == width else int(j)
-            r = None if scores.signed is None else float(scores.signed[layer][j])
-            p = None if scores.p_value is None else float(scores.p_value[layer][j])
-            nodes.append(Node(layer, feature, float(imp[j]), r, p))
-    return sorted(nodes, key=lambda n: (-n.importance, n.layer, n.feature))
+            default = cfg.threshold if scores.method == "correlation" else cfg.node_threshold
+            keep = imp >= (default if threshold is None else threshold)
+            if cfg.alpha is not None and scores.p_value is not None:
+                keep &= scores.p_value[layer] <= cfg.alpha
+        chosen += [(layer, int(j)) for j in np.flatnonzero(keep & (imp > 0))]
+    chosen.sort(key=lambda lj: (-scores.importance[lj[0]][lj[1]], lj[0], lj[1]))
+    nodes = []
+    for layer, j in chosen[:max_nodes]:
+        width = len(scores.importance[layer]) - 1 if cfg.include_errors else len(scores.importance[layer])
+        signed = None if scores.signed is None else float(scores.signed[layer][j])
+        p = None if scores.p_value is None else float(scores.p_value[layer][j])
+        nodes.append(Node(layer, ERROR if j == width else j, float(scores.importance[layer][j]), signed, p))
+    return nodes
 
 
 def find_edges(nodes: Sequence[Node], pf: PromptFeatures, edge_threshold: float) -> list[Edge]:
@@ -410,17 +428,18 @@ def discover(
 
 
 def sweep_circuits(scores: NodeScores, base: Circuit, cfg: CircuitConfig) -> list[Circuit]:
-    """The circuit at each sweep point (thresholds or top-N), nodes only, smallest first."""
-    out = []
+    """The circuit at each sweep point, nodes only, smallest first: node counts (attribution, or any
+    method with `matched_sweep`), thresholds (correlation) or nodes per layer (magnitude)."""
+
+    def point(**how: Any) -> Circuit:
+        return Circuit(base.category, base.group, base.method, base.layers, select_nodes(scores, cfg, **how),
+                       n_prompts=base.n_prompts, **how)
+
+    if scores.method == "attribution" or cfg.matched_sweep:
+        return [point(max_nodes=n) for n in sorted(cfg.sweep_nodes)]
     if scores.method == "correlation":
-        for t in sorted(cfg.sweep, reverse=True):
-            out.append(Circuit(base.category, base.group, base.method, base.layers, select_nodes(scores, cfg, t),
-                               n_prompts=base.n_prompts, threshold=t))
-    else:
-        for n in sorted(cfg.sweep_top_n):
-            out.append(Circuit(base.category, base.group, base.method, base.layers,
-                               select_nodes(scores, cfg, top_n=n), n_prompts=base.n_prompts, top_n=n))
-    return out
+        return [point(threshold=t) for t in sorted(cfg.sweep, reverse=True)]
+    return [point(top_n=n) for n in sorted(cfg.sweep_top_n)]
 
 
 def circuit_groups(cfg: CircuitConfig) -> list[Group]:

@@ -555,8 +555,82 @@ class ModelWrapper:
         (the last 1 of `attention_mask`, so right or left padding both work) and applies the lm_head to
         those positions only.
         """
+        return self.last_token_logits_with_grad(input_ids, attention_mask)
+
+    def last_token_logits_with_grad(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """`last_token_logits` with autograd left as the caller set it, for attribution: the model's
+        parameters never require grad, so a graph exists only from tensors a hook made require grad
+        (e.g. SAE features spliced into the residual stream by `edit_residuals`)."""
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
         output = self._decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return self._head_at_last(output, attention_mask)
+
+    @torch.no_grad()
+    def suffix_last_token_logits(self, hidden: Tensor, attention_mask: Tensor | None, after_layer: str | int) -> Tensor:
+        """(batch, vocab) float32 logits at each row's last real token, running only the blocks after `after_layer`.
+
+        `hidden` (batch, seq, d_model), in the model's dtype, is taken as the residual stream after
+        block `after_layer` (e.g. `residuals(...)[after_layer]`, possibly edited); blocks after_layer+1 ..
+        end, the final norm and the head (at the last real position only, softcapped like
+        `last_token_logits`) run on it. Without edits the result equals `last_token_logits` of the same
+        batch. Forward hooks on the blocks that run (`edit_residuals`) fire; one on block `after_layer`
+        itself or earlier does not: apply that edit to `hidden` first.
+
+        How: the base model runs with `inputs_embeds=hidden` and its layer list temporarily swapped for
+        one of the SAME length whose blocks 0 .. after_layer are stand-ins that skip the work and emit
+        `hidden`; so masks (padding + causal, sliding windows), rotary embeddings, per-layer settings
+        indexed by position (`config.layer_types[i]`, `layers[:num_hidden_layers]`) and the final norm
+        all come from the model's own code, and an input scaling of the embeddings (Gemma) is discarded.
+        """
+        index = int(self.resolve_layers([after_layer])[0].removeprefix(LAYER_PREFIX))
+        attention_mask = None if attention_mask is None else torch.as_tensor(attention_mask).to(self.device)
+        hidden = torch.as_tensor(hidden).to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=self.device)
+        tuple_output = getattr(self, "_block_output_is_tuple", None)
+        if tuple_output is None:  # transformers < ~4.54 blocks return (hidden, ...): find out once, on one token
+            seen: list[bool] = []
+
+            def probe(module: nn.Module, args: Any, output: Any) -> None:
+                seen.append(isinstance(output, (tuple, list)))
+                raise _StopForward
+
+            handle = self._layers[0].register_forward_hook(probe)
+            try:
+                self._decoder(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device), use_cache=False)
+            except _StopForward:
+                pass
+            finally:
+                handle.remove()
+            tuple_output = self._block_output_is_tuple = bool(seen and seen[0])
+
+        class StandIn(nn.Module):
+            """Block i <= after_layer: does no work, emits `hidden`; other attributes are the real block's."""
+
+            def __init__(self, block: nn.Module) -> None:
+                super().__init__()
+                object.__setattr__(self, "_real", block)  # not a submodule
+
+            def __getattr__(self, name: str) -> Any:  # e.g. `attention_type`, read by some decoders' loops
+                try:
+                    return super().__getattr__(name)
+                except AttributeError:
+                    return getattr(object.__getattribute__(self, "_real"), name)
+
+            def forward(self, *args: Any, **kwargs: Any) -> Any:
+                return (hidden,) if tuple_output else hidden
+
+        original = self._decoder.layers
+        swapped = nn.ModuleList([StandIn(b) if i <= index else b for i, b in enumerate(original)])
+        try:
+            self._decoder.layers = swapped
+            output = self._decoder(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
+        finally:
+            self._decoder.layers = original
+        return self._head_at_last(output, attention_mask)
+
+    def _head_at_last(self, output: Any, attention_mask: Tensor) -> Tensor:
+        """(batch, vocab) float32 logits of the base model's `output` at each row's last real position."""
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (attention_mask.bool() * positions).argmax(dim=1)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.metadata
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,10 +54,19 @@ def write_csv(path: Path, rows: list[dict[str, str]], columns: tuple[str, ...] =
     return path
 
 
-@pytest.fixture
-def one_thread():
-    """For tests on tiny matrices: extra intra-op threads only add synchronisation, 10x slower on a busy machine."""
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """For work on tiny matrices: extra intra-op threads only add synchronisation, 10x slower on a busy
+    machine. Module-scoped fixtures are set up before `one_thread`, so they use this directly."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    with single_thread():
+        yield

@@ -124,3 +124,39 @@ def planted_prompts(n_per_label: int, categories: tuple[str, ...] = ("alpha", "b
     rng.shuffle(samples)
     cut = len(samples) // 2
     return {"discovery": samples[:cut], "evaluation": samples[cut:]}
+
+
+DECOY = D_MODEL - 2  # basis direction (and +latent index) of the decoy; b_{d-1} is the massive direction
+
+
+def make_decoy_model(directory: Path, seed: int = 0) -> Path:
+    """The planted model, except that trigger words ALSO write STRENGTH along a decoy direction b_DECOY
+    that no other word uses and nothing downstream reads (the lm_head rows are zero there).
+
+    The decoy latent (+b_DECOY, index DECOY at both layers) is then as correlated with the label as a
+    planted one, but has no causal role: ablating it changes the score only through the RMS norms (a
+    trigger token's norm grows slightly), a second-order effect. Neutral words draw their three signed
+    coordinates from the directions other than the planted, decoy and massive ones, so every neutral
+    embedding keeps the planted model's norm; a trigger's is sqrt(MASSIVE^2 + 4 STRENGTH^2).
+    """
+    from transformers import LlamaForCausalLM
+
+    make_planted_model(directory, seed)
+    model = LlamaForCausalLM.from_pretrained(directory)
+    tokenizer = make_tiny_tokenizer()
+    b = basis()
+    neutral = [j for j in range(len(PLANTED), D_MODEL - 1) if j != DECOY]
+    g = torch.Generator().manual_seed(seed + 2)
+    trigger_ids = set(tokenizer.convert_tokens_to_ids(vocabulary()[0]))
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        for i in range(emb.shape[0]):
+            if i in trigger_ids:
+                direction = b[PLANTED].sum(0) + b[DECOY]
+            else:
+                coords = torch.tensor(neutral)[torch.randperm(len(neutral), generator=g)[: len(PLANTED)]]
+                signs = torch.randint(0, 2, (len(PLANTED),), generator=g) * 2.0 - 1
+                direction = (signs[:, None] * b[coords]).sum(0)
+            emb[i] = MASSIVE * b[-1] + STRENGTH * direction
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory

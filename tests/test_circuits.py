@@ -13,7 +13,7 @@ from scipy import stats
 
 from refusal_sae.ablation import AblationConfig, Ablator, evaluate_sweep, normalised
 from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
-from refusal_sae.analysis import discover_circuits, evaluate_circuits, format_summary
+from refusal_sae.analysis import curve_areas, discover_circuits, evaluate_circuits, format_summary
 from refusal_sae.circuits import (
     ERROR,
     Circuit,
@@ -29,6 +29,7 @@ from refusal_sae.errors import UserError
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.similarity import SimilarityConfig
+from tests.conftest import single_thread
 from tests.planted import LAYERS, METRIC, PLANTED, exact_saes, make_planted_model, planted_nodes, planted_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,11 +38,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("planted")
-    wrapper = ModelWrapper(ModelConfig(name=str(make_planted_model(root / "model"))))
-    splits = planted_prompts(48)
-    cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=64), root / "cache").run(splits)
-    saes = exact_saes()
-    pf = encode_prompts(saes, PromptActivations(cache, ["discovery"]))
+    with single_thread():
+        wrapper = ModelWrapper(ModelConfig(name=str(make_planted_model(root / "model"))))
+        splits = planted_prompts(48)
+        cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=64), root / "cache").run(splits)
+        saes = exact_saes()
+        pf = encode_prompts(saes, PromptActivations(cache, ["discovery"]))
     return wrapper, splits, saes, pf
 
 
@@ -214,28 +216,30 @@ def test_bad_circuit_config_values() -> None:
 @pytest.fixture(scope="module")
 def planted_cache(planted, tmp_path_factory: pytest.TempPathFactory):
     wrapper, splits, _, _ = planted
-    cfg = ActivationConfig(layers=LAYERS, shard_size=64)
-    return InferencePipeline(wrapper, cfg, tmp_path_factory.mktemp("cache")).run(splits)
+    with single_thread():
+        return InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=64),
+                                 tmp_path_factory.mktemp("cache")).run(splits)
 
 
 def test_analysis_stages_write_every_output(planted, planted_cache, tmp_path: Path) -> None:
     wrapper, splits, saes, _ = planted
     cfg = CircuitConfig(threshold=0.5, separate_safe_toxic=True, sweep=[0.9, 0.5], sweep_top_n=[1, 3])
     circuits = discover_circuits(saes, planted_cache, splits, cfg, SimilarityConfig(permutations=50), tmp_path)
+    circuits = circuits["correlation"]
     assert [c.name for c in circuits] == ["alpha", "alpha/toxic", "alpha/safe", "beta", "beta/toxic", "beta/safe"]
     assert all(c.method == "magnitude" for c in circuits if c.group != "all")
-    similarity = json.loads((tmp_path / "similarity.json").read_text())
+    similarity = json.loads((tmp_path / "correlation" / "similarity.json").read_text())
     assert similarity["node_jaccard"][0][1] == 1.0  # both categories share exactly the planted circuit
     assert [r["category"] for r in similarity["safe_vs_toxic"]] == ["alpha", "beta"]
 
     summary = evaluate_circuits(wrapper, saes, splits, tmp_path, AblationConfig(), METRIC)
-    assert summary["circuits"]["alpha"]["best"]["faithfulness"] > 0.9
-    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert summary["methods"]["correlation"]["circuits"]["alpha"]["best"]["faithfulness"] > 0.9
+    evaluation = json.loads((tmp_path / "correlation" / "evaluation.json").read_text())
     toxic = next(r for r in evaluation["circuits"] if r["name"] == "alpha/toxic")
     n_toxic = sum(s.refusal_label and s.category == "alpha" for s in splits["evaluation"])
     assert toxic["n_eval_prompts"] == toxic["n_positive"] == n_toxic  # judged on the toxic prompts only
     assert [p["top_n"] for p in toxic["points"]] == [1, 3]
-    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "correlation" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "alpha" in format_summary(summary)
 
 
@@ -245,7 +249,41 @@ def test_evaluation_refuses_missing_saes_and_empty_sweeps(planted, planted_cache
     discover_circuits(saes, planted_cache, splits, cfg, SimilarityConfig(permutations=10), tmp_path)
     with pytest.raises(UserError, match="SAEs for \\['residuals_1'\\], which are missing"):
         evaluate_circuits(wrapper, {"residuals_0": saes["residuals_0"]}, splits, tmp_path, AblationConfig(), METRIC)
-    with pytest.raises(UserError, match="every point of the sweep \\[1.0\\] selects no node"):
+    with pytest.raises(UserError, match="circuit 'alpha': every point of the sweep \\[1.0\\] selects no node"):
         evaluate_circuits(wrapper, saes, splits, tmp_path, AblationConfig(), METRIC)
     with pytest.raises(UserError, match="run circuit discovery"):
         evaluate_circuits(wrapper, saes, splits, tmp_path / "nowhere", AblationConfig(), METRIC)
+
+
+def test_attribution_circuits_go_through_the_same_stages(planted, planted_cache, tmp_path: Path) -> None:
+    """The planted-circuit test with `methods: [correlation, attribution]`, compared at matched sizes."""
+    wrapper, splits, saes, _ = planted
+    cfg = CircuitConfig(methods=["correlation", "attribution"], threshold=0.5, node_threshold=0.1,
+                        edge_threshold=0.05, matched_sweep=True, sweep_nodes=[6, 20])
+    found = discover_circuits(saes, planted_cache, splits, cfg, SimilarityConfig(permutations=20), tmp_path,
+                              wrapper=lambda: wrapper, metric=METRIC)
+    for circuit in found["attribution"]:
+        assert circuit.method == "attribution"
+        assert circuit.node_names() == planted_nodes()
+        assert all(n.score < 0 for n in circuit.nodes)  # ablating a planted latent lowers the contrast
+        for j in PLANTED:
+            assert (f"residuals_0/{j}", f"residuals_1/{j}") in circuit.edge_names()
+    summary = evaluate_circuits(wrapper, saes, splits, tmp_path, AblationConfig())
+    for method in ("correlation", "attribution"):
+        best = summary["methods"][method]["circuits"]["alpha"]["best"]
+        assert best["n_nodes"] == 6 and best["faithfulness"] > 0.9 and abs(best["completeness"]) < 0.1
+        assert 0 < summary["methods"][method]["circuits"]["alpha"]["cpr"] <= 1
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert {r["method"] for r in comparison["rows"]} == {"correlation", "attribution"}
+    assert (tmp_path / "comparison.png").is_file()
+    assert "attribution" in format_summary(summary)
+
+
+def test_curve_areas_of_a_perfect_and_a_useless_circuit() -> None:
+    def points(faithfulness: float) -> list[dict]:
+        return [{"n_nodes": 1, "circuit": {"faithfulness": faithfulness}}]
+
+    perfect, useless = curve_areas(points(1.0), 10), curve_areas(points(0.0), 10)
+    assert perfect["cpr"] == pytest.approx(0.95) and perfect["cmd"] == pytest.approx(0.05)
+    assert useless["cpr"] == pytest.approx(0.45) and useless["cmd"] == pytest.approx(0.55)
+    assert curve_areas([{"n_nodes": 1, "circuit": {"faithfulness": None}}], 10) == {"cpr": None, "cmd": None}

@@ -105,12 +105,13 @@ def test_fit_runs_the_pipeline(tiny_run) -> None:
         assert sae.cfg.k_active == 32
     latest = tmp_path / "analysis" / "latest"
     assert latest.resolve() == (tmp_path / "analysis" / "epoch_002").resolve()
-    index = json.loads((latest / "circuits" / "index.json").read_text())
+    index = json.loads((latest / "correlation" / "circuits" / "index.json").read_text())
     assert len(index["circuits"]) == 10  # one per category
-    for name in ("evaluation.json", "curves.png", "similarity.json", "similarity.png", "summary.json",
-                 "means.safetensors", "circuits/violence.graphml"):
+    for name in ("correlation/evaluation.json", "correlation/curves.png", "correlation/similarity.json",
+                 "correlation/similarity.png", "summary.json", "discovery.json", "means.safetensors",
+                 "correlation/circuits/violence.graphml"):
         assert (latest / name).is_file(), name
-    evaluation = json.loads((latest / "evaluation.json").read_text())
+    evaluation = json.loads((latest / "correlation" / "evaluation.json").read_text())
     assert [len(c["points"]) for c in evaluation["circuits"]] == [3] * 10
     assert (tmp_path / "metric_validity.json").is_file()
     assert "Refusal looks" in result.stdout and "violence" in result.stdout

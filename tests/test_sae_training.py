@@ -82,8 +82,9 @@ def test_ddp_ranks_end_identical_with_global_dead_latent_counts_and_w_and_b_offl
     # the circuit callbacks ran once, on rank 0, and logged curves, tables and the heatmap
     assert (tmp_path / "analysis" / "latest" / "summary.json").is_file()
     for key in ("sae/residuals_0/fvu", "sae/residuals_1/fvu_epoch", "sae/residuals_1/dead_fraction",
-                "sae/residuals_0/cos_sim", "similarity/mean_node_jaccard", "circuits/violence/curves",
-                "circuits/sweep", "circuits/curves", "similarity/heatmap", "circuits/hate/best_faithfulness"):
+                "sae/residuals_0/cos_sim", "similarity/correlation/mean_node_jaccard",
+                "circuits/correlation/violence/curves", "circuits/sweep", "circuits/correlation/curves",
+                "similarity/correlation/heatmap", "circuits/correlation/hate/best_faithfulness"):
         assert key.encode() in history, key
 
 
