@@ -136,14 +136,16 @@ def _attribution_circuit(
     cfg: CircuitConfig, saes: Mapping[str, SparseAutoencoder], wrapper: ModelWrapper, metric: RefusalMetric,
     batch_size: int,
 ) -> tuple[Circuit, Any]:
-    """Nodes by attribution patching on the circuit's discovery prompts; edges by edge attribution."""
+    """Nodes by attribution patching on the circuit's discovery prompts; edges by edge attribution among
+    the `cfg.edge_nodes` most important nodes (`select_nodes` orders them)."""
     rows = _rows(samples, category, group)
     prompts, positive = [samples[i].prompt for i in rows], labels[rows]
     args = (wrapper, saes, pf.feature_means, pf.error_means, metric, prompts, positive, group)
     scores = attribution_scores(*args, method=cfg.attribution, steps=cfg.ig_steps, batch_size=batch_size,
                                 include_errors=cfg.include_errors)
     nodes = select_nodes(scores, cfg)
-    edges = [e for e in edge_scores(*args, nodes, batch_size=batch_size) if e.weight >= cfg.edge_threshold]
+    scored = edge_scores(*args, nodes[: cfg.edge_nodes], batch_size=batch_size) if cfg.edge_nodes else []
+    edges = [e for e in scored if e.weight >= cfg.edge_threshold]
     return Circuit(category, group, "attribution", pf.layers, nodes, edges, len(rows), cfg.node_threshold), scores
 
 

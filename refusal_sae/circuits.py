@@ -73,6 +73,9 @@ class CircuitConfig:
     """Attribution estimate: one gradient (patching) or integrated gradients over `ig_steps` steps."""
     ig_steps: int = 10
     """Interpolation steps of integrated gradients."""
+    edge_nodes: int = 30
+    """Attribution edges are scored among the circuit's `edge_nodes` most important nodes only: every
+    downstream node costs one backward pass through the blocks between two SAE layers."""
     top_n: int = 20
     """Nodes per layer when labels have no variance (magnitude method)."""
     edge_threshold: float = 0.3
@@ -105,9 +108,9 @@ class CircuitConfig:
                             f"{self.sweep_nodes} must be >= 1")
         if not self.methods or len(set(self.methods)) != len(self.methods):
             raise UserError(f"circuits.methods: {self.methods} must name each method once, e.g. [correlation]")
-        if self.node_threshold < 0 or self.ig_steps < 1:
-            raise UserError(f"circuits.node_threshold / ig_steps: {self.node_threshold} / {self.ig_steps} must be "
-                            ">= 0 / >= 1")
+        if self.node_threshold < 0 or self.ig_steps < 1 or self.edge_nodes < 0:
+            raise UserError(f"circuits.node_threshold / ig_steps / edge_nodes: {self.node_threshold} / "
+                            f"{self.ig_steps} / {self.edge_nodes} must be >= 0 / >= 1 / >= 0")
         if self.alpha is not None and not 0 < self.alpha <= 1:
             raise UserError(f"circuits.alpha: {self.alpha} is not a p-value level in (0, 1]")
 

@@ -195,3 +195,11 @@ def test_bad_csv_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     result = cli_in_process(capsys, "fit", "--config", str(DEFAULT_CONFIG), "--run_dir", str(tmp_path / "run"),
                  "--data.prompts.source", str(tmp_path / "src"))
     assert "or-bench-toxic.csv: missing column 'category' (columns found: prompt, topic)" in one_line_error(result)
+
+
+def test_compare_methods_config_composes_with_the_default(capsys: pytest.CaptureFixture[str]) -> None:
+    result = cli_in_process(capsys, "fit", "--config", str(DEFAULT_CONFIG), "--config",
+                            str(ROOT / "configs" / "compare-methods.yaml"), "--print_config")
+    assert result.returncode == 0, result.stderr
+    assert "- attribution" in result.stdout and "matched_sweep: true" in result.stdout
+    assert result.stdout.count("class_path: callbacks.") == 2  # the list replaced, not appended
