@@ -6,7 +6,10 @@ gradient projection, Adam step, decoder rows back to unit norm, dead-latent book
 
   step ms        median wall time of one training step (after warm-up steps), and tokens per second;
   x floor        that time over the time of one dense encoder matmul (tokens x d_in x width), the
-                 least any top-k SAE step must do (it has to score every latent for every token);
+                 least any top-k SAE step must do (it has to score every latent for every token). The
+                 matmul writes into a preallocated output, timed once after each pair of steps (same load);
+                 `floor_new_output_ms` is the same matmul into a new tensor each time, which on a CPU adds
+                 page faults (glibc maps blocks over 32 MB afresh each time);
   fvu            FVU of each SAE on held-out tokens after the same number of training tokens;
   dead           fraction of latents silent for the last `--dead-tokens` training tokens.
 
@@ -14,14 +17,20 @@ Data: sparse non-negative mixtures of a random dictionary (default), or a layer 
 (`--cache runs/default/activations --layer residuals_12`). Precision: fp32 on the CPU; on a GPU both
 run under bf16 autocast, as `precision: bf16-mixed` does (sparsify always autocasts its forward there).
 
+The optimiser is torch.optim.Adam as SAEModule builds it by default; `--fused-adam` gives both sides
+Adam(fused=True) instead (one kernel per parameter instead of about ten passes over it: about 13 ms instead of
+75 ms per step at width 7168 on two CPU cores). `--profile` prints where refusal_sae's step spends its time.
+
     python -m benchmarks.bench_sae [--quick] [--d-in 896 --expansion 4 | --width N] [--k 32 --batch 1024 --steps 40]
-                                   [--cache DIR --layer NAME] [--device auto] [--out result.json]
+                                   [--cache DIR --layer NAME] [--device auto] [--fused-adam] [--profile]
+                                   [--out result.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -80,9 +89,9 @@ class Side:
     """One SAE implementation's training step, with the bookkeeping the trainers around them do."""
 
     def __init__(self, name: str, sae: torch.nn.Module, lr: float, dead_tokens: int, auxk_alpha: float,
-                 autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+                 autocast: Callable[[], contextlib.AbstractContextManager], fused_adam: bool = False) -> None:
         self.name, self.sae, self.autocast = name, sae, autocast
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, **({"fused": True} if fused_adam else {}))
         self.dead_tokens, self.auxk_alpha = dead_tokens, auxk_alpha
         self.times: list[float] = []
 
@@ -96,13 +105,18 @@ class Side:
         raise NotImplementedError
 
     def timed_step(self, x: torch.Tensor) -> None:
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        self.step(x)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - start)
+        self.times.append(timed(self.step, x))
+
+
+def timed(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> float:
+    """Wall time of fn(x) in seconds, the GPU's queue included."""
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn(x)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 class Ours(Side):
@@ -156,6 +170,21 @@ class Sparsify(Side):
         return (self.tokens_since_fired >= self.dead_tokens).float().mean().item()
 
 
+def profile_steps(side: Side, xs: list[torch.Tensor]) -> None:
+    """Print the operators that take the most time over training steps of a copy of `side` (which is left as it
+    was, so the FVU comparison stays one of equal training)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    side = copy.deepcopy(side)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if xs[0].is_cuda else [])
+    with profile(activities=activities) as prof:
+        for x in xs:
+            side.step(x)
+    key = "self_cuda_time_total" if xs[0].is_cuda else "self_cpu_time_total"
+    print(f"\n{side.name}: {len(xs)} training steps, operators by self time")
+    print(prof.key_averages().table(sort_by=key, row_limit=25))
+
+
 def fvu(side: Side, x: torch.Tensor, chunk: int = 4096) -> float:
     """Fraction of variance unexplained on `x`, pooled over all its tokens."""
     sse = sum((c - side.reconstruct(c)).pow(2).sum().item() for c in x.split(chunk))
@@ -178,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fused-adam", action="store_true", help="Adam(fused=True) for both sides")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of refusal_sae's step")
     parser.add_argument("--quick", action="store_true", help="small shapes and few steps: a smoke run in seconds")
     parser.add_argument("--out", default=None, help="write the JSON result here")
     args = parser.parse_args(argv)
@@ -217,20 +248,26 @@ def main(argv: list[str] | None = None) -> dict:
     ours.init_from_data(batches(0))
     theirs = SparseCoder(args.d_in, SparseCoderConfig(num_latents=cfg.width, k=args.k), device=device)
     theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if k != "tokens_since_fired"})
-    sides = [Ours("refusal_sae", ours.train(), args.lr, dead_tokens, cfg.auxk_alpha, autocast),
-             Sparsify("sparsify", theirs.train(), args.lr, dead_tokens, cfg.auxk_alpha, autocast)]
+    sides = [Ours("refusal_sae", ours.train(), args.lr, dead_tokens, cfg.auxk_alpha, autocast, args.fused_adam),
+             Sparsify("sparsify", theirs.train(), args.lr, dead_tokens, cfg.auxk_alpha, autocast, args.fused_adam)]
+
+    w = ours.encoder.weight.detach().to(torch.bfloat16 if bf16 else torch.float32).clone()
+    x_floor = batches(0).to(w.dtype)
+    floor_out = torch.empty(len(x_floor), len(w), dtype=w.dtype, device=device)
+    floor_times = []
 
     fvu_before = fvu(sides[0], held_out)
-    # Interleaved, step by step, so that both sides see the same machine load.
+    # Interleaved, step by step, so that both sides (and the floor) see the same machine load.
     for i in range(args.steps):
         x = batches(i)
         for side in sides:
             side.timed_step(x)
+        floor_times.append(timed(lambda x: torch.mm(x, w.T, out=floor_out), x_floor))
+    floor = statistics.median(floor_times[args.warmup:])
+    floor_new_output = median_seconds(lambda: x_floor @ w.T, repeats=max(5, args.steps // 4), warmup=1)
 
-    x = batches(0)
-    w = ours.encoder.weight.detach().to(torch.bfloat16 if bf16 else torch.float32)
-    x_floor = x.to(w.dtype)
-    floor = median_seconds(lambda: x_floor @ w.T, repeats=max(5, args.steps - args.warmup), warmup=args.warmup)
+    if args.profile:
+        profile_steps(sides[0], [batches(i) for i in range(args.steps, args.steps + 3)])
 
     rows = []
     for side in sides:
@@ -243,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
         "shape": {"d_in": args.d_in, "width": cfg.width, "k": args.k, "batch": args.batch},
         "steps": args.steps, "warmup": args.warmup, "tokens_trained": args.steps * args.batch, "lr": args.lr,
         "dead_tokens_threshold": dead_tokens, "device": str(device), "precision": "bf16 autocast" if bf16 else "fp32",
-        "data": data, "fvu_at_init": fvu_before,
+        "optimizer": "Adam(fused=True)" if args.fused_adam else "Adam",
+        "data": data, "fvu_at_init": fvu_before, "floor_new_output_ms": 1e3 * floor_new_output,
         "speedup_sparsify_over_ours": rows[0]["step_ms"] / rows[1]["step_ms"],
     }
     return report("SAE training step: refusal_sae vs sparsify", rows, extra, args.out)

@@ -267,10 +267,10 @@ class SAEModule(L.LightningModule):
         for layer, sae in self.saes.items():
             before[layer] = sae.tokens_since_fired.clone()
             outs[layer] = out = sae(batch[layer])
-            fired.append((out.features != 0).reshape(-1, sae.cfg.width).any(0))
+            fired.append(out.fired)  # (width,) bool, from the top-k indices: no (tokens, width) pass
         # One all-reduce for all layers: which latents fired on any rank, how many tokens all ranks saw,
         # and whether any rank's loss is not finite (so that every rank stops at the same step).
-        n_local = out.features.reshape(-1, self.sae_cfg.width).shape[0]
+        n_local = out.indices.reshape(-1, out.indices.shape[-1]).shape[0]
         bad = [~torch.isfinite(out.loss) for out in outs.values()]
         parts = [*fired, torch.stack(bad), torch.tensor([n_local], device=self.device)]
         stats = torch.cat([part.long() for part in parts])

@@ -15,15 +15,21 @@ saprmarks/dictionary_learning: unit-norm decoder rows, encoder initialised as th
 b_dec started at the data's geometric median, FVU as the reconstruction loss and an AuxK loss that
 revives dead latents. The error term is float64 (see `exact_error`). Checkpoints use sparsify's
 layout (`sae.safetensors` + `cfg.json`), so each library loads the other's.
+
+Training cost: the encoder matmul (tokens x d_in x width) cannot be avoided, since every latent is scored
+for every token; everything after it only needs the k selected latents per token. So the training forward
+and backward (`_SparseEncoder`, `_SparseDecoder`) never build or multiply a dense (tokens, width) feature
+matrix: they gather and scatter k rows per token, O(tokens x k x d_in), instead of the two matmuls of the
+encoder's size per dense product that autograd through a dense top-k would run.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, fields, replace
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from refusal_sae.errors import UserError
 from refusal_sae.io import atomic_open, write_json
@@ -107,15 +114,12 @@ class SAEMeta:
     """How activations were scaled before the SAE saw them (None: raw activations)."""
 
 
-class SAEOutput(NamedTuple):
+@dataclass(eq=False)
+class SAEOutput:
     """Everything one forward pass computes; the losses are fp32 scalars."""
 
     reconstruction: Tensor
     """decode(features), shape (..., d_in)."""
-    features: Tensor
-    """Sparse feature activations, shape (..., width), at most k non-zeros per token."""
-    error: Tensor
-    """x - reconstruction in float64, so that (reconstruction + error).to(x.dtype) == x exactly."""
     fvu: Tensor
     """Fraction of variance unexplained: sum of squared errors / sum of squared deviations from the batch mean
     (scale-free, so one number means the same at every layer; needs at least two distinct tokens)."""
@@ -129,6 +133,238 @@ class SAEOutput(NamedTuple):
     """Mean squared error per element."""
     dead_fraction: Tensor
     """Fraction of latents that have not fired for `dead_tokens_threshold` training tokens."""
+    values: Tensor
+    """The k selected activations of each token, shape (..., k), ReLU'd (0 where fewer than k were positive)."""
+    indices: Tensor
+    """Their latents, shape (..., k), ascending along the last dimension."""
+    fired: Tensor
+    """Boolean (width,): which latents are non-zero for at least one token of the batch."""
+    input: Tensor = field(repr=False)
+    """The `x` that was encoded."""
+    _features: Tensor | None = field(default=None, repr=False)
+    _error: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def features(self) -> Tensor:
+        """Sparse feature activations, shape (..., width), at most k non-zeros per token.
+
+        Built from `values` and `indices` on first use: training never reads this (tokens, width) tensor,
+        and writing it would cost as much memory traffic as the rest of the step's sparse work.
+        """
+        if self._features is None:
+            shape = (*self.values.shape[:-1], self.fired.shape[0])
+            self._features = self.values.new_zeros(shape).scatter(-1, self.indices, self.values)
+        return self._features
+
+    @property
+    def error(self) -> Tensor:
+        """x - reconstruction in float64, so that (reconstruction + error).to(x.dtype) == x exactly.
+
+        Computed on first use (from `input`, which must not have been modified in place since): training
+        does not read it, and two float64 copies of the batch cost more than the losses.
+        """
+        if self._error is None:
+            self._error = exact_error(self.input, self.reconstruction)
+        return self._error
+
+
+SPARSE_RATIO = 8
+"""The sparse kernels (a gather or scatter of k rows per token) are used while k <= width / SPARSE_RATIO: on a
+CPU a gathered row costs roughly ten times a row of a dense matmul, so for larger k the dense product over all
+latents is the cheaper one. The same ratio decides between a dense block and k_aux rows per token for AuxK."""
+
+
+def _topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of each row of `pre` (before the ReLU) as (ReLU'd values, indices), indices ascending.
+
+    ReLU after the selection gives the same features as selecting from ReLU(pre) (where fewer than k are
+    positive, the extra entries are 0 either way) without a pass over the dense matrix. Ascending indices:
+    the sparse decoder sums a token's rows in this order, the order in which `decode` finds them in dense
+    features, so the training forward and decode(encode(x)) agree bit for bit.
+    """
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    indices, order = indices.sort(dim=-1)
+    return values.gather(-1, order).relu(), indices
+
+
+def _fired(indices: Tensor, values: Tensor, width: int) -> Tensor:
+    """Boolean (width,): latents with a non-zero value for some token (a scatter over the k entries per token)."""
+    counts = torch.zeros(width, dtype=torch.int32, device=indices.device)
+    return counts.index_add_(0, indices.reshape(-1), (values != 0).reshape(-1).to(torch.int32)) > 0
+
+
+def _sparse_outer(latents: Tensor, tokens: Tensor, weights: Tensor, rows: Tensor, width: int) -> Tensor:
+    """(width, d) matrix whose row j sums weights[e] * rows[tokens[e]] over the entries e with latents[e] == j.
+
+    The gradient of a weight matrix of which each token used only a few rows (the encoder's k rows through
+    top-k, the decoder's k rows). A dense matmul would cost tokens x width x d; as a sparse (width, tokens)
+    matrix times `rows` it costs tokens x k x d. index_add_ of the weighted rows would first write all
+    tokens x k x d products to memory (470 MB at 4096 tokens, k 32, d 896).
+    """
+    order = latents.argsort(stable=True)  # stable: ascending tokens within each row, as CSR prefers them
+    crow = latents.new_zeros(width + 1)
+    torch.cumsum(torch.bincount(latents, minlength=width), 0, out=crow[1:])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": matmul with a dense matrix is all we use
+        warnings.simplefilter("ignore")
+        matrix = torch.sparse_csr_tensor(
+            crow, tokens[order], weights[order].to(rows.dtype), (width, len(rows)), check_invariants=False
+        )
+    return matrix @ rows
+
+
+class _SparseEncoder(torch.autograd.Function):
+    """Encoder matmul and top-k (plus the AuxK candidates) with a backward pass that reads only selected entries.
+
+    Autograd through a dense top-k would turn the k gradients per token into a dense (tokens, width) matrix
+    and multiply it with the input and with W_enc: two more matmuls of the encoder's size, about two thirds
+    of a training step. Here the weight gradient is a sparse-dense product (`_sparse_outer`), the bias
+    gradient a scatter-add, the input gradient a gather of k encoder rows per token (only computed if `x`
+    needs it), and the gradient of b_dec, which enters as x - b_dec, is -(bias gradient) @ W_enc: one
+    vector-matrix product instead of a (tokens, d_in) matrix.
+
+    Inputs: x (tokens, d_in), b_dec, W_enc, b_enc, k, the matmul dtype, and for AuxK the dead latents (or
+    None), k_aux and whether to return the AuxK selection as k_aux (value, latent) pairs per token (`sparse_aux`)
+    or as a dense (tokens, dead) block; last, an optional (tokens, width) tensor to hold the pre-activations.
+    Outputs: values and indices as `_topk`; aux values and aux latents (2-D pairs, or 1-D latents of the
+    block's columns).
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, weight, bias, k, dtype, dead, k_aux, sparse_aux, workspace):
+        ctx.set_materialize_grads(False)
+        centred = x - b_dec
+        if workspace is None:
+            pre = F.linear(centred.to(dtype), weight.to(dtype), bias.to(dtype))
+        else:  # the kernel F.linear calls for 2-D input (so the same numbers), writing into `workspace`
+            with torch.autocast(x.device.type, enabled=False):
+                pre = torch.addmm(bias.to(dtype), centred.to(dtype), weight.to(dtype).T, out=workspace)
+        values, indices = _topk(pre, k)
+        if dead is None or len(dead) == 0:
+            aux_values, aux_latents = pre.new_zeros(len(pre), 0), indices.new_zeros(0)
+        else:
+            block = pre.index_select(1, dead).relu_()
+            if len(dead) <= k_aux:  # every dead latent is selected
+                aux_values, aux_latents = block, dead.clone()
+            else:
+                top, position = block.topk(k_aux, dim=-1, sorted=False)
+                if sparse_aux:  # latents ascending in each row, as _SparseDecoder's sparse matrices want them
+                    position, order = position.sort(dim=-1)
+                    aux_values, aux_latents = top.gather(-1, order), dead[position]
+                else:
+                    aux_values, aux_latents = torch.zeros_like(block).scatter_(1, position, top), dead.clone()
+        ctx.save_for_backward(centred, weight, values, indices, aux_values, aux_latents)
+        ctx.mark_non_differentiable(indices, aux_latents)
+        ctx.x_dtype = x.dtype
+        return values, indices, aux_values, aux_latents
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_latents):
+        centred, weight, values, indices, aux_values, aux_latents = ctx.saved_tensors
+        need_x, need_b_dec, need_weight, need_bias = ctx.needs_input_grad[:4]
+        n, width, dtype = len(centred), weight.shape[0], torch.promote_types(centred.dtype, weight.dtype)
+        # Gradients w.r.t. the selected pre-activations, zero where the ReLU cut (as its derivative is there).
+        latents, grads, block = [], [], None
+        if grad_values is not None:
+            latents.append(indices)
+            grads.append(grad_values.to(dtype) * (values > 0))
+        if grad_aux is not None and aux_values.numel() > 0:
+            grad = grad_aux.to(dtype) * (aux_values > 0)
+            if aux_latents.dim() == 2:
+                latents.append(aux_latents)
+                grads.append(grad)
+            else:
+                block = grad
+        latents = torch.cat(latents, 1) if latents else indices[:, :0]
+        grads = torch.cat(grads, 1) if grads else centred.new_zeros(n, 0, dtype=dtype)
+        grad_x = grad_b_dec = grad_weight = grad_bias = None
+        if need_weight:
+            tokens = torch.arange(n, device=latents.device).repeat_interleave(latents.shape[1])
+            grad_weight = _sparse_outer(latents.reshape(-1), tokens, grads.reshape(-1), centred.to(dtype), width)
+            if block is not None:
+                grad_weight.index_add_(0, aux_latents, block.T @ centred.to(dtype))
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_bias or need_b_dec:
+            grad_bias = grads.new_zeros(width).index_add_(0, latents.reshape(-1), grads.reshape(-1))
+            if block is not None:
+                grad_bias.index_add_(0, aux_latents, block.sum(0))
+            grad_b_dec = -(grad_bias @ weight.to(dtype)) if need_b_dec else None
+        if need_x:
+            grad_x = F.embedding_bag(latents, weight.to(dtype), per_sample_weights=grads, mode="sum")
+            if block is not None:
+                grad_x += block @ weight.index_select(0, aux_latents).to(dtype)
+            grad_x = grad_x.to(ctx.x_dtype)
+        return grad_x, grad_b_dec, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+class _SparseDecoder(torch.autograd.Function):
+    """W_dec^T f for features given as k (value, latent) pairs per token: values and indices, shape (tokens, k),
+    latents ascending along each row.
+
+    The forward pass sums k rows of W_dec per token (`embedding_bag`). The backward pass needs, per pair, the
+    dot product of the output gradient with that row (a sampled matmul) and, per row of W_dec, the sum of
+    the output gradients of the tokens using it (`_sparse_outer`): O(tokens x k x d_in) each, where the dense
+    features' matmul and its two gradient matmuls are O(tokens x width x d_in). (embedding_bag's own backward
+    computes the same, about a third slower on a CPU.)
+    """
+
+    @staticmethod
+    def forward(ctx, indices, values, weight):
+        ctx.save_for_backward(indices, values, weight)
+        return F.embedding_bag(indices, weight, per_sample_weights=values.to(weight.dtype), mode="sum")
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        indices, values, weight = ctx.saved_tensors
+        n, k = indices.shape
+        grad_out = grad_out.to(weight.dtype)
+        grad_values = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            crow = torch.arange(0, n * k + 1, k, device=indices.device)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore")
+                pattern = torch.sparse_csr_tensor(
+                    crow, indices.reshape(-1), grad_out.new_zeros(n * k), (n, weight.shape[0]), check_invariants=False
+                )
+            grad_values = torch.sparse.sampled_addmm(pattern, grad_out, weight.T, beta=0.0).values()
+            grad_values = grad_values.reshape(n, k).to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            tokens = torch.arange(n, device=indices.device).repeat_interleave(k)
+            grad_weight = _sparse_outer(indices.reshape(-1), tokens, values.reshape(-1), grad_out, weight.shape[0])
+        return None, grad_values, grad_weight
+
+
+class _DecodeFeatures(torch.autograd.Function):
+    """W_dec^T f for dense `f` with few non-zeros, summing only the rows of the non-zero latents.
+
+    It adds the same rows in the same order as the training forward's sparse decoder (latents ascending), so
+    decode(encode(x)) equals forward's reconstruction bit for bit. The gradient w.r.t. `f` stays dense, as
+    for a matmul: attribution needs it at every latent, not only the active ones.
+
+    Inputs: features (tokens, width), W_dec, and the non-zeros of `features` as row and latent indices in
+    row-major order (`nonzero()`).
+    """
+
+    @staticmethod
+    def forward(ctx, features, weight, rows, latents):
+        values = features[rows, latents].to(weight.dtype)
+        offsets = torch.zeros(len(features), dtype=torch.long, device=features.device)
+        torch.cumsum(torch.bincount(rows, minlength=len(features))[:-1], 0, out=offsets[1:])
+        ctx.save_for_backward(weight, rows, latents, values)
+        ctx.features_dtype = features.dtype
+        return F.embedding_bag(latents, weight, offsets, mode="sum", per_sample_weights=values)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        weight, rows, latents, values = ctx.saved_tensors
+        grad_features = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_features = (grad_out @ weight.T).to(ctx.features_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = _sparse_outer(latents, rows, values, grad_out.to(weight.dtype), weight.shape[0])
+        return grad_features, grad_weight, None, None
 
 
 def exact_error(x: Tensor, reconstruction: Tensor) -> Tensor:
@@ -139,6 +375,13 @@ def exact_error(x: Tensor, reconstruction: Tensor) -> Tensor:
     holds their difference exactly unless one is over 2**29 times the other.
     """
     return x.double() - reconstruction.double()
+
+
+def _matmul_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype the encoder matmul runs in: autocast's if it is on (bf16 under bf16-mixed), else the inputs'."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, weight.dtype)
 
 
 @torch.no_grad()
@@ -175,29 +418,72 @@ class SparseAutoencoder(nn.Module):
             self.encoder.bias.zero_()
         # Persistent so a resumed Lightning run keeps its dead-latent bookkeeping; not in sae.safetensors.
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
+        self._pre_workspace: Tensor | None = None
 
-    def pre_activations(self, x: Tensor) -> Tensor:
-        """ReLU(W_enc (x - b_dec) + b_enc), shape (..., width). Autocast may run the matmul in bf16."""
+    def _workspace(self, tokens: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+        """A (tokens, width) tensor kept from training step to training step for the pre-activations (CPU only).
+
+        glibc serves blocks this large (over 32 MB) by mmap and returns them on free, so a new one costs a
+        page fault per 4 KiB on first write: 30 to 80 ms per step at 4096 tokens x 7168 latents, a tenth of
+        the matmul. CUDA's caching allocator reuses its blocks anyway, and outside training the memory is
+        not worth holding. Nothing keeps a reference past the forward pass (top-k copies what it selects),
+        so reusing it is safe.
+        """
+        if device.type != "cpu" or not self.training:
+            self._pre_workspace = None
+            return None
+        shape = (tokens, self.cfg.width)
+        buffer = self._pre_workspace
+        stale = buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device
+        if stale or buffer.is_inference() != torch.is_inference_mode_enabled():  # see torch.inference_mode
+            buffer = self._pre_workspace = torch.empty(shape, dtype=dtype, device=device)
+        return buffer
+
+    @property
+    def uses_sparse_kernels(self) -> bool:
+        """Whether forward and decode use the sparse kernels (k <= width / SPARSE_RATIO) or dense matmuls."""
+        return self.cfg.k_active * SPARSE_RATIO <= self.cfg.width
+
+    def _tokens(self, x: Tensor) -> Tensor:
+        """`x` as (tokens, d_in), after checking its width."""
         if x.shape[-1] != self.cfg.d_in:
             raise UserError(
                 f"SAE input has last dimension {x.shape[-1]} but this SAE reads d_in={self.cfg.d_in}; "
                 "use an SAE trained on this model's activations"
             )
-        return F.relu(self.encoder(x - self.b_dec))
+        return x.reshape(-1, self.cfg.d_in)
+
+    def _pre(self, x: Tensor) -> Tensor:
+        """W_enc (x - b_dec) + b_enc before the ReLU, shape (tokens, width). The same call as in
+        `_SparseEncoder`, so both paths select from identical numbers."""
+        return self.encoder(self._tokens(x) - self.b_dec)
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """ReLU(W_enc (x - b_dec) + b_enc), shape (..., width). Autocast may run the matmul in bf16."""
+        return F.relu(self._pre(x)).reshape(*x.shape[:-1], self.cfg.width)
 
     def select_topk(self, pre: Tensor) -> Tensor:
         """Keep the k largest pre-activations of each token, zero the rest (dense tensor)."""
-        values, indices = pre.topk(self.cfg.k_active, dim=-1, sorted=False)
+        values, indices = _topk(pre, self.cfg.k_active)
         return torch.zeros_like(pre).scatter(-1, indices, values)
 
     def encode(self, x: Tensor) -> Tensor:
         """Sparse features of `x`, shape (..., width): exactly k non-zeros per token unless fewer than k
         pre-activations are positive."""
-        return self.select_topk(self.pre_activations(x))
+        return self.select_topk(self._pre(x)).reshape(*x.shape[:-1], self.cfg.width)
 
     def decode(self, features: Tensor) -> Tensor:
-        """W_dec^T f + b_dec for any (e.g. patched) dense features; the matmul runs in the features' dtype
-        (bf16 under autocast), the result is fp32 because b_dec is."""
+        """W_dec^T f + b_dec for any (e.g. patched) dense features; the result is fp32 because b_dec is.
+
+        Features with few non-zeros (as from `encode`) are decoded from those rows of W_dec alone, in fp32,
+        exactly as the training forward does; denser ones (e.g. patched with mean activations) by a matmul in
+        the features' dtype (bf16 under autocast). Either way the gradient w.r.t. `features` is dense.
+        """
+        flat = features.reshape(-1, self.cfg.width)
+        if self.uses_sparse_kernels and int(torch.count_nonzero(flat)) * SPARSE_RATIO <= flat.numel():
+            rows, latents = flat.nonzero().unbind(1)
+            decoded = _DecodeFeatures.apply(flat, self.W_dec, rows, latents)
+            return (decoded + self.b_dec).reshape(*features.shape[:-1], self.cfg.d_in)
         return features @ self.W_dec.to(features.dtype) + self.b_dec
 
     def error(self, x: Tensor) -> Tensor:
@@ -209,57 +495,89 @@ class SparseAutoencoder(nn.Module):
         return self.tokens_since_fired >= self.cfg.dead_tokens_threshold
 
     def forward(self, x: Tensor) -> SAEOutput:
-        """Encode, decode and score `x` of shape (..., d_in); in training mode also count which latents fired."""
-        pre = self.pre_activations(x)
-        features = self.select_topk(pre)
-        reconstruction = self.decode(features)
-        error = exact_error(x, reconstruction)
-        # Losses in fp32 whatever autocast did to the matmuls: bf16 sums of squares lose the small errors.
-        d_in, width = self.cfg.d_in, self.cfg.width
-        x_flat = x.float().reshape(-1, d_in)
-        residual = x_flat - reconstruction.reshape(-1, d_in)
-        total_variance = (x_flat - x_flat.mean(0)).pow(2).sum()
-        fvu = residual.pow(2).sum() / total_variance
+        """Encode, decode and score `x` of shape (..., d_in); in training mode also count which latents fired.
+
+        With k <= width / SPARSE_RATIO (`uses_sparse_kernels`), nothing of size (tokens, width) is kept or
+        multiplied beyond the encoder matmul: decoding reads k rows of W_dec per token and the backward pass
+        touches only the selected entries (`_SparseEncoder`), so a training step costs the encoder matmul
+        plus O(tokens x k x d_in). `features` is then only built when read.
+        """
+        tokens = self._tokens(x)
+        width, d_in, k = self.cfg.width, self.cfg.d_in, self.cfg.k_active
         use_auxk = self.training and self.cfg.auxk_alpha > 0
-        auxk_loss = self._auxk_loss(pre.reshape(-1, width), residual) if use_auxk else fvu.new_zeros(())
+        dead = self.dead_latents().nonzero().squeeze(1) if use_auxk else self.tokens_since_fired.new_zeros(0)
+        k_aux = min(max(1, d_in // 2), len(dead))
+        features = None
+        if self.uses_sparse_kernels:
+            dtype = _matmul_dtype(tokens, self.encoder.weight)
+            # AuxK as k_aux (value, latent) pairs per token only when the dead latents far outnumber k_aux;
+            # otherwise a dense (tokens, dead) block, whose matmuls beat gathering k_aux rows per token.
+            sparse_aux = len(dead) > SPARSE_RATIO * k_aux
+            values, indices, aux_values, aux_latents = _SparseEncoder.apply(
+                tokens, self.b_dec, self.encoder.weight, self.encoder.bias, k, dtype, dead, k_aux, sparse_aux,
+                self._workspace(len(tokens), dtype, tokens.device),
+            )
+            reconstruction = _SparseDecoder.apply(indices, values, self.W_dec) + self.b_dec
+        else:
+            pre = self._pre(tokens)
+            values, indices = _topk(pre, k)
+            features = torch.zeros_like(pre).scatter(-1, indices, values)
+            reconstruction = features @ self.W_dec.to(features.dtype) + self.b_dec
+            aux_values, aux_latents = F.relu(pre).index_select(1, dead), dead
+            if len(dead) > k_aux:
+                top, position = aux_values.topk(k_aux, dim=-1, sorted=False)
+                aux_values = torch.zeros_like(aux_values).scatter(-1, position, top)
+        # Losses in fp32 whatever autocast did to the matmuls: bf16 sums of squares lose the small errors.
+        x_flat = tokens.float()
+        residual = x_flat - reconstruction
+        total_variance = (x_flat - x_flat.mean(0)).pow(2).sum()
+        squared_error = residual.pow(2).sum()
+        fvu = squared_error / total_variance
+        auxk_loss = self._auxk_loss(aux_values, aux_latents, residual) if use_auxk else fvu.new_zeros(())
+        fired = _fired(indices, values, width)
         if self.training:
-            self._count_firing(features.reshape(-1, width))
+            self._count_firing(fired, len(tokens))
+        lead = x.shape[:-1]
+        reconstruction = reconstruction.reshape(*lead, d_in)
         return SAEOutput(
             reconstruction=reconstruction,
-            features=features,
-            error=error,
             fvu=fvu,
             auxk_loss=auxk_loss,
             loss=fvu + self.cfg.auxk_alpha * auxk_loss,
-            l0=(features != 0).sum(-1).float().mean(),
-            mse=residual.pow(2).mean(),
+            l0=(values != 0).sum(-1).float().mean(),
+            mse=squared_error / residual.numel(),
             dead_fraction=self.dead_latents().float().mean(),
+            values=values.reshape(*lead, k),
+            indices=indices.reshape(*lead, k),
+            fired=fired,
+            input=x,
+            _features=None if features is None else features.reshape(*lead, width),
         )
 
-    def _auxk_loss(self, pre: Tensor, residual: Tensor) -> Tensor:
+    def _auxk_loss(self, aux_values: Tensor, aux_latents: Tensor, residual: Tensor) -> Tensor:
         """AuxK (Gao et al. appendix A.2): the top d_in/2 dead latents must reconstruct the live latents' error.
 
         Dead latents never get a gradient from the main loss because top-k never selects them; this gives
         them one that points at what the live latents miss, so they come back as useful features. It is
-        normalised like FVU, by the variance of the error itself.
+        normalised like FVU, by the variance of the error itself. `aux_values` holds the selected dead
+        latents' activations, either as (value, latent) pairs per token (2-D `aux_latents`) or as a dense
+        (tokens, dead) block whose columns are the latents `aux_latents`.
         """
-        dead = self.dead_latents()
-        num_dead = int(dead.sum())
-        if num_dead == 0:
+        if aux_values.numel() == 0:
             return residual.new_zeros(())
-        k_aux = min(max(1, self.cfg.d_in // 2), num_dead)
-        values, indices = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=-1, sorted=False)
-        aux_features = torch.zeros_like(pre).scatter(-1, indices, values)
-        error_hat = (aux_features @ self.W_dec.to(aux_features.dtype)).float()  # no b_dec: it predicts an error
+        if aux_latents.dim() == 2:
+            error_hat = _SparseDecoder.apply(aux_latents, aux_values, self.W_dec)
+        else:  # no b_dec: it predicts an error
+            error_hat = (aux_values @ self.W_dec.index_select(0, aux_latents).to(aux_values.dtype)).float()
         target = residual.detach()
         variance = (target - target.mean(0)).pow(2).sum()
         return (error_hat - target).pow(2).sum() / variance
 
     @torch.no_grad()
-    def _count_firing(self, features: Tensor) -> None:
+    def _count_firing(self, fired: Tensor, tokens: int) -> None:
         """Advance every latent's tokens-since-fired counter by the batch size and reset those that fired."""
-        self.tokens_since_fired += features.shape[0]
-        self.tokens_since_fired[(features != 0).any(0)] = 0
+        self.tokens_since_fired += tokens
+        self.tokens_since_fired[fired] = 0
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
@@ -273,7 +591,7 @@ class SparseAutoencoder(nn.Module):
         if not self.cfg.normalize_decoder or grad is None:
             return
         w = self.W_dec
-        grad -= ((grad * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True)) * w
+        grad.addcmul_(w, ((grad * w).sum(1) / w.norm(dim=1).square()).unsqueeze(1), value=-1)  # in place
 
     @torch.no_grad()
     def renormalize_decoder(self) -> None:
