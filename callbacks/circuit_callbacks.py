@@ -28,6 +28,7 @@ from refusal_sae.analysis import (
     CURVES_FILE,
     EVALUATION_FILE,
     discover_circuits,
+    discovery_metric,
     evaluate_circuits,
     format_summary,
     make_labeller,
@@ -167,8 +168,7 @@ class AblationEvaluationCallback(_EveryNEpochs):
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, out: Path) -> None:
         dm = _datamodule(trainer)
         wrapper = dm.llm()
-        recorded = read_discovery(out)["metric"]
-        metric = self.metric or (RefusalMetricConfig(**recorded) if recorded else RefusalMetricConfig())
+        metric = self.metric or discovery_metric(out)
         validity_path = Path(dm.run_dir) / VALIDITY_FILE
         if self.validity is not None and not validity_path.is_file():
             log.info("metric validity report: greedy answers of %d evaluation prompts", len(dm.splits["evaluation"]))

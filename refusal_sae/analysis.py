@@ -167,6 +167,12 @@ def read_discovery(out_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def discovery_metric(out_dir: str | Path) -> RefusalMetricConfig:
+    """The refusal metric discovery recorded (attribution differentiated it), or the default."""
+    recorded = read_discovery(out_dir)["metric"]
+    return RefusalMetricConfig(**recorded) if recorded else RefusalMetricConfig()
+
+
 def read_circuits(out_dir: str | Path, method: str) -> list[tuple[Circuit, list[Circuit]]]:
     """Every circuit of one method with its sweep, in discovery order."""
     directory = Path(out_dir) / method / CIRCUITS_DIR
@@ -201,8 +207,7 @@ def evaluate_circuits(
     missing = [layer for layer in feature_means if layer not in saes]
     if missing:
         raise UserError(f"circuits were found with SAEs for {missing}, which are missing now; train them again")
-    if metric is None:
-        metric = RefusalMetricConfig(**discovery["metric"]) if discovery["metric"] else RefusalMetricConfig()
+    metric = metric or discovery_metric(out)
     ablator = Ablator(wrapper, {k: saes[k] for k in feature_means}, feature_means, error_means,
                       RefusalMetric.from_wrapper(wrapper, metric), ablation)
     candidates = candidates_from_means(feature_means)
@@ -345,6 +350,6 @@ def make_labeller(wrapper_factory: Callable[[], ModelWrapper], validity: Validit
 
 
 __all__ = [
-    "candidates_from_means", "curve_areas", "discover_circuits", "evaluate_circuits", "format_summary",
-    "make_labeller", "plot_curves", "read_circuits", "read_discovery", "read_means", "summarise",
+    "candidates_from_means", "curve_areas", "discover_circuits", "discovery_metric", "evaluate_circuits",
+    "format_summary", "make_labeller", "plot_curves", "read_circuits", "read_discovery", "read_means", "summarise",
 ]
