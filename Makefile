@@ -1,5 +1,5 @@
-# Two entry points for a fresh machine: `make run` (main job) and `make test` (test suite).
-# Both create .venv, install torch first (TORCH, default the CPU-friendly 2.13.0; on a CUDA machine set
+# Entry points for a fresh machine: `make run` (main job), `make test` (test suite), `make bench` (benchmarks).
+# All create .venv, install torch first (TORCH, default the CPU-friendly 2.13.0; on a CUDA machine set
 # e.g. TORCH=torch==2.13.0 from the matching index), then this project with its extras.
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 CONFIG ?= configs/default.yaml
 PY := $(VENV)/bin/python
 
-.PHONY: install run test clean
+.PHONY: install run test bench clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,6 +22,9 @@ run: install
 
 test: install
 	$(PY) -m pytest
+
+bench: install
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf $(VENV) runs

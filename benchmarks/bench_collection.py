@@ -8,7 +8,9 @@ Three sides over the same prompts, batches and model:
 Reported: real (non-padding) tokens per second of each, pipeline/plain speed-up, and the cache-writing
 overhead (hooks time vs pipeline time).
 
-    python -m benchmarks.bench_collection [--model embedded] [--prompts 32] [--repeats 3] [--out f.json]
+`--quick` uses a tiny random 2-layer Llama instead (a smoke run in seconds; its timings mean nothing).
+
+    python -m benchmarks.bench_collection [--quick] [--model embedded] [--prompts 40] [--repeats 3] [--out f.json]
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+
+from typing import Any
 
 import torch
 
@@ -25,15 +29,21 @@ from refusal_sae.data import PromptConfig, prepare_prompts
 from refusal_sae.model import ModelConfig, ModelWrapper
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded", help="data.model.name")
     parser.add_argument("--layers", default="12,16,20", help="hooked layers (block indices)")
     parser.add_argument("--prompts", type=int, default=40, help="prompts (a multiple of 20: n per category x 2 labels x 10)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="a tiny random model: a smoke run in seconds")
     parser.add_argument("--out", default=None, help="write the JSON result here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.quick:
+        from tests.tiny_model import make_tiny_model
+
+        args.model = str(make_tiny_model(Path(tempfile.mkdtemp(prefix="bench_collection_")) / "model"))
+        args.layers, args.prompts, args.repeats = "0,1", 20, 1
 
     work = Path(tempfile.mkdtemp(prefix="bench_collection_"))
     splits = prepare_prompts(PromptConfig(balance="n_per_category", n_per_category=max(1, args.prompts // 20)),
@@ -66,14 +76,15 @@ def main() -> None:
                (("plain", plain), ("hooks", hooks), ("pipeline", pipeline))}
     rows = [{"side": name, "seconds": s, "tokens_per_s": n_tokens / s} for name, s in seconds.items()]
     extra = {
-        "model": args.model, "layers": layers, "prompts": len(prompts), "tokens": n_tokens,
+        "model": "tiny random llama (--quick)" if args.quick else args.model, "quick": args.quick, "layers": layers, "prompts": len(prompts), "tokens": n_tokens,
         "batch_size": args.batch_size, "repeats": args.repeats, "n_layers": wrapper.n_layers,
         "speedup_pipeline_vs_plain": seconds["plain"] / seconds["pipeline"],
         "cache_writing_overhead": seconds["pipeline"] / seconds["hooks"] - 1,
     }
-    report("activation collection", rows, extra, args.out)
+    result = report("activation collection", rows, extra, args.out)
     print(f"pipeline vs plain: {extra['speedup_pipeline_vs_plain']:.2f}x faster; "
           f"cache writing adds {100 * extra['cache_writing_overhead']:.1f}% to the hooked forward passes")
+    return result
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ memory-mapped pages included) is sampled after every batch. RSS rises over the f
 allocators warm up, then stays flat: `second_half_growth_mib` (peak of the epoch's second half minus
 peak of its first half) is about 0 when memory does not grow with the data streamed. Memory is bounded if the 10x cache adds only a small constant.
 
-    python -m benchmarks.bench_stream_memory [--prompts 400] [--shard-size 100] [--scale 10] [--d-model 1024] [--out f.json]
+`--quick`: 40 prompts, 3x, d_model 64 (a smoke run in seconds).
+
+    python -m benchmarks.bench_stream_memory [--quick] [--prompts 400] [--shard-size 100] [--scale 10] [--d-model 1024] [--out f.json]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import report
 
@@ -26,7 +29,7 @@ import json, sys
 import psutil
 from refusal_sae.activations import TokenStream
 process = psutil.Process()
-stream = TokenStream(sys.argv[1], batch_size=1024, seed=0)
+stream = TokenStream(sys.argv[1], batch_size=int(sys.argv[2]), seed=0)
 base = process.memory_info().rss
 tokens, rss = 0, []
 for batch in stream:
@@ -49,14 +52,18 @@ def build_cache(model_dir: Path, prompts: list, directory: Path, shard_size: int
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=400, help="prompts in the small cache")
     parser.add_argument("--shard-size", type=int, default=100, help="prompts per shard (memory is bounded by a shard)")
     parser.add_argument("--scale", type=int, default=10, help="the large cache has this many times more")
     parser.add_argument("--d-model", type=int, default=1024)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--batch-size", type=int, default=1024, help="tokens per streamed batch")
+    parser.add_argument("--quick", action="store_true", help="small caches: a smoke run in seconds")
+    parser.add_argument("--out", default=None, help="write the JSON result here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompts, args.shard_size, args.scale, args.d_model, args.batch_size = 40, 10, 3, 64, 64
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from refusal_sae.data import ORBenchLoader
@@ -69,7 +76,7 @@ def main() -> None:
     for name, n in (("small", args.prompts), ("large", args.prompts * args.scale)):
         size = build_cache(model_dir, [samples[i % len(samples)] for i in range(n)], work / name, args.shard_size)
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        out = subprocess.run([sys.executable, "-c", STREAM, str(work / name)], env=env, check=True,
+        out = subprocess.run([sys.executable, "-c", STREAM, str(work / name), str(args.batch_size)], env=env, check=True,
                              capture_output=True, text=True).stdout
         stats = json.loads(out.strip().splitlines()[-1])
         rows.append({"cache": name, "prompts": n, "cache_mib": size / 2**20, "tokens_streamed": stats["tokens"],
@@ -77,14 +84,15 @@ def main() -> None:
                      "second_half_growth_mib": stats["second_half_peak_mib"] - stats["first_half_peak_mib"]})
     small, large = rows
     extra = {
-        "d_model": args.d_model, "scale": args.scale, "shard_size": args.shard_size,
+        "quick": args.quick, "d_model": args.d_model, "batch_size": args.batch_size, "scale": args.scale, "shard_size": args.shard_size,
         "cache_size_ratio": large["cache_mib"] / small["cache_mib"],
         "peak_rss_ratio": large["peak_rss_mib"] / small["peak_rss_mib"],
         "peak_rss_increase_mib": large["peak_rss_mib"] - small["peak_rss_mib"],
     }
-    report("streaming memory", rows, extra, args.out)
+    result = report("streaming memory", rows, extra, args.out)
     print(f"a {extra['cache_size_ratio']:.1f}x larger cache raised peak RSS by "
           f"{extra['peak_rss_increase_mib']:.1f} MiB ({extra['peak_rss_ratio']:.2f}x)")
+    return result
 
 
 if __name__ == "__main__":

@@ -195,16 +195,26 @@ class Ablator:
         return self.keep_circuit([])
 
 
-def refusal_contrast(scores: Tensor, positive: np.ndarray, group: str) -> float:
-    """F of a circuit's held-out prompts from their per-prompt refusal scores.
+def contrast_weights(positive: np.ndarray, group: str) -> np.ndarray:
+    """(n,) weights w that define F of a circuit's held-out prompts as sum_p w_p score_p.
 
     A circuit of a whole category ("all") must explain why the model refuses one kind of prompt and
-    not the other: F = mean score of the positive prompts (toxic, or refused) - mean score of the
-    negative ones. A toxic or safe circuit is judged on its own prompts only: F = their mean score.
+    not the other: +1/n_pos for positive prompts (toxic, or refused), -1/n_neg for the others, so F =
+    mean positive score - mean negative score. A toxic or safe circuit is judged on its own prompts
+    only: 1/n each, F = their mean score. Attribution differentiates this same F.
     """
+    positive = np.asarray(positive, dtype=bool)
+    n = len(positive)
     if group != "all":
-        return float(scores.mean())
-    return float(scores[torch.as_tensor(positive)].mean() - scores[torch.as_tensor(~positive)].mean())
+        return np.full(n, 1.0 / n)
+    n_pos = int(positive.sum())
+    return np.where(positive, 1.0 / n_pos, -1.0 / (n - n_pos))
+
+
+def refusal_contrast(scores: Tensor, positive: np.ndarray, group: str) -> float:
+    """F of a circuit's held-out prompts from their per-prompt refusal scores (`contrast_weights`)."""
+    weights = torch.as_tensor(contrast_weights(positive, group), dtype=torch.float64)
+    return float(weights @ scores.detach().cpu().double())
 
 
 def normalised(f: float, f_model: float, f_empty: float) -> float | None:
@@ -292,5 +302,5 @@ def best_point(points: Sequence[dict]) -> dict | None:
 
 __all__ = [
     "AblationConfig", "Ablator", "Keep", "best_point", "circuit_rng", "evaluate_sweep", "normalised",
-    "random_nodes", "refusal_contrast",
+    "contrast_weights", "random_nodes", "refusal_contrast",
 ]

@@ -82,6 +82,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from refusal_sae.ablation import contrast_weights
 from refusal_sae.circuits import ERROR, Edge, Node, NodeScores, node_name
 from refusal_sae.errors import UserError
 from refusal_sae.metric import RefusalMetric
@@ -90,20 +91,6 @@ from refusal_sae.sae import SparseAutoencoder
 
 METHODS = ("patching", "ig")
 GROUPS = ("all", "toxic", "safe")
-
-
-def contrast_weights(positive: np.ndarray, group: str) -> np.ndarray:
-    """(n,) weights w with F = sum_p w_p s_p equal to `refusal_contrast(s, positive, group)`.
-
-    "all": +1/n_pos for positive prompts, -1/n_neg for the others (mean positive - mean negative);
-    "toxic" / "safe": 1/n each (the mean).
-    """
-    positive = np.asarray(positive, dtype=bool)
-    n = len(positive)
-    if group != "all":
-        return np.full(n, 1.0 / n)
-    n_pos = int(positive.sum())
-    return np.where(positive, 1.0 / n_pos, -1.0 / (n - n_pos))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,4 +430,4 @@ def edge_scores(
     return edges
 
 
-__all__ = ["METHODS", "attribution_scores", "contrast_weights", "edge_scores"]
+__all__ = ["METHODS", "attribution_scores", "edge_scores"]

@@ -13,9 +13,7 @@ import pytest
 from refusal_sae.cli import main
 from refusal_sae.sae import SparseAutoencoder
 from tests.conftest import ROOT, write_csv
-from tests.tiny_model import make_tiny_model
-
-DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
+from tests.tiny_model import DEFAULT_CONFIG, tiny_fit_options
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -57,30 +55,9 @@ def test_print_config_resolves_interpolation(capsys: pytest.CaptureFixture[str],
 
 @pytest.fixture(scope="module")
 def tiny_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """Options that run the whole default pipeline on a tiny model and 40 bundled prompts, in seconds."""
-    root = tmp_path_factory.mktemp("tiny")
-    model_dir = make_tiny_model(root, n_layers=2)
-    callbacks = root / "callbacks.yaml"  # the default callbacks, with openers from the tiny vocabulary
-    callbacks.write_text(TINY_CALLBACKS)
-    return ["--config", str(DEFAULT_CONFIG), "--config", str(callbacks), "--data.model.name", str(model_dir),
-            "--data.activations.layers", "[0, 1]", "--model.sae.d_in", "32",
-            "--model.sae.num_latents", "128", "--data.prompts.balance", "n_per_category",
-            "--data.prompts.n_per_category", "3",
-            "--data.batch_size", "64", "--trainer.max_epochs", "2", "--trainer.logger", "false"]
-
-
-TINY_CALLBACKS = """
-trainer:
-  callbacks:
-    - class_path: lightning_modules.RunDirCheckpoint
-    - class_path: callbacks.CircuitDiscoveryCallback
-      init_args: {every_n_epochs: 2, circuits: {threshold: 0.9, edge_threshold: 0.9, sweep: [0.99, 0.9, 0.5]}}
-    - class_path: callbacks.AblationEvaluationCallback
-      init_args:
-        every_n_epochs: 2
-        metric: {refusal_openers: [not], compliance_openers: [how]}
-        validity: {max_new_tokens: 2, refusal_phrases: [not]}
-"""
+    """Options that run the whole default pipeline on a tiny model and 60 bundled prompts, in seconds."""
+    return [*tiny_fit_options(tmp_path_factory.mktemp("tiny")), "--model.sae.num_latents", "128",
+            "--trainer.max_epochs", "2"]
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from refusal_sae.sae import SparseAutoencoder
 from tests.conftest import ROOT
-from tests.test_cli import DEFAULT_CONFIG, TINY_CALLBACKS, cli_in_process, one_line_error
-from tests.tiny_model import make_tiny_model
+from tests.test_cli import cli_in_process, one_line_error
+from tests.tiny_model import DEFAULT_CONFIG, tiny_fit_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,14 +32,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """The default config (circuit callbacks with the tiny vocabulary's openers) on a tiny model, 60
     prompts and a shared activation cache, without W&B."""
     root = tmp_path_factory.mktemp("tiny")
-    model_dir = make_tiny_model(root / "model", n_layers=2)
-    callbacks = root / "callbacks.yaml"
-    callbacks.write_text(TINY_CALLBACKS)
-    return ["--config", str(DEFAULT_CONFIG), "--config", str(callbacks), "--data.model.name", str(model_dir),
-            "--data.activations.layers", "[0, 1]", "--data.activations.cache_dir", str(root / "activations"),
-            "--model.sae.d_in", "32", "--data.prompts.balance", "n_per_category",
-            "--data.prompts.n_per_category", "3",
-            "--data.batch_size", str(BATCH), "--trainer.logger", "false"]
+    return [*tiny_fit_options(root), "--data.activations.cache_dir", str(root / "activations")]
 
 
 def test_ddp_ranks_end_identical_with_global_dead_latent_counts_and_w_and_b_offline(

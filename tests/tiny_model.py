@@ -16,6 +16,8 @@ from pathlib import Path
 
 from refusal_sae.data import sample_data_dir
 
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, *ROLE_TOKENS)  # ids 0..6 in this order
@@ -122,3 +124,32 @@ def make_tiny_model(
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+#: The default config's circuit callbacks, with sweeps and refusal/compliance openers that suit the
+#: tiny model's word-level vocabulary (it has no "I", "Sure" or "cannot").
+TINY_CALLBACKS = """
+trainer:
+  callbacks:
+    - class_path: lightning_modules.RunDirCheckpoint
+    - class_path: callbacks.CircuitDiscoveryCallback
+      init_args: {every_n_epochs: 2, circuits: {threshold: 0.9, edge_threshold: 0.9, sweep: [0.99, 0.9, 0.5]}}
+    - class_path: callbacks.AblationEvaluationCallback
+      init_args:
+        every_n_epochs: 2
+        metric: {refusal_openers: [not], compliance_openers: [how]}
+        validity: {max_new_tokens: 2, refusal_phrases: [not]}
+"""
+
+
+def tiny_fit_options(root: str | Path) -> list[str]:
+    """`fit` options that run the whole default pipeline (circuit callbacks included) on a 2-layer tiny
+    model written into `root` and 60 bundled prompts, in seconds, without W&B."""
+    root = Path(root)
+    model_dir = make_tiny_model(root / "model", n_layers=2)
+    callbacks = root / "callbacks.yaml"
+    callbacks.write_text(TINY_CALLBACKS)
+    return ["--config", str(DEFAULT_CONFIG), "--config", str(callbacks), "--data.model.name", str(model_dir),
+            "--data.activations.layers", "[0, 1]", "--model.sae.d_in", "32", "--data.prompts.balance",
+            "n_per_category", "--data.prompts.n_per_category", "3", "--data.batch_size", "64",
+            "--trainer.logger", "false"]

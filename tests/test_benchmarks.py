@@ -1,0 +1,42 @@
+"""The benchmark suite in quick mode: it runs end to end and its report keeps its shape (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from benchmarks.__main__ import BENCHMARKS
+from benchmarks.__main__ import main as run_suite
+
+
+def test_quick_suite_writes_one_table_and_json_with_stable_keys(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    run_suite(["--quick", "--out", str(tmp_path)])
+    assert torch.get_num_threads() == threads  # the suite restores what a benchmark changed
+
+    suite = json.loads((tmp_path / "results.json").read_text())
+    assert set(suite) == {"suite", "quick", "started", "seconds", "machine", "command", "rows", "results"}
+    assert suite["quick"] and set(suite["results"]) == set(BENCHMARKS)
+    assert {"processor", "cpu_count", "memory_gib", "gpu", "torch", "transformers", "eai_sparsify"} <= set(
+        suite["machine"])
+    assert [r["benchmark"] for r in suite["rows"]] == [
+        "activation collection", "SAE training step", "SAE training step", "SAE quality", "streaming memory",
+        "ablation sweep", "end to end"]
+    for row in suite["rows"]:
+        assert set(row) == {"benchmark", "measure", "a", "a_value", "b", "b_value", "a/b"}
+        assert row["a_value"] > 0 and row["b_value"] > 0 and math.isclose(row["a/b"], row["a_value"] / row["b_value"])
+
+    results = suite["results"]
+    assert results["ablation"]["F_values_equal"]  # both evaluation paths give the same F
+    sae = {r["side"]: r for r in results["sae"]["rows"]}
+    assert sae["refusal_sae"]["fvu"] < results["sae"]["fvu_at_init"] and sae["sparsify"]["fvu"] < 1
+    small, large = results["memory"]["rows"]
+    assert large["tokens_streamed"] > 2 * small["tokens_streamed"]  # every token of both caches streamed
+    assert results["end_to_end"]["prompts"] == 60
+
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown.startswith("| benchmark | measure | a | a_value | b | b_value | a/b |")
+    assert "`python -m benchmarks --quick`" in markdown and "timings mean nothing" in markdown
