@@ -221,7 +221,9 @@ class AblationEvaluationCallback(_EveryNEpochs):
                 plots[f"circuits/{method}/{r['name']}/curves"] = wandb.plot.line_series(
                     xs=xs, ys=ys, keys=["faithfulness", "completeness", "random faithfulness", "random completeness"],
                     title=f"{method} {r['name']}: ablation sweep", xname="nodes")
-        logger.experiment.log(plots, step=trainer.global_step)
+        # as Lightning's WandbLogger logs: W&B's own step counter has run past global_step by now (one
+        # increment per log call), and W&B drops data logged at an explicit step behind it
+        logger.experiment.log({**plots, "trainer/global_step": trainer.global_step})
         for key, path in images:
             logger.log_image(key, [str(path)], step=trainer.global_step)
 

@@ -69,6 +69,7 @@ def test_ddp_ranks_end_identical_with_global_dead_latent_counts_and_w_and_b_offl
         assert counts.max() == global_step * 2 * BATCH  # latents that never fired on any rank
         assert (counts == 0).any()  # those that fired in the last step
 
+    assert "less than the current step" not in result.stderr  # W&B dropped nothing logged at an old step
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, "expected one offline W&B run from rank 0"
     history = runs[0].read_bytes()
