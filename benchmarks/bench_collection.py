@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
-
 from typing import Any
 
 import torch
@@ -76,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                (("plain", plain), ("hooks", hooks), ("pipeline", pipeline))}
     rows = [{"side": name, "seconds": s, "tokens_per_s": n_tokens / s} for name, s in seconds.items()]
     extra = {
-        "model": "tiny random llama (--quick)" if args.quick else args.model, "quick": args.quick, "layers": layers, "prompts": len(prompts), "tokens": n_tokens,
+        "model": "tiny random llama (--quick)" if args.quick else args.model, "quick": args.quick,
+        "layers": layers, "prompts": len(prompts), "tokens": n_tokens,
         "batch_size": args.batch_size, "repeats": args.repeats, "n_layers": wrapper.n_layers,
         "speedup_pipeline_vs_plain": seconds["plain"] / seconds["pipeline"],
         "cache_writing_overhead": seconds["pipeline"] / seconds["hooks"] - 1,

@@ -19,7 +19,8 @@ run under bf16 autocast, as `precision: bf16-mixed` does (sparsify always autoca
 
 Both sides use torch.optim.Adam(fused=True), as SAEModule builds it by default (one kernel per parameter);
 `--foreach-adam` gives both torch's default implementation instead (about ten elementwise passes over each
-parameter: about 75 ms instead of 13 ms per step at width 7168 on two CPU cores). `--profile` prints where refusal_sae's step spends its time.
+parameter: about 75 ms instead of 13 ms per step at width 7168 on two CPU cores). `--profile` prints where
+refusal_sae's step spends its time.
 
     python -m benchmarks.bench_sae [--quick] [--d-in 896 --expansion 4 | --width N] [--k 32 --batch 1024 --steps 40]
                                    [--cache DIR --layer NAME] [--device auto] [--foreach-adam] [--profile]
@@ -248,8 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
     ours.init_from_data(batches(0))
     theirs = SparseCoder(args.d_in, SparseCoderConfig(num_latents=cfg.width, k=args.k), device=device)
     theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if k != "tokens_since_fired"})
-    sides = [Ours("refusal_sae", ours.train(), args.lr, dead_tokens, cfg.auxk_alpha, autocast, not args.foreach_adam),
-             Sparsify("sparsify", theirs.train(), args.lr, dead_tokens, cfg.auxk_alpha, autocast, not args.foreach_adam)]
+    fused = not args.foreach_adam
+    sides = [Ours("refusal_sae", ours.train(), args.lr, dead_tokens, cfg.auxk_alpha, autocast, fused),
+             Sparsify("sparsify", theirs.train(), args.lr, dead_tokens, cfg.auxk_alpha, autocast, fused)]
 
     w = ours.encoder.weight.detach().to(torch.bfloat16 if bf16 else torch.float32).clone()
     x_floor = batches(0).to(w.dtype)

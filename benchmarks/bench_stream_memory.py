@@ -8,7 +8,8 @@ peak of its first half) is about 0 when memory does not grow with the data strea
 
 `--quick`: 40 prompts, 3x, d_model 64 (a smoke run in seconds).
 
-    python -m benchmarks.bench_stream_memory [--quick] [--prompts 400] [--shard-size 100] [--scale 10] [--d-model 1024] [--out f.json]
+    python -m benchmarks.bench_stream_memory [--quick] [--prompts 400] [--shard-size 100] [--scale 10]
+                                             [--d-model 1024] [--batch-size 1024] [--out f.json]
 """
 
 from __future__ import annotations
@@ -76,15 +77,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, n in (("small", args.prompts), ("large", args.prompts * args.scale)):
         size = build_cache(model_dir, [samples[i % len(samples)] for i in range(n)], work / name, args.shard_size)
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        out = subprocess.run([sys.executable, "-c", STREAM, str(work / name), str(args.batch_size)], env=env, check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run([sys.executable, "-c", STREAM, str(work / name), str(args.batch_size)], env=env,
+                             check=True, capture_output=True, text=True).stdout
         stats = json.loads(out.strip().splitlines()[-1])
         rows.append({"cache": name, "prompts": n, "cache_mib": size / 2**20, "tokens_streamed": stats["tokens"],
                      "peak_rss_mib": stats["peak_mib"], "rss_over_baseline_mib": stats["peak_mib"] - stats["baseline_mib"],
                      "second_half_growth_mib": stats["second_half_peak_mib"] - stats["first_half_peak_mib"]})
     small, large = rows
     extra = {
-        "quick": args.quick, "d_model": args.d_model, "batch_size": args.batch_size, "scale": args.scale, "shard_size": args.shard_size,
+        "quick": args.quick, "d_model": args.d_model, "batch_size": args.batch_size, "scale": args.scale,
+        "shard_size": args.shard_size,
         "cache_size_ratio": large["cache_mib"] / small["cache_mib"],
         "peak_rss_ratio": large["peak_rss_mib"] / small["peak_rss_mib"],
         "peak_rss_increase_mib": large["peak_rss_mib"] - small["peak_rss_mib"],
