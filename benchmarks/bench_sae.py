@@ -13,6 +13,9 @@ gradient projection, Adam step, decoder rows back to unit norm, dead-latent book
   fvu            FVU of each SAE on held-out tokens after the same number of training tokens;
   dead           fraction of latents silent for the last `--dead-tokens` training tokens.
 
+On a CPU a third side, "refusal_sae, PyTorch ops", is the same SAE stepped with its C kernels switched off
+(REFUSAL_SAE_CPU_KERNELS=0, see refusal_sae/cpu_kernels.py): what the kernels save.
+
 Data: sparse non-negative mixtures of a random dictionary (default), or a layer of an activation cache
 (`--cache runs/default/activations --layer residuals_12`). Precision: fp32 on the CPU; on a GPU both
 run under bf16 autocast, as `precision: bf16-mixed` does (sparsify always autocasts its forward there).
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -39,6 +43,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.common import median_seconds, report
+from refusal_sae import cpu_kernels
 from refusal_sae.sae import SAEConfig, SparseAutoencoder
 
 
@@ -138,6 +143,32 @@ class Ours(Side):
 
     def dead_fraction(self) -> float:
         return self.sae.dead_latents().float().mean().item()
+
+
+@contextlib.contextmanager
+def kernels_off():
+    """Run the block with refusal_sae's C kernels switched off, as REFUSAL_SAE_CPU_KERNELS=0 does."""
+    before = os.environ.get(cpu_kernels.ENV_SWITCH)
+    os.environ[cpu_kernels.ENV_SWITCH] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[cpu_kernels.ENV_SWITCH]
+        else:
+            os.environ[cpu_kernels.ENV_SWITCH] = before
+
+
+class OursTorchOps(Ours):
+    """The same SAE and step with the C kernels off: PyTorch's topk and CSR products instead."""
+
+    def step(self, x: torch.Tensor) -> None:
+        with kernels_off():
+            super().step(x)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        with kernels_off():
+            return super().reconstruct(x)
 
 
 class Sparsify(Side):
@@ -252,6 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
     fused = not args.foreach_adam
     sides = [Ours("refusal_sae", ours.train(), args.lr, dead_tokens, cfg.auxk_alpha, autocast, fused),
              Sparsify("sparsify", theirs.train(), args.lr, dead_tokens, cfg.auxk_alpha, autocast, fused)]
+    if device.type == "cpu" and cpu_kernels.usable(batches(0)):
+        sides.append(OursTorchOps("refusal_sae, PyTorch ops", copy.deepcopy(ours), args.lr, dead_tokens,
+                                  cfg.auxk_alpha, autocast, fused))
 
     w = ours.encoder.weight.detach().to(torch.bfloat16 if bf16 else torch.float32).clone()
     x_floor = batches(0).to(w.dtype)
@@ -259,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     floor_times = []
 
     fvu_before = fvu(sides[0], held_out)
-    # Interleaved, step by step, so that both sides (and the floor) see the same machine load.
+    # Interleaved, step by step, so that every side (and the floor) sees the same machine load.
     for i in range(args.steps):
         x = batches(i)
         for side in sides:

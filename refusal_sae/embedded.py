@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from refusal_sae.errors import UserError
-from refusal_sae.io import atomic_open, sha256_file, write_json
+from refusal_sae.io import atomic_open, cache_root, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +98,6 @@ EMBEDDED_CHUNKS: tuple[Chunk, ...] = (
 )
 EMBEDDED_DISTRIBUTIONS: tuple[str, ...] = tuple(c.distribution for c in EMBEDDED_CHUNKS)
 assert sum(c.size for c in EMBEDDED_CHUNKS) == GGUF_SIZE
-
-
-def cache_root() -> Path:
-    """`$REFUSAL_SAE_CACHE`, else `$XDG_CACHE_HOME/refusal_sae`, else `~/.cache/refusal_sae`."""
-    if os.environ.get("REFUSAL_SAE_CACHE"):
-        return Path(os.environ["REFUSAL_SAE_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "refusal_sae"
-    return Path.home() / ".cache" / "refusal_sae"
 
 
 def embedded_cache_dir(cache_dir: str | Path | None = None, sha256: str = GGUF_SHA256) -> Path:

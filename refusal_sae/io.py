@@ -48,3 +48,12 @@ def sha256_file(path: str | Path, block_size: int = 1 << 23) -> str:
         while block := f.read(block_size):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    """`$REFUSAL_SAE_CACHE`, else `$XDG_CACHE_HOME/refusal_sae`, else `~/.cache/refusal_sae`."""
+    if os.environ.get("REFUSAL_SAE_CACHE"):
+        return Path(os.environ["REFUSAL_SAE_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "refusal_sae"
+    return Path.home() / ".cache" / "refusal_sae"

@@ -39,6 +39,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from refusal_sae import cpu_kernels
 from refusal_sae.errors import UserError
 from refusal_sae.io import atomic_open, write_json
 
@@ -174,15 +175,24 @@ CPU a gathered row costs roughly ten times a row of a dense matmul, so for large
 latents is the cheaper one. The same ratio decides between a dense block and k_aux rows per token for AuxK."""
 
 
-def _topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k of each row of `pre` (before the ReLU) as (ReLU'd values, indices), indices ascending.
+def _topk(product: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of each row of the pre-activations `product + bias` as (ReLU'd values, indices), indices ascending.
 
+    `product` is W_enc (x - b_dec) without b_enc: on the CPU in float32 the C kernel adds the bias while it
+    scans for the top k (`cpu_kernels.topk_relu`), so the biased (tokens, width) matrix is never written;
+    elsewhere `product + bias` is formed here. Both compute each pre-activation as the same float sum.
     ReLU after the selection gives the same features as selecting from ReLU(pre) (where fewer than k are
     positive, the extra entries are 0 either way) without a pass over the dense matrix. Ascending indices:
     the sparse decoder sums a token's rows in this order, the order in which `decode` finds them in dense
     features, so the training forward and decode(encode(x)) agree bit for bit.
     """
-    values, indices = pre.topk(k, dim=-1, sorted=False)
+    bias = bias.to(product.dtype)
+    if kernels := cpu_kernels.usable(product, bias):
+        values, indices = kernels.topk_relu(product, bias, k)
+        if torch.is_grad_enabled() and (product.requires_grad or bias.requires_grad):  # the same values, in the graph
+            values = (product.gather(-1, indices) + bias[indices]).relu()
+        return values, indices
+    values, indices = (product + bias).topk(k, dim=-1, sorted=False)
     indices, order = indices.sort(dim=-1)
     return values.gather(-1, order).relu(), indices
 
@@ -199,8 +209,11 @@ def _sparse_outer(latents: Tensor, tokens: Tensor, weights: Tensor, rows: Tensor
     The gradient of a weight matrix of which each token used only a few rows (the encoder's k rows through
     top-k, the decoder's k rows). A dense matmul would cost tokens x width x d; as a sparse (width, tokens)
     matrix times `rows` it costs tokens x k x d. index_add_ of the weighted rows would first write all
-    tokens x k x d products to memory (470 MB at 4096 tokens, k 32, d 896).
+    tokens x k x d products to memory (470 MB at 4096 tokens, k 32, d 896). On the CPU in float32,
+    `cpu_kernels.sparse_outer` does the same sums in one pass, without CSR's argsort, zero fill and copy.
     """
+    if kernels := cpu_kernels.usable(weights, rows):
+        return kernels.sparse_outer(latents, tokens, weights, rows, width)[0]
     order = latents.argsort(stable=True)  # stable: ascending tokens within each row, as CSR prefers them
     crow = latents.new_zeros(width + 1)
     torch.cumsum(torch.bincount(latents, minlength=width), 0, out=crow[1:])
@@ -224,7 +237,7 @@ class _SparseEncoder(torch.autograd.Function):
 
     Inputs: x (tokens, d_in), b_dec, W_enc, b_enc, k, the matmul dtype, and for AuxK the dead latents (or
     None), k_aux and whether to return the AuxK selection as k_aux (value, latent) pairs per token (`sparse_aux`)
-    or as a dense (tokens, dead) block; last, an optional (tokens, width) tensor to hold the pre-activations.
+    or as a dense (tokens, dead) block; last, an optional (tokens, width) tensor to hold the product W_enc (x - b_dec).
     Outputs: values and indices as `_topk`; aux values and aux latents (2-D pairs, or 1-D latents of the
     block's columns).
     """
@@ -233,16 +246,13 @@ class _SparseEncoder(torch.autograd.Function):
     def forward(ctx, x, b_dec, weight, bias, k, dtype, dead, k_aux, sparse_aux, workspace):
         ctx.set_materialize_grads(False)
         centred = x - b_dec
-        if workspace is None:
-            pre = F.linear(centred.to(dtype), weight.to(dtype), bias.to(dtype))
-        else:  # the kernel F.linear calls for 2-D input (so the same numbers), writing into `workspace`
-            with torch.autocast(x.device.type, enabled=False):
-                pre = torch.addmm(bias.to(dtype), centred.to(dtype), weight.to(dtype).T, out=workspace)
-        values, indices = _topk(pre, k)
+        with torch.autocast(x.device.type, enabled=False):  # the product `_product` computes, maybe into `workspace`
+            product = torch.mm(centred.to(dtype), weight.to(dtype).T, out=workspace)
+        values, indices = _topk(product, bias, k)
         if dead is None or len(dead) == 0:
-            aux_values, aux_latents = pre.new_zeros(len(pre), 0), indices.new_zeros(0)
+            aux_values, aux_latents = product.new_zeros(len(product), 0), indices.new_zeros(0)
         else:
-            block = pre.index_select(1, dead).relu_()
+            block = (product.index_select(1, dead) + bias.to(dtype)[dead]).relu_()
             if len(dead) <= k_aux:  # every dead latent is selected
                 aux_values, aux_latents = block, dead.clone()
             else:
@@ -305,7 +315,8 @@ class _SparseDecoder(torch.autograd.Function):
     dot product of the output gradient with that row (a sampled matmul) and, per row of W_dec, the sum of
     the output gradients of the tokens using it (`_sparse_outer`): O(tokens x k x d_in) each, where the dense
     features' matmul and its two gradient matmuls are O(tokens x width x d_in). (embedding_bag's own backward
-    computes the same, about a third slower on a CPU.)
+    computes the same, about a third slower on a CPU.) On the CPU in float32 one C pass computes both, reading
+    each token's output gradient once for the two (`cpu_kernels.Kernels.sparse_outer` with `dot_with`).
     """
 
     @staticmethod
@@ -320,6 +331,13 @@ class _SparseDecoder(torch.autograd.Function):
         n, k = indices.shape
         grad_out = grad_out.to(weight.dtype)
         grad_values = grad_weight = None
+        tokens = torch.arange(n, device=indices.device).repeat_interleave(k)
+        kernels = cpu_kernels.usable(grad_out, weight, values)
+        if kernels and ctx.needs_input_grad[1] and ctx.needs_input_grad[2]:  # both from one pass over grad_out
+            grad_weight, grad_values = kernels.sparse_outer(
+                indices.reshape(-1), tokens, values.reshape(-1), grad_out, weight.shape[0], dot_with=weight
+            )
+            return None, grad_values.reshape(n, k), grad_weight
         if ctx.needs_input_grad[1]:
             crow = torch.arange(0, n * k + 1, k, device=indices.device)
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
@@ -330,7 +348,6 @@ class _SparseDecoder(torch.autograd.Function):
             grad_values = torch.sparse.sampled_addmm(pattern, grad_out, weight.T, beta=0.0).values()
             grad_values = grad_values.reshape(n, k).to(values.dtype)
         if ctx.needs_input_grad[2]:
-            tokens = torch.arange(n, device=indices.device).repeat_interleave(k)
             grad_weight = _sparse_outer(indices.reshape(-1), tokens, values.reshape(-1), grad_out, weight.shape[0])
         return None, grad_values, grad_weight
 
@@ -421,7 +438,7 @@ class SparseAutoencoder(nn.Module):
         self._pre_workspace: Tensor | None = None
 
     def _workspace(self, tokens: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
-        """A (tokens, width) tensor kept from training step to training step for the pre-activations (CPU only).
+        """A (tokens, width) tensor kept from training step to training step for the encoder product (CPU only).
 
         glibc serves blocks this large (over 32 MB) by mmap and returns them on free, so a new one costs a
         page fault per 4 KiB on first write: 30 to 80 ms per step at 4096 tokens x 7168 latents, a tenth of
@@ -453,24 +470,24 @@ class SparseAutoencoder(nn.Module):
             )
         return x.reshape(-1, self.cfg.d_in)
 
-    def _pre(self, x: Tensor) -> Tensor:
-        """W_enc (x - b_dec) + b_enc before the ReLU, shape (tokens, width). The same call as in
-        `_SparseEncoder`, so both paths select from identical numbers."""
-        return self.encoder(self._tokens(x) - self.b_dec)
+    def _product(self, x: Tensor) -> Tensor:
+        """W_enc (x - b_dec), shape (tokens, width): the pre-activations before b_enc is added. The same
+        product as in `_SparseEncoder`, so training and `encode` select from identical numbers."""
+        centred = self._tokens(x) - self.b_dec
+        dtype = _matmul_dtype(centred, self.encoder.weight)
+        return torch.mm(centred.to(dtype), self.encoder.weight.to(dtype).T)
 
     def pre_activations(self, x: Tensor) -> Tensor:
         """ReLU(W_enc (x - b_dec) + b_enc), shape (..., width). Autocast may run the matmul in bf16."""
-        return F.relu(self._pre(x)).reshape(*x.shape[:-1], self.cfg.width)
-
-    def select_topk(self, pre: Tensor) -> Tensor:
-        """Keep the k largest pre-activations of each token, zero the rest (dense tensor)."""
-        values, indices = _topk(pre, self.cfg.k_active)
-        return torch.zeros_like(pre).scatter(-1, indices, values)
+        product = self._product(x)
+        return F.relu(product + self.encoder.bias.to(product.dtype)).reshape(*x.shape[:-1], self.cfg.width)
 
     def encode(self, x: Tensor) -> Tensor:
         """Sparse features of `x`, shape (..., width): exactly k non-zeros per token unless fewer than k
         pre-activations are positive."""
-        return self.select_topk(self._pre(x)).reshape(*x.shape[:-1], self.cfg.width)
+        product = self._product(x)
+        values, indices = _topk(product, self.encoder.bias, self.cfg.k_active)
+        return torch.zeros_like(product).scatter(-1, indices, values).reshape(*x.shape[:-1], self.cfg.width)
 
     def decode(self, features: Tensor) -> Tensor:
         """W_dec^T f + b_dec for any (e.g. patched) dense features; the result is fp32 because b_dec is.
@@ -519,21 +536,25 @@ class SparseAutoencoder(nn.Module):
             )
             reconstruction = _SparseDecoder.apply(indices, values, self.W_dec) + self.b_dec
         else:
-            pre = self._pre(tokens)
-            values, indices = _topk(pre, k)
-            features = torch.zeros_like(pre).scatter(-1, indices, values)
+            product = self._product(tokens)
+            values, indices = _topk(product, self.encoder.bias, k)
+            features = torch.zeros_like(product).scatter(-1, indices, values)
             reconstruction = features @ self.W_dec.to(features.dtype) + self.b_dec
-            aux_values, aux_latents = F.relu(pre).index_select(1, dead), dead
+            bias = self.encoder.bias.to(product.dtype)
+            aux_values, aux_latents = F.relu(product.index_select(1, dead) + bias[dead]), dead
             if len(dead) > k_aux:
                 top, position = aux_values.topk(k_aux, dim=-1, sorted=False)
                 aux_values = torch.zeros_like(aux_values).scatter(-1, position, top)
         # Losses in fp32 whatever autocast did to the matmuls: bf16 sums of squares lose the small errors.
+        # mse_loss: one fused pass each way, where (x - x_hat).pow(2).sum() makes three and two temporaries.
         x_flat = tokens.float()
-        residual = x_flat - reconstruction
         total_variance = (x_flat - x_flat.mean(0)).pow(2).sum()
-        squared_error = residual.pow(2).sum()
+        squared_error = F.mse_loss(reconstruction, x_flat, reduction="sum")
         fvu = squared_error / total_variance
-        auxk_loss = self._auxk_loss(aux_values, aux_latents, residual) if use_auxk else fvu.new_zeros(())
+        if use_auxk and aux_values.numel() > 0:
+            auxk_loss = self._auxk_loss(aux_values, aux_latents, (x_flat - reconstruction).detach())
+        else:
+            auxk_loss = fvu.new_zeros(())
         fired = _fired(indices, values, width)
         if self.training:
             self._count_firing(fired, len(tokens))
@@ -545,7 +566,7 @@ class SparseAutoencoder(nn.Module):
             auxk_loss=auxk_loss,
             loss=fvu + self.cfg.auxk_alpha * auxk_loss,
             l0=(values != 0).sum(-1).float().mean(),
-            mse=squared_error / residual.numel(),
+            mse=squared_error / x_flat.numel(),
             dead_fraction=self.dead_latents().float().mean(),
             values=values.reshape(*lead, k),
             indices=indices.reshape(*lead, k),
@@ -554,24 +575,21 @@ class SparseAutoencoder(nn.Module):
             _features=None if features is None else features.reshape(*lead, width),
         )
 
-    def _auxk_loss(self, aux_values: Tensor, aux_latents: Tensor, residual: Tensor) -> Tensor:
+    def _auxk_loss(self, aux_values: Tensor, aux_latents: Tensor, error: Tensor) -> Tensor:
         """AuxK (Gao et al. appendix A.2): the top d_in/2 dead latents must reconstruct the live latents' error.
 
         Dead latents never get a gradient from the main loss because top-k never selects them; this gives
         them one that points at what the live latents miss, so they come back as useful features. It is
         normalised like FVU, by the variance of the error itself. `aux_values` holds the selected dead
         latents' activations, either as (value, latent) pairs per token (2-D `aux_latents`) or as a dense
-        (tokens, dead) block whose columns are the latents `aux_latents`.
+        (tokens, dead) block whose columns are the latents `aux_latents`. `error` is x - x_hat, without gradient.
         """
-        if aux_values.numel() == 0:
-            return residual.new_zeros(())
         if aux_latents.dim() == 2:
             error_hat = _SparseDecoder.apply(aux_latents, aux_values, self.W_dec)
         else:  # no b_dec: it predicts an error
             error_hat = (aux_values @ self.W_dec.index_select(0, aux_latents).to(aux_values.dtype)).float()
-        target = residual.detach()
-        variance = (target - target.mean(0)).pow(2).sum()
-        return (error_hat - target).pow(2).sum() / variance
+        variance = (error - error.mean(0)).pow(2).sum()
+        return F.mse_loss(error_hat, error, reduction="sum") / variance
 
     @torch.no_grad()
     def _count_firing(self, fired: Tensor, tokens: int) -> None:

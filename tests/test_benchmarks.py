@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks.__main__ import BENCHMARKS
@@ -23,7 +24,8 @@ def test_quick_suite_writes_one_table_and_json_with_stable_keys(tmp_path: Path) 
     assert {"processor", "cpu_count", "memory_gib", "gpu", "torch", "transformers", "eai_sparsify"} <= set(
         suite["machine"])
     assert [r["benchmark"] for r in suite["rows"]] == [
-        "activation collection", "SAE training step", "SAE training step", "SAE quality", "streaming memory",
+        "activation collection", "SAE training step", "SAE training step", "SAE training step", "SAE quality",
+        "streaming memory",
         "ablation sweep", "end to end"]
     for row in suite["rows"]:
         assert set(row) == {"benchmark", "measure", "a", "a_value", "b", "b_value", "a/b"}
@@ -33,6 +35,7 @@ def test_quick_suite_writes_one_table_and_json_with_stable_keys(tmp_path: Path) 
     assert results["ablation"]["F_values_equal"]  # both evaluation paths give the same F
     sae = {r["side"]: r for r in results["sae"]["rows"]}
     assert sae["refusal_sae"]["fvu"] < results["sae"]["fvu_at_init"] and sae["sparsify"]["fvu"] < 1
+    assert sae["refusal_sae, PyTorch ops"]["fvu"] == pytest.approx(sae["refusal_sae"]["fvu"], rel=1e-3)
     small, large = results["memory"]["rows"]
     assert large["tokens_streamed"] > 2 * small["tokens_streamed"]  # every token of both caches streamed
     assert results["end_to_end"]["prompts"] == 60
