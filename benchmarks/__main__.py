@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     suite = {
         "suite": "refusal_sae benchmarks", "quick": args.quick, "started": started.isoformat(timespec="seconds"),
         "seconds": (datetime.now(timezone.utc) - started).total_seconds(), "machine": where,
-        "command": "python -m benchmarks" + (" --quick" if args.quick else ""), "rows": rows, "results": results,
+        "command": " ".join(["python -m benchmarks", *(["--quick"] if args.quick else []),
+                             *([f"--only {','.join(names)}"] if names != list(BENCHMARKS) else [])]),
+        "rows": rows, "results": results,
     }
     out = Path(args.out)
     write_json(out / "results.json", suite)
