@@ -11,6 +11,7 @@ import torch
 
 from benchmarks.__main__ import BENCHMARKS
 from benchmarks.__main__ import main as run_suite
+from refusal_sae import cpu_kernels
 
 
 def test_quick_suite_writes_one_table_and_json_with_stable_keys(tmp_path: Path) -> None:
@@ -23,9 +24,9 @@ def test_quick_suite_writes_one_table_and_json_with_stable_keys(tmp_path: Path) 
     assert suite["quick"] and set(suite["results"]) == set(BENCHMARKS)
     assert {"processor", "cpu_count", "memory_gib", "gpu", "torch", "transformers", "eai_sparsify"} <= set(
         suite["machine"])
+    kernels = cpu_kernels.usable(torch.zeros(1)) is not None  # then the SAE step is also run without them
     assert [r["benchmark"] for r in suite["rows"]] == [
-        "activation collection", "SAE training step", "SAE training step", "SAE training step", "SAE quality",
-        "streaming memory",
+        "activation collection", *["SAE training step"] * (3 if kernels else 2), "SAE quality", "streaming memory",
         "ablation sweep", "end to end"]
     for row in suite["rows"]:
         assert set(row) == {"benchmark", "measure", "a", "a_value", "b", "b_value", "a/b"}
@@ -35,7 +36,8 @@ def test_quick_suite_writes_one_table_and_json_with_stable_keys(tmp_path: Path) 
     assert results["ablation"]["F_values_equal"]  # both evaluation paths give the same F
     sae = {r["side"]: r for r in results["sae"]["rows"]}
     assert sae["refusal_sae"]["fvu"] < results["sae"]["fvu_at_init"] and sae["sparsify"]["fvu"] < 1
-    assert sae["refusal_sae, PyTorch ops"]["fvu"] == pytest.approx(sae["refusal_sae"]["fvu"], rel=1e-3)
+    if kernels:
+        assert sae["refusal_sae, PyTorch ops"]["fvu"] == pytest.approx(sae["refusal_sae"]["fvu"], rel=1e-3)
     small, large = results["memory"]["rows"]
     assert large["tokens_streamed"] > 2 * small["tokens_streamed"]  # every token of both caches streamed
     assert results["end_to_end"]["prompts"] == 60
