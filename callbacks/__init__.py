@@ -1,5 +1,5 @@
-"""Callbacks that observe SAE training and report: circuit discovery and ablation evaluation."""
+"""Callbacks that observe SAE training and report: the circuit analysis."""
 
-from callbacks.circuit_callbacks import AblationEvaluationCallback, CircuitDiscoveryCallback
+from callbacks.circuit_callbacks import CircuitAnalysisCallback
 
-__all__ = ["AblationEvaluationCallback", "CircuitDiscoveryCallback"]
+__all__ = ["CircuitAnalysisCallback"]

@@ -4,11 +4,8 @@ Correlation (`refusal_sae.circuits`) finds SAE latents whose values go with refu
 latent the model USES from one that merely co-occurs with the cause. This module scores every node by
 its indirect effect (IE) on the circuit's metric F, the quantity mean-ablation evaluation measures.
 
-The metric. F is the circuit's `refusal_contrast` over its prompts, a weighted sum of per-prompt
-refusal scores s_p (`RefusalMetric.score` of the last-token logits):
-
-    F = sum_p w_p s_p,   w_p = +1/n_pos (positive prompt), -1/n_neg (other) for a circuit of group "all",
-                         w_p = 1/n for a "toxic" or "safe" circuit (F = their mean score).
+The metric. F is the circuit's objective over its prompts (`refusal_sae.objective`), a weighted sum of
+per-prompt refusal scores s_p (`RefusalMetric.score` of the last-token logits): F = sum_p w_p s_p.
 
 Being linear in the scores, F's gradient is the sum of per-batch gradients of sum_{p in batch} w_p s_p,
 so one backward pass per batch of prompts gives dF for the whole set.
@@ -17,15 +14,15 @@ Nodes. At each hooked layer l the residual stream x (batch, seq, d_model) is wri
 
     x = W_dec^T f + b_dec + err,   f = encode(x) (width latents),   err = x - decode(f),
 
-and a node is one latent f_i or the whole error vector err. Mean-ablating node a replaces its value at
-every position by a_mean (the per-feature mean over the discovery tokens, or the mean error vector), as
+and a node is one latent f_i or the whole error vector err at one position class c (`refusal_sae.positions`).
+Mean-ablating node a replaces its value at every position of class c by its mean there, a_mean(c), as
 `refusal_sae.ablation.Ablator` does. Its indirect effect IE(a) = F(a := a_mean) - F is estimated to first
 order (attribution patching):
 
-    IE(f_i) ~ sum_p sum_t dF/df_i[p,t] (mean_i - f_i[p,t])
-    IE(err) ~ sum_p sum_t <dF/derr[p,t], mean_err - err[p,t]>      (dot product over d_model)
+    IE(f_i, c) ~ sum_p sum_{t in c} dF/df_i[p,t] (mean_i(c) - f_i[p,t])
+    IE(err, c) ~ sum_p sum_{t in c} <dF/derr[p,t], mean_err(c) - err[p,t]>      (dot product over d_model)
 
-over the real (non-padding) positions t of each prompt.
+over the real (non-padding) positions t of class c of each prompt; the shared prefix is no node.
 
 Total effects (Marks et al.'s stop-gradient trick). The gradient must be the TOTAL effect of a node on F,
 through every later layer, not the effect with later SAE nodes held fixed. In the forward hook of each SAE
@@ -42,7 +39,8 @@ dF/derr = dF/dx'. One forward and one backward pass per batch score every node o
 
 Integrated gradients (Marks et al. appendix; `method="ig"`). Where F is not linear in a node, one
 gradient at the clean point can be far off. For each layer separately the whole layer's (f, err) is
-moved along the straight line from the actual values towards the means, a(alpha) = a + alpha (mean - a)
+moved along the straight line from the actual values towards the means of their position classes,
+a(alpha) = a + alpha (mean - a)
 at alpha_k = (k + 1/2)/steps (the midpoint rule), the other layers left clean, and
 
     IE_IG(a) = sum_p sum_t (1/steps sum_k dF/da(alpha_k)[p,t]) (mean - a[p,t]),
@@ -54,7 +52,7 @@ summing to F(layer ablated) - F over the layer's nodes as steps grows (completen
 Edges (Marks et al. §2, eq. 3). For an upstream node u at hooked layer l and a downstream node d at the
 next hooked layer l',
 
-    IE(u -> d) ~ sum_p sum_t sum_t' dF/dd[p,t'] dd[p,t']/du[p,t] (mean_u - u[p,t]),
+    IE(u -> d) ~ sum_p sum_{t in c_u} sum_{t' in c_d} dF/dd[p,t'] dd[p,t']/du[p,t] (mean_u(c_u) - u[p,t]),
 
 where d is the downstream SAE's latent (or error vector) computed from the ATTACHED residual at l', so
 dd/du runs through the model's blocks between l and l' only, and dF/dd is d's total effect (above). It
@@ -68,7 +66,7 @@ the downstream error node, not the latent, takes up a change that would switch i
 u -> error edges where ablation turns latents on (e.g. safe prompts in which the latent is silent).
 
 Memory. A batch keeps, per hooked layer, the features (batch, seq, width) and their gradient, plus the
-model's activations for the backward pass; `edge_scores` also keeps the attached encoder graph
+model's activations for the backward pass; `attribution_edges` also keeps the attached encoder graph
 (batch, seq, width) of each downstream layer. Lower `batch_size` when that does not fit.
 """
 
@@ -77,24 +75,56 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from refusal_sae.ablation import contrast_weights
-from refusal_sae.circuits import ERROR, Edge, Node, NodeScores, node_name
+from refusal_sae.circuits import ERROR, Edge, Node, NodeScores
 from refusal_sae.errors import UserError
+from refusal_sae.features import NodeMeans
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import LAYER_PREFIX, ModelWrapper
 from refusal_sae.sae import SparseAutoencoder
 
-METHODS = ("patching", "ig")
-GROUPS = ("all", "toxic", "safe")
+Estimate = Literal["patching", "ig"]
+
+
+@dataclass
+class AttributionConfig:
+    """Attribution discovery's options."""
+
+    node_threshold: float = 0.1
+    """|indirect effect| on F (refusal-score units) a node needs to enter the circuit."""
+    estimate: Estimate = "patching"
+    """One gradient (patching) or integrated gradients over `ig_steps` steps."""
+    ig_steps: int = 10
+    """Interpolation steps of integrated gradients."""
+    edge_nodes: int = 30
+    """Edges are scored among the circuit's `edge_nodes` most important nodes only: every downstream node
+    costs one backward pass through the blocks between two SAE layers."""
+    edge_threshold: float = 0.01
+    """|indirect effect| on F through an edge for it to be kept."""
+    batch_size: int = 8
+    """Prompts per forward and backward pass."""
+
+    def __post_init__(self) -> None:
+        if self.estimate not in ("patching", "ig"):
+            raise UserError(f"discovery.attribution.estimate: {self.estimate!r}; use patching or ig")
+        for name in ("ig_steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"discovery.attribution.{name}: {value!r} must be an integer >= 1")
+        if isinstance(self.edge_nodes, bool) or not isinstance(self.edge_nodes, int) or self.edge_nodes < 0:
+            raise UserError(f"discovery.attribution.edge_nodes: {self.edge_nodes!r} must be an integer >= 0")
+        if self.node_threshold < 0 or self.edge_threshold < 0:
+            raise UserError(f"discovery.attribution.node_threshold / edge_threshold: {self.node_threshold} / "
+                            f"{self.edge_threshold} must be >= 0")
 
 
 # --------------------------------------------------------------------------------------------------
-# checks and set-up
+# set-up
 
 
 @dataclass
@@ -103,61 +133,45 @@ class _Setup:
     """SAE layers in depth order."""
     saes: dict[str, SparseAutoencoder]
     mean_f: dict[str, Tensor]
+    """{layer: (mean classes, width)}."""
     mean_err: dict[str, Tensor]
     weights: Tensor
     """(n,) per-prompt weights of F, on the model's device."""
+    means: NodeMeans
 
 
-def _prepare(
-    wrapper: ModelWrapper,
-    saes: Mapping[str, SparseAutoencoder],
-    feature_means: Mapping[str, np.ndarray],
-    error_means: Mapping[str, np.ndarray],
-    prompts: Sequence[str],
-    positive: np.ndarray,
-    group: str,
-    batch_size: int,
-) -> _Setup:
+def _prepare(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencoder], means: NodeMeans,
+             prompts: Sequence[str], weights: np.ndarray, batch_size: int) -> _Setup:
+    """Check the inputs (one line per problem) and move SAEs and means to the model's device."""
     where = "attribution"
     if len(prompts) == 0:
-        raise UserError(f"{where}: no prompts given; the circuit's prompt set is empty")
-    if not saes:
-        raise UserError(f"{where}: no SAEs given; train or load at least one SAE layer")
-    if group not in GROUPS:
-        raise UserError(f"{where}: unknown group {group!r}; use one of {', '.join(GROUPS)}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise UserError(f"{where}: no prompts to attribute over; the circuit's discovery split is empty")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"{where}: batch_size {batch_size!r} is not a positive integer; give e.g. 8")
-    positive = np.asarray(positive, dtype=bool).ravel()
-    if len(positive) != len(prompts):
-        raise UserError(f"{where}: {len(positive)} positive labels for {len(prompts)} prompts; give one per prompt")
-    if group == "all" and (positive.all() or not positive.any()):
-        kind = "negative (safe)" if positive.all() else "positive (toxic)"
-        raise UserError(
-            f"{where}: a circuit of group 'all' contrasts positive and negative prompts, but these {len(prompts)} "
-            f"prompts have no {kind} one; use group 'toxic'/'safe' or add prompts"
-        )
-    missing = [layer for layer in saes if layer not in feature_means or layer not in error_means]
+    weights = np.asarray(weights, dtype=np.float64).ravel()
+    if len(weights) != len(prompts):
+        raise UserError(f"{where}: {len(weights)} weights for {len(prompts)} prompts; give one per prompt")
+    missing = [layer for layer in saes if layer not in means.features]
     if missing:
-        raise UserError(f"{where}: no feature means for SAE layer(s) {missing}; run circuit discovery again")
+        raise UserError(f"{where}: no node means for SAE layer(s) {missing}; run circuit discovery again")
     order = wrapper.resolve_layers(list(saes))
     if set(order) != set(saes):
-        raise UserError(
-            f"{where}: SAE layers must be named like {LAYER_PREFIX}<i>, got {sorted(saes)}; rename them"
-        )
+        raise UserError(f"{where}: SAE layers must be named like {LAYER_PREFIX}<i>, got {sorted(saes)}; rename them")
     device = wrapper.device
     mean_f, mean_err = {}, {}
+    n_classes = len(means.scheme.mean_classes)
     for layer in order:
         sae = saes[layer].to(device).eval()
-        mf = torch.as_tensor(np.asarray(feature_means[layer]), dtype=torch.float32, device=device)
-        me = torch.as_tensor(np.asarray(error_means[layer]), dtype=torch.float32, device=device)
-        if mf.shape != (sae.cfg.width,) or me.shape != (sae.cfg.d_in,):
+        mf = torch.as_tensor(np.asarray(means.features[layer]), dtype=torch.float32, device=device)
+        me = torch.as_tensor(np.asarray(means.errors[layer]), dtype=torch.float32, device=device)
+        if mf.shape != (n_classes, sae.cfg.width) or me.shape != (n_classes, sae.cfg.d_in):
             raise UserError(
                 f"{where}: means of {layer} have shapes {tuple(mf.shape)} / {tuple(me.shape)} but its SAE has "
                 f"{sae.cfg.width} latents over d_in={sae.cfg.d_in}; run circuit discovery again with these SAEs"
             )
         mean_f[layer], mean_err[layer] = mf, me
-    weights = torch.as_tensor(contrast_weights(positive, group), dtype=torch.float32, device=device)
-    return _Setup(order, {layer: saes[layer] for layer in order}, mean_f, mean_err, weights)
+    w = torch.as_tensor(weights, dtype=torch.float32, device=device)
+    return _Setup(order, {layer: saes[layer] for layer in order}, mean_f, mean_err, w, means)
 
 
 @contextlib.contextmanager
@@ -174,12 +188,30 @@ def _frozen(saes: Mapping[str, SparseAutoencoder]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _batches(wrapper: ModelWrapper, prompts: Sequence[str], batch_size: int) -> Iterator[tuple[slice, Tensor, Tensor]]:
-    """(rows, input_ids, attention_mask) per batch, right-padded, on the model's device."""
+@dataclass
+class _Batch:
+    rows: slice
+    input_ids: Tensor
+    mask: Tensor
+    classes: Tensor
+    """(batch, seq) mean-class index of every token."""
+    onehot: Tensor
+    """(batch, seq, node classes) float: 1 where a real token belongs to that node class."""
+
+
+def _batches(wrapper: ModelWrapper, prompts: Sequence[str], batch_size: int, means: NodeMeans) -> Iterator[_Batch]:
+    """Right-padded batches on the model's device, with each token's position class."""
+    scheme = means.scheme
+    n_node = len(scheme.node_classes)
     for start in range(0, len(prompts), batch_size):
         rows = slice(start, min(start + batch_size, len(prompts)))
         enc = wrapper.tokenize(prompts[rows], "right")
-        yield rows, enc["input_ids"].to(wrapper.device), enc["attention_mask"].to(wrapper.device)
+        ids, mask = enc["input_ids"].to(wrapper.device), enc["attention_mask"].to(wrapper.device)
+        classes = torch.as_tensor(scheme.batch_classes(mask.sum(1).tolist(), mask.shape[1]), device=wrapper.device)
+        node = classes - scheme.n_prefix
+        valid = (node >= 0) & mask.bool()
+        onehot = torch.nn.functional.one_hot(node.clamp(min=0), n_node).float() * valid[..., None]
+        yield _Batch(rows, ids, mask, classes, onehot)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,11 +253,10 @@ def _splice(sae: SparseAutoencoder, sites: dict[str, _Site], layer: str, attach:
     return edit
 
 
-def _interpolate(
-    sae: SparseAutoencoder, mean_f: Tensor, mean_err: Tensor, alpha: float, sites: dict[str, _Site], layer: str
-) -> Callable[[Tensor], Tensor]:
+def _interpolate(sae: SparseAutoencoder, mean_f: Tensor, mean_err: Tensor, alpha: float, sites: dict[str, _Site],
+                 layer: str) -> Callable[[Tensor], Tensor]:
     """Replace the layer's stream by decode(f_a) + err_a, a = actual + alpha (mean - actual); leaves f_a, err_a.
-    The site records the ACTUAL values (as leaves' siblings) for the (mean - actual) factor."""
+    `mean_f`, `mean_err` are per token (batch, seq, ...). The site records the ACTUAL values."""
 
     def edit(hidden: Tensor) -> Tensor:
         with torch.no_grad():
@@ -240,11 +271,9 @@ def _interpolate(
     return edit
 
 
-def _weighted_score(
-    wrapper: ModelWrapper, metric: RefusalMetric, input_ids: Tensor, mask: Tensor, weights: Tensor
-) -> Tensor:
+def _weighted_score(wrapper: ModelWrapper, metric: RefusalMetric, batch: _Batch, weights: Tensor) -> Tensor:
     """sum_p w_p s_p over the batch: this batch's share of F, differentiable."""
-    return (metric.score(wrapper.last_token_logits_with_grad(input_ids, mask)) * weights).sum()
+    return (metric.score(wrapper.last_token_logits_with_grad(batch.input_ids, batch.mask)) * weights).sum()
 
 
 def _grads(objective: Tensor, leaves: Sequence[Tensor], retain: bool = False) -> list[Tensor]:
@@ -253,13 +282,12 @@ def _grads(objective: Tensor, leaves: Sequence[Tensor], retain: bool = False) ->
     return [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
 
 
-def _effects(
-    g_f: Tensor, g_err: Tensor, f: Tensor, err: Tensor, mean_f: Tensor, mean_err: Tensor, mask: Tensor
-) -> tuple[Tensor, Tensor]:
-    """(width,) sum_{p,t} g_f (mean_f - f) and the scalar sum_{p,t} <g_err, mean_err - err>, real positions only."""
-    m = mask.to(g_f.dtype)
-    feat = ((mean_f - f.detach()) * g_f * m[..., None]).sum((0, 1))
-    error = (((mean_err - err.detach()) * g_err).sum(-1) * m).sum()
+def _effects(g_f: Tensor, g_err: Tensor, f: Tensor, err: Tensor, mean_f: Tensor, mean_err: Tensor, onehot: Tensor
+             ) -> tuple[Tensor, Tensor]:
+    """(node classes, width) sum over each class's tokens of g_f (mean_f - f), and (node classes,) the same of
+    <g_err, mean_err - err>; `mean_*` per token."""
+    feat = torch.einsum("btc,btw->cw", onehot, (mean_f - f.detach()) * g_f)
+    error = torch.einsum("btc,bt->c", onehot, ((mean_err - err.detach()) * g_err).sum(-1))
     return feat.double(), error.double()
 
 
@@ -267,115 +295,90 @@ def _effects(
 # nodes
 
 
-def attribution_scores(
-    wrapper: ModelWrapper,
-    saes: Mapping[str, SparseAutoencoder],
-    feature_means: Mapping[str, np.ndarray],
-    error_means: Mapping[str, np.ndarray],
-    metric: RefusalMetric,
-    prompts: Sequence[str],
-    positive: np.ndarray,
-    group: str,
-    *,
-    method: str = "patching",
-    steps: int = 10,
-    batch_size: int = 8,
-    include_errors: bool = True,
-) -> NodeScores:
-    """Indirect effect on F of mean-ablating each node (every latent of every SAE layer, and each layer's
-    error node), by attribution patching (`method="patching"`) or integrated gradients (`"ig"`, `steps`
-    interpolation points per layer); see the module docstring for the maths.
+def attribution_scores(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencoder], means: NodeMeans,
+                       metric: RefusalMetric, prompts: Sequence[str], weights: np.ndarray, *,
+                       estimate: str = "patching", steps: int = 10, batch_size: int = 8) -> NodeScores:
+    """Indirect effect on F = sum_p weights_p s_p of mean-ablating each node (every latent and the error of
+    every SAE layer at every node position class), by attribution patching (`estimate="patching"`) or
+    integrated gradients (`"ig"`, `steps` interpolation points per layer); see the module docstring.
 
-    `positive` (one bool per prompt) and `group` define F as `refusal_contrast` does. Returns a
-    `NodeScores` of method "attribution": `signed[layer]` = IE (refusal-score units, negative when
-    ablating the node lowers F), `importance` = |IE|, one entry per latent then the error node's when
-    `include_errors`; no p-values.
+    Returns `NodeScores` of method "attribution": `signed[layer]` (node classes, width + 1) = IE
+    (refusal-score units, negative when ablating the node lowers F), `importance` = |IE|; no p-values.
     """
-    if method not in METHODS:
-        raise UserError(f"attribution: unknown method {method!r}; use 'patching' or 'ig'")
+    if estimate not in ("patching", "ig"):
+        raise UserError(f"attribution: unknown estimate {estimate!r}; use 'patching' or 'ig'")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise UserError(f"attribution: ig steps {steps!r} must be a positive integer; give e.g. 10")
-    setup = _prepare(wrapper, saes, feature_means, error_means, prompts, positive, group, batch_size)
+    setup = _prepare(wrapper, saes, means, prompts, weights, batch_size)
     layers = setup.layers
-    ie_f = {layer: torch.zeros(setup.saes[layer].cfg.width, dtype=torch.float64) for layer in layers}
-    ie_err = {layer: torch.zeros((), dtype=torch.float64) for layer in layers}
+    n_node = len(means.scheme.node_classes)
+    ie_f = {layer: torch.zeros(n_node, setup.saes[layer].cfg.width, dtype=torch.float64) for layer in layers}
+    ie_err = {layer: torch.zeros(n_node, dtype=torch.float64) for layer in layers}
 
-    def add(layer: str, g_f: Tensor, g_err: Tensor, f: Tensor, err: Tensor, mask: Tensor) -> None:
-        feat, error = _effects(g_f, g_err, f, err, setup.mean_f[layer], setup.mean_err[layer], mask)
+    def add(layer: str, g_f: Tensor, g_err: Tensor, f: Tensor, err: Tensor, batch: _Batch) -> None:
+        mf, me = setup.mean_f[layer][batch.classes], setup.mean_err[layer][batch.classes]
+        feat, error = _effects(g_f, g_err, f, err, mf, me, batch.onehot)
         ie_f[layer] += feat.cpu()
         ie_err[layer] += error.cpu()
 
     with _frozen(setup.saes):
-        for rows, input_ids, mask in _batches(wrapper, prompts, batch_size):
-            w = setup.weights[rows]
-            if method == "patching":
+        for batch in _batches(wrapper, prompts, batch_size, means):
+            w = setup.weights[batch.rows]
+            if estimate == "patching":
                 sites: dict[str, _Site] = {}
                 edits = {layer: _splice(setup.saes[layer], sites, layer, attach=False) for layer in layers}
                 with wrapper.edit_residuals(edits):
-                    objective = _weighted_score(wrapper, metric, input_ids, mask, w)
+                    objective = _weighted_score(wrapper, metric, batch, w)
                 grads = _grads(objective, [t for layer in layers for t in (sites[layer].f, sites[layer].err)])
                 for i, layer in enumerate(layers):
-                    add(layer, grads[2 * i], grads[2 * i + 1], sites[layer].f, sites[layer].err, mask)
+                    add(layer, grads[2 * i], grads[2 * i + 1], sites[layer].f, sites[layer].err, batch)
                 continue
             for layer in layers:  # integrated gradients, one layer at a time
                 sum_f = sum_err = actual = None
+                mf, me = setup.mean_f[layer][batch.classes], setup.mean_err[layer][batch.classes]
                 for k in range(steps):
                     sites = {}
-                    edit = _interpolate(setup.saes[layer], setup.mean_f[layer], setup.mean_err[layer],
-                                        (k + 0.5) / steps, sites, layer)
+                    edit = _interpolate(setup.saes[layer], mf, me, (k + 0.5) / steps, sites, layer)
                     with wrapper.edit_residuals({layer: edit}):
-                        objective = _weighted_score(wrapper, metric, input_ids, mask, w)
+                        objective = _weighted_score(wrapper, metric, batch, w)
                     g_f, g_err = _grads(objective, [sites[layer].f, sites[layer].err])
                     sum_f = g_f if sum_f is None else sum_f + g_f
                     sum_err = g_err if sum_err is None else sum_err + g_err
                     actual = sites[layer]
-                add(layer, sum_f / steps, sum_err / steps, actual.f_attached, actual.err_attached, mask)
+                add(layer, sum_f / steps, sum_err / steps, actual.f_attached, actual.err_attached, batch)
 
-    importance, signed = {}, {}
-    for layer in layers:
-        values = ie_f[layer].numpy()
-        if include_errors:
-            values = np.append(values, ie_err[layer].item())
-        signed[layer] = values
-        importance[layer] = np.abs(values)
-    return NodeScores("attribution", layers, importance, signed, None, len(prompts))
+    signed = {layer: torch.cat([ie_f[layer], ie_err[layer][:, None]], 1).numpy() for layer in layers}
+    return NodeScores("attribution", layers, means.scheme.node_classes, {k: np.abs(v) for k, v in signed.items()},
+                      signed, None, len(prompts))
 
 
 # --------------------------------------------------------------------------------------------------
 # edges
 
 
-def edge_scores(
-    wrapper: ModelWrapper,
-    saes: Mapping[str, SparseAutoencoder],
-    feature_means: Mapping[str, np.ndarray],
-    error_means: Mapping[str, np.ndarray],
-    metric: RefusalMetric,
-    prompts: Sequence[str],
-    positive: np.ndarray,
-    group: str,
-    nodes: Sequence[Node],
-    *,
-    batch_size: int = 8,
-) -> list[Edge]:
+def attribution_edges(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencoder], means: NodeMeans,
+                      metric: RefusalMetric, prompts: Sequence[str], weights: np.ndarray, nodes: Sequence[Node], *,
+                      batch_size: int = 8) -> list[Edge]:
     """Attribution-patching effects of the edges between `nodes` of adjacent hooked layers (in depth
     order), one vector-Jacobian product per downstream node and batch; see the module docstring.
 
     Returns Edge(source=u.name, target=d.name, weight=|effect|, score=effect) for every pair whose effect
     is non-zero, upstream layer by layer, in the order of `nodes`.
     """
-    setup = _prepare(wrapper, saes, feature_means, error_means, prompts, positive, group, batch_size)
+    setup = _prepare(wrapper, saes, means, prompts, weights, batch_size)
     layers = setup.layers
+    position = {p: i for i, p in enumerate(means.scheme.node_classes)}
     by_layer: dict[str, list[Node]] = {layer: [] for layer in layers}
-    seen: set[tuple[str, int]] = set()
+    seen: set[str] = set()
     for n in nodes:
         if n.layer not in by_layer:
             raise UserError(f"edge attribution: node {n.name} is in a layer with no SAE ({', '.join(layers)})")
         width = setup.saes[n.layer].cfg.width
-        if n.feature != ERROR and not 0 <= n.feature < width:
-            raise UserError(f"edge attribution: node {n.name} is no latent of its SAE (width {width})")
-        if (n.layer, n.feature) not in seen:
-            seen.add((n.layer, n.feature))
+        if (n.feature != ERROR and not 0 <= n.feature < width) or n.position not in position:
+            raise UserError(f"edge attribution: node {n.name} is no node of its SAE (width {width}, positions "
+                            f"{list(position)})")
+        if n.name not in seen:
+            seen.add(n.name)
             by_layer[n.layer].append(n)
     pairs = [(up, down) for up, down in zip(layers, layers[1:]) if by_layer[up] and by_layer[down]]
     if not pairs:
@@ -385,38 +388,37 @@ def edge_scores(
                for up, down in pairs}
 
     with _frozen(setup.saes):
-        for rows, input_ids, mask in _batches(wrapper, prompts, batch_size):
-            m = mask.to(torch.float32)
+        for batch in _batches(wrapper, prompts, batch_size, means):
             sites: dict[str, _Site] = {}
             edits = {layer: _splice(setup.saes[layer], sites, layer, attach=layer in downstream) for layer in layers}
             with wrapper.edit_residuals(edits):
-                objective = _weighted_score(wrapper, metric, input_ids, mask, setup.weights[rows])
+                objective = _weighted_score(wrapper, metric, batch, setup.weights[batch.rows])
             down_layers = sorted(downstream, key=layers.index)
             grads = _grads(objective, [t for layer in down_layers for t in (sites[layer].f, sites[layer].err)],
                            retain=True)
             total = {layer: (grads[2 * i], grads[2 * i + 1]) for i, layer in enumerate(down_layers)}  # dF/dd
             for up, down in pairs:
                 u_site, d_site = sites[up], sites[down]
-                u_feats = [n.feature for n in by_layer[up] if n.feature != ERROR]
-                u_error = [i for i, n in enumerate(by_layer[up]) if n.feature == ERROR]
-                u_cols = [i for i, n in enumerate(by_layer[up]) if n.feature != ERROR]
-                delta_f = (setup.mean_f[up][u_feats] - u_site.f.detach()[..., u_feats]) * m[..., None]
-                delta_err = (setup.mean_err[up] - u_site.err.detach()) * m[..., None]
+                delta_f = setup.mean_f[up][batch.classes] - u_site.f.detach()
+                delta_err = setup.mean_err[up][batch.classes] - u_site.err.detach()
                 total_f, total_err = total[down]
                 for j, d in enumerate(by_layer[down]):
+                    where = batch.onehot[..., position[d.position]]
                     if d.feature == ERROR:
                         v = (total_err * d_site.err_attached).sum(-1)
                     else:
                         v = total_f[..., d.feature] * d_site.f_attached[..., d.feature]
-                    v = (v * m).sum()
+                    v = (v * where).sum()
                     if not v.requires_grad:
                         continue
                     g_f, g_err = _grads(v, [u_site.f, u_site.err], retain=True)
                     col = effects[(up, down)][:, j]
-                    if u_cols:
-                        col[u_cols] += (g_f[..., u_feats] * delta_f).sum((0, 1)).double().cpu()
-                    if u_error:
-                        col[u_error] += (g_err * delta_err).sum().double().cpu()
+                    for i, u in enumerate(by_layer[up]):
+                        at = batch.onehot[..., position[u.position]]
+                        if u.feature == ERROR:
+                            col[i] += float(((g_err * delta_err).sum(-1) * at).sum())
+                        else:
+                            col[i] += float((g_f[..., u.feature] * delta_f[..., u.feature] * at).sum())
             del objective, grads, total, sites
 
     edges = []
@@ -425,9 +427,8 @@ def edge_scores(
         for i, u in enumerate(by_layer[up]):
             for j, d in enumerate(by_layer[down]):
                 if e[i, j] != 0:
-                    edges.append(Edge(node_name(up, u.feature), node_name(down, d.feature), float(abs(e[i, j])),
-                                      float(e[i, j])))
+                    edges.append(Edge(u.name, d.name, float(abs(e[i, j])), float(e[i, j])))
     return edges
 
 
-__all__ = ["METHODS", "attribution_scores", "edge_scores"]
+__all__ = ["AttributionConfig", "attribution_edges", "attribution_scores"]

@@ -4,7 +4,7 @@ If the model refuses through one mechanism, the circuits found for different OR-
 mostly the same SAE features; if each category has its own mechanism, they hold different ones.
 
 Similarity
-    The Jaccard index |A ∩ B| / |A ∪ B| of two circuits' node sets (`layer/feature` names, error nodes
+    The Jaccard index |A ∩ B| / |A ∪ B| of two circuits' node sets (`layer/feature@position` names, error nodes
     included) and of their edge sets ((source, target) pairs), for every pair of category circuits (group
     "all"): a symmetric matrix whose diagonal is 1. Two empty sets have no defined overlap: their Jaccard
     is NaN (None in JSON, and a circuit without nodes has None on the diagonal) and it is left out of
@@ -14,8 +14,8 @@ Permutation null
     Raw Jaccard is not comparable across pairs: big circuits, or circuits in layers with few candidate
     latents, overlap by chance. So each pair is compared with random circuits of the same shape: for
     each of the two circuits, a random circuit with the same number of nodes in every layer, drawn
-    uniformly without replacement from that layer's candidates (the caller's feature indices plus the
-    layer's error node), and the same number of edges between every two adjacent layers, drawn uniformly
+    uniformly without replacement from that layer's candidate nodes (the caller's (feature, position)
+    keys, error nodes included), and the same number of edges between every two adjacent layers, drawn uniformly
     among the pairs of the random circuit's nodes in those layers. The candidates should be the latents
     that could have entered a circuit (e.g. those that ever fired on the discovery prompts): drawing from
     a whole SAE, most of whose latents are dead on these prompts, would make random circuits almost
@@ -49,7 +49,7 @@ Verdict
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from refusal_sae.circuits import ERROR, Circuit
+from refusal_sae.circuits import Circuit
 from refusal_sae.errors import UserError
 from refusal_sae.io import atomic_open, write_json
 
@@ -112,21 +112,22 @@ class Shape:
     """(layers - 1,) edges from each layer to the next."""
 
 
-def candidate_pools(candidates: Mapping[str, np.ndarray], layers: Sequence[str]) -> dict[str, set[int]]:
-    """Each layer's candidate nodes: the caller's feature indices plus the layer's error node."""
+def candidate_pools(candidates: Mapping[str, Iterable[tuple[int, str]]], layers: Sequence[str]
+                    ) -> dict[str, set[tuple[int, str]]]:
+    """Each layer's candidate nodes as (feature, position) keys (`Node.key`), error nodes included."""
     missing = [layer for layer in layers if layer not in candidates]
     if missing:
-        raise UserError(f"similarity: no candidate features for layer(s) {missing}; give candidates for every layer")
-    return {layer: {int(f) for f in np.asarray(candidates[layer]).ravel()} | {ERROR} for layer in layers}
+        raise UserError(f"similarity: no candidate nodes for layer(s) {missing}; give candidates for every layer")
+    return {layer: {(int(f), str(p)) for f, p in candidates[layer]} for layer in layers}
 
 
-def circuit_shape(circuit: Circuit, pools: Mapping[str, set[int]]) -> Shape:
+def circuit_shape(circuit: Circuit, pools: Mapping[str, set[tuple[int, str]]]) -> Shape:
     """Count nodes per layer and edges per adjacent-layer pair, checking both fit the null's model."""
     index = {layer: i for i, layer in enumerate(circuit.layers)}
     nodes = np.zeros(len(index), np.int64)
     node_layer = {}
     for node in {n.name: n for n in circuit.nodes}.values():  # a node listed twice counts once
-        if node.feature not in pools.get(node.layer, ()):
+        if node.key not in pools.get(node.layer, ()):
             raise UserError(
                 f"circuit {circuit.name!r}: node {node.name} is not among the candidates of its layer; candidates "
                 "must hold every latent a circuit can select (e.g. all latents that fired on the discovery prompts)"
@@ -208,7 +209,7 @@ def shared_core(circuits: Sequence[Circuit], shared_fraction: float) -> dict[str
     """Nodes in >= shared_fraction of the circuits (the core) and in exactly one (category-specific)."""
     n = len(circuits)
     counts = Counter(name for c in circuits for name in c.node_names())
-    order = {node.name: (c.layers.index(node.layer), node.feature) for c in circuits for node in c.nodes}
+    order = {node.name: (c.layers.index(node.layer), node.position, node.feature) for c in circuits for node in c.nodes}
     core = sorted((name for name, k in counts.items() if k / n >= shared_fraction), key=order.__getitem__)
     specific = {c.category: sorted((x for x in c.node_names() if counts[x] == 1), key=order.__getitem__)
                 for c in circuits}
@@ -287,12 +288,12 @@ def _check(circuits: Sequence[Circuit]) -> list[Circuit]:
 
 
 def analyse_similarity(
-    circuits: Sequence[Circuit], candidates: Mapping[str, np.ndarray], cfg: SimilarityConfig
+    circuits: Sequence[Circuit], candidates: Mapping[str, Iterable[tuple[int, str]]], cfg: SimilarityConfig
 ) -> dict[str, Any]:
     """Compare the category circuits (and each category's toxic and safe circuits) against the null.
 
-    `candidates` maps every layer to the feature indices a circuit could have selected there (e.g. the
-    latents that fired on the discovery prompts); each layer's error node is added to them.
+    `candidates` maps every layer to the (feature, position) keys of the nodes a circuit could have
+    selected there (the live latents and the error nodes at every position class).
     """
     categories = _check(circuits)
     layers = categories[0].layers
@@ -356,11 +357,10 @@ def heatmap(result: Mapping[str, Any]) -> Figure:
     return fig
 
 
-def write_similarity(result: Mapping[str, Any], directory: str | Path) -> None:
-    """`<directory>/similarity.json` and the heatmap `<directory>/similarity.png`, each atomically."""
-    directory = Path(directory)
-    write_json(directory / "similarity.json", result)
-    with atomic_open(directory / "similarity.png", "wb") as f:
+def write_similarity(result: Mapping[str, Any], json_path: Path, png_path: Path) -> None:
+    """The result as JSON and its heatmap as PNG, each atomically."""
+    write_json(json_path, result)
+    with atomic_open(png_path, "wb") as f:
         heatmap(result).savefig(f, format="png", dpi=120)
 
 

@@ -132,13 +132,14 @@ TINY_CALLBACKS = """
 trainer:
   callbacks:
     - class_path: lightning_modules.RunDirCheckpoint
-    - class_path: callbacks.CircuitDiscoveryCallback
-      init_args: {every_n_epochs: 2, circuits: {threshold: 0.9, edge_threshold: 0.9, sweep: [0.99, 0.9, 0.5]}}
-    - class_path: callbacks.AblationEvaluationCallback
+    - class_path: callbacks.CircuitAnalysisCallback
       init_args:
         every_n_epochs: 2
-        metric: {refusal_openers: [not], compliance_openers: [how]}
-        validity: {max_new_tokens: 2, refusal_phrases: [not]}
+        analysis:
+          discovery: {correlation: {threshold: 0.9, edge_threshold: 0.9}}
+          evaluation: {n_sizes: 4, fractions: [0.01, 0.1, 0.5], random_circuits: 2, bootstrap: 200}
+          metric: {refusal_openers: [not], compliance_openers: [how]}
+          validity: {max_new_tokens: 2, refusal_phrases: [not]}
 """
 
 

@@ -1,0 +1,420 @@
+"""Circuit evaluation: faithfulness and completeness curves over the whole range of circuit sizes,
+with bootstrap intervals, a random-circuit band, per-layer curves and sanity checks.
+
+For a circuit's node ranking (`NodeScores`, best first) and N candidate nodes, the circuit of n nodes
+C_n is the n best-ranked candidates. With F the objective (`refusal_sae.objective`) on the category's
+held-out prompts and `refusal_sae.ablation` doing the mean-ablations:
+
+    F(M)      nothing ablated                        the model
+    F(C_n)    every candidate outside C_n ablated    the circuit alone
+    F(M\\C_n)  every candidate in C_n ablated         the model without the circuit
+    F(∅)      every candidate ablated                nothing left
+
+    faithfulness = (F(C_n) - F(∅)) / (F(M) - F(∅))     1: the circuit suffices
+    completeness = (F(M\\C_n) - F(∅)) / (F(M) - F(∅))   0: the circuit is necessary (Marks et al.)
+
+Sizes are log-spaced from 1 to N plus the fractions 0.001 ... 1 of N (MIB's circuit track); every point
+is measured, the 100% point included (F(C_N) = F(M) exactly: nothing is edited). CPR (area under
+faithfulness against n/N, from (0, 0) at the empty circuit through the measured points) and CMD (area
+between the curve and 1) use measured points only. Error terms are either always kept ("keep", the
+spec's variant) or nodes like latents ("nodes", Marks et al.), each its own curve. Per-layer curves
+edit one layer with that layer's own ranking. Random circuits with the circuit's nodes per layer and
+position class give a band at every size of the all-layer curves.
+
+Every number has a 95% paired, stratified bootstrap interval over prompts (`refusal_sae.bootstrap`).
+A ratio is undefined (null, with the reason) when the interval of F(M) - F(∅) contains 0: nothing to
+explain, or not distinguishable from noise.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from refusal_sae.ablation import Ablator, Variant
+from refusal_sae.bootstrap import Interval, interval, resample_weights
+from refusal_sae.circuits import Circuit, NodeScores, candidate_mask, ranked_nodes
+from refusal_sae.errors import UserError
+from refusal_sae.objective import Objective, Target, objective, TARGETS
+
+ErrorMode = Literal["keep", "nodes"]
+ERROR_MODES: tuple[str, ...] = ("keep", "nodes")
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+ALL_LAYERS = "all layers"
+MIN_AREA_POINTS = 8
+REACH = (0.5, 0.8)
+PREFIX_TOLERANCE = 0.05
+"""Sanity: ablating the shared prefix may move no score by more than this (score units, log-odds)."""
+RANDOM_TOLERANCE = 0.25
+"""Sanity: ablating a random share of the non-circuit latents moves the median score by less than this
+fraction of |F(M) - F(∅)|."""
+
+
+@dataclass
+class EvaluationConfig:
+    """How circuits are judged."""
+
+    target: Target = "contrast"
+    """F: contrast (toxic minus safe mean score of the category's held-out prompts), toxic (mean score of
+    its toxic prompts) or behavior (refused minus answered; needs greedy answers)."""
+    error_modes: list[ErrorMode] = field(default_factory=lambda: ["keep", "nodes"])
+    """keep: SAE error terms are never ablated (the spec's variant); nodes: they are nodes like latents
+    (Marks et al.). The first mode also gets the per-layer curves and the sanity checks."""
+    n_sizes: int = 12
+    """Log-spaced circuit sizes from 1 node to all candidate nodes, on top of the MIB fractions."""
+    fractions: list[float] = field(default_factory=lambda: list(MIB_FRACTIONS))
+    """Circuit sizes as fractions of all candidate nodes (1.0 is always measured)."""
+    sizes: list[int] | None = None
+    """Explicit circuit sizes (node counts) instead of n_sizes and fractions; all candidates are added."""
+    random_circuits: int = 5
+    """Random circuits per size of the all-layer curves (same nodes per layer and position class)."""
+    per_layer: bool = True
+    """Also one curve per SAE layer (only that layer edited, ranked by its own nodes)."""
+    bootstrap: int = 2000
+    """Bootstrap resamples of the held-out prompts for the intervals."""
+    confidence: float = 0.95
+    """Coverage of the intervals."""
+    sanity_fraction: float = 0.1
+    """Share of the non-circuit candidate latents ablated at random in the sanity check."""
+    batch_size: int = 8
+    """Prompts per forward pass."""
+    seed: int = 0
+    """Seed of the random circuits and the bootstrap."""
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise UserError(f"evaluation.target: unknown value {self.target!r}; use one of {', '.join(TARGETS)}")
+        if not self.error_modes or any(m not in ERROR_MODES for m in self.error_modes) or \
+                len(set(self.error_modes)) != len(self.error_modes):
+            raise UserError(f"evaluation.error_modes: {self.error_modes}; give keep and/or nodes, each once")
+        for name, low in (("n_sizes", 1), ("random_circuits", 0), ("batch_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UserError(f"evaluation.{name}: {value!r} must be an integer >= {low}")
+        if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int) or self.bootstrap < 100:
+            raise UserError(f"evaluation.bootstrap: {self.bootstrap!r} resamples are too few for a 95% interval; "
+                            "give at least 100 (default 2000)")
+        if any(not 0 < f <= 1 for f in self.fractions):
+            raise UserError(f"evaluation.fractions: {self.fractions} must lie in (0, 1]")
+        if self.sizes is not None and any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.sizes):
+            raise UserError(f"evaluation.sizes: {self.sizes} must be node counts >= 1")
+        if not 0 < self.confidence < 1:
+            raise UserError(f"evaluation.confidence: {self.confidence} must lie in (0, 1)")
+        if not 0 < self.sanity_fraction <= 1:
+            raise UserError(f"evaluation.sanity_fraction: {self.sanity_fraction} must lie in (0, 1]")
+
+
+# --------------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass
+class Band:
+    """Spread of a ratio over the random circuits of one size."""
+
+    mean: float
+    sd: float
+    min: float
+    max: float
+
+
+@dataclass
+class Point:
+    n_nodes: int
+    fraction: float
+    """n_nodes / all candidate nodes of the curve."""
+    nodes_per_layer: dict[str, int]
+    positions: dict[str, int]
+    """Nodes per position class."""
+    empty_layers: list[str]
+    """Edited layers that keep none of their candidates: a point that says nothing about them."""
+    F_C: Interval
+    F_M_minus_C: Interval
+    faithfulness: Interval | None
+    completeness: Interval | None
+    random_faithfulness: Band | None = None
+    random_completeness: Band | None = None
+
+
+@dataclass
+class Curve:
+    scope: str
+    """"all layers", or the one layer edited."""
+    error_mode: str
+    n_candidates: int
+    F_empty: Interval
+    span: Interval
+    """F(M) - F(∅): what there is to explain."""
+    ratio_note: str | None
+    """Why faithfulness and completeness are null, when they are."""
+    points: list[Point]
+    cpr: Interval | None
+    cmd: Interval | None
+    area_note: str | None
+    reaches: dict[str, int | None]
+    """Smallest size whose faithfulness reaches 0.5 / 0.8 (None: not reached)."""
+
+
+@dataclass
+class Sanity:
+    prefix_max_change: float | None
+    """Largest |score change| of any prompt when every node at the shared prefix is mean-ablated (None: no
+    prefix classes, positions global)."""
+    random_median_change: float | None
+    """Median |score change| when a random `sanity_fraction` of the candidate latents outside the circuit
+    is ablated."""
+    random_relative_change: float | None
+    """That median as a share of |F(M) - F(∅)|."""
+    span_excludes_zero: bool
+    passed: bool
+    notes: list[str]
+
+
+@dataclass
+class CircuitEvaluation:
+    name: str
+    category: str
+    group: str
+    method: str
+    target: str
+    n_prompts: int
+    n_positive: int
+    """Prompts on the positive side of F (toxic or refused; all of them for a mean)."""
+    F_M: Interval
+    curves: list[Curve]
+    sanity: Sanity
+
+
+# --------------------------------------------------------------------------------------------------
+# sizes and masks
+
+
+def curve_sizes(n_total: int, cfg: EvaluationConfig, where: str) -> list[int]:
+    """Sizes to measure: explicit sizes, or log-spaced ones and MIB fractions; always n_total itself."""
+    if cfg.sizes is not None:
+        bad = [n for n in cfg.sizes if n > n_total]
+        if bad:
+            raise UserError(f"evaluation.sizes: {bad} outside [1, {n_total}], the candidate nodes of {where}; "
+                            "give smaller sizes")
+        sizes = set(cfg.sizes)
+    else:
+        sizes = {int(round(x)) for x in np.geomspace(1, n_total, cfg.n_sizes)} if n_total else set()
+        sizes |= {max(1, int(round(f * n_total))) for f in cfg.fractions}
+    return sorted(n for n in sizes | {n_total} if 1 <= n <= n_total)
+
+
+def _mask(ranking: Sequence[tuple[str, int, int]], shapes: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+    out = {layer: np.zeros(shape, bool) for layer, shape in shapes.items()}
+    for layer, pos, col in ranking:
+        out[layer][pos, col] = True
+    return out
+
+
+def random_mask(kept: dict[str, np.ndarray], candidates: dict[str, np.ndarray], rng: np.random.Generator
+                ) -> dict[str, np.ndarray]:
+    """Random nodes with as many latents per layer and position class as `kept`, drawn from the candidate
+    latents there, and the same error nodes."""
+    out = {}
+    for layer, m in kept.items():
+        r = np.zeros_like(m)
+        r[:, -1] = m[:, -1]
+        for pos in range(len(m)):
+            k = int(m[pos, :-1].sum())
+            if k:
+                pool = np.flatnonzero(candidates[layer][pos, :-1])
+                r[pos, rng.choice(pool, size=k, replace=False)] = True
+        out[layer] = r
+    return out
+
+
+def _rng(seed: int, name: str, stream: int) -> np.random.Generator:
+    """Seeded per (seed, circuit, stream): results do not depend on evaluation order."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), stream])
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation
+
+
+class _Run:
+    """The variants of one circuit: runs each once, keeps its per-prompt scores, and F with resamples."""
+
+    def __init__(self, ablator: Ablator, prompts: list[str], obj: Objective, resamples: np.ndarray,
+                 progress: tqdm) -> None:
+        self.ablator, self.prompts, self.obj, self.w, self.progress = ablator, prompts, obj, resamples, progress
+        self.scores: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str, variant: Variant | None) -> np.ndarray:
+        if name not in self.scores:
+            self.scores[name] = self.ablator.scores(self.prompts, variant)
+            self.progress.update(1)
+        return self.scores[name]
+
+    def alias(self, name: str, existing: str) -> np.ndarray:
+        self.scores[name] = self.scores[existing]
+        return self.scores[name]
+
+    def F(self, scores: np.ndarray) -> tuple[float, np.ndarray]:
+        return self.obj.value(scores), self.w @ scores
+
+
+def _ratio(f: tuple[float, np.ndarray], empty: tuple[float, np.ndarray], model: tuple[float, np.ndarray]
+           ) -> tuple[float, np.ndarray]:
+    """(F - F(∅)) / (F(M) - F(∅)), point estimate and per resample."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (f[0] - empty[0]) / (model[0] - empty[0]), (f[1] - empty[1]) / (model[1] - empty[1])
+
+
+def _band(values: list[float]) -> Band | None:
+    if not values:
+        return None
+    v = np.array(values)
+    return Band(float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, float(v.min()), float(v.max()))
+
+
+def _areas(points: list[tuple[float, tuple[float, np.ndarray]]], confidence: float
+           ) -> tuple[Interval | None, Interval | None, str | None]:
+    """CPR and CMD from measured (fraction, faithfulness (value, resamples)) points; (0, 0) is the empty circuit."""
+    if len(points) < MIN_AREA_POINTS:
+        return None, None, f"{len(points)} measured points, fewer than {MIN_AREA_POINTS}"
+    if points[-1][0] != 1.0:
+        return None, None, "no measured 100% point"
+    x = np.array([0.0] + [p[0] for p in points])
+    value = np.array([0.0] + [p[1][0] for p in points])
+    resampled = np.stack([np.zeros_like(points[0][1][1])] + [p[1][1] for p in points], axis=-1)
+
+    def area(y: np.ndarray) -> np.ndarray:
+        return ((x[1:] - x[:-1]) * (y[..., 1:] + y[..., :-1]) / 2).sum(-1)
+
+    return (interval(float(area(value)), area(resampled), confidence),
+            interval(float(area(np.abs(1 - value))), area(np.abs(1 - resampled)), confidence), None)
+
+
+def _curve(run: _Run, scope: str, layers: list[str], mode: str, ranking: list[tuple[str, int, int]],
+           candidates: dict[str, np.ndarray], model: tuple[float, np.ndarray], cfg: EvaluationConfig,
+           rng: np.random.Generator | None, where: str) -> Curve:
+    ablator = run.ablator
+    shapes = {layer: candidates[layer].shape for layer in layers}
+    none = {layer: np.zeros(shape, bool) for layer, shape in shapes.items()}
+    prefix = f"{mode}/{scope}"
+    empty = run.F(run(f"{prefix}/empty", ablator.variant(none, candidates, layers)))
+    span = interval(model[0] - empty[0], model[1] - empty[1], cfg.confidence)
+    defined = span.excludes_zero()
+    note = None if defined else (
+        f"F(M) - F(∅) = {span.value:.4g} [{span.low:.4g}, {span.high:.4g}]: its interval contains 0, so "
+        "faithfulness and completeness are undefined")
+    n_total = len(ranking)
+    points, faith_points = [], []
+    positions = ablator.scheme.node_classes
+    for n in curve_sizes(n_total, cfg, where):
+        kept = _mask(ranking[:n], shapes)
+        if n == n_total:  # every candidate kept: no edit; every candidate ablated: F(∅)
+            f_c, f_mc = run.alias(f"{prefix}/C{n}", "model"), run.alias(f"{prefix}/MC{n}", f"{prefix}/empty")
+        else:
+            f_c = run(f"{prefix}/C{n}", ablator.variant(kept, candidates, layers))
+            f_mc = run(f"{prefix}/MC{n}", ablator.variant(kept, candidates, layers, inside=False))
+        fc, fmc = run.F(f_c), run.F(f_mc)
+        faith_r, complete_r = _ratio(fc, empty, model), _ratio(fmc, empty, model)
+        faith = interval(*faith_r, cfg.confidence) if defined else None
+        complete = interval(*complete_r, cfg.confidence) if defined else None
+        rand_f, rand_c = [], []
+        if rng is not None and n < n_total and defined:
+            for r in range(cfg.random_circuits):
+                rm = random_mask(kept, candidates, rng)
+                rf = run.F(run(f"{prefix}/R{r}C{n}", ablator.variant(rm, candidates, layers)))
+                rc = run.F(run(f"{prefix}/R{r}MC{n}", ablator.variant(rm, candidates, layers, inside=False)))
+                rand_f.append(_ratio(rf, empty, model)[0])
+                rand_c.append(_ratio(rc, empty, model)[0])
+        per_layer = {layer: int(kept[layer].sum()) for layer in layers}
+        per_position = {p: int(sum(kept[layer][i].sum() for layer in layers)) for i, p in enumerate(positions)}
+        points.append(Point(n, n / n_total, per_layer, {p: c for p, c in per_position.items() if c},
+                            [layer for layer, c in per_layer.items() if c == 0],
+                            interval(*fc, cfg.confidence), interval(*fmc, cfg.confidence), faith, complete,
+                            _band(rand_f), _band(rand_c)))
+        if faith is not None:
+            faith_points.append((n / n_total, faith_r))
+    if defined:
+        cpr, cmd, area_note = _areas(faith_points, cfg.confidence)
+    else:
+        cpr = cmd = None
+        area_note = note
+    reaches = {str(t): next((p.n_nodes for p in points if p.faithfulness and p.faithfulness.value >= t), None)
+               for t in REACH}
+    return Curve(scope, mode, n_total, interval(*empty, cfg.confidence), span, note, points, cpr, cmd, area_note,
+                 reaches)
+
+
+def evaluate_circuit(ablator: Ablator, prompts: Sequence[str], toxic: np.ndarray, refused: np.ndarray | None,
+                     circuit: Circuit, scores: NodeScores, cfg: EvaluationConfig
+                     ) -> tuple[CircuitEvaluation, dict[str, np.ndarray]]:
+    """Every curve of one circuit on its category's held-out `prompts`; also the per-prompt scores of
+    every variant (name -> (prompts,) array), from which every number here can be recomputed."""
+    where = f"{circuit.method} circuit {circuit.name!r}"
+    obj = objective(cfg.target, circuit.group, toxic, refused, where=f"evaluation of {where}")
+    key = f"{circuit.method}/{circuit.name}"
+    resamples = resample_weights(obj, cfg.bootstrap, _rng(cfg.seed, key, 0))
+    live = {layer: ablator.means.live(layer) for layer in ablator.layers}
+    chosen = [prompts[i] for i in obj.rows]
+    with tqdm(desc=f"evaluating {where}", unit="variant", leave=False) as progress:
+        run = _Run(ablator, chosen, obj, resamples, progress)
+        model = run.F(run("model", None))
+        curves = []
+        for i, mode in enumerate(cfg.error_modes):
+            candidates = candidate_mask(live, errors=mode == "nodes")
+            ranking = ranked_nodes(scores, candidates)
+            curves.append(_curve(run, ALL_LAYERS, ablator.layers, mode, ranking, candidates, model, cfg,
+                                 _rng(cfg.seed, key, 1 + i), where))
+            if i == 0 and cfg.per_layer and len(ablator.layers) > 1:
+                for layer in ablator.layers:
+                    own = [e for e in ranking if e[0] == layer]
+                    curves.append(_curve(run, layer, [layer], mode, own, candidates, model, cfg, None, where))
+        sanity = _sanity(run, circuit, cfg, curves[0], live, _rng(cfg.seed, key, 100))
+    n_positive = int(obj.strata.sum())
+    return (CircuitEvaluation(circuit.name, circuit.category, circuit.group, circuit.method, cfg.target,
+                              len(chosen), n_positive, interval(*model, cfg.confidence), curves, sanity),
+            run.scores)
+
+
+def _sanity(run: _Run, circuit: Circuit, cfg: EvaluationConfig, main: Curve, live: dict[str, np.ndarray],
+            rng: np.random.Generator) -> Sanity:
+    ablator, notes = run.ablator, []
+    model = run.scores["model"]
+    prefix_change = None
+    if ablator.scheme.n_prefix:
+        prefix_change = float(np.abs(run("sanity/prefix", ablator.prefix_ablation()) - model).max())
+        if prefix_change > PREFIX_TOLERANCE:
+            notes.append(f"ablating the shared prefix moved a score by {prefix_change:.3g} > {PREFIX_TOLERANCE}: "
+                         "the prefix is not shared, or the means are off")
+    candidates = candidate_mask(live, errors=False)
+    index = {p: i for i, p in enumerate(ablator.scheme.node_classes)}
+    outside = {layer: m.copy() for layer, m in candidates.items()}
+    for n in circuit.nodes:
+        if n.feature >= 0:
+            outside[n.layer][index[n.position], n.feature] = False
+    chosen = {}
+    for layer, m in outside.items():
+        flat = np.flatnonzero(m)
+        pick = rng.choice(flat, size=int(round(cfg.sanity_fraction * len(flat))), replace=False)
+        chosen[layer] = np.zeros(m.size, bool)
+        chosen[layer][pick] = True
+        chosen[layer] = chosen[layer].reshape(m.shape)
+    moved = run("sanity/random", ablator.variant(chosen, candidates, inside=False))
+    random_change = float(np.median(np.abs(moved - model)))
+    relative = random_change / abs(main.span.value) if main.span.value else None
+    if relative is None or relative >= RANDOM_TOLERANCE:
+        notes.append(f"ablating a random {cfg.sanity_fraction:.0%} of the latents outside the circuit moved the "
+                     f"median score by {random_change:.3g}, {'n/a' if relative is None else f'{relative:.0%}'} of "
+                     f"|F(M) - F(∅)| (tolerance {RANDOM_TOLERANCE:.0%})")
+    excludes = main.span.excludes_zero()
+    if not excludes:
+        notes.append("the interval of F(M) - F(∅) contains 0: nothing measurable to explain")
+    return Sanity(prefix_change, random_change, relative, excludes, not notes, notes)
+
+
+__all__ = ["ALL_LAYERS", "Band", "CircuitEvaluation", "Curve", "ERROR_MODES", "EvaluationConfig", "Point", "Sanity",
+           "curve_sizes", "evaluate_circuit", "random_mask"]

@@ -1,0 +1,349 @@
+"""The run directory: every path under `run_dir`, and every read and write of the run's records.
+
+    <run_dir>/
+      data/prompts.csv, data_report.*, behavior_answers.json   prompts (balanced, split), their report
+      activations/                                            the activation cache (refusal_sae.activations)
+      checkpoints/, saes/<layer>/                             SAE training
+      metric_validity.json                                    does the refusal score predict refusals?
+      analysis/<name>/                                        one circuit analysis (`epoch_008`, or a name
+                                                              given to `analyze`); `latest` links the newest
+        means.safetensors                                     ablation means per node (features.NodeMeans)
+        discovery.json                                        config, position scheme, circuits per method
+        <method>/circuits/<circuit>.json, .graphml            the circuit at the method's threshold
+        <method>/scores/<circuit>.safetensors                 every node's score: the evaluation's ranking
+        <method>/similarity.json, .png                        monolithic or modular?
+        <method>/evaluation/<circuit>.json                    curves, intervals, sanity (evaluation.CircuitEvaluation)
+        <method>/evaluation/<circuit>.scores.safetensors      per-prompt scores of every ablated variant
+        <method>/curves.png                                   faithfulness / completeness curves
+        comparison.png, summary.json                          methods side by side; the short summary
+
+Records are dataclasses written as key-sorted JSON (`to_json`) and read back typed (`from_json`); a
+circuit name `category/group` is stored as `category__group`. Nothing else in the package spells these
+names (a test checks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save
+
+from refusal_sae.circuits import Circuit, NodeScores
+from refusal_sae.errors import UserError
+from refusal_sae.features import NodeMeans
+from refusal_sae.io import atomic_open, write_json
+from refusal_sae.similarity import write_similarity
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------------
+# typed JSON
+
+
+def to_json(obj: Any) -> Any:
+    """Dataclasses, numpy scalars and NaN (as null) to plain JSON values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if math.isnan(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def from_json(cls: Any, data: Any) -> Any:
+    """The inverse of `to_json` for a type `cls` (dataclasses, list/dict/Optional of them, plain values)."""
+    origin = typing.get_origin(cls)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(cls) if a is not type(None)]
+        if data is None:
+            return None
+        return from_json(options[0], data)
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        return cls(**{f.name: from_json(hints[f.name], data[f.name]) for f in dataclasses.fields(cls)
+                      if f.name in data})
+    if origin is list:
+        return [from_json(typing.get_args(cls)[0], v) for v in data]
+    if origin is dict:
+        return {k: from_json(typing.get_args(cls)[1], v) for k, v in data.items()}
+    if cls is float:
+        return float("nan") if data is None else float(data)
+    return data
+
+
+def _read_json(path: Path, what: str, how: str) -> Any:
+    if not path.is_file():
+        raise UserError(f"{path} not found: this analysis has no {what}; {how}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); {how}") from e
+
+
+def _stem(name: str) -> str:
+    return name.replace("/", "__")
+
+
+# --------------------------------------------------------------------------------------------------
+# records
+
+
+@dataclasses.dataclass
+class CircuitEntry:
+    name: str
+    category: str
+    group: str
+    n_nodes: int
+    n_edges: int
+    n_prompts: int
+    positions: dict[str, int]
+
+
+@dataclasses.dataclass
+class DiscoveryRecord:
+    """What discovery did: its config, F, the position scheme, and every circuit per method."""
+
+    config: dict[str, Any]
+    target: str
+    metric: dict[str, Any]
+    scheme: dict[str, Any]
+    circuits: dict[str, list[CircuitEntry]]
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.circuits)
+
+
+# --------------------------------------------------------------------------------------------------
+# layouts
+
+
+class MethodLayout:
+    """One discovery method's files in an analysis directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def circuit_paths(self, name: str) -> tuple[Path, Path]:
+        stem = _stem(name)
+        return self.root / "circuits" / f"{stem}.json", self.root / "circuits" / f"{stem}.graphml"
+
+    def write_circuit(self, circuit: Circuit, scores: NodeScores) -> None:
+        circuit.save(*self.circuit_paths(circuit.name))
+        meta = {"method": scores.method, "layers": ",".join(scores.layers), "positions": ",".join(scores.positions),
+                "n_prompts": str(scores.n_prompts)}
+        with atomic_open(self.root / "scores" / f"{_stem(circuit.name)}.safetensors", "wb") as f:
+            f.write(save(scores.arrays(), metadata=meta))
+
+    def read_circuit(self, name: str) -> tuple[Circuit, NodeScores]:
+        path, _ = self.circuit_paths(name)
+        circuit = Circuit.load(path)
+        scores_path = self.root / "scores" / f"{_stem(name)}.safetensors"
+        try:
+            with safe_open(scores_path, framework="numpy") as f:
+                meta, keys = f.metadata() or {}, set(f.keys())
+                layers = meta["layers"].split(",")
+
+                def part(kind: str) -> dict[str, np.ndarray] | None:
+                    got = {k: f.get_tensor(f"{kind}.{k}") for k in layers if f"{kind}.{k}" in keys}
+                    return got or None
+
+                scores = NodeScores(meta["method"], layers, meta["positions"].split(","), part("importance"),
+                                    part("signed"), part("p_value"), int(meta["n_prompts"]))
+        except (OSError, KeyError, ValueError) as e:
+            raise UserError(f"{scores_path}: node scores missing or unreadable ({e}); run discovery again") from e
+        return circuit, scores
+
+    @property
+    def similarity_json(self) -> Path:
+        return self.root / "similarity.json"
+
+    @property
+    def similarity_png(self) -> Path:
+        return self.root / "similarity.png"
+
+    def write_similarity(self, result: Mapping[str, Any]) -> None:
+        write_similarity(to_json(result), self.similarity_json, self.similarity_png)
+
+    def read_similarity(self) -> dict[str, Any] | None:
+        return json.loads(self.similarity_json.read_text(encoding="utf-8")) if self.similarity_json.is_file() else None
+
+    def evaluation_paths(self, name: str) -> tuple[Path, Path]:
+        stem = _stem(name)
+        return self.root / "evaluation" / f"{stem}.json", self.root / "evaluation" / f"{stem}.scores.safetensors"
+
+    def write_evaluation(self, record: Any, key: dict[str, Any], scores: Mapping[str, np.ndarray]) -> None:
+        """One circuit's evaluation: the per-prompt scores first, then the record that says it is complete."""
+        record_path, scores_path = self.evaluation_paths(record.name)
+        names = list(scores)
+        with atomic_open(scores_path, "wb") as f:
+            f.write(save({"scores": np.stack([scores[n] for n in names]).astype(np.float64)},
+                         metadata={"variants": json.dumps(names)}))
+        write_json(record_path, {"key": to_json(key), "record": to_json(record)})
+
+    def read_evaluation(self, cls: type[T], name: str, key: dict[str, Any] | None = None) -> T | None:
+        """The circuit's evaluation record; None if absent or (given `key`) made with other settings."""
+        path, _ = self.evaluation_paths(name)
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if key is not None and data.get("key") != to_json(key):
+            return None
+        return from_json(cls, data["record"])
+
+    def read_variant_scores(self, name: str) -> dict[str, np.ndarray]:
+        _, path = self.evaluation_paths(name)
+        with safe_open(path, framework="numpy") as f:
+            names = json.loads((f.metadata() or {})["variants"])
+            matrix = f.get_tensor("scores")
+        return dict(zip(names, matrix))
+
+    @property
+    def curves_png(self) -> Path:
+        return self.root / "curves.png"
+
+
+class AnalysisLayout:
+    """One circuit analysis: `<run_dir>/analysis/<name>/`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def method(self, method: str) -> MethodLayout:
+        return MethodLayout(self.root / method)
+
+    @property
+    def means_path(self) -> Path:
+        return self.root / "means.safetensors"
+
+    def write_means(self, means: NodeMeans) -> None:
+        means.write(self.means_path)
+
+    def read_means(self) -> NodeMeans:
+        if not self.means_path.is_file():
+            raise UserError(f"{self.means_path} not found: run the discover stage before evaluating")
+        return NodeMeans.read(self.means_path)
+
+    def write_discovery(self, record: DiscoveryRecord) -> None:
+        write_json(self.root / "discovery.json", to_json(record))
+
+    def read_discovery(self) -> DiscoveryRecord:
+        return from_json(DiscoveryRecord, _read_json(self.root / "discovery.json", "circuits",
+                                                     "run the discover stage first"))
+
+    def copy_discovery(self, source: AnalysisLayout) -> None:
+        """Take another analysis's discovery (means, record, circuits, scores, similarity) as this one's."""
+        if self.root.exists() and any(self.root.iterdir()):
+            raise UserError(f"{self.root} exists already; give analyze another --name (analyses are never overwritten)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source.means_path, self.means_path)
+        shutil.copy2(source.root / "discovery.json", self.root / "discovery.json")
+        for method in source.read_discovery().methods:
+            for part in ("circuits", "scores"):
+                shutil.copytree(source.method(method).root / part, self.method(method).root / part)
+            for path in (source.method(method).similarity_json, source.method(method).similarity_png):
+                if path.is_file():
+                    shutil.copy2(path, self.method(method).root / path.name)
+
+    @property
+    def comparison_png(self) -> Path:
+        return self.root / "comparison.png"
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.root / "summary.json", to_json(summary))
+
+    def read_summary(self) -> dict[str, Any] | None:
+        path = self.root / "summary.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+class RunLayout:
+    """Every path of a run directory."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.root = Path(run_dir)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def prompts_csv(self) -> Path:
+        return self.data_dir / "prompts.csv"
+
+    @property
+    def behavior_answers(self) -> Path:
+        return self.data_dir / "behavior_answers.json"
+
+    @property
+    def activations(self) -> Path:
+        return self.root / "activations"
+
+    @property
+    def saes(self) -> Path:
+        return self.root / "saes"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def validity(self) -> Path:
+        return self.root / "metric_validity.json"
+
+    @property
+    def config(self) -> Path:
+        """The resolved config LightningCLI saves at the start of `fit`."""
+        return self.root / "config.yaml"
+
+    @property
+    def analysis_root(self) -> Path:
+        return self.root / "analysis"
+
+    def analysis(self, name: str) -> AnalysisLayout:
+        if not name or "/" in name or name in (".", "..", LATEST):
+            raise UserError(f"analysis name {name!r}: give a plain directory name, e.g. orbench_toxic")
+        return AnalysisLayout(self.analysis_root / name)
+
+    def epoch(self, epoch: int) -> AnalysisLayout:
+        """The analysis of training epoch `epoch` (1-based)."""
+        return self.analysis(f"epoch_{epoch:03d}")
+
+    @property
+    def latest(self) -> AnalysisLayout:
+        return AnalysisLayout(self.analysis_root / LATEST)
+
+    def point_latest(self, analysis: AnalysisLayout) -> None:
+        """Atomically re-point `analysis/latest` at `analysis`."""
+        link = self.analysis_root / LATEST
+        tmp = self.analysis_root / f".{LATEST}.tmp"
+        if tmp.is_symlink():
+            tmp.unlink()
+        os.symlink(analysis.root.name, tmp)
+        os.replace(tmp, link)
+
+
+LATEST = "latest"
+
+__all__ = ["AnalysisLayout", "CircuitEntry", "DiscoveryRecord", "MethodLayout", "RunLayout", "from_json", "to_json"]
