@@ -104,8 +104,10 @@ def exact_saes() -> dict[str, SparseAutoencoder]:
     return saes
 
 
-def planted_nodes() -> set[str]:
-    return {Node(layer, j, 0.0).name for layer in LAYERS for j in PLANTED}
+def planted_nodes(position: str = "-1") -> set[str]:
+    """The planted latents at one position class: the head reads the last position ("-1"), and block 1
+    writes nothing, so content and earlier suffix positions move no score."""
+    return {Node(layer, j, position).name for layer in LAYERS for j in PLANTED}
 
 
 def planted_prompts(n_per_label: int, categories: tuple[str, ...] = ("alpha", "beta"), seed: int = 0):
@@ -158,5 +160,49 @@ def make_decoy_model(directory: Path, seed: int = 0) -> Path:
                 signs = torch.randint(0, 2, (len(PLANTED),), generator=g) * 2.0 - 1
                 direction = (signs[:, None] * b[coords]).sum(0)
             emb[i] = MASSIVE * b[-1] + STRENGTH * direction
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+SINK, SINK_NORM = D_MODEL - 3, 300.0
+"""Basis direction and norm of the template model's attention-sink token (bos)."""
+TEMPLATE = D_MODEL - 4
+"""Basis direction only the template's last token (<|assistant|>) writes, and attention never moves: its
+latent fires at the last position only, with the same value in every prompt."""
+
+
+def make_template_model(directory: Path, seed: int = 0) -> Path:
+    """The planted model with a massive-norm attention sink: bos, the first token of the shared chat-template
+    prefix, embeds as SINK_NORM * b_SINK (Qwen's first token has norm ~2,300 in the residual stream).
+
+    The prompt is "<s> <|user|> {content} </s> <|assistant|>": a 2-token shared prefix, the content and a
+    2-token shared suffix; block 0's uniform attention makes every suffix position read the content's
+    trigger words, and the head reads the last one. Averaging b_SINK's latent over all tokens (a global
+    mean) puts ~SINK_NORM / length of it at the last position, which through the final RMS norm shrinks
+    the score; a mean per position class leaves it where it is. <|assistant|> also writes STRENGTH along
+    b_TEMPLATE, which block 0's value projection drops (a template-only latent). Neutral words avoid
+    b_SINK and b_TEMPLATE.
+    """
+    from transformers import LlamaForCausalLM
+
+    make_planted_model(directory, seed)
+    model = LlamaForCausalLM.from_pretrained(directory)
+    tokenizer = make_tiny_tokenizer()
+    b = basis()
+    neutral = [j for j in range(len(PLANTED), D_MODEL - 1) if j not in (SINK, TEMPLATE)]
+    g = torch.Generator().manual_seed(seed + 3)
+    trigger_ids = set(tokenizer.convert_tokens_to_ids(vocabulary()[0]))
+    bos, assistant = tokenizer.convert_tokens_to_ids(["<s>", "<|assistant|>"])
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        for i in range(emb.shape[0]):
+            if i == bos:
+                emb[i] = SINK_NORM * b[SINK]
+            elif i not in trigger_ids:
+                coords = torch.tensor(neutral)[torch.randperm(len(neutral), generator=g)[: len(PLANTED)]]
+                signs = torch.randint(0, 2, (len(PLANTED),), generator=g) * 2.0 - 1
+                emb[i] = MASSIVE * b[-1] + STRENGTH * (signs[:, None] * b[coords]).sum(0)
+        emb[assistant] += STRENGTH * b[TEMPLATE]
+        model.model.layers[0].self_attn.v_proj.weight[TEMPLATE, TEMPLATE] = 0.0
     model.save_pretrained(directory, safe_serialization=True)
     return directory

@@ -1,0 +1,199 @@
+"""Circuit evaluation on a planted model with a chat template and an attention sink: the position-aware
+design must recover the planted circuit, and the global design (one mean per latent over every position)
+must measurably fail on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from refusal_sae.ablation import Ablator
+from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
+from refusal_sae.analysis import position_scheme
+from refusal_sae.bootstrap import resample_weights
+from refusal_sae.circuits import Circuit, NodeScores
+from refusal_sae.correlation import CorrelationConfig, correlation_scores
+from refusal_sae.data import PromptSample
+from refusal_sae.discovery import DiscoveryConfig
+from refusal_sae.errors import UserError
+from refusal_sae.evaluation import ALL_LAYERS, EvaluationConfig, curve_sizes, evaluate_circuit
+from refusal_sae.features import encode_prompts
+from refusal_sae.metric import RefusalMetric
+from refusal_sae.model import ModelConfig, ModelWrapper
+from refusal_sae.objective import objective
+from tests.conftest import single_thread
+from tests.planted import LAYERS, METRIC, PLANTED, TEMPLATE, exact_saes, make_template_model, planted_prompts, vocabulary
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("template")
+    with single_thread():
+        wrapper = ModelWrapper(ModelConfig(name=str(make_template_model(root / "model"))))
+        splits = planted_prompts(24, categories=("alpha",))
+        cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=64), root / "cache").run(splits)
+    return wrapper, splits, cache
+
+
+def setup(template, mode: str):
+    wrapper, splits, cache = template
+    scheme = position_scheme(wrapper, splits["discovery"] + splits["evaluation"], mode)
+    pf = encode_prompts(exact_saes(), PromptActivations(cache, ["discovery"]), scheme)
+    ablator = Ablator(wrapper, exact_saes(), pf.means, RefusalMetric.from_wrapper(wrapper, METRIC), 8)
+    return scheme, pf, ablator
+
+
+def planted_ranking(scheme, position: str) -> NodeScores:
+    """The planted latents at `position` first (importance 1), every other node after them (importance 0)."""
+    importance = {layer: np.zeros((len(scheme.node_classes), 2 * 32 + 1)) for layer in LAYERS}
+    for layer in LAYERS:
+        importance[layer][scheme.node_classes.index(position), PLANTED] = 1.0
+    return NodeScores("planted", LAYERS, scheme.node_classes, importance, None, None, 0)
+
+
+def evaluate(ablator, samples, scores, **cfg):
+    cfg = {"random_circuits": 5, "bootstrap": 500, "error_modes": ["keep"], **cfg}
+    prompts = [s.prompt for s in samples]
+    toxic = np.array([s.refusal_label for s in samples])
+    return evaluate_circuit(ablator, prompts, toxic, None, Circuit("alpha", "all", "planted", LAYERS, []), scores,
+                            EvaluationConfig(**cfg))
+
+
+def point(curve, n: int):
+    return next(p for p in curve.points if p.n_nodes == n)
+
+
+def test_template_positions_are_found(template) -> None:
+    scheme, _, _ = setup(template, "positional")
+    assert (scheme.prefix, scheme.suffix) == (2, 2)  # "<s> <|user|>" ... "</s> <|assistant|>"
+    assert scheme.node_classes == ["content", "-2", "-1"]
+    assert list(scheme.classes(7)) == [0, 1, 2, 2, 2, 3, 4]
+
+
+def test_positional_means_recover_the_planted_circuit_and_global_means_do_not(template) -> None:
+    _, splits, _ = template
+    scheme, _, ablator = setup(template, "positional")
+    record, _ = evaluate(ablator, splits["evaluation"], planted_ranking(scheme, "-1"), sizes=[3, 6])
+    curve = record.curves[0]
+    assert curve.scope == ALL_LAYERS and curve.error_mode == "keep"
+    assert curve.span.excludes_zero()
+    planted = point(curve, 6)
+    assert planted.faithfulness.low >= 0.9 and planted.completeness.high <= 0.1
+    assert planted.random_faithfulness.max <= 0.2  # random circuits of 3 latents per layer at "-1"
+    assert planted.positions == {"-1": 6} and planted.empty_layers == []
+    for layer in LAYERS:  # each layer alone carries the whole effect (block 1 is the identity)
+        own = next(c for c in record.curves if c.scope == layer)
+        assert point(own, 3).faithfulness.value == pytest.approx(1.0, abs=0.02)
+    assert record.sanity.passed and record.sanity.prefix_max_change < 1e-4
+
+    g_scheme, _, g_ablator = setup(template, "global")
+    g_record, _ = evaluate(g_ablator, splits["evaluation"], planted_ranking(g_scheme, "all"), sizes=[6])
+    g_planted = point(g_record.curves[0], 6)
+    assert g_planted.faithfulness.high < 0.8  # the sink's global mean at the last position shrinks the score
+    assert g_planted.faithfulness.high < planted.faithfulness.low - 0.3
+
+
+def test_curves_span_the_whole_range_and_end_at_the_model(template) -> None:
+    _, splits, _ = template
+    scheme, _, ablator = setup(template, "positional")
+    record, scores = evaluate(ablator, splits["evaluation"], planted_ranking(scheme, "-1"), random_circuits=1,
+                              error_modes=["keep", "nodes"])
+    for curve in record.curves:
+        sizes = [p.n_nodes for p in curve.points]
+        assert sizes[0] == 1 and sizes[-1] == curve.n_candidates and sizes == sorted(set(sizes))
+        last = curve.points[-1]
+        assert last.fraction == 1.0
+        assert (last.faithfulness.value, last.faithfulness.low, last.faithfulness.high) == (1.0, 1.0, 1.0)
+        assert last.completeness.value == 0.0
+    main, nodes = record.curves[0], next(c for c in record.curves if c.error_mode == "nodes")
+    assert nodes.n_candidates == main.n_candidates + 2 * 3  # an error node per layer and position class
+    assert len(main.points) >= 8 and main.cpr is not None
+    # CPR is the trapezoid area of the measured points (and (0, 0), the empty circuit), nothing interpolated
+    x = np.array([0.0] + [p.fraction for p in main.points])
+    y = np.array([0.0] + [p.faithfulness.value for p in main.points])
+    assert main.cpr.value == pytest.approx(float(((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2).sum()))
+    assert main.cpr.low <= main.cpr.value <= main.cpr.high
+    assert main.reaches["0.8"] == min(n for n in (p.n_nodes for p in main.points) if n >= 6)  # 6 planted nodes
+    assert np.array_equal(scores["model"], scores[f"keep/{ALL_LAYERS}/C{main.n_candidates}"])
+
+
+def test_no_label_effect_gives_null_ratios_with_a_reason(template) -> None:
+    _, splits, _ = template
+    scheme, _, ablator = setup(template, "positional")
+    triggers = set(vocabulary()[0])
+    neutral = [s for s in splits["evaluation"] if not triggers & set(s.prompt.split())]
+    relabelled = [PromptSample(s.prompt, s.category, i % 2 == 0, "hard", "planted") for i, s in enumerate(neutral)]
+    record, _ = evaluate(ablator, relabelled, planted_ranking(scheme, "-1"), sizes=[6])
+    curve = record.curves[0]
+    assert not curve.span.excludes_zero()
+    assert "interval contains 0" in curve.ratio_note
+    assert all(p.faithfulness is None and p.completeness is None for p in curve.points)
+    assert curve.cpr is None and not record.sanity.passed
+
+
+def test_template_latent_does_not_enter_a_positional_correlation_circuit(template, tmp_path: Path) -> None:
+    """Toxic prompts shorter than safe ones: a latent that fires only on a template token has a per-prompt
+    mean over all tokens of ~1/length, which correlates with the label; per position class it is constant."""
+    wrapper = template[0]
+    triggers, neutral = vocabulary()
+    rng = np.random.default_rng(0)
+    samples = [PromptSample(" ".join([*rng.choice(neutral, size=2), rng.choice(triggers)]), "alpha", True, "toxic", "x")
+               for _ in range(12)]
+    samples += [PromptSample(" ".join(rng.choice(neutral, size=10)), "alpha", False, "hard", "x") for _ in range(12)]
+    splits = {"discovery": samples, "evaluation": []}
+    cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=64), tmp_path / "cache").run(splits)
+    labels = np.array([s.refusal_label for s in samples])
+    r = {}
+    for mode in ("positional", "global"):
+        scheme = position_scheme(wrapper, samples, mode)
+        pf = encode_prompts(exact_saes(), PromptActivations(cache, ["discovery"]), scheme)
+        r[mode] = correlation_scores(pf, labels[np.argsort(pf.prompt_index)][pf.prompt_index], CorrelationConfig())
+    assert r["global"].importance["residuals_0"][0, TEMPLATE] > 0.5
+    assert r["positional"].importance["residuals_0"][:, TEMPLATE].max() < 0.1
+    planted = r["positional"].importance["residuals_0"][2, PLANTED]  # the planted latents at "-1" still count
+    assert planted.min() > 0.5
+
+
+def test_bootstrap_resamples_within_each_side() -> None:
+    toxic = np.array([True, True, True, False, False])
+    obj = objective("contrast", "all", toxic)
+    w = resample_weights(obj, 300, np.random.default_rng(0))
+    assert np.allclose(w[:, toxic].sum(1), 1.0) and np.allclose(w[:, ~toxic].sum(1), -1.0)
+    assert len({tuple(row) for row in w}) > 10  # the resamples differ
+    mean = objective("toxic", "all", toxic)
+    assert list(mean.rows) == [0, 1, 2] and np.allclose(mean.weights, 1 / 3)
+
+
+def test_sizes_are_log_spaced_with_the_mib_fractions() -> None:
+    sizes = curve_sizes(10_000, EvaluationConfig(), "x")
+    for f in (0.001, 0.01, 0.1, 0.5, 1.0):
+        assert int(round(f * 10_000)) in sizes
+    assert sizes[0] == 1 and sizes[-1] == 10_000 and len(sizes) >= 18
+    assert curve_sizes(5, EvaluationConfig(sizes=[2, 5]), "x") == [2, 5]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"bootstrap": 50}, "evaluation.bootstrap: 50 resamples are too few"),
+    ({"target": "refusal"}, "evaluation.target: unknown value 'refusal'"),
+    ({"error_modes": ["drop"]}, "evaluation.error_modes"),
+    ({"sizes": [0, 3]}, "evaluation.sizes"),
+    ({"fractions": [0.0]}, "evaluation.fractions"),
+])
+def test_bad_evaluation_options_are_one_line(kwargs, message) -> None:
+    with pytest.raises(UserError, match=message):
+        EvaluationConfig(**kwargs)
+
+
+def test_bad_input_at_evaluation_time(template) -> None:
+    _, splits, _ = template
+    scheme, _, ablator = setup(template, "positional")
+    with pytest.raises(UserError, match=r"evaluation.sizes: \[10000\] outside \[1, \d+\], the candidate nodes"):
+        evaluate(ablator, splits["evaluation"], planted_ranking(scheme, "-1"), sizes=[10_000])
+    with pytest.raises(UserError, match="target behavior needs the model's answers"):
+        evaluate(ablator, splits["evaluation"], planted_ranking(scheme, "-1"), target="behavior")
+    with pytest.raises(UserError, match="discovery.positions"):
+        DiscoveryConfig(positions="per_token")
