@@ -159,7 +159,8 @@ def test_node_effect_matches_mean_ablating_that_node(planted: Setup, patching: N
     for layer in LAYERS:
         for j in PLANTED:
             measured = planted.ablation_effect(layer, j, LAST, group)
-            assert scores.signed[layer][scores.positions.index(LAST), j] == pytest.approx(measured, rel=0.02), (layer, j)
+            ie = scores.signed[layer][scores.positions.index(LAST), j]
+            assert ie == pytest.approx(measured, rel=0.02), (layer, j)
     # where the trigger words are, ablating a planted latent changes nothing, as its effect says
     content = scores.positions.index("content")
     for j in PLANTED:

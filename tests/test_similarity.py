@@ -15,34 +15,51 @@ from refusal_sae.errors import UserError
 from refusal_sae.similarity import SimilarityConfig, analyse_similarity, write_similarity
 
 LAYERS = ["residuals_0", "residuals_1", "residuals_2"]
+POSITIONS = ("content", "-1")
+LAST = "-1"
+
+Key = int | tuple[int, str]
+"""A node of a layer: a feature index (at the last position) or a (feature, position) pair."""
 
 
-def make_circuit(category: str, features: Mapping[str, Iterable[int]], edges: Iterable[tuple[str, str]] = (),
+def key(f: Key) -> tuple[int, str]:
+    return (int(f), LAST) if isinstance(f, (int, np.integer)) else (int(f[0]), str(f[1]))
+
+
+def name(layer: str, f: Key) -> str:
+    return node_name(layer, *key(f))
+
+
+def make_circuit(category: str, features: Mapping[str, Iterable[Key]], edges: Iterable[tuple[str, str]] = (),
                  group: str = "all", layers: list[str] | None = None) -> Circuit:
-    """A circuit holding exactly the given features per layer (ERROR for the error node) and edges."""
-    nodes = [Node(layer, int(f), 1.0) for layer, fs in features.items() for f in fs]
+    """A circuit holding exactly the given nodes per layer (ERROR for the error node) and edges."""
+    nodes = [Node(layer, *key(f), 1.0) for layer, fs in features.items() for f in fs]
     return Circuit(category, group, "correlation", layers or LAYERS, nodes,
                    [Edge(s, t, 0.5, 0.5) for s, t in edges])
 
 
-def pool(n: int, layers: list[str] = LAYERS) -> dict[str, np.ndarray]:
-    return {layer: np.arange(n) for layer in layers}
+def pool(n: int, layers: list[str] = LAYERS, positions: Iterable[str] = POSITIONS) -> dict[str, list[tuple[int, str]]]:
+    """Per layer the candidate keys: latents 0..n-1 and the error node, at every position class."""
+    return {layer: [(f, p) for p in positions for f in [*range(n), ERROR]] for layer in layers}
 
 
-def names(features: Mapping[str, Iterable[int]]) -> set[str]:
-    return {node_name(layer, f) for layer, fs in features.items() for f in fs}
+def names(features: Mapping[str, Iterable[Key]]) -> set[str]:
+    return {name(layer, f) for layer, fs in features.items() for f in fs}
 
 
 def test_jaccard_of_nodes_and_edges_is_the_set_ratio() -> None:
-    fa = {"residuals_0": [1, 2, 3, ERROR], "residuals_1": [4, 5], "residuals_2": [7]}
-    fb = {"residuals_0": [2, 3, 9], "residuals_1": [4, 6, ERROR], "residuals_2": [7, 8]}
-    ea = {("residuals_0/1", "residuals_1/4"), ("residuals_0/2", "residuals_1/4"), ("residuals_1/5", "residuals_2/7")}
-    eb = {("residuals_0/2", "residuals_1/4"), ("residuals_1/4", "residuals_2/7"),
-          ("residuals_1/error", "residuals_2/8")}
+    """A node is a (feature, position) pair: latent 3 at the content positions is not latent 3 at -1."""
+    fa = {"residuals_0": [1, 2, (3, "content"), ERROR], "residuals_1": [4, 5, (5, "content")], "residuals_2": [7]}
+    fb = {"residuals_0": [2, 3, 9], "residuals_1": [4, 6, ERROR, (5, "content")], "residuals_2": [7, 8]}
+    ea = {("residuals_0/1@-1", "residuals_1/4@-1"), ("residuals_0/2@-1", "residuals_1/4@-1"),
+          ("residuals_1/5@-1", "residuals_2/7@-1")}
+    eb = {("residuals_0/2@-1", "residuals_1/4@-1"), ("residuals_1/4@-1", "residuals_2/7@-1"),
+          ("residuals_1/error@-1", "residuals_2/8@-1")}
     a, b = make_circuit("a", fa, ea), make_circuit("b", fb, eb)
     result = analyse_similarity([a, b], pool(20), SimilarityConfig(permutations=50))
     na, nb = names(fa), names(fb)
     pair = result["pairs"][0]
+    assert na & nb == {"residuals_0/2@-1", "residuals_1/4@-1", "residuals_1/5@content", "residuals_2/7@-1"}
     assert pair["node_jaccard"] == pytest.approx(len(na & nb) / len(na | nb))
     assert pair["edge_jaccard"] == pytest.approx(len(ea & eb) / len(ea | eb))
     assert (pair["node_shared"], pair["node_union"]) == (len(na & nb), len(na | nb))
@@ -51,12 +68,12 @@ def test_jaccard_of_nodes_and_edges_is_the_set_ratio() -> None:
         assert m[0][0] == m[1][1] == 1.0
         assert m[0][1] == m[1][0] == pair[f"{kind}_jaccard"]
     assert result["sizes"] == {"a": {"nodes": len(na), "edges": len(ea)}, "b": {"nodes": len(nb), "edges": len(eb)}}
-    assert result["candidates"] == {layer: 21 for layer in LAYERS}  # 20 features + the error node
+    assert result["candidates"] == {layer: 42 for layer in LAYERS}  # 20 features + the error node, at 2 classes
 
 
 def test_identical_circuits_are_one_and_significant() -> None:
     f = {"residuals_0": [1, 2, 3], "residuals_1": [4, 5, ERROR], "residuals_2": [6]}
-    e = [("residuals_0/1", "residuals_1/4"), ("residuals_1/5", "residuals_2/6")]
+    e = [("residuals_0/1@-1", "residuals_1/4@-1"), ("residuals_1/5@-1", "residuals_2/6@-1")]
     cfg = SimilarityConfig(permutations=200)
     result = analyse_similarity([make_circuit("a", f, e), make_circuit("b", f, e)], pool(100), cfg)
     pair = result["pairs"][0]
@@ -79,17 +96,17 @@ def test_disjoint_circuits_are_zero_and_not_significant() -> None:
 
 def planted(core_size: int, specific: int, rng: np.random.Generator, categories: int = 5, width: int = 200):
     """Circuits of `categories` categories: one planted core plus disjoint random specific nodes each."""
-    cells = [(layer, f) for layer in LAYERS for f in range(width)]
+    cells = [(layer, (f, p)) for layer in LAYERS for p in POSITIONS for f in range(width)]
     order = rng.permutation(len(cells))
     core = [cells[i] for i in order[:core_size]]
     rest = order[core_size:]
     circuits, spec = [], {}
     for k in range(categories):
         mine = [cells[i] for i in rest[k * specific:(k + 1) * specific]]
-        spec[f"cat{k}"] = {node_name(*c) for c in mine}
+        spec[f"cat{k}"] = {name(*c) for c in mine}
         features = {layer: [f for lay, f in core + mine if lay == layer] for layer in LAYERS}
         circuits.append(make_circuit(f"cat{k}", features))
-    return circuits, {node_name(*c) for c in core}, spec
+    return circuits, {name(*c) for c in core}, spec
 
 
 def test_planted_core_is_recovered_and_the_verdict_follows_the_overlap() -> None:
@@ -116,7 +133,7 @@ def test_node_null_mean_is_the_hypergeometric_expectation() -> None:
     a = make_circuit("a", {"l": range(k1)}, layers=["l"])
     b = make_circuit("b", {"l": range(30, 30 + k2)}, layers=["l"])
     cfg = SimilarityConfig(permutations=20000)
-    null = analyse_similarity([a, b], {"l": np.arange(n - 1)}, cfg)["pairs"][0]["null_node_jaccard"]  # + error
+    null = analyse_similarity([a, b], pool(n - 1, ["l"], [LAST]), cfg)["pairs"][0]["null_node_jaccard"]  # + error
     shared = np.arange(min(k1, k2) + 1)
     exact = np.sum(stats.hypergeom.pmf(shared, n, k1, k2) * shared / (k1 + k2 - shared))
     expected_shared = k1 * k2 / n
@@ -134,7 +151,7 @@ def test_null_matches_explicitly_drawn_random_circuits() -> None:
     def edges(f: Mapping[str, list[int]], counts: list[int]) -> list[tuple[str, str]]:
         out = []
         for (up, low), m in zip(pairwise(LAYERS), counts):
-            out += [(node_name(up, i), node_name(low, j)) for i in f[up] for j in f[low]][:m]
+            out += [(name(up, i), name(low, j)) for i in f[up] for j in f[low]][:m]
         return out
 
     cfg = SimilarityConfig(permutations=20000)
@@ -142,13 +159,13 @@ def test_null_matches_explicitly_drawn_random_circuits() -> None:
     pair = analyse_similarity([a, b], pool(width), cfg)["pairs"][0]
 
     rng = np.random.default_rng(7)
-    cand = list(range(width)) + [ERROR]
+    cand = pool(width)["residuals_0"]  # every (feature, position) key, error nodes included
 
     def random_circuit(f: Mapping[str, list[int]], counts: list[int]) -> tuple[set, set]:
-        chosen = {layer: list(rng.choice(cand, len(f[layer]), replace=False)) for layer in LAYERS}
+        chosen = {layer: [cand[i] for i in rng.choice(len(cand), len(f[layer]), replace=False)] for layer in LAYERS}
         drawn = set()
         for (up, low), m in zip(pairwise(LAYERS), counts):
-            options = [(node_name(up, i), node_name(low, j)) for i in chosen[up] for j in chosen[low]]
+            options = [(name(up, i), name(low, j)) for i in chosen[up] for j in chosen[low]]
             drawn |= {options[i] for i in rng.choice(len(options), m, replace=False)}
         return names(chosen), drawn
 
@@ -209,10 +226,11 @@ def test_empty_sets_have_no_jaccard_and_are_left_out_of_means() -> None:
 def test_write_similarity_files(tmp_path) -> None:
     circuits, _, _ = planted(5, 5, np.random.default_rng(0), categories=4)
     result = analyse_similarity(circuits, pool(200), SimilarityConfig(permutations=50))
-    write_similarity(result, tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "similarity.json").read_text()) == json.loads(json.dumps(result))
-    assert (tmp_path / "out" / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["similarity.json", "similarity.png"]
+    write_similarity(result, tmp_path / "out" / "sim.json", tmp_path / "plots" / "sim.png")  # folders made
+    assert json.loads((tmp_path / "out" / "sim.json").read_text()) == json.loads(json.dumps(result))
+    assert (tmp_path / "plots" / "sim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "out", "out/sim.json", "plots", "plots/sim.png"]  # nothing else, no temporary file left
 
 
 @pytest.mark.parametrize(
@@ -222,12 +240,14 @@ def test_write_similarity_files(tmp_path) -> None:
         ([make_circuit("a", {"residuals_0": [1]}), make_circuit("b", {"residuals_0": [1]}, layers=LAYERS[:2])],
          pool(5), "same layers"),
         ([make_circuit("a", {"residuals_0": [1]}), make_circuit("b", {"residuals_0": [2]})],
-         pool(5, LAYERS[:2]), "no candidate features for layer(s) ['residuals_2']"),
+         pool(5, LAYERS[:2]), "no candidate nodes for layer(s) ['residuals_2']"),
         ([make_circuit("a", {"residuals_0": [1]}), make_circuit("b", {"residuals_1": [7]})],
-         pool(5), "node residuals_1/7 is not among the candidates"),
+         pool(5), "node residuals_1/7@-1 is not among the candidates"),
+        ([make_circuit("a", {"residuals_0": [1]}), make_circuit("b", {"residuals_0": [(2, "-2")]})],
+         pool(5), "node residuals_0/2@-2 is not among the candidates"),
         ([make_circuit("a", {"residuals_0": [1]}), make_circuit("a", {"residuals_0": [2]})], pool(5), "more than once"),
-        ([make_circuit("a", {"residuals_0": [1], "residuals_2": [2]}, [("residuals_0/1", "residuals_2/2")]),
-          make_circuit("b", {"residuals_0": [2]})], pool(5), "edge residuals_0/1 -> residuals_2/2"),
+        ([make_circuit("a", {"residuals_0": [1], "residuals_2": [2]}, [("residuals_0/1@-1", "residuals_2/2@-1")]),
+          make_circuit("b", {"residuals_0": [2]})], pool(5), "edge residuals_0/1@-1 -> residuals_2/2@-1"),
         ([make_circuit("a", {}), make_circuit("b", {})], pool(5), "every category circuit is empty"),
     ],
 )
