@@ -3,33 +3,30 @@
 `Ablator` runs the model once per prompt list up to the deepest SAE layer, keeps the unedited residual
 at every SAE layer, and runs each variant from its shallowest edited layer on
 (`ModelWrapper.suffix_last_token_logits`). These tests compare it with the whole model run per variant,
-the edits hooked by `ModelWrapper.edit_residuals` and built here from the maths (encode; every latent
-not kept -> its mean at the token's class; the error likewise; decode), on a tiny random Llama, the
-planted model of `tests/planted.py` and a tiny random Qwen2 (the default model's architecture),
-sliding-window layers included, with positional and global position classes; and check that ablating
-the shared template prefix, whose residuals are the same in every prompt, changes nothing.
+the edits hooked by `ModelWrapper.edit_residuals` and built from the maths (`tests/whole_model.py`), on
+a tiny random Llama, the planted model of `tests/planted.py` and a tiny random Qwen2 (the default
+model's architecture), sliding-window layers included, with positional and global position classes;
+and check that ablating the shared template prefix, whose residuals are the same in every prompt,
+changes nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from refusal_sae.ablation import Ablator, Keep, Variant
-from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
-from refusal_sae.analysis import position_scheme
+from refusal_sae.ablation import Ablator, Variant
 from refusal_sae.circuits import candidate_mask
-from refusal_sae.data import PromptSample
-from refusal_sae.features import NodeMeans, encode_prompts
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.sae import SAEConfig, SparseAutoencoder
 from tests.planted import LAYERS, METRIC, PLANTED, exact_saes, make_planted_model, planted_prompts
 from tests.tiny_model import make_tiny_model, make_tiny_tokenizer, sample_prompts
+from tests.whole_model import node_means, whole_model_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,50 +74,6 @@ def random_saes(wrapper: ModelWrapper, layers: Sequence[str], width: int = 64, k
         torch.manual_seed(seed + i)
         saes[layer] = SparseAutoencoder(SAEConfig(d_in=wrapper.d_model, num_latents=width, k=k)).eval()
     return saes
-
-
-def node_means(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencoder], prompts: Sequence[str], mode: str,
-               root: Path) -> NodeMeans:
-    """The ablation means of `saes` over `prompts` (half of them labelled toxic), as discovery computes them."""
-    samples = [PromptSample(p, "c", i % 2 == 0, "toxic" if i % 2 == 0 else "hard", "test") for i, p in
-               enumerate(prompts)]
-    cache = InferencePipeline(wrapper, ActivationConfig(layers=list(saes), shard_size=64), root).run(
-        {"discovery": samples})
-    scheme = position_scheme(wrapper, samples, mode)
-    return encode_prompts(saes, PromptActivations(cache, ["discovery"]), scheme).means
-
-
-def hooked_edit(sae: SparseAutoencoder, means: NodeMeans, layer: str, keep: Keep, classes: torch.Tensor
-                ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The reference edit of one layer for a batch whose tokens have mean classes `classes`."""
-    mean_f = torch.as_tensor(means.features[layer])[classes]
-    mean_e = torch.as_tensor(means.errors[layer])[classes]
-    keep_f = torch.as_tensor(keep.features)[classes]
-    keep_e = torch.as_tensor(keep.errors)[classes][..., None]
-
-    def edit(hidden: torch.Tensor) -> torch.Tensor:
-        x = hidden.float()
-        f = sae.encode(x)
-        error = x - sae.decode(f)
-        return (sae.decode(torch.where(keep_f, f, mean_f)) + torch.where(keep_e, error, mean_e)).to(hidden.dtype)
-
-    return edit
-
-
-@torch.no_grad()
-def whole_model_scores(abl: Ablator, prompts: Sequence[str], variant: Variant | None) -> np.ndarray:
-    """Per-prompt scores of the whole model with the variant's edits hooked at their layers."""
-    wrapper, scheme = abl.wrapper, abl.means.scheme
-    out = []
-    for start in range(0, len(prompts), abl.batch_size):
-        enc = wrapper.tokenize(prompts[start : start + abl.batch_size], "right")
-        mask = enc["attention_mask"]
-        classes = torch.as_tensor(scheme.batch_classes(mask.sum(1).tolist(), mask.shape[1]))
-        edits = {layer: hooked_edit(abl.saes[layer], abl.means, layer, keep, classes)
-                 for layer, keep in (variant or {}).items()}
-        with wrapper.edit_residuals(edits):
-            out.append(abl.metric.score(wrapper.last_token_logits(enc["input_ids"], mask)).double())
-    return torch.cat(out).numpy()
 
 
 def variants(abl: Ablator, seed: int = 0, **named: Variant) -> dict[str, Variant | None]:
@@ -257,6 +210,8 @@ def test_residuals_are_computed_once_per_prompt_list(tiny_llama: ModelWrapper, t
     saes = random_saes(wrapper, ["residuals_1", "residuals_2"])
     abl = Ablator(wrapper, saes, node_means(wrapper, saes, prompts_of(6, seed=5), "positional", tmp_path), metric,
                   batch_size=3)
+    abl.scores(prompts_of(2, seed=9))  # whatever an Ablator does once, on its first use, is done
+    n_forward = abl.n_forward
     residual_calls: list[list[str]] = []
     original = wrapper.residuals
     monkeypatch.setattr(wrapper, "residuals", lambda *a, **k: residual_calls.append(list(a[2])) or original(*a, **k))
@@ -278,7 +233,7 @@ def test_residuals_are_computed_once_per_prompt_list(tiny_llama: ModelWrapper, t
     finally:
         for handle in handles:
             handle.remove()
-    assert abl.n_forward == 15
+    assert abl.n_forward - n_forward == 15  # variant batches
     abl.scores(prompts[:2])
     assert len(residual_calls) == 4  # another prompt list: its own residuals
     for i in range(Ablator.CACHE_SIZE + 2):
