@@ -12,18 +12,22 @@ A variant is {layer: Keep}, where Keep says per mean class which latents (and wh
 a layer not in the variant is not edited. The shared template prefix is a mean class of its own per
 position, kept unless a variant ablates it on purpose (the sanity check that doing so changes nothing).
 
-Cost. No variant edits anything before its shallowest edited layer L, so the residual stream after L
-is the same in every variant that starts there. `Ablator` computes the unedited stream at every SAE
-layer once per prompt list (one forward pass up to the deepest SAE layer), and a variant runs only the
-blocks after L on it (`ModelWrapper.suffix_last_token_logits`), the head at the last position only:
-a per-layer variant at the deepest SAE layer costs the blocks after it, the model itself costs no more.
+Cost. The shared template prefix is never edited (with positional classes), so its keys and values are
+the same in every variant and every prompt: they are computed once (`ModelWrapper.prefix_cache`) and
+every forward pass runs only the positions after it. No variant edits anything before its shallowest
+edited layer L, so the residual stream after L is the same in every variant that starts there: the
+unedited stream at every SAE layer is computed once per prompt list, and a variant runs only the blocks
+after L on it (`ModelWrapper.suffix_last_token_logits`), the head at the last position only. A model
+whose cache cannot be continued that way (checked once against a plain forward) runs whole prompts.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +38,8 @@ from refusal_sae.features import NodeMeans
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import LAYER_PREFIX, ModelWrapper
 from refusal_sae.sae import SparseAutoencoder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,8 +88,12 @@ class Ablator:
                                 "run circuit discovery again with these SAEs")
         self._mean_f = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in means.features.items()}
         self._mean_e = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in means.errors.items()}
-        self._cache: OrderedDict[tuple[str, ...], list[tuple[Tensor, Tensor, dict[str, Tensor]]]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, ...], list[_Batch]] = OrderedDict()
         self._classes: Tensor | None = None
+        self._prefix: Tensor | None = None
+        self._prefix_cache: Any = None
+        self._prefix_ok: bool | None = None
+        """Whether continuing the prefix's key/value cache reproduces the model (checked on first use)."""
         self.n_forward = 0
         """Variant batches run so far (for progress and benchmarks)."""
 
@@ -154,9 +164,9 @@ class Ablator:
         return edit
 
     @torch.no_grad()
-    def residuals(self, prompts: Sequence[str]) -> list[tuple[Tensor, Tensor, dict[str, Tensor]]]:
-        """Per batch: (attention_mask, mean-class ids, {layer: unedited residual after it}), on the model's
-        device; computed on the first call for this prompt list, then reused."""
+    def residuals(self, prompts: Sequence[str]) -> list[_Batch]:
+        """Per batch of `prompts`: masks, classes and the unedited residual at every SAE layer (after the
+        shared prefix when its keys and values are reused); computed once per prompt list, then reused."""
         key = tuple(prompts)
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -164,33 +174,96 @@ class Ablator:
         batches = []
         for start in range(0, len(key), self.batch_size):
             enc = self.wrapper.tokenize(key[start : start + self.batch_size], "right")
-            mask = enc["attention_mask"].to(self.wrapper.device)
-            lengths = mask.sum(1).tolist()
-            classes = torch.as_tensor(self.scheme.batch_classes(lengths, mask.shape[1]), device=self.wrapper.device)
-            hidden = self.wrapper.residuals(enc["input_ids"], mask, self.layers)
-            batches.append((mask, classes, hidden))
+            ids, mask = enc["input_ids"].to(self.wrapper.device), enc["attention_mask"].to(self.wrapper.device)
+            classes = torch.as_tensor(self.scheme.batch_classes(mask.sum(1).tolist(), mask.shape[1]),
+                                      device=self.wrapper.device)
+            past = self._past(ids)
+            p = self.scheme.prefix if past is not None else 0
+            hidden = self.wrapper.residuals(ids[:, p:], mask, self.layers, past=past)
+            batches.append(_Batch(ids, mask, classes, past, hidden))
         self._cache[key] = batches
         while len(self._cache) > self.CACHE_SIZE:
             self._cache.popitem(last=False)
         return batches
 
+    def _past(self, ids: Tensor) -> Any:
+        """The shared prefix's keys and values for this batch, or None (global positions, or a model whose
+        cache cannot be continued: checked once against a plain forward, with a one-line notice)."""
+        p = self.scheme.prefix
+        if p == 0 or self._prefix_ok is False:
+            return None
+        if self._prefix is None:
+            self._prefix = ids[:1, :p]
+        if not torch.equal(ids[:, :p], self._prefix.expand(len(ids), -1)):
+            raise UserError("evaluation: prompts do not share the chat template's prefix the position classes "
+                            "were found with; run discovery again on these prompts")
+        try:
+            if self._prefix_cache is None:
+                self._prefix_cache = self.wrapper.prefix_cache(self._prefix)
+            past = self.wrapper.expand_prefix(self._prefix_cache, len(ids))
+            if self._prefix_ok is None:
+                self._prefix_ok = self._same_as_plain(ids, past)
+        except (AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError) as e:
+            log.warning("evaluation: this model's key/value cache cannot be continued (%s); every variant runs the "
+                        "whole prompt (slower, same numbers)", str(e).splitlines()[0][:120])
+            self._prefix_ok = False
+        if not self._prefix_ok:
+            return None
+        return past
+
+    def _same_as_plain(self, ids: Tensor, past: Any) -> bool:
+        mask = torch.ones_like(ids)
+        last = self.layers[-1]
+        p = self.scheme.prefix
+        cached = self.wrapper.suffix_last_token_logits(
+            self.wrapper.residuals(ids[:, p:], mask, [last], past=past)[last], mask, last, past=past)
+        plain = self.wrapper.last_token_logits(ids, mask)
+        ok = bool(torch.allclose(cached, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max())))
+        if not ok:
+            log.warning("evaluation: continuing this model's key/value cache changes its logits (max |diff| %.3g); "
+                        "every variant runs the whole prompt (slower, same numbers)", float((cached - plain).abs().max()))
+        return ok
+
     @torch.no_grad()
     def scores(self, prompts: Sequence[str], variant: Variant | None = None) -> np.ndarray:
         """(n,) float64 refusal scores of `prompts` under `variant` (None or all-keeping: the model)."""
-        edits = {layer: self._edit(layer, k) for layer, k in (variant or {}).items() if not k.everything}
+        variant = {layer: k for layer, k in (variant or {}).items() if not k.everything}
+        edits = {layer: self._edit(layer, k) for layer, k in variant.items()}
+        p = self.scheme.n_prefix
+        prefix_edited = any(not (k.features[:p].all() and k.errors[:p].all()) for k in variant.values())
         start = next((layer for layer in self.layers if layer in edits), self.layers[-1])
-        first = edits.pop(start, None)
         out = []
         try:
-            with self.wrapper.edit_residuals(edits):
-                for mask, classes, hidden in self.residuals(prompts):
-                    self._classes = classes
-                    h = hidden[start] if first is None else first(hidden[start])
-                    out.append(self.metric.score(self.wrapper.suffix_last_token_logits(h, mask, start)).double().cpu())
-                    self.n_forward += 1
+            for batch in self.residuals(prompts):
+                if prefix_edited and batch.past is not None:  # the prefix itself is edited: run it too
+                    self._classes = batch.classes
+                    with self.wrapper.edit_residuals(edits):
+                        logits = self.wrapper.last_token_logits(batch.input_ids, batch.mask)
+                else:
+                    offset = self.scheme.prefix if batch.past is not None else 0
+                    self._classes = batch.classes[:, offset:]
+                    later = {layer: e for layer, e in edits.items() if layer != start}
+                    h = batch.hidden[start] if start not in edits else edits[start](batch.hidden[start])
+                    with self.wrapper.edit_residuals(later):
+                        logits = self.wrapper.suffix_last_token_logits(h, batch.mask, start, past=batch.past)
+                out.append(self.metric.score(logits).double().cpu())
+                self.n_forward += 1
         finally:
             self._classes = None
         return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+@dataclass
+class _Batch:
+    input_ids: Tensor
+    mask: Tensor
+    """(batch, seq) attention mask over the whole prompt."""
+    classes: Tensor
+    """(batch, seq) mean-class index of every position."""
+    past: Any
+    """The shared prefix's keys and values for this batch, or None."""
+    hidden: dict[str, Tensor]
+    """Unedited residual after each SAE layer: the positions after the prefix (with `past`) or all."""
 
 
 __all__ = ["Ablator", "Keep", "Variant"]

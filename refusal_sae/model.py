@@ -482,11 +482,14 @@ class ModelWrapper:
         return input_ids, torch.as_tensor(attention_mask).to(self.device)
 
     @torch.no_grad()
-    def residuals(self, input_ids: Tensor, attention_mask: Tensor | None, layers: Sequence[str | int]) -> dict[str, Tensor]:
+    def residuals(self, input_ids: Tensor, attention_mask: Tensor | None, layers: Sequence[str | int],
+                  past: Any = None) -> dict[str, Tensor]:
         """{layer: (batch, seq, d_model)} residual stream after each requested block, in depth order.
 
         Tensors are in the model's dtype on its device; padded positions hold garbage. The forward
-        pass stops right after the deepest requested block.
+        pass stops right after the deepest requested block. With `past` (a `prefix_cache` expanded to the
+        batch, left untouched), `input_ids` continue that prefix and `attention_mask` covers prefix and
+        continuation.
         """
         names = self.resolve_layers(layers)
         if not names:
@@ -509,7 +512,7 @@ class ModelWrapper:
             self._layers[i].register_forward_hook(make_hook(name, i == last)) for i, name in zip(indices, names)
         ]
         try:
-            self._decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            self._decoder(input_ids=input_ids, attention_mask=attention_mask, **self._continuation(past, input_ids))
         except _StopForward:
             pass
         finally:
@@ -566,7 +569,8 @@ class ModelWrapper:
         return self._head_at_last(output, attention_mask)
 
     @torch.no_grad()
-    def suffix_last_token_logits(self, hidden: Tensor, attention_mask: Tensor | None, after_layer: str | int) -> Tensor:
+    def suffix_last_token_logits(self, hidden: Tensor, attention_mask: Tensor | None, after_layer: str | int,
+                                 past: Any = None) -> Tensor:
         """(batch, vocab) float32 logits at each row's last real token, running only the blocks after `after_layer`.
 
         `hidden` (batch, seq, d_model), in the model's dtype, is taken as the residual stream after
@@ -581,6 +585,10 @@ class ModelWrapper:
         `hidden`; so masks (padding + causal, sliding windows), rotary embeddings, per-layer settings
         indexed by position (`config.layer_types[i]`, `layers[:num_hidden_layers]`) and the final norm
         all come from the model's own code, and an input scaling of the embeddings (Gemma) is discarded.
+
+        With `past` (a `prefix_cache` expanded to the batch, left untouched) `hidden` holds only the
+        positions after the shared prefix, whose keys and values the blocks read from `past`;
+        `attention_mask` covers prefix and continuation.
         """
         index = int(self.resolve_layers([after_layer])[0].removeprefix(LAYER_PREFIX))
         attention_mask = None if attention_mask is None else torch.as_tensor(attention_mask).to(self.device)
@@ -624,10 +632,46 @@ class ModelWrapper:
         swapped = nn.ModuleList([StandIn(b) if i <= index else b for i, b in enumerate(original)])
         try:
             self._decoder.layers = swapped
-            output = self._decoder(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
+            output = self._decoder(inputs_embeds=hidden, attention_mask=attention_mask,
+                                   **self._continuation(past, hidden))
         finally:
             self._decoder.layers = original
-        return self._head_at_last(output, attention_mask)
+        return self._head_at_last(output, attention_mask[:, attention_mask.shape[1] - hidden.shape[1]:])
+
+    @torch.no_grad()
+    def prefix_cache(self, input_ids: Tensor) -> Any:
+        """The keys and values of a token prefix (1, P) that a batch of prompts shares (the chat template's
+        start), computed once: `expand_prefix` gives a batch's copy for `residuals` and
+        `suffix_last_token_logits`, which then run only the positions after it."""
+        ids = torch.as_tensor(input_ids).to(self.device)
+        out = self._decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        return out.cache if self._cache_argument == "cache" else out.past_key_values
+
+    @staticmethod
+    def expand_prefix(cache: Any, batch: int) -> Any:
+        """A copy of a one-row `prefix_cache` for `batch` rows."""
+        import copy
+
+        out = copy.deepcopy(cache)
+        out.batch_repeat_interleave(batch)
+        return out
+
+    @property
+    def _cache_argument(self) -> str:
+        """The decoder's name for its key/value cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self._decoder.forward).parameters else "past_key_values"
+
+    def _continuation(self, past: Any, inputs: Tensor) -> dict[str, Any]:
+        """Decoder keyword arguments: no cache, or a private copy of `past` continued at its length."""
+        if past is None:
+            return {"use_cache": False}
+        import copy
+
+        start = past.get_seq_length()
+        positions = torch.arange(start, start + inputs.shape[1], device=inputs.device)[None]
+        return {"use_cache": True, self._cache_argument: copy.deepcopy(past), "position_ids": positions}
 
     def _head_at_last(self, output: Any, attention_mask: Tensor) -> Tensor:
         """(batch, vocab) float32 logits of the base model's `output` at each row's last real position."""

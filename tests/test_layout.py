@@ -1,0 +1,94 @@
+"""The run layout owns every path of a run directory, and its records round-trip typed."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from refusal_sae.bootstrap import Interval
+from refusal_sae.errors import UserError
+from refusal_sae.layout import RunLayout, from_json, to_json
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("refusal_sae", "lightning_modules", "datamodules", "callbacks")
+OWN_FORMATS = {
+    "refusal_sae/layout.py": "the run layout itself",
+    "refusal_sae/activations.py": "the activation cache's own files (the cache may live outside the run)",
+    "refusal_sae/sae.py": "an SAE checkpoint's own files (sparsify's format)",
+    "refusal_sae/sae_io.py": "an SAE checkpoint's own files (sparsify's format)",
+    "refusal_sae/embedded.py": "the embedded model's user cache",
+    "refusal_sae/cpu_kernels.py": "the compiled kernels' user cache",
+    "refusal_sae/io.py": "the user cache's root (cache_root)",
+    "refusal_sae/loading.py": "a model directory's own files",
+    "refusal_sae/model.py": "a model directory's own files",
+}
+
+
+def path_literals(source: str) -> list[tuple[int, str]]:
+    """String constants joined onto a path: `x / "name"`, `os.path.join(x, "name")`, `Path("a/b")`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            found += [(node.lineno, side.value) for side in (node.left, node.right)
+                      if isinstance(side, ast.Constant) and isinstance(side.value, str)]
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "join" and \
+                getattr(getattr(node.func, "value", None), "attr", None) == "path":
+            found += [(node.lineno, a.value) for a in node.args if isinstance(a, ast.Constant)
+                      and isinstance(a.value, str)]
+    return found
+
+
+def test_no_module_outside_the_layout_spells_a_run_path() -> None:
+    offenders = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel in OWN_FORMATS:
+                continue
+            offenders += [f"{rel}:{line}: {value!r}" for line, value in path_literals(path.read_text())]
+    assert not offenders, "run paths spelled outside refusal_sae/layout.py:\n" + "\n".join(offenders)
+
+
+def test_the_check_finds_what_it_looks_for() -> None:
+    source = 'import os\nfrom pathlib import Path\na = Path(x) / "saes"\nb = os.path.join(y, "prompts.csv")\n'
+    assert path_literals(source) == [(3, "saes"), (4, "prompts.csv")]
+
+
+@dataclass
+class Record:
+    name: str
+    estimate: Interval
+    optional: Interval | None
+    per_layer: dict[str, int]
+    points: list[Interval]
+
+
+def test_records_round_trip_typed_and_nan_becomes_null() -> None:
+    record = Record("a", Interval(1.0, float("nan"), 2.0), None, {"residuals_0": 3},
+                    [Interval(np.float64(0.5), 0.1, 0.9)])
+    data = to_json(record)
+    assert data["estimate"]["low"] is None and isinstance(data["points"][0]["value"], float)
+    back = from_json(Record, data)
+    assert back.points == [Interval(0.5, 0.1, 0.9)] and back.optional is None
+    assert np.isnan(back.estimate.low) and back.per_layer == {"residuals_0": 3}
+
+
+def test_analysis_names_are_plain_and_latest_is_repointed(tmp_path: Path) -> None:
+    run = RunLayout(tmp_path)
+    for bad in ("", "a/b", "..", "latest"):
+        with pytest.raises(UserError, match="give a plain directory name"):
+            run.analysis(bad)
+    first, second = run.epoch(1), run.epoch(2)
+    for a in (first, second):
+        a.root.mkdir(parents=True)
+        run.point_latest(a)
+        assert run.latest.root.resolve() == a.root.resolve()
+    assert first.name == "epoch_001"
+    # category names with dots or slashes get distinct files
+    method = first.method("correlation")
+    paths = {method.circuit_paths(n)[0] for n in ("grp.hate", "grp.harass", "grp/toxic")}
+    assert len(paths) == 3 and all(p.parent == method.root / "circuits" for p in paths)
