@@ -174,11 +174,16 @@ def _p_value_and_null_mean(
 
 def compare(
     a: Circuit, b: Circuit, shapes: Mapping[str, Shape], pool_sizes: np.ndarray, cfg: SimilarityConfig,
-    rng: np.random.Generator,
+    rng: np.random.Generator, null_jaccards: list[np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Node and edge Jaccard of two circuits, with p-values and null means from the permutation null."""
+    """Node and edge Jaccard of two circuits, with p-values and null means from the permutation null; the
+    pair's (permutations,) null node Jaccards are appended to `null_jaccards` (for the mean's null)."""
     record: dict[str, Any] = {"a": a.name, "b": b.name}
     null_nodes, null_edges = null_overlaps(shapes[a.name], shapes[b.name], pool_sizes, cfg.permutations, rng)
+    if null_jaccards is not None:
+        union = len(a.node_names()) + len(b.node_names()) - null_nodes
+        with np.errstate(invalid="ignore", divide="ignore"):
+            null_jaccards.append(np.where(union > 0, null_nodes / np.maximum(union, 1), np.nan))
     for kind, sa, sb, null_shared in (
         ("node", a.node_names(), b.node_names(), null_nodes),
         ("edge", a.edge_names(), b.edge_names(), null_edges),
@@ -238,9 +243,16 @@ def _mean(pairs: Sequence[Mapping[str, Any]], key: str) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def verdict(pairs: Sequence[Mapping[str, Any]], core_size: int, n_circuits: int, cfg: SimilarityConfig) -> dict:
-    """monolithic / hybrid / modular from the mean pairwise node Jaccard, with the null as context."""
+def verdict(pairs: Sequence[Mapping[str, Any]], core_size: int, n_circuits: int, cfg: SimilarityConfig,
+            null_jaccards: Sequence[np.ndarray] = ()) -> dict:
+    """monolithic / hybrid / modular from the mean pairwise node Jaccard, with the null as context: the
+    p-value of the mean against the means of the same pairs of random circuits (one per permutation)."""
     node, null = _mean(pairs, "node_jaccard"), _mean(pairs, "null_node_jaccard")
+    defined = [r["node_jaccard"] is not None for r in pairs]
+    mean_p = None
+    if null_jaccards and any(defined):
+        null_means = np.nanmean(np.stack([n for n, d in zip(null_jaccards, defined) if d]), axis=0)
+        mean_p = float((1 + np.count_nonzero(null_means >= node - 1e-12)) / (1 + len(null_means)))
     if np.isnan(node):
         raise UserError("similarity: every category circuit is empty; lower circuits.threshold so circuits have nodes")
     if node >= cfg.monolithic_above:
@@ -254,12 +266,15 @@ def verdict(pairs: Sequence[Mapping[str, Any]], core_size: int, n_circuits: int,
                                 f"thresholds: a shared core of {core_size} nodes plus category-specific features")
     node_sig, node_tested = _significant(pairs, "node", cfg.significance)
     edge_sig, edge_tested = _significant(pairs, "edge", cfg.significance)
+    chance = "" if mean_p is None else f", p = {mean_p:.3g} for the mean against random circuits of the same sizes"
     explanation = (f"Refusal looks {label}: the {n_circuits} category circuits have a mean pairwise node Jaccard of "
-                   f"{node:.2f} (chance {null:.2f}; {node_sig} of {len(pairs)} pairs above chance at "
-                   f"p < {cfg.significance}), {why}.")
+                   f"{node:.2f} (chance {null:.2f}{chance}; {node_sig} of {len(pairs)} pairs above chance at "
+                   f"p < {cfg.significance}), {why}. The circuits are those at the discovery threshold; the "
+                   "verdict depends on it.")
     return {
         "label": label,
         "mean_node_jaccard": node,
+        "mean_node_jaccard_p_value": mean_p,
         "mean_edge_jaccard": _num(_mean(pairs, "edge_jaccard")),
         "mean_null_node_jaccard": _num(null),
         "mean_null_edge_jaccard": _num(_mean(pairs, "null_edge_jaccard")),
@@ -301,7 +316,8 @@ def analyse_similarity(
     pool_sizes = np.array([len(pools[layer]) for layer in layers], np.int64)
     shapes = {c.name: circuit_shape(c, pools) for c in circuits}
     rng = np.random.default_rng(cfg.seed)
-    pairs = [compare(a, b, shapes, pool_sizes, cfg, rng)
+    nulls: list[np.ndarray] = []
+    pairs = [compare(a, b, shapes, pool_sizes, cfg, rng, nulls)
              for i, a in enumerate(categories) for b in categories[i + 1:]]
     by_group = {(c.category, c.group): c for c in circuits}
     safe_vs_toxic = [
@@ -321,7 +337,7 @@ def analyse_similarity(
         "pairs": pairs,
         "shared_core": core,
         "safe_vs_toxic": safe_vs_toxic,
-        "verdict": verdict(pairs, core["size"], len(categories), cfg),
+        "verdict": verdict(pairs, core["size"], len(categories), cfg, nulls),
     }
 
 
