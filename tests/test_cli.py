@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from refusal_sae.cli import main
-from refusal_sae.sae import SparseAutoencoder
+from refusal_sae.sae_io import load_sae
 from tests.conftest import ROOT, write_csv
 from tests.tiny_model import DEFAULT_CONFIG, tiny_fit_options
 
@@ -78,7 +78,7 @@ def test_fit_runs_the_pipeline(tiny_run) -> None:
     manifest = json.loads((tmp_path / "activations" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["config"]["layers"] == ["residuals_0", "residuals_1"]
     for layer in ("residuals_0", "residuals_1"):
-        sae = SparseAutoencoder.load(tmp_path / "saes" / layer, expected_layer=layer, expected_d_in=32)
+        sae = load_sae(tmp_path / "saes" / layer, expected_layer=layer, expected_d_in=32)
         assert sae.cfg.k_active == 32
     latest = tmp_path / "analysis" / "latest"
     assert latest.resolve() == (tmp_path / "analysis" / "epoch_002").resolve()

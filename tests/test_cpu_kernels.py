@@ -149,7 +149,7 @@ def test_training_step_is_the_same_with_and_without_the_kernels(kernels, monkeyp
     results = {}
     for switch in ("1", "0"):
         monkeypatch.setenv(cpu_kernels.ENV_SWITCH, switch)
-        sae.tokens_since_fired.copy_(dead)  # the forward pass updates it
+        sae.tokens_since_fired.copy_(dead)
         sae.zero_grad()
         out = sae(x)
         out.loss.backward()

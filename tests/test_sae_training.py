@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from refusal_sae.sae import SparseAutoencoder
+from refusal_sae.sae_io import load_sae
 from tests.conftest import ROOT
 from tests.test_cli import cli_in_process, one_line_error
 from tests.tiny_model import DEFAULT_CONFIG, tiny_fit_options
@@ -60,7 +60,7 @@ def test_ddp_ranks_end_identical_with_global_dead_latent_counts_and_w_and_b_offl
     global_step = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert global_step > 4
     for layer in LAYERS:
-        saved = SparseAutoencoder.load(tmp_path / "saes" / layer, expected_layer=layer)
+        saved = load_sae(tmp_path / "saes" / layer, expected_layer=layer)
         assert torch.equal(saved.W_dec, ranks[0][f"saes.{layer}.W_dec"])
         # Every step counts both ranks' tokens (2 x 64), and a latent that fired on either rank is reset.
         # Counting one rank's tokens would give multiples of 64 topping out at global_step * 64.
