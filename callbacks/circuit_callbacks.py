@@ -36,7 +36,8 @@ from refusal_sae.analysis import (
 )
 from refusal_sae.circuits import CircuitConfig
 from refusal_sae.errors import UserError
-from refusal_sae.metric import RefusalMetricConfig, ValidityConfig, validity_report, write_validity_report
+from refusal_sae.metric import RefusalMetricConfig
+from refusal_sae.validity import ValidityConfig, validity_report, write_validity_report
 from refusal_sae.similarity import SimilarityConfig
 
 log = logging.getLogger("refusal_sae")

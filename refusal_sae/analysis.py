@@ -42,10 +42,11 @@ from refusal_sae.circuits import (
 from refusal_sae.data import PromptSample, Split
 from refusal_sae.errors import UserError
 from refusal_sae.io import atomic_open, write_json
-from refusal_sae.metric import RefusalMetric, RefusalMetricConfig, ValidityConfig, behavior_labels
+from refusal_sae.metric import RefusalMetric, RefusalMetricConfig
 from refusal_sae.model import ModelWrapper
 from refusal_sae.sae import SparseAutoencoder
 from refusal_sae.similarity import SimilarityConfig, analyse_similarity, write_similarity
+from refusal_sae.validity import ValidityConfig, behavior_labels
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""refusal_sae.metric: the refusal score F, opener tokens, greedy generation, labelling, AUC, validity report.
+"""refusal_sae.metric and .validity: the refusal score F, opener tokens, greedy generation, labelling, AUC,
+validity report.
 
 Everything runs on a tiny random Llama built in the test (tests/tiny_model.py), whose word-level
 tokenizer lowercases and knows only words of the bundled sample prompts; one integration test loads the
@@ -17,19 +18,16 @@ import torch
 
 from refusal_sae.data import PromptSample
 from refusal_sae.errors import UserError
-from refusal_sae.metric import (
-    RefusalMetric,
-    RefusalMetricConfig,
+from refusal_sae.metric import RefusalMetric, RefusalMetricConfig, mean_refusal_score, refusal_scores
+from refusal_sae.model import ModelConfig, ModelWrapper
+from refusal_sae.validity import (
     ValidityConfig,
     generate_answers,
     is_refusal,
-    mean_refusal_score,
-    refusal_scores,
     roc_auc,
     validity_report,
     write_validity_report,
 )
-from refusal_sae.model import ModelConfig, ModelWrapper
 from tests.conftest import first_prompts, requires_embedded
 from tests.tiny_model import make_tiny_model
 
