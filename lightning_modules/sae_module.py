@@ -43,6 +43,7 @@ from refusal_sae.errors import UserError
 from refusal_sae.io import atomic_open
 from refusal_sae.sae import SAEConfig, SAEMeta, SparseAutoencoder
 from refusal_sae.sae_io import save_sae
+from refusal_sae.validate import non_negative_int, positive_number
 
 LOGGED = ("fvu", "mse", "cos_sim", "l0", "auxk_loss", "dead_fraction")
 """Metrics logged per layer as `sae/<layer>/<name>` (each step) and `sae/<layer>/<name>_epoch`."""
@@ -159,10 +160,9 @@ class SAEModule(L.LightningModule):
         super().__init__()
         if isinstance(sae, Mapping):  # hyper-parameters of a checkpoint (see on_save_checkpoint)
             sae = SAEConfig(**sae)
-        if lr is not None and not lr > 0:
-            raise UserError(f"model.lr={lr} must be a positive number (or null for the default)")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise UserError(f"model.warmup_steps={warmup_steps!r} must be an integer >= 0")
+        if lr is not None:
+            positive_number("model.lr", lr, 2e-4)
+        non_negative_int("model.warmup_steps", warmup_steps, 100)
         self.save_hyperparameters()
         self.sae_cfg = sae
         self.layers = layers

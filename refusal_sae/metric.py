@@ -65,7 +65,7 @@ from torch import Tensor
 
 from refusal_sae.errors import UserError
 from refusal_sae.model import ModelWrapper
-from refusal_sae.validate import positive_int
+from refusal_sae.validate import one_of, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,23 @@ class RefusalMetricConfig:
     compliance_mode: ComplianceMode = "openers"
     """'openers': the compliance side is the compliance openers' first tokens; 'not_refusal': every token outside the refusal set (score = log-odds of a refusal opener; compliance_openers unused)."""
 
+    def __post_init__(self) -> None:
+        one_of("metric.shared_first_tokens", self.shared_first_tokens, SHARED_POLICIES)
+        one_of("metric.compliance_mode", self.compliance_mode, COMPLIANCE_MODES)
+        sides = {"refusal_openers": self.refusal_openers}
+        if self.compliance_mode == "openers":
+            sides["compliance_openers"] = self.compliance_openers
+        for name, openers in sides.items():
+            if isinstance(openers, str) or not openers:
+                raise UserError(
+                    f"metric.{name}: {openers!r} is not a non-empty list of strings; give e.g. ['Sure', 'Certainly']"
+                )
+            for opener in openers:
+                if not isinstance(opener, str) or not opener.strip():
+                    raise UserError(
+                        f"metric.{name}: opener {opener!r} is empty; give the word(s) an answer starts with, or remove it"
+                    )
+
 
 # --------------------------------------------------------------------------------------------------
 # The metric
@@ -148,16 +165,7 @@ class RefusalMetric:
     """
 
     def __init__(self, tokenizer: Any, cfg: RefusalMetricConfig | None = None, chat_template: str | None = None):
-        cfg = cfg if cfg is not None else RefusalMetricConfig()
-        if cfg.shared_first_tokens not in SHARED_POLICIES:
-            raise UserError(
-                f"shared_first_tokens: unknown value {cfg.shared_first_tokens!r}; use 'drop', 'refusal' or 'compliance'"
-            )
-        if cfg.compliance_mode not in COMPLIANCE_MODES:
-            raise UserError(
-                f"compliance_mode: unknown value {cfg.compliance_mode!r}; use 'openers' or 'not_refusal'"
-            )
-        self.cfg = cfg
+        self.cfg = cfg = cfg if cfg is not None else RefusalMetricConfig()
         self.tokenizer = tokenizer
         self._prefix_text, self._prefix_ids = self._generation_prefix(tokenizer, chat_template)
         refusal = self._first_tokens(cfg.refusal_openers, "refusal_openers")
@@ -234,14 +242,11 @@ class RefusalMetric:
         return ids[0] if ids else None
 
     def _first_tokens(self, openers: Sequence[str], name: str) -> dict[int, OpenerToken]:
-        if isinstance(openers, str) or not openers:
-            raise UserError(f"{name}: {openers!r} is not a non-empty list of strings; give e.g. ['Sure', 'Certainly']")
+        """{first token id: OpenerToken} of `openers` (checked as lists of non-empty strings by the config)."""
         tok = self.tokenizer
         special = set(getattr(tok, "all_special_ids", []) or [])
         found: dict[int, list[str]] = {}
         for opener in openers:
-            if not isinstance(opener, str) or not opener.strip():
-                raise UserError(f"{name}: opener {opener!r} is empty; give the word(s) an answer starts with, or remove it")
             variants = [opener.lstrip(), " " + opener.lstrip()] if self.cfg.space_variants else [opener]
             problems = []
             for k, variant in enumerate(variants):

@@ -48,6 +48,7 @@ from refusal_sae.embedded import GGUF_SHA256, embedded_model_dir
 from refusal_sae.errors import UserError
 from refusal_sae.io import sha256_file
 from refusal_sae.loading import load_causal_lm
+from refusal_sae.validate import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,9 @@ class ModelConfig:
     """Jinja chat template (or a path to a .jinja file) overriding the tokenizer's; null uses the tokenizer's."""
     max_length: int = 256
     """Longest prompt in tokens, chat template included; a longer prompt is an error, not truncated."""
+
+    def __post_init__(self) -> None:
+        positive_int("data.model.max_length", self.max_length, 256)
 
 
 class _StopForward(Exception):
@@ -172,8 +176,6 @@ class ModelWrapper:
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
-        if not isinstance(cfg.max_length, int) or cfg.max_length < 1:
-            raise UserError(f"data.model.max_length: {cfg.max_length!r} is not a positive integer; give e.g. 256")
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         source, gguf_file, local = self._resolve_source()

@@ -42,6 +42,7 @@ from refusal_sae.sparse_ops import (
     select_topk,
     sparse_enough,
 )
+from refusal_sae.validate import fraction, non_negative_number, positive_int
 
 DEFAULT_K = 32
 
@@ -68,23 +69,20 @@ class SAEConfig:
     """Keep decoder rows at unit norm, so a feature's activation is the size of its contribution."""
 
     def __post_init__(self) -> None:
-        for name in ("d_in", "expansion_factor", "num_latents", "k", "dead_tokens_threshold"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise UserError(f"SAE config {name}={value!r} must be a positive integer")
+        for name, example in (("d_in", 896), ("expansion_factor", 32), ("num_latents", 28672), ("k", DEFAULT_K),
+                              ("dead_tokens_threshold", 10_000_000)):
+            if getattr(self, name) is not None:
+                positive_int(f"model.sae.{name}", getattr(self, name), example)
         if self.k is not None and self.k_percent is not None:
-            raise UserError(f"SAE config sets both k={self.k} and k_percent={self.k_percent}; set only one")
-        if self.k_percent is not None and not 0 < self.k_percent <= 1:
-            raise UserError(
-                f"SAE config k_percent={self.k_percent} must be in (0, 1]: a fraction of the width, e.g. 0.01 for 1%"
-            )
+            raise UserError(f"model.sae.k_percent: {self.k_percent!r} is set as well as k={self.k}; set only one")
+        if self.k_percent is not None:
+            fraction("model.sae.k_percent", self.k_percent, 0.01, include_one=True)
         if self.k_active > self.width:
             raise UserError(
-                f"SAE config k={self.k_active} is larger than the SAE width of {self.width} latents; "
+                f"model.sae.k: {self.k_active!r} is larger than the SAE width of {self.width} latents; "
                 "lower k or raise num_latents/expansion_factor"
             )
-        if not self.auxk_alpha >= 0:
-            raise UserError(f"SAE config auxk_alpha={self.auxk_alpha} must be >= 0")
+        non_negative_number("model.sae.auxk_alpha", self.auxk_alpha, 1 / 32)
 
     @property
     def width(self) -> int:

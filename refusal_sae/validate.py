@@ -17,6 +17,11 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: object) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def positive_int(option: str, value: object, example: int) -> None:
     """`value` is an integer >= 1."""
     if not _is_int(value) or value < 1:
@@ -31,20 +36,19 @@ def non_negative_int(option: str, value: object, example: int) -> None:
 
 def positive_number(option: str, value: object, example: float) -> None:
     """`value` is a real number > 0."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+    if not _is_number(value) or not value > 0:
         raise UserError(f"{option}: {value!r} is not a positive number; give e.g. {example}")
 
 
 def non_negative_number(option: str, value: object, example: float) -> None:
     """`value` is a real number >= 0."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+    if not _is_number(value) or not value >= 0:
         raise UserError(f"{option}: {value!r} is not a number >= 0; give e.g. {example}")
 
 
 def fraction(option: str, value: object, example: float, *, include_one: bool = False) -> None:
     """`value` is a number in (0, 1), or in (0, 1] with `include_one`."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not (0 < value < 1 or (include_one and value == 1)):
+    if not _is_number(value) or not (0 < value < 1 or (include_one and value == 1)):
         interval = "(0, 1]" if include_one else "(0, 1)"
         raise UserError(f"{option}: {value!r} is not a fraction in {interval}; give e.g. {example}")
 

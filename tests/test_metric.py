@@ -111,9 +111,9 @@ def test_a_set_emptied_by_sharing_is_an_error(wrapper: ModelWrapper) -> None:
     ],
 )
 def test_bad_opener_is_named(wrapper: ModelWrapper, field: str, opener: str, match: str) -> None:
-    cfg = RefusalMetricConfig(**{**vars(TINY), field: ["not", opener] if field == "refusal_openers" else ["how", opener]})
-    with pytest.raises(UserError, match=match):
-        RefusalMetric.from_wrapper(wrapper, cfg)
+    openers = ["not", opener] if field == "refusal_openers" else ["how", opener]
+    with pytest.raises(UserError, match=match):  # an empty opener when the config is built, others with the tokenizer
+        RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(**{**vars(TINY), field: openers}))
 
 
 def test_opener_list_must_not_be_empty(wrapper: ModelWrapper) -> None:
@@ -124,7 +124,7 @@ def test_opener_list_must_not_be_empty(wrapper: ModelWrapper) -> None:
 
 
 def test_unknown_shared_policy(wrapper: ModelWrapper) -> None:
-    with pytest.raises(UserError, match="shared_first_tokens: unknown value 'both'"):
+    with pytest.raises(UserError, match="metric.shared_first_tokens: 'both' is not a known value; use one of drop"):
         RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(**{**vars(TINY), "shared_first_tokens": "both"}))
 
 
@@ -205,7 +205,7 @@ def test_not_refusal_mode_scores_the_log_odds_of_a_refusal_opener(wrapper: Model
     expected = torch.log(p_refusal) - torch.log1p(-p_refusal)
     torch.testing.assert_close(metric.score(logits).double(), expected, rtol=1e-4, atol=1e-4)
     assert metric.describe()["compliance_mode"] == "not_refusal"
-    with pytest.raises(UserError, match="compliance_mode: unknown value 'rest'"):
+    with pytest.raises(UserError, match="metric.compliance_mode: 'rest' is not a known value; use one of openers"):
         RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(**{**vars(cfg), "compliance_mode": "rest"}))
 
 

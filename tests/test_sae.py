@@ -188,15 +188,15 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "offending"),
     [
-        ({"num_latents": 64, "k": 65}, "k=65"),
-        ({"expansion_factor": 2, "k": 40}, "k=40"),
-        ({"num_latents": 64, "k_percent": 0}, "k_percent=0"),
-        ({"num_latents": 64, "k_percent": 1.5}, "k_percent=1.5"),
-        ({"num_latents": 64, "k": 4, "k_percent": 0.1}, "k_percent=0.1"),
-        ({"num_latents": -3}, "num_latents=-3"),
-        ({"expansion_factor": 0}, "expansion_factor=0"),
-        ({"k": 0}, "k=0"),
-        ({"num_latents": 64, "auxk_alpha": -1.0}, "auxk_alpha=-1.0"),
+        ({"num_latents": 64, "k": 65}, "model.sae.k: 65"),
+        ({"expansion_factor": 2, "k": 40}, "model.sae.k: 40"),
+        ({"num_latents": 64, "k_percent": 0}, "model.sae.k_percent: 0"),
+        ({"num_latents": 64, "k_percent": 1.5}, "model.sae.k_percent: 1.5"),
+        ({"num_latents": 64, "k": 4, "k_percent": 0.1}, "model.sae.k_percent: 0.1"),
+        ({"num_latents": -3}, "model.sae.num_latents: -3"),
+        ({"expansion_factor": 0}, "model.sae.expansion_factor: 0"),
+        ({"k": 0}, "model.sae.k: 0"),
+        ({"num_latents": 64, "auxk_alpha": -1.0}, "model.sae.auxk_alpha: -1.0"),
     ],
 )
 def test_bad_config_raises_user_error_naming_the_value(kwargs, offending):
@@ -205,7 +205,7 @@ def test_bad_config_raises_user_error_naming_the_value(kwargs, offending):
 
 
 def test_bad_d_in_raises_user_error():
-    with pytest.raises(UserError, match="d_in=0"):
+    with pytest.raises(UserError, match="model.sae.d_in: 0 is not a positive integer"):
         SAEConfig(d_in=0)
 
 

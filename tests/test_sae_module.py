@@ -219,8 +219,8 @@ def test_optimiser_and_schedule_after_the_warmup_are_configurable() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"lr": 0.0}, "model.lr=0.0 must be a positive number"),
-        ({"warmup_steps": -1}, "model.warmup_steps=-1 must be an integer >= 0"),
+        ({"lr": 0.0}, "model.lr: 0.0 is not a positive number"),
+        ({"warmup_steps": -1}, "model.warmup_steps: -1 is not an integer >= 0"),
         ({"lr_scheduler": functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau)},
          "ReduceLROnPlateau needs a validation metric"),
     ],
