@@ -129,8 +129,9 @@ class Ours(Side):
     def step(self, x: torch.Tensor) -> None:
         sae: SparseAutoencoder = self.sae
         with self.autocast():
-            out = sae(x)  # training mode: AuxK on dead latents, counts which latents fired
+            out = sae(x)  # training mode: AuxK on dead latents
         out.loss.backward()
+        sae.record_firing(out.fired, x.shape[0])
         sae.project_decoder_grad()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from refusal_sae.activations import (
+    SPLITS,
     ActivationCache,
     ActivationConfig,
     InferencePipeline,
@@ -23,6 +24,7 @@ from refusal_sae.activations import (
 )
 from refusal_sae.data import PromptConfig, PromptSample, Split, prepare_prompts, read_splits
 from refusal_sae.model import ModelConfig, ModelWrapper
+from refusal_sae.validate import all_of, non_negative_int, positive_int
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -49,6 +51,9 @@ class ActivationDataModule(L.LightningDataModule):
         train_splits: tuple[Split, ...] = ("discovery", "evaluation"),
     ) -> None:
         super().__init__()
+        positive_int("data.batch_size", batch_size, 4096)
+        non_negative_int("data.num_workers", num_workers, 0)
+        all_of("data.train_splits", train_splits, SPLITS)
         self.prompts = prompts
         self.model_cfg = model
         self.activations = activations

@@ -7,13 +7,13 @@ saved standalone (safetensors + cfg.json, no pickle) to `<default_root_dir>/saes
 Every batch is a dict `{layer: (tokens, d_in) activations}` holding the same tokens for all layers, so
 the activation cache is read once per step for every SAE. The SAEs themselves are
 `refusal_sae.sae.SparseAutoencoder`; this module adds the optimiser and its schedule, the decoder-norm
-steps around the optimiser step, dead-latent bookkeeping that is exact under DDP, checks for NaN, and
-logging under `sae/<layer>/<metric>` through torchmetrics.
+steps around the optimiser step, each step's firing reported to the SAEs' dead-latent counters (the SAE
+owns them, `record_firing`), checks for NaN, and logging under `sae/<layer>/<metric>` through torchmetrics.
 
 Distributed training (`strategy: ddp`) and mixed precision (`precision: bf16-mixed`) need nothing
 from the user: parameters stay fp32 (autocast only lowers the matmuls), gradients are averaged by DDP,
-and each step all-reduces which latents fired on any rank and how many tokens all ranks saw, so that
-every rank holds the same `tokens_since_fired` and all replicas stay identical.
+and each step all-reduces which latents fired on any rank and how many tokens all ranks saw before
+recording them, so that every rank holds the same `tokens_since_fired` and all replicas stay identical.
 
 Resuming (`fit --ckpt_path last`) restores weights, optimiser, schedule and dead-latent counters and
 replays the same token order (the TokenStream's epoch follows the trainer's), so it ends with the SAEs
@@ -42,6 +42,8 @@ from torch import Tensor, nn
 from refusal_sae.errors import UserError
 from refusal_sae.io import atomic_open
 from refusal_sae.sae import SAEConfig, SAEMeta, SparseAutoencoder
+from refusal_sae.sae_io import save_sae
+from refusal_sae.validate import non_negative_int, positive_number
 
 LOGGED = ("fvu", "mse", "cos_sim", "l0", "auxk_loss", "dead_fraction")
 """Metrics logged per layer as `sae/<layer>/<name>` (each step) and `sae/<layer>/<name>_epoch`."""
@@ -158,10 +160,9 @@ class SAEModule(L.LightningModule):
         super().__init__()
         if isinstance(sae, Mapping):  # hyper-parameters of a checkpoint (see on_save_checkpoint)
             sae = SAEConfig(**sae)
-        if lr is not None and not lr > 0:
-            raise UserError(f"model.lr={lr} must be a positive number (or null for the default)")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise UserError(f"model.warmup_steps={warmup_steps!r} must be an integer >= 0")
+        if lr is not None:
+            positive_number("model.lr", lr, 2e-4)
+        non_negative_int("model.warmup_steps", warmup_steps, 100)
         self.save_hyperparameters()
         self.sae_cfg = sae
         self.layers = layers
@@ -263,9 +264,8 @@ class SAEModule(L.LightningModule):
                 sae.b_dec.copy_(self.trainer.strategy.broadcast(sae.b_dec.detach().clone(), src=0))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        outs, fired, before = {}, [], {}
+        outs, fired = {}, []
         for layer, sae in self.saes.items():
-            before[layer] = sae.tokens_since_fired.clone()
             outs[layer] = out = sae(batch[layer])
             fired.append(out.fired)  # (width,) bool, from the top-k indices: no (tokens, width) pass
         # One all-reduce for all layers: which latents fired on any rank, how many tokens all ranks saw,
@@ -282,9 +282,7 @@ class SAEModule(L.LightningModule):
             self._stop(self.global_step, f"the loss of layer {layer} is {outs[layer].loss.item()} (not finite)")
         n_global = stats[-1]
         for i, (layer, sae) in enumerate(self.saes.items()):
-            with torch.no_grad():  # the SAE counted this rank's tokens only; count every rank's
-                sae.tokens_since_fired.copy_(before[layer] + n_global)
-                sae.tokens_since_fired[stats[i * width : (i + 1) * width] > 0] = 0
+            sae.record_firing(stats[i * width : (i + 1) * width] > 0, n_global)  # every rank's tokens
             self._log_step(layer, sae, batch[layer], outs[layer])
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return torch.stack([out.loss for out in outs.values()]).sum()
@@ -350,7 +348,7 @@ class SAEModule(L.LightningModule):
         root = Path(self.trainer.default_root_dir)
         if self.trainer.is_global_zero:
             for layer, sae in self.saes.items():
-                sae.save(root / "saes" / layer)
+                save_sae(sae, root / "saes" / layer)
         if self.save_all_ranks:
             state = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
             with atomic_open(root / RANK_STATES_DIR / f"rank{self.global_rank}.safetensors", "wb") as f:

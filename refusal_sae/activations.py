@@ -35,10 +35,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from refusal_sae.data import PromptSample, Split
+from refusal_sae.data import DATASET_TYPES, PromptSample, Split
 from refusal_sae.errors import UserError
 from refusal_sae.io import sha256_file, write_json
 from refusal_sae.model import ModelWrapper
+from refusal_sae.validate import one_of, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ MANIFEST = "manifest.json"
 # What a cache directory may hold: the manifest (and its temporary twin), shards and temporary shards.
 CACHE_ENTRY = re.compile(r"manifest\.json|\.manifest\.json\..*\.tmp|shard_\d{5}|\.shard_\d{5}\.tmp")
 SPLITS: tuple[Split, ...] = ("discovery", "evaluation")
-DATASET_TYPE_CODES = ("safe_80k", "hard", "toxic")
 TOKEN_DTYPE = np.dtype(
     [
         ("prompt_index", "<i4"),  # row of the prompt in the collected prompt list
@@ -55,7 +55,7 @@ TOKEN_DTYPE = np.dtype(
         ("is_last", "?"),  # the prompt's last token (where the model decides how to answer)
         ("refusal_label", "?"),
         ("category", "<i2"),  # index into manifest["categories"]
-        ("dataset_type", "i1"),  # index into DATASET_TYPE_CODES
+        ("dataset_type", "i1"),  # index into data.DATASET_TYPES
         ("split", "i1"),  # index into SPLITS
     ]
 )
@@ -82,6 +82,11 @@ class ActivationConfig:
     """Delete a cache built by a different config instead of stopping with an error."""
     verify: bool = True
     """Check every shard's sha256 when the cache is opened."""
+
+    def __post_init__(self) -> None:
+        positive_int("data.activations.batch_size", self.batch_size, 8)
+        positive_int("data.activations.shard_size", self.shard_size, 256)
+        one_of("data.activations.dtype", self.dtype, ("auto", *STORAGE))
 
 
 def prompts_fingerprint(samples: Sequence[tuple[PromptSample, Split]]) -> str:
@@ -164,10 +169,6 @@ class InferencePipeline:
     """Batched no-grad inference over the prompts, writing the activation cache shard by shard."""
 
     def __init__(self, wrapper: ModelWrapper, cfg: ActivationConfig, cache_dir: str | Path) -> None:
-        if cfg.batch_size < 1 or cfg.shard_size < 1:
-            raise UserError(
-                f"data.activations: batch_size={cfg.batch_size} and shard_size={cfg.shard_size} must be positive"
-            )
         self.wrapper = wrapper
         self.cfg = cfg
         self.layers = wrapper.resolve_layers(cfg.layers)
@@ -178,8 +179,6 @@ class InferencePipeline:
     def _storage_dtype(dtype: str, device: torch.device) -> str:
         if dtype == "auto":
             return "bfloat16" if device.type == "cuda" else "float32"
-        if dtype not in STORAGE:
-            raise UserError(f"data.activations.dtype: {dtype!r} unknown; use auto, {', '.join(STORAGE)}")
         return dtype
 
     def cache_config(self, samples: Sequence[tuple[PromptSample, Split]]) -> dict[str, Any]:
@@ -310,7 +309,7 @@ class InferencePipeline:
                 t["is_last"][-1] = True
                 t["refusal_label"] = sample.refusal_label
                 t["category"] = categories.index(sample.category)
-                t["dataset_type"] = DATASET_TYPE_CODES.index(sample.dataset_type)
+                t["dataset_type"] = DATASET_TYPES.index(sample.dataset_type)
                 t["split"] = SPLITS.index(split)
                 prompt += 1
             row += n

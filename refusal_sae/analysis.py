@@ -30,19 +30,13 @@ from refusal_sae.errors import UserError
 from refusal_sae.evaluation import CircuitEvaluation, EvaluationConfig, evaluate_circuit
 from refusal_sae.features import NodeMeans, encode_prompts
 from refusal_sae.layout import AnalysisLayout, CircuitEntry, DiscoveryRecord, RunLayout
-from refusal_sae.metric import (
-    RefusalMetric,
-    RefusalMetricConfig,
-    ValidityConfig,
-    behavior_labels,
-    validity_report,
-    write_validity_report,
-)
+from refusal_sae.metric import RefusalMetric, RefusalMetricConfig
 from refusal_sae.model import ModelWrapper
 from refusal_sae.plots import plot_curves
 from refusal_sae.positions import PLACEHOLDER_MESSAGES, PositionMode, PositionScheme, template_scheme
 from refusal_sae.sae import SparseAutoencoder
 from refusal_sae.similarity import SimilarityConfig, analyse_similarity
+from refusal_sae.validity import ValidityConfig, behavior_labels, validity_report, write_validity_report
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from lightning_modules import SAEModule
 from refusal_sae.analysis import STAGES, AnalysisConfig, AnalysisInputs, format_summary, run_analysis
 from refusal_sae.errors import UserError
 from refusal_sae.layout import RunLayout
-from refusal_sae.sae import SparseAutoencoder
+from refusal_sae.sae_io import load_sae
 
 log = logging.getLogger("refusal_sae")
 
@@ -106,7 +106,7 @@ def _inputs(run: RunLayout, fitted: dict, cfg: AnalysisConfig) -> AnalysisInputs
     missing = [layer for layer in layers if not (run.saes / layer).is_dir()]
     if missing:
         raise UserError(f"{run.saes}: no SAE for layer(s) {missing}; finish `fit` on this run first")
-    saes = {layer: SparseAutoencoder.load(run.saes / layer, expected_layer=layer).eval() for layer in layers}
+    saes = {layer: load_sae(run.saes / layer, expected_layer=layer).eval() for layer in layers}
     return AnalysisInputs(saes, dm.cache, dm.splits, dm.llm, run, cfg.validity)
 
 

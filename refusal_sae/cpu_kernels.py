@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from refusal_sae.errors import UserError
 from refusal_sae.io import cache_root
+from refusal_sae.validate import one_of
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
@@ -149,8 +149,7 @@ class Kernels:
 def enabled() -> bool:
     """Whether `REFUSAL_SAE_CPU_KERNELS` allows the kernels (unset or 1: yes; 0: no)."""
     value = os.environ.get(ENV_SWITCH, "1")
-    if value not in ("0", "1"):
-        raise UserError(f"environment variable {ENV_SWITCH}={value!r} must be 0 (off) or 1 (on, the default)")
+    one_of(f"environment variable {ENV_SWITCH}", value, ("0", "1"))
     return value == "1"
 
 

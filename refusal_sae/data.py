@@ -30,11 +30,13 @@ import numpy as np
 
 from refusal_sae.errors import UserError
 from refusal_sae.io import atomic_open, write_json
+from refusal_sae.validate import all_of, fraction, one_of, positive_int
 
 log = logging.getLogger(__name__)
 
 DatasetType = Literal["safe_80k", "hard", "toxic"]
 DATASET_TYPES: tuple[DatasetType, ...] = ("safe_80k", "hard", "toxic")
+"""Also the codes of `dataset_type` in activation caches (its index, `activations.TOKEN_DTYPE`): append only."""
 FILES: dict[DatasetType, str] = {
     "safe_80k": "or-bench-80k.csv",
     "hard": "or-bench-hard-1k.csv",
@@ -118,7 +120,8 @@ class ORBenchLoader:
     `source` is a directory holding any subset of the three CSV files, the word `sample` for the
     dataset bundled with this package, or `hub:<dataset id>` (e.g. `hub:bench-llm/or-bench`) to
     download through `datasets`. Files that are asked for but absent are listed in `missing` and
-    logged; finding none of them is an error.
+    logged; finding none of them is an error. `dataset_types` are names of `DATASET_TYPES` (as
+    `PromptConfig` checks them).
     """
 
     def __init__(
@@ -127,12 +130,6 @@ class ORBenchLoader:
         dataset_types: Sequence[DatasetType] = DATASET_TYPES,
         revision: str | None = None,
     ) -> None:
-        unknown = [t for t in dataset_types if t not in DATASET_TYPES]
-        if unknown or not dataset_types:
-            raise UserError(
-                f"data.prompts.dataset_types: unknown value(s) {unknown or '[]'}; "
-                f"choose from {list(DATASET_TYPES)}"
-            )
         self.source = str(source)
         self.dataset_types = tuple(dataset_types)
         self.revision = revision
@@ -279,6 +276,7 @@ def plot_category_counts(report: dict[str, Any], path: Path) -> None:
 
 
 BalanceStrategy = Literal["use_all", "n_per_category"]
+BALANCE_STRATEGIES: tuple[BalanceStrategy, ...] = ("use_all", "n_per_category")
 Split = Literal["discovery", "evaluation"]
 
 
@@ -286,7 +284,8 @@ class DataProcessor:
     """Balances prompts per category and splits them into discovery and evaluation sets, seeded.
 
     Every random choice draws from one generator seeded by `seed` over samples in a fixed order,
-    so the same input and seed always give the same prompts in the same splits.
+    so the same input and seed always give the same prompts in the same splits. The strategy, n and
+    fraction are taken as `PromptConfig` checks them.
     """
 
     def __init__(self, seed: int = 0) -> None:
@@ -320,12 +319,6 @@ class DataProcessor:
         from `safe_types` (if a category has fewer safe than toxic prompts, its toxic prompts are
         subsampled to match). `n_per_category`: exactly n toxic and n safe prompts per category.
         """
-        if strategy not in ("use_all", "n_per_category"):
-            raise UserError(f"data.prompts.balance: unknown strategy {strategy!r}; use 'use_all' or 'n_per_category'")
-        if strategy == "n_per_category" and (n_per_category is None or n_per_category < 1):
-            raise UserError(
-                f"data.prompts.n_per_category: {n_per_category!r} with balance 'n_per_category'; give a positive integer"
-            )
         rng = np.random.default_rng(self.seed)
         by_category: dict[str, dict[bool, list[PromptSample]]] = defaultdict(lambda: {True: [], False: []})
         for s in samples:
@@ -366,8 +359,6 @@ class DataProcessor:
     ) -> dict[Split, list[PromptSample]]:
         """Stratified split by (category, refusal_label): each stratum of n >= 2 prompts gives
         round(n * eval_fraction) prompts, at least 1 and at most n - 1, to the evaluation split."""
-        if not 0.0 < eval_fraction < 1.0:
-            raise UserError(f"data.prompts.eval_fraction: {eval_fraction} must be between 0 and 1 (exclusive)")
         rng = np.random.default_rng([self.seed, 1])  # independent of the balancing stream
         strata: dict[tuple[str, bool], list[PromptSample]] = defaultdict(list)
         for s in samples:
@@ -429,6 +420,13 @@ class PromptConfig:
     """Share of each (category, label) stratum held out for evaluation."""
     seed: int = 0
     """Seed of balancing and splitting."""
+
+    def __post_init__(self) -> None:
+        all_of("data.prompts.dataset_types", self.dataset_types, DATASET_TYPES)
+        one_of("data.prompts.balance", self.balance, BALANCE_STRATEGIES)
+        if self.balance == "n_per_category":
+            positive_int("data.prompts.n_per_category", self.n_per_category, 100)
+        fraction("data.prompts.eval_fraction", self.eval_fraction, 0.3)
 
 
 def prepare_prompts(cfg: PromptConfig, out_dir: str | Path) -> dict[Split, list[PromptSample]]:

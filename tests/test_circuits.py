@@ -27,7 +27,7 @@ from refusal_sae.errors import UserError
 from refusal_sae.evaluation import CircuitEvaluation, EvaluationConfig
 from refusal_sae.features import encode_prompts
 from refusal_sae.layout import RunLayout
-from refusal_sae.metric import ValidityConfig
+from refusal_sae.validity import ValidityConfig
 from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.similarity import SimilarityConfig
 from tests.conftest import single_thread

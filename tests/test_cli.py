@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import subprocess
 import sys
@@ -10,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from refusal_sae.analysis import load_discovery, load_evaluation
 from refusal_sae.cli import main
-from refusal_sae.sae import SparseAutoencoder
+from refusal_sae.evaluation import ALL_LAYERS, EvaluationConfig, curve_sizes
+from refusal_sae.layout import RunLayout
+from refusal_sae.sae_io import load_sae
 from tests.conftest import ROOT, write_csv
 from tests.tiny_model import DEFAULT_CONFIG, tiny_fit_options
 
@@ -78,19 +82,28 @@ def test_fit_runs_the_pipeline(tiny_run) -> None:
     manifest = json.loads((tmp_path / "activations" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["config"]["layers"] == ["residuals_0", "residuals_1"]
     for layer in ("residuals_0", "residuals_1"):
-        sae = SparseAutoencoder.load(tmp_path / "saes" / layer, expected_layer=layer, expected_d_in=32)
+        sae = load_sae(tmp_path / "saes" / layer, expected_layer=layer, expected_d_in=32)
         assert sae.cfg.k_active == 32
-    latest = tmp_path / "analysis" / "latest"
-    assert latest.resolve() == (tmp_path / "analysis" / "epoch_002").resolve()
-    index = json.loads((latest / "correlation" / "circuits" / "index.json").read_text())
-    assert len(index["circuits"]) == 10  # one per category
-    for name in ("correlation/evaluation.json", "correlation/curves.png", "correlation/similarity.json",
-                 "correlation/similarity.png", "summary.json", "discovery.json", "means.safetensors",
-                 "correlation/circuits/violence.graphml"):
-        assert (latest / name).is_file(), name
-    evaluation = json.loads((latest / "correlation" / "evaluation.json").read_text())
-    assert [len(c["points"]) for c in evaluation["circuits"]] == [3] * 10
-    assert (tmp_path / "metric_validity.json").is_file()
+    run = RunLayout(tmp_path)
+    latest = run.latest
+    assert latest.root.resolve() == run.epoch(2).root.resolve()
+    discovery = load_discovery(latest)
+    assert discovery.record.methods == ["correlation"]
+    assert len(discovery.circuits["correlation"]) == 10  # one per category
+    method = latest.method("correlation")
+    for path in (method.curves_png, method.similarity_json, method.similarity_png, latest.means_path,
+                 *method.circuit_paths("violence"), *method.evaluation_paths("violence")):
+        assert path.is_file(), path
+    assert latest.read_summary() is not None
+    records = load_evaluation(latest, discovery, "correlation")
+    assert len(records) == 10
+    cfg = EvaluationConfig(n_sizes=4, fractions=[0.01, 0.1, 0.5])  # tests/tiny_model.py's TINY_CALLBACKS
+    for record in records:  # the keep curve over all layers and per layer, the nodes curve over all layers
+        assert {(c.error_mode, c.scope) for c in record.curves} == {
+            ("keep", ALL_LAYERS), ("keep", "residuals_0"), ("keep", "residuals_1"), ("nodes", ALL_LAYERS)}
+        for curve in record.curves:
+            assert [p.n_nodes for p in curve.points] == curve_sizes(curve.n_candidates, cfg, record.name)
+    assert run.validity.is_file()
     assert "Refusal looks" in result.stdout and "violence" in result.stdout
 
 
@@ -103,7 +116,7 @@ def test_same_config_and_seed_give_the_same_saes(
     outputs = ["data/prompts.csv", "saes/residuals_1/sae.safetensors", "saes/residuals_0/cfg.json"]
     analysis = tmp_path / "a" / "analysis" / "epoch_002"
     outputs += [str(p.relative_to(tmp_path / "a")) for p in analysis.rglob("*.json")]
-    assert len(outputs) > 20  # circuits, sweeps, similarity, evaluation, summary
+    assert len(outputs) > 20  # circuits, evaluation records, similarity, discovery, summary
     for output in outputs:
         if output.endswith("summary.json"):  # names its own directory
             continue
@@ -124,6 +137,73 @@ def test_notebook_opens_a_finished_run(tiny_run, monkeypatch: pytest.MonkeyPatch
     text = "".join(o.get("text", "") for o in outputs)
     assert "residuals_0:" in text and "FVU" in text and "Refusal looks" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4  # data, curves, heatmap, graph
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root`, by relative path: to see that nothing there changed."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_analyze_evaluate_reproduces_the_fit_runs_records(capsys: pytest.CaptureFixture[str], tiny_run) -> None:
+    """The evaluate stage alone, on the circuits the fit found and with the options it ran with, writes the
+    same per-circuit records and per-prompt scores, byte for byte, into a new analysis."""
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    run = RunLayout(run_dir)
+    fitted = run.epoch(2)
+    before = tree_hashes(fitted.root)
+    again = cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "evaluate", "--name", "again")
+    assert again.returncode == 0, again.stderr
+    assert f"circuits in {run.analysis('again').root}" in again.stdout and "violence" in again.stdout
+    circuits = [c for c, _ in load_discovery(fitted).circuits["correlation"]]
+    assert len(circuits) == 10
+    for circuit in circuits:
+        for old, new in zip(fitted.method("correlation").evaluation_paths(circuit.name),
+                            run.analysis("again").method("correlation").evaluation_paths(circuit.name)):
+            assert new.read_bytes() == old.read_bytes(), new
+    assert tree_hashes(fitted.root) == before
+
+
+def test_analyze_with_another_option_writes_other_records_and_leaves_the_run_alone(
+    capsys: pytest.CaptureFixture[str], tiny_run
+) -> None:
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    run = RunLayout(run_dir)
+    fitted, fewer = run.epoch(2), run.analysis("fewer")
+    before = tree_hashes(fitted.root)
+    other = cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "evaluate", "--name", "fewer",
+                           "--analysis.evaluation.n_sizes", "3")
+    assert other.returncode == 0, other.stderr
+    assert tree_hashes(fitted.root) == before
+    for name in ("discovery.json", "means.safetensors"):  # the fit's discovery, taken as it was
+        assert (fewer.root / name).read_bytes() == (fitted.root / name).read_bytes(), name
+    discovery = load_discovery(fewer)
+    cfg = EvaluationConfig(n_sizes=3, fractions=[0.01, 0.1, 0.5])  # the option given, the fit's others
+    records = load_evaluation(fewer, discovery, "correlation")
+    assert len(records) == 10
+    for record in records:
+        old, _ = fitted.method("correlation").evaluation_paths(record.name)
+        new, _ = fewer.method("correlation").evaluation_paths(record.name)
+        assert new.read_bytes() != old.read_bytes(), record.name
+        for curve in record.curves:
+            assert [p.n_nodes for p in curve.points] == curve_sizes(curve.n_candidates, cfg, record.name)
+
+
+def test_analyze_refuses_an_existing_name_and_a_directory_fit_did_not_write(
+    capsys: pytest.CaptureFixture[str], tiny_run, tmp_path: Path
+) -> None:
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    fitted = RunLayout(run_dir).epoch(2)
+    before = tree_hashes(fitted.root)
+    error = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--name", "epoch_002"))
+    assert f"{fitted.root} exists already" in error and "--name" in error
+    assert tree_hashes(fitted.root) == before
+    error = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(tmp_path), "--stage", "evaluate"))
+    assert f"{tmp_path / 'config.yaml'} not found" in error
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_d_in_that_does_not_match_the_cache(
@@ -178,5 +258,7 @@ def test_compare_methods_config_composes_with_the_default(capsys: pytest.Capture
     result = cli_in_process(capsys, "fit", "--config", str(DEFAULT_CONFIG), "--config",
                             str(ROOT / "configs" / "compare-methods.yaml"), "--print_config")
     assert result.returncode == 0, result.stderr
-    assert "- attribution" in result.stdout and "matched_sweep: true" in result.stdout
-    assert result.stdout.count("class_path: callbacks.") == 2  # the list replaced, not appended
+    assert "- attribution" in result.stdout and "edge_nodes: 20" in result.stdout
+    # the list replaced, not appended
+    assert result.stdout.count("class_path: callbacks.CircuitAnalysisCallback") == 1
+    assert result.stdout.count("class_path: lightning_modules.RunDirCheckpoint") == 1

@@ -132,7 +132,7 @@ def test_switch_and_dtypes_decide_where_the_kernels_run(kernels, monkeypatch):
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     assert cpu_kernels.usable(x) is None
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "yes")
-    with pytest.raises(UserError, match="REFUSAL_SAE_CPU_KERNELS='yes' must be 0"):
+    with pytest.raises(UserError, match="environment variable REFUSAL_SAE_CPU_KERNELS: 'yes' is not a known value; use one of 0, 1"):
         cpu_kernels.usable(x)
 
 
@@ -149,7 +149,7 @@ def test_training_step_is_the_same_with_and_without_the_kernels(kernels, monkeyp
     results = {}
     for switch in ("1", "0"):
         monkeypatch.setenv(cpu_kernels.ENV_SWITCH, switch)
-        sae.tokens_since_fired.copy_(dead)  # the forward pass updates it
+        sae.tokens_since_fired.copy_(dead)
         sae.zero_grad()
         out = sae(x)
         out.loss.backward()

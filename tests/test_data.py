@@ -133,8 +133,10 @@ def test_non_utf8_bytes(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset_type() -> None:
-    with pytest.raises(UserError, match=r"dataset_types: unknown value\(s\) \['safe'\]"):
-        ORBenchLoader("sample", ["safe"])  # type: ignore[list-item]
+    with pytest.raises(UserError, match=r"data.prompts.dataset_types: 'safe' is not a known value; use one of safe_80k"):
+        PromptConfig(dataset_types=["safe"])  # type: ignore[list-item]
+    with pytest.raises(UserError, match=r"data.prompts.dataset_types: \[\] is not a non-empty list"):
+        PromptConfig(dataset_types=[])
 
 
 def test_unknown_category(orbench_dir: Path) -> None:
@@ -211,8 +213,21 @@ def test_split_is_stratified_and_disjoint(orbench_dir: Path) -> None:
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5])
 def test_eval_fraction_out_of_range(fraction: float) -> None:
-    with pytest.raises(UserError, match=rf"eval_fraction: {fraction} must be between 0 and 1"):
-        DataProcessor().split(ORBenchLoader("sample").load(), fraction)
+    with pytest.raises(UserError, match=rf"data.prompts.eval_fraction: {fraction} is not a fraction in \(0, 1\)"):
+        PromptConfig(eval_fraction=fraction)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"balance": "all"}, r"data.prompts.balance: 'all' is not a known value; use one of use_all, n_per_category"),
+        ({"balance": "n_per_category"}, r"data.prompts.n_per_category: None is not a positive integer"),
+        ({"balance": "n_per_category", "n_per_category": True}, r"data.prompts.n_per_category: True is not a positive"),
+    ],
+)
+def test_bad_balance_options(options: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        PromptConfig(**options)
 
 
 # --- analysis and outputs --------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""refusal_sae.metric: the refusal score F, opener tokens, greedy generation, labelling, AUC, validity report.
+"""refusal_sae.metric and .validity: the refusal score F, opener tokens, greedy generation, labelling, AUC,
+validity report.
 
 Everything runs on a tiny random Llama built in the test (tests/tiny_model.py), whose word-level
 tokenizer lowercases and knows only words of the bundled sample prompts; one integration test loads the
@@ -17,19 +18,16 @@ import torch
 
 from refusal_sae.data import PromptSample
 from refusal_sae.errors import UserError
-from refusal_sae.metric import (
-    RefusalMetric,
-    RefusalMetricConfig,
+from refusal_sae.metric import RefusalMetric, RefusalMetricConfig, mean_refusal_score, refusal_scores
+from refusal_sae.model import ModelConfig, ModelWrapper
+from refusal_sae.validity import (
     ValidityConfig,
     generate_answers,
     is_refusal,
-    mean_refusal_score,
-    refusal_scores,
     roc_auc,
     validity_report,
     write_validity_report,
 )
-from refusal_sae.model import ModelConfig, ModelWrapper
 from tests.conftest import first_prompts, requires_embedded
 from tests.tiny_model import make_tiny_model
 
@@ -113,9 +111,9 @@ def test_a_set_emptied_by_sharing_is_an_error(wrapper: ModelWrapper) -> None:
     ],
 )
 def test_bad_opener_is_named(wrapper: ModelWrapper, field: str, opener: str, match: str) -> None:
-    cfg = RefusalMetricConfig(**{**vars(TINY), field: ["not", opener] if field == "refusal_openers" else ["how", opener]})
-    with pytest.raises(UserError, match=match):
-        RefusalMetric.from_wrapper(wrapper, cfg)
+    openers = ["not", opener] if field == "refusal_openers" else ["how", opener]
+    with pytest.raises(UserError, match=match):  # an empty opener when the config is built, others with the tokenizer
+        RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(**{**vars(TINY), field: openers}))
 
 
 def test_opener_list_must_not_be_empty(wrapper: ModelWrapper) -> None:
@@ -126,7 +124,7 @@ def test_opener_list_must_not_be_empty(wrapper: ModelWrapper) -> None:
 
 
 def test_unknown_shared_policy(wrapper: ModelWrapper) -> None:
-    with pytest.raises(UserError, match="shared_first_tokens: unknown value 'both'"):
+    with pytest.raises(UserError, match="metric.shared_first_tokens: 'both' is not a known value; use one of drop"):
         RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(**{**vars(TINY), "shared_first_tokens": "both"}))
 
 
@@ -207,7 +205,7 @@ def test_not_refusal_mode_scores_the_log_odds_of_a_refusal_opener(wrapper: Model
     expected = torch.log(p_refusal) - torch.log1p(-p_refusal)
     torch.testing.assert_close(metric.score(logits).double(), expected, rtol=1e-4, atol=1e-4)
     assert metric.describe()["compliance_mode"] == "not_refusal"
-    with pytest.raises(UserError, match="compliance_mode: unknown value 'rest'"):
+    with pytest.raises(UserError, match="metric.compliance_mode: 'rest' is not a known value; use one of openers"):
         RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(**{**vars(cfg), "compliance_mode": "rest"}))
 
 

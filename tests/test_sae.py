@@ -11,6 +11,7 @@ import torch
 
 from refusal_sae.errors import UserError
 from refusal_sae.sae import SAEConfig, SAEMeta, SparseAutoencoder
+from refusal_sae.sae_io import load_sae, save_sae
 
 
 def sparse_data(
@@ -28,11 +29,14 @@ def unit_rows(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def train(sae: SparseAutoencoder, batches, lr: float = 1e-2) -> None:
-    """The training step the Lightning module performs: loss, projected grad, Adam step, renormalise."""
+    """The training step the Lightning module performs: loss, firing recorded, projected grad, Adam step,
+    renormalise."""
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     sae.train()
     for x in batches:
-        sae(x).loss.backward()
+        out = sae(x)
+        out.loss.backward()
+        sae.record_firing(out.fired, len(x))
         sae.project_decoder_grad()
         opt.step()
         opt.zero_grad()
@@ -119,13 +123,18 @@ def test_auxk_leaves_fewer_dead_latents():
     assert dead[1 / 32] <= 0.75 * dead[0.0]
 
 
-def test_tokens_since_fired_counts_training_tokens_only(sae):
+def test_tokens_since_fired_counts_recorded_training_tokens_only(sae):
     sae.train()
-    first, second = sae(torch.randn(3, 16)).features, sae(torch.randn(2, 16)).features
-    fired_first, fired_second = (first != 0).any(0), (second != 0).any(0)
+    features = []
+    for x in (torch.randn(3, 16), torch.randn(2, 16)):
+        out = sae(x)
+        sae.record_firing(out.fired, len(x))
+        features.append(out.features)
+    fired_first, fired_second = ((f != 0).any(0) for f in features)
     expected = torch.full((64,), 5).masked_fill(fired_first, 2).masked_fill(fired_second, 0)
     assert torch.equal(sae.tokens_since_fired, expected)
     assert (expected == 5).any() and (expected == 2).any()
+    sae(torch.randn(100, 16))  # a forward pass alone, in training mode or not, leaves the counter alone
     sae.eval()
     sae(torch.randn(100, 16))
     assert torch.equal(sae.tokens_since_fired, expected)
@@ -156,14 +165,14 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     sae = SparseAutoencoder(SAEConfig(d_in=16, expansion_factor=4, k_percent=0.1, auxk_alpha=0.05), meta)
     sae.init_from_data(sparse_data(256, dictionary, 2, gen))
     train(sae, (sparse_data(64, dictionary, 2, gen) for _ in range(5)))
-    sae.save(tmp_path / "sae")
+    save_sae(sae, tmp_path / "sae")
 
     assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["cfg.json", "sae.safetensors"]
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["d_in"] == 16 and cfg["num_latents"] == 64 and cfg["k"] == 6 and cfg["normalize_decoder"] is True
     assert (cfg["layer"], cfg["model"], cfg["normalisation"]) == ("residuals_21", "google/gemma-2-2b", "unit_mean_norm")
 
-    loaded = SparseAutoencoder.load(
+    loaded = load_sae(
         tmp_path / "sae", expected_layer="residuals_21", expected_model="google/gemma-2-2b", expected_d_in=16
     )
     assert loaded.meta == meta
@@ -179,15 +188,15 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "offending"),
     [
-        ({"num_latents": 64, "k": 65}, "k=65"),
-        ({"expansion_factor": 2, "k": 40}, "k=40"),
-        ({"num_latents": 64, "k_percent": 0}, "k_percent=0"),
-        ({"num_latents": 64, "k_percent": 1.5}, "k_percent=1.5"),
-        ({"num_latents": 64, "k": 4, "k_percent": 0.1}, "k_percent=0.1"),
-        ({"num_latents": -3}, "num_latents=-3"),
-        ({"expansion_factor": 0}, "expansion_factor=0"),
-        ({"k": 0}, "k=0"),
-        ({"num_latents": 64, "auxk_alpha": -1.0}, "auxk_alpha=-1.0"),
+        ({"num_latents": 64, "k": 65}, "model.sae.k: 65"),
+        ({"expansion_factor": 2, "k": 40}, "model.sae.k: 40"),
+        ({"num_latents": 64, "k_percent": 0}, "model.sae.k_percent: 0"),
+        ({"num_latents": 64, "k_percent": 1.5}, "model.sae.k_percent: 1.5"),
+        ({"num_latents": 64, "k": 4, "k_percent": 0.1}, "model.sae.k_percent: 0.1"),
+        ({"num_latents": -3}, "model.sae.num_latents: -3"),
+        ({"expansion_factor": 0}, "model.sae.expansion_factor: 0"),
+        ({"k": 0}, "model.sae.k: 0"),
+        ({"num_latents": 64, "auxk_alpha": -1.0}, "model.sae.auxk_alpha: -1.0"),
     ],
 )
 def test_bad_config_raises_user_error_naming_the_value(kwargs, offending):
@@ -196,7 +205,7 @@ def test_bad_config_raises_user_error_naming_the_value(kwargs, offending):
 
 
 def test_bad_d_in_raises_user_error():
-    with pytest.raises(UserError, match="d_in=0"):
+    with pytest.raises(UserError, match="model.sae.d_in: 0 is not a positive integer"):
         SAEConfig(d_in=0)
 
 
@@ -204,7 +213,7 @@ def test_bad_d_in_raises_user_error():
 def checkpoint(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     meta = SAEMeta(layer="residuals_21", model="google/gemma-2-2b")
-    SparseAutoencoder(SAEConfig(d_in=16, num_latents=64, k=5), meta).save(tmp_path / "ckpt")
+    save_sae(SparseAutoencoder(SAEConfig(d_in=16, num_latents=64, k=5), meta), tmp_path / "ckpt")
     return tmp_path / "ckpt"
 
 
@@ -214,15 +223,15 @@ def test_load_rejects_truncated_and_garbage_weights(checkpoint):
     for broken in (data[: len(data) // 2], b"not a safetensors file"):
         weights.write_bytes(broken)
         with pytest.raises(UserError, match=re.escape(str(weights))):
-            SparseAutoencoder.load(checkpoint)
+            load_sae(checkpoint)
 
 
 def test_load_rejects_missing_files(checkpoint, tmp_path):
     with pytest.raises(UserError, match=re.escape(str(tmp_path / "nowhere" / "cfg.json"))):
-        SparseAutoencoder.load(tmp_path / "nowhere")
+        load_sae(tmp_path / "nowhere")
     (checkpoint / "sae.safetensors").unlink()
     with pytest.raises(UserError, match=re.escape(str(checkpoint / "sae.safetensors"))):
-        SparseAutoencoder.load(checkpoint)
+        load_sae(checkpoint)
 
 
 def test_load_rejects_shapes_that_disagree_with_cfg_json(checkpoint):
@@ -231,13 +240,13 @@ def test_load_rejects_shapes_that_disagree_with_cfg_json(checkpoint):
     cfg["num_latents"] = 32
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(UserError, match=r"has shape \(64, 16\) but .*cfg\.json.*num_latents=32.*implies \(32, 16\)"):
-        SparseAutoencoder.load(checkpoint)
+        load_sae(checkpoint)
 
 
 def test_load_rejects_invalid_cfg_json(checkpoint):
     (checkpoint / "cfg.json").write_text("{ truncated")
     with pytest.raises(UserError, match=re.escape(str(checkpoint / "cfg.json"))):
-        SparseAutoencoder.load(checkpoint)
+        load_sae(checkpoint)
 
 
 @pytest.mark.parametrize(
@@ -250,7 +259,7 @@ def test_load_rejects_invalid_cfg_json(checkpoint):
 )
 def test_load_rejects_checkpoint_from_another_layer_or_model(checkpoint, expected, offending):
     with pytest.raises(UserError, match=re.escape(offending)) as info:
-        SparseAutoencoder.load(checkpoint, **expected)
+        load_sae(checkpoint, **expected)
     assert str(next(iter(expected.values()))) in str(info.value)
 
 
@@ -291,7 +300,7 @@ def test_checkpoints_are_interchangeable_with_eleutherai_sparsify(tmp_path):
     torch.manual_seed(0)
     ours = SparseAutoencoder(SAEConfig(d_in=16, num_latents=64, k=5), SAEMeta(layer="residuals_21"))
     ours.init_from_data(torch.randn(256, 16) + 1)
-    ours.save(tmp_path / "ours")
+    save_sae(ours, tmp_path / "ours")
     theirs = sparsify.SparseCoder.load_from_disk(tmp_path / "ours")
     x = torch.randn(50, 16)
     with torch.no_grad():
@@ -300,7 +309,7 @@ def test_checkpoints_are_interchangeable_with_eleutherai_sparsify(tmp_path):
     assert torch.equal(other.latent_indices.sort(-1).values, mine.features.nonzero()[:, 1].view(50, 5))
 
     theirs.save_to_disk(tmp_path / "theirs")
-    reloaded = SparseAutoencoder.load(tmp_path / "theirs")
+    reloaded = load_sae(tmp_path / "theirs")
     with torch.no_grad():
         assert torch.equal(reloaded(x).reconstruction, mine.reconstruction)
 
@@ -337,7 +346,7 @@ def dense_reference_loss(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Te
     ],
 )
 def test_training_gradients_equal_those_of_the_dense_computation(d_in, k, n_dead):
-    from refusal_sae.sae import SPARSE_RATIO
+    from refusal_sae.sparse_ops import SPARSE_RATIO
 
     torch.manual_seed(0)
     sae = SparseAutoencoder(SAEConfig(d_in=d_in, num_latents=128, k=k, auxk_alpha=0.5, dead_tokens_threshold=10))

@@ -22,6 +22,7 @@ from lightning_modules import RunDirCheckpoint, SAEModule
 from lightning_modules.sae_module import FractionOfVarianceUnexplained, default_lr
 from refusal_sae.errors import UserError
 from refusal_sae.sae import SAEConfig, SparseAutoencoder
+from refusal_sae.sae_io import load_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -128,7 +129,7 @@ def test_trains_one_sae_per_layer_and_logs_every_metric(tmp_path) -> None:
         assert 0.9 < fit.logged_metrics[f"sae/{layer}/cos_sim_epoch"] <= 1
     assert fit.logged_metrics["sae/residuals_1/l0"] == 4
     assert fit.progress_bar_metrics.keys() >= {f"sae/{layer}/fvu" for layer in LAYERS}
-    saved = SparseAutoencoder.load(tmp_path / "saes" / "residuals_2", expected_layer="residuals_2")
+    saved = load_sae(tmp_path / "saes" / "residuals_2", expected_layer="residuals_2")
     assert torch.equal(saved.W_dec, sae_module.saes["residuals_2"].W_dec)
 
 
@@ -218,8 +219,8 @@ def test_optimiser_and_schedule_after_the_warmup_are_configurable() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"lr": 0.0}, "model.lr=0.0 must be a positive number"),
-        ({"warmup_steps": -1}, "model.warmup_steps=-1 must be an integer >= 0"),
+        ({"lr": 0.0}, "model.lr: 0.0 is not a positive number"),
+        ({"warmup_steps": -1}, "model.warmup_steps: -1 is not an integer >= 0"),
         ({"lr_scheduler": functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau)},
          "ReduceLROnPlateau needs a validation metric"),
     ],

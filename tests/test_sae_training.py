@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from refusal_sae.sae import SparseAutoencoder
+from refusal_sae.layout import RunLayout
+from refusal_sae.sae_io import load_sae
 from tests.conftest import ROOT
 from tests.test_cli import cli_in_process, one_line_error
 from tests.tiny_model import DEFAULT_CONFIG, tiny_fit_options
@@ -60,7 +61,7 @@ def test_ddp_ranks_end_identical_with_global_dead_latent_counts_and_w_and_b_offl
     global_step = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert global_step > 4
     for layer in LAYERS:
-        saved = SparseAutoencoder.load(tmp_path / "saes" / layer, expected_layer=layer)
+        saved = load_sae(tmp_path / "saes" / layer, expected_layer=layer)
         assert torch.equal(saved.W_dec, ranks[0][f"saes.{layer}.W_dec"])
         # Every step counts both ranks' tokens (2 x 64), and a latent that fired on either rank is reset.
         # Counting one rank's tokens would give multiples of 64 topping out at global_step * 64.
@@ -73,12 +74,12 @@ def test_ddp_ranks_end_identical_with_global_dead_latent_counts_and_w_and_b_offl
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, "expected one offline W&B run from rank 0"
     history = runs[0].read_bytes()
-    # the circuit callbacks ran once, on rank 0, and logged curves, tables and the heatmap
-    assert (tmp_path / "analysis" / "latest" / "summary.json").is_file()
+    # the circuit analysis ran once, on rank 0, and logged its metrics, curves, the points table and the heatmap
+    assert RunLayout(tmp_path).latest.read_summary() is not None
     for key in ("sae/residuals_0/fvu", "sae/residuals_1/fvu_epoch", "sae/residuals_1/dead_fraction",
-                "sae/residuals_0/cos_sim", "similarity/correlation/mean_node_jaccard",
-                "circuits/correlation/violence/curves", "circuits/sweep", "circuits/correlation/curves",
-                "similarity/correlation/heatmap", "circuits/correlation/hate/best_faithfulness"):
+                "sae/residuals_0/cos_sim", "circuits/correlation/violence/span",
+                "circuits/correlation/hate/sanity_passed", "circuits/correlation/violence/faithfulness",
+                "circuits/correlation/curves", "circuits/correlation/similarity", "circuits/points"):
         assert key.encode() in history, key
 
 
