@@ -19,7 +19,7 @@ faithfulness against n/N, from (0, 0) at the empty circuit through the measured 
 between the curve and 1) use measured points only. Error terms are either always kept ("keep", the
 spec's variant) or nodes like latents ("nodes", Marks et al.), each its own curve. Per-layer curves
 edit one layer with that layer's own ranking. Random circuits with the circuit's nodes per layer and
-position class give a band at every size of the all-layer curves.
+position class give a chance band at every size of the first error mode's all-layer curve.
 
 Every number has a 95% paired, stratified bootstrap interval over prompts (`refusal_sae.bootstrap`).
 A ratio is undefined (null, with the reason) when the interval of F(M) - F(∅) contains 0: nothing to
@@ -72,7 +72,10 @@ class EvaluationConfig:
     sizes: list[int] | None = None
     """Explicit circuit sizes (node counts) instead of n_sizes and fractions; all candidates are added."""
     random_circuits: int = 5
-    """Random circuits per size of the all-layer curves (same nodes per layer and position class)."""
+    """Random circuits per size of the first error mode's all-layer curve (same nodes per layer and position
+    class): the chance band of faithfulness."""
+    random_completeness: bool = False
+    """Also measure the random circuits' completeness (one more forward pass per random circuit)."""
     per_layer: bool = True
     """Also one curve per SAE layer (only that layer edited, ranked by its own nodes)."""
     bootstrap: int = 2000
@@ -327,9 +330,10 @@ def _curve(run: _Run, scope: str, layers: list[str], mode: str, ranking: list[tu
             for r in range(cfg.random_circuits):
                 rm = random_mask(kept, candidates, rng)
                 rf = run.F(run(f"{prefix}/R{r}C{n}", ablator.variant(rm, candidates, layers)))
-                rc = run.F(run(f"{prefix}/R{r}MC{n}", ablator.variant(rm, candidates, layers, inside=False)))
                 rand_f.append(_ratio(rf, empty, model)[0])
-                rand_c.append(_ratio(rc, empty, model)[0])
+                if cfg.random_completeness:
+                    rc = run.F(run(f"{prefix}/R{r}MC{n}", ablator.variant(rm, candidates, layers, inside=False)))
+                    rand_c.append(_ratio(rc, empty, model)[0])
         per_layer = {layer: int(kept[layer].sum()) for layer in layers}
         per_position = {p: int(sum(kept[layer][i].sum() for layer in layers)) for i, p in enumerate(positions)}
         points.append(Point(n, n / n_total, per_layer, {p: c for p, c in per_position.items() if c},
@@ -368,7 +372,7 @@ def evaluate_circuit(ablator: Ablator, prompts: Sequence[str], toxic: np.ndarray
             candidates = candidate_mask(live, errors=mode == "nodes")
             ranking = ranked_nodes(scores, candidates)
             curves.append(_curve(run, ALL_LAYERS, ablator.layers, mode, ranking, candidates, model, cfg,
-                                 _rng(cfg.seed, key, 1 + i), where))
+                                 _rng(cfg.seed, key, 1) if i == 0 else None, where))
             if i == 0 and cfg.per_layer and len(ablator.layers) > 1:
                 for layer in ablator.layers:
                     own = [e for e in ranking if e[0] == layer]
