@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     work = Path(tempfile.mkdtemp(prefix="bench_collection_"))
     splits = prepare_prompts(PromptConfig(balance="n_per_category", n_per_category=max(1, args.prompts // 20)),
-                             work / "data")
+                             work / "data", work / "data" / "prompts.csv")
     wrapper = ModelWrapper(ModelConfig(name=args.model))
     layers = wrapper.resolve_layers([int(i) for i in args.layers.split(",")])
     prompts = [s.prompt for split in ("discovery", "evaluation") for s in splits[split]]

@@ -23,6 +23,7 @@ from refusal_sae.activations import (
     TokenStream,
 )
 from refusal_sae.data import PromptConfig, PromptSample, Split, prepare_prompts, read_splits
+from refusal_sae.layout import RunLayout
 from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.validate import all_of, non_negative_int, positive_int
 
@@ -66,12 +67,12 @@ class ActivationDataModule(L.LightningDataModule):
         self._wrapper: ModelWrapper | None = None
 
     @property
-    def data_dir(self) -> Path:
-        return self.run_dir / "data"
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_dir)
 
     @property
     def cache_dir(self) -> Path:
-        return Path(self.activations.cache_dir) if self.activations.cache_dir else self.run_dir / "activations"
+        return Path(self.activations.cache_dir) if self.activations.cache_dir else self.layout.activations
 
     def llm(self) -> ModelWrapper:
         """The model, loaded on first use and kept (collection, circuit evaluation and behaviour labels share it)."""
@@ -80,11 +81,11 @@ class ActivationDataModule(L.LightningDataModule):
         return self._wrapper
 
     def prepare_data(self) -> None:
-        splits = prepare_prompts(self.prompts, self.data_dir)
+        splits = prepare_prompts(self.prompts, self.layout.data_dir, self.layout.prompts_csv)
         InferencePipeline(self.llm(), self.activations, self.cache_dir).run(splits)
 
     def setup(self, stage: str) -> None:
-        self.splits = read_splits(self.data_dir / "prompts.csv")
+        self.splits = read_splits(self.layout.prompts_csv)
         self.cache = ActivationCache(self.cache_dir, verify=self.activations.verify)
 
     def train_dataloader(self) -> DataLoader:

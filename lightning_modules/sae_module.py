@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from refusal_sae.errors import UserError
 from refusal_sae.io import atomic_open
+from refusal_sae.layout import RunLayout
 from refusal_sae.sae import SAEConfig, SAEMeta, SparseAutoencoder
 from refusal_sae.sae_io import save_sae
 from refusal_sae.validate import non_negative_int, positive_number
@@ -113,7 +114,7 @@ class RunDirCheckpoint(ModelCheckpoint):
 
     def _use_run_dir(self, trainer: L.Trainer) -> None:
         if self.dirpath is None:
-            self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
+            self.dirpath = os.path.realpath(RunLayout(trainer.default_root_dir).checkpoints)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._use_run_dir(trainer)
@@ -348,7 +349,7 @@ class SAEModule(L.LightningModule):
         root = Path(self.trainer.default_root_dir)
         if self.trainer.is_global_zero:
             for layer, sae in self.saes.items():
-                save_sae(sae, root / "saes" / layer)
+                save_sae(sae, RunLayout(root).saes / layer)
         if self.save_all_ranks:
             state = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
             with atomic_open(root / RANK_STATES_DIR / f"rank{self.global_rank}.safetensors", "wb") as f:

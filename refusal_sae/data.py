@@ -429,7 +429,7 @@ class PromptConfig:
         fraction("data.prompts.eval_fraction", self.eval_fraction, 0.3)
 
 
-def prepare_prompts(cfg: PromptConfig, out_dir: str | Path) -> dict[Split, list[PromptSample]]:
+def prepare_prompts(cfg: PromptConfig, out_dir: str | Path, prompts_csv: str | Path) -> dict[Split, list[PromptSample]]:
     """Run stage 1 end to end and write its outputs into `out_dir`.
 
     Writes `data_report.{json,png}` (everything loaded), `balanced_report.{json,png}` (after balancing)
@@ -444,5 +444,5 @@ def prepare_prompts(cfg: PromptConfig, out_dir: str | Path) -> dict[Split, list[
     balanced = processor.balance(samples, cfg.balance, cfg.n_per_category, cfg.safe_types)
     DataAnalyzer(balanced).write(out_dir, "balanced_report")
     splits = processor.split(balanced, cfg.eval_fraction)
-    write_splits(splits, out_dir / "prompts.csv")
+    write_splits(splits, prompts_csv)
     return splits

@@ -250,7 +250,7 @@ def test_analyzer_report(orbench_dir: Path, tmp_path: Path) -> None:
 
 def test_prepare_prompts_writes_a_reusable_split(orbench_dir: Path, tmp_path: Path) -> None:
     cfg = PromptConfig(source=str(orbench_dir), categories=["hate", "privacy"], seed=5)
-    splits = prepare_prompts(cfg, tmp_path)
+    splits = prepare_prompts(cfg, tmp_path, tmp_path / "prompts.csv")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "balanced_report.json", "balanced_report.png", "data_report.json", "data_report.png", "prompts.csv",
     ]  # fmt: skip
