@@ -21,6 +21,7 @@ from refusal_sae.analysis import AnalysisConfig, AnalysisInputs, format_summary,
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation
 from refusal_sae.layout import AnalysisLayout, RunLayout
+from refusal_sae.validate import positive_int
 
 log = logging.getLogger("refusal_sae")
 
@@ -41,8 +42,7 @@ class CircuitAnalysisCallback(Callback):
     """
 
     def __init__(self, analysis: AnalysisConfig = AnalysisConfig(), every_n_epochs: int = 1) -> None:
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise UserError(f"every_n_epochs: {every_n_epochs!r} must be an integer >= 1")
+        positive_int("every_n_epochs", every_n_epochs, 1)
         self.analysis = analysis
         self.every_n_epochs = every_n_epochs
 

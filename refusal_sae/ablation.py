@@ -38,6 +38,7 @@ from refusal_sae.features import NodeMeans
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import LAYER_PREFIX, ModelWrapper
 from refusal_sae.sae import SparseAutoencoder
+from refusal_sae.validate import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,7 @@ class Ablator:
         missing = [layer for layer in saes if layer not in means.features]
         if missing:
             raise UserError(f"no node means for SAE layer(s) {missing}; run circuit discovery again")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise UserError(f"evaluation.batch_size: {batch_size!r} must be an integer >= 1")
+        positive_int("evaluation.batch_size", batch_size, 8)
         self.wrapper, self.means, self.metric, self.batch_size = wrapper, means, metric, batch_size
         device = wrapper.device
         order = wrapper.resolve_layers(list(saes))

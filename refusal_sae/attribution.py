@@ -87,8 +87,10 @@ from refusal_sae.features import NodeMeans
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import LAYER_PREFIX, ModelWrapper
 from refusal_sae.sae import SparseAutoencoder
+from refusal_sae.validate import non_negative_int, non_negative_number, one_of, positive_int
 
 Estimate = Literal["patching", "ig"]
+ESTIMATES: tuple[str, ...] = ("patching", "ig")
 
 
 @dataclass
@@ -110,17 +112,12 @@ class AttributionConfig:
     """Prompts per forward and backward pass."""
 
     def __post_init__(self) -> None:
-        if self.estimate not in ("patching", "ig"):
-            raise UserError(f"discovery.attribution.estimate: {self.estimate!r}; use patching or ig")
-        for name in ("ig_steps", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"discovery.attribution.{name}: {value!r} must be an integer >= 1")
-        if isinstance(self.edge_nodes, bool) or not isinstance(self.edge_nodes, int) or self.edge_nodes < 0:
-            raise UserError(f"discovery.attribution.edge_nodes: {self.edge_nodes!r} must be an integer >= 0")
-        if self.node_threshold < 0 or self.edge_threshold < 0:
-            raise UserError(f"discovery.attribution.node_threshold / edge_threshold: {self.node_threshold} / "
-                            f"{self.edge_threshold} must be >= 0")
+        one_of("discovery.attribution.estimate", self.estimate, ESTIMATES)
+        positive_int("discovery.attribution.ig_steps", self.ig_steps, 10)
+        positive_int("discovery.attribution.batch_size", self.batch_size, 8)
+        non_negative_int("discovery.attribution.edge_nodes", self.edge_nodes, 30)
+        non_negative_number("discovery.attribution.node_threshold", self.node_threshold, 0.1)
+        non_negative_number("discovery.attribution.edge_threshold", self.edge_threshold, 0.01)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,8 +143,7 @@ def _prepare(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencoder], means
     where = "attribution"
     if len(prompts) == 0:
         raise UserError(f"{where}: no prompts to attribute over; the circuit's discovery split is empty")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"{where}: batch_size {batch_size!r} is not a positive integer; give e.g. 8")
+    positive_int(f"{where}: batch_size", batch_size, 8)
     weights = np.asarray(weights, dtype=np.float64).ravel()
     if len(weights) != len(prompts):
         raise UserError(f"{where}: {len(weights)} weights for {len(prompts)} prompts; give one per prompt")
@@ -305,10 +301,8 @@ def attribution_scores(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencod
     Returns `NodeScores` of method "attribution": `signed[layer]` (node classes, width + 1) = IE
     (refusal-score units, negative when ablating the node lowers F), `importance` = |IE|; no p-values.
     """
-    if estimate not in ("patching", "ig"):
-        raise UserError(f"attribution: unknown estimate {estimate!r}; use 'patching' or 'ig'")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise UserError(f"attribution: ig steps {steps!r} must be a positive integer; give e.g. 10")
+    one_of("attribution: estimate", estimate, ESTIMATES)
+    positive_int("attribution: ig steps", steps, 10)
     setup = _prepare(wrapper, saes, means, prompts, weights, batch_size)
     layers = setup.layers
     n_node = len(means.scheme.node_classes)

@@ -26,6 +26,7 @@ from scipy import stats
 from refusal_sae.circuits import ERROR, Edge, Node, NodeScores
 from refusal_sae.errors import UserError
 from refusal_sae.features import PromptFeatures
+from refusal_sae.validate import one_of, positive_int
 
 Correction = Literal["none", "bonferroni", "fdr_bh"]
 
@@ -51,12 +52,10 @@ class CorrelationConfig:
             raise UserError(f"discovery.correlation.threshold: {self.threshold} is not a |correlation| in [0, 1]")
         if self.edge_threshold < 0:
             raise UserError(f"discovery.correlation.edge_threshold: {self.edge_threshold} must be >= 0")
-        if isinstance(self.top_n, bool) or not isinstance(self.top_n, int) or self.top_n < 1:
-            raise UserError(f"discovery.correlation.top_n: {self.top_n!r} must be an integer >= 1")
+        positive_int("discovery.correlation.top_n", self.top_n, 20)
         if self.alpha is not None and not 0 < self.alpha <= 1:
             raise UserError(f"discovery.correlation.alpha: {self.alpha} is not a p-value level in (0, 1]")
-        if self.correction not in ("none", "bonferroni", "fdr_bh"):
-            raise UserError(f"discovery.correlation.correction: {self.correction!r}; use none, bonferroni or fdr_bh")
+        one_of("discovery.correlation.correction", self.correction, ("none", "bonferroni", "fdr_bh"))
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ from refusal_sae.model import ModelWrapper
 from refusal_sae.objective import objective
 from refusal_sae.positions import POSITION_MODES, PositionMode
 from refusal_sae.sae import SparseAutoencoder
+from refusal_sae.validate import all_of, one_of
 
 MethodName = Literal["correlation", "attribution"]
 LabelSource = Literal["dataset", "behavior"]
@@ -54,14 +55,11 @@ class DiscoveryConfig:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
 
     def __post_init__(self) -> None:
-        if not self.methods or len(set(self.methods)) != len(self.methods) or \
-                any(m not in METHODS for m in self.methods):
-            raise UserError(f"discovery.methods: {self.methods} must name each of {list(METHODS)} at most once, "
-                            "e.g. [correlation]")
-        if self.positions not in POSITION_MODES:
-            raise UserError(f"discovery.positions: {self.positions!r}; use positional or global")
-        if self.label_source not in ("dataset", "behavior"):
-            raise UserError(f"discovery.label_source: {self.label_source!r}; use dataset or behavior")
+        all_of("discovery.methods", self.methods, list(METHODS))
+        if len(set(self.methods)) != len(self.methods):
+            raise UserError(f"discovery.methods: {self.methods!r} names a method twice; give each once")
+        one_of("discovery.positions", self.positions, POSITION_MODES)
+        one_of("discovery.label_source", self.label_source, ("dataset", "behavior"))
 
     @property
     def groups(self) -> list[Group]:

@@ -40,7 +40,8 @@ from refusal_sae.ablation import Ablator, Variant
 from refusal_sae.bootstrap import Interval, interval, resample_weights
 from refusal_sae.circuits import Circuit, NodeScores, candidate_mask, ranked_nodes
 from refusal_sae.errors import UserError
-from refusal_sae.objective import Objective, Target, objective, TARGETS
+from refusal_sae.objective import TARGETS, Objective, Target, objective
+from refusal_sae.validate import all_of, fraction, non_negative_int, one_of, positive_int
 
 ErrorMode = Literal["keep", "nodes"]
 ERROR_MODES: tuple[str, ...] = ("keep", "nodes")
@@ -90,26 +91,24 @@ class EvaluationConfig:
     """Seed of the random circuits and the bootstrap."""
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise UserError(f"evaluation.target: unknown value {self.target!r}; use one of {', '.join(TARGETS)}")
-        if not self.error_modes or any(m not in ERROR_MODES for m in self.error_modes) or \
-                len(set(self.error_modes)) != len(self.error_modes):
-            raise UserError(f"evaluation.error_modes: {self.error_modes}; give keep and/or nodes, each once")
-        for name, low in (("n_sizes", 1), ("random_circuits", 0), ("batch_size", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise UserError(f"evaluation.{name}: {value!r} must be an integer >= {low}")
-        if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int) or self.bootstrap < 100:
+        one_of("evaluation.target", self.target, TARGETS)
+        all_of("evaluation.error_modes", self.error_modes, ERROR_MODES)
+        if len(set(self.error_modes)) != len(self.error_modes):
+            raise UserError(f"evaluation.error_modes: {self.error_modes!r} names a mode twice; give each once")
+        positive_int("evaluation.n_sizes", self.n_sizes, 12)
+        non_negative_int("evaluation.random_circuits", self.random_circuits, 5)
+        positive_int("evaluation.batch_size", self.batch_size, 8)
+        non_negative_int("evaluation.seed", self.seed, 0)
+        positive_int("evaluation.bootstrap", self.bootstrap, 2000)
+        if self.bootstrap < 100:
             raise UserError(f"evaluation.bootstrap: {self.bootstrap!r} resamples are too few for a 95% interval; "
                             "give at least 100 (default 2000)")
-        if any(not 0 < f <= 1 for f in self.fractions):
-            raise UserError(f"evaluation.fractions: {self.fractions} must lie in (0, 1]")
-        if self.sizes is not None and any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.sizes):
-            raise UserError(f"evaluation.sizes: {self.sizes} must be node counts >= 1")
-        if not 0 < self.confidence < 1:
-            raise UserError(f"evaluation.confidence: {self.confidence} must lie in (0, 1)")
-        if not 0 < self.sanity_fraction <= 1:
-            raise UserError(f"evaluation.sanity_fraction: {self.sanity_fraction} must lie in (0, 1]")
+        for f in self.fractions:
+            fraction("evaluation.fractions", f, 0.1, include_one=True)
+        for n in self.sizes or []:
+            positive_int("evaluation.sizes", n, 100)
+        fraction("evaluation.confidence", self.confidence, 0.95)
+        fraction("evaluation.sanity_fraction", self.sanity_fraction, 0.1, include_one=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def test_sizes_are_log_spaced_with_the_mib_fractions() -> None:
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"bootstrap": 50}, "evaluation.bootstrap: 50 resamples are too few"),
-    ({"target": "refusal"}, "evaluation.target: unknown value 'refusal'"),
+    ({"target": "refusal"}, "evaluation.target: 'refusal' is not a known value"),
     ({"error_modes": ["drop"]}, "evaluation.error_modes"),
     ({"sizes": [0, 3]}, "evaluation.sizes"),
     ({"fractions": [0.0]}, "evaluation.fractions"),
