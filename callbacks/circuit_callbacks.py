@@ -4,7 +4,8 @@ Every `every_n_epochs` training epochs (and after the last one) rank 0 takes a c
 and runs the analysis stages (`refusal_sae.analysis`: discover, similarity, evaluate, summary) into
 `<run_dir>/analysis/epoch_<NNN>/`, then reports to the Lightning loggers; the other ranks wait at a
 barrier. `<run_dir>/analysis/latest` links to the newest complete analysis. Nothing here changes
-training: the SAEs are copied, never touched.
+training: the SAEs are copied, never touched. An analysis that fails on bad input does not stop training:
+the checkpoints and the SAE export still happen, and `fit` then ends with the error (exit status 2).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class CircuitAnalysisCallback(Callback):
         positive_int("every_n_epochs", every_n_epochs, 1)
         self.analysis = analysis
         self.every_n_epochs = every_n_epochs
+        self.failure: str | None = None
+        """The last analysis error: training goes on, and `fit` ends with it (exit status 2) once the
+        checkpoint and the SAEs of the last epoch are written."""
 
     def due(self, trainer: L.Trainer) -> bool:
         epoch = trainer.current_epoch + 1
@@ -54,8 +58,18 @@ class CircuitAnalysisCallback(Callback):
         if trainer.sanity_checking or not self.due(trainer):
             return
         if trainer.is_global_zero:
-            self.run(trainer, pl_module)
+            try:
+                self.run(trainer, pl_module)
+            except UserError as e:
+                self.failure = f"circuit analysis of epoch {trainer.current_epoch + 1} failed: {e}"
+                log.error("%s (training goes on; the SAEs and checkpoints are kept)", self.failure)
         trainer.strategy.barrier()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After the last checkpoint and the SAE export: end with the analysis error, if there was one."""
+        if self.failure is not None:
+            raise UserError(f"{self.failure}; the SAEs are saved in {RunLayout(trainer.default_root_dir).saes}: fix "
+                            "the option and run `python -m refusal_sae analyze --run_dir` on this run")
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = _datamodule(trainer)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from refusal_sae.analysis import load_discovery, load_evaluation
 from refusal_sae.cli import main
@@ -17,7 +18,7 @@ from refusal_sae.evaluation import ALL_LAYERS, EvaluationConfig, curve_sizes
 from refusal_sae.layout import RunLayout
 from refusal_sae.sae_io import load_sae
 from tests.conftest import ROOT, write_csv
-from tests.tiny_model import DEFAULT_CONFIG, tiny_fit_options
+from tests.tiny_model import DEFAULT_CONFIG, TINY_CALLBACKS, tiny_fit_options
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -262,3 +263,18 @@ def test_compare_methods_config_composes_with_the_default(capsys: pytest.Capture
     # the list replaced, not appended
     assert result.stdout.count("class_path: callbacks.CircuitAnalysisCallback") == 1
     assert result.stdout.count("class_path: lightning_modules.RunDirCheckpoint") == 1
+
+
+def test_an_analysis_failure_keeps_the_last_epoch(tiny_args: list[str], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Sizes the circuits cannot have fail the analysis at the last epoch: the checkpoint of that epoch and
+    the SAEs are written all the same, and `fit` ends with the error in one line, exit status 2."""
+    bad = tmp_path / "bad_sizes.yaml"
+    bad.write_text(TINY_CALLBACKS.replace("evaluation: {", "evaluation: {sizes: [1000000], "))
+    result = cli_in_process(capsys, "fit", *tiny_args, "--config", str(bad), "--run_dir", str(tmp_path / "run"))
+    assert "circuit analysis of epoch 2 failed: evaluation.sizes: [1000000] outside" in one_line_error(result)
+    run = RunLayout(tmp_path / "run")
+    assert all((run.saes / layer / "sae.safetensors").is_file() for layer in ("residuals_0", "residuals_1"))
+    last = torch.load(run.checkpoints / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1  # the second (last) epoch, 0-based
+    assert not run.latest.root.exists()  # no analysis was completed
