@@ -101,6 +101,11 @@ class Ablator:
     def scheme(self):
         return self.means.scheme
 
+    @property
+    def reuses_prefix(self) -> bool:
+        """Whether variants run only the positions after the shared prefix (its keys and values computed once)."""
+        return bool(self._prefix_ok)
+
     def width(self, layer: str) -> int:
         return self.saes[layer].cfg.width
 

@@ -197,3 +197,16 @@ def test_bad_input_at_evaluation_time(template) -> None:
         evaluate(ablator, splits["evaluation"], planted_ranking(scheme, "-1"), target="behavior")
     with pytest.raises(UserError, match="discovery.positions"):
         DiscoveryConfig(positions="per_token")
+
+
+def test_variants_run_only_the_positions_after_the_shared_prefix(template) -> None:
+    _, splits, _ = template
+    scheme, _, ablator = setup(template, "positional")
+    prompts = [s.prompt for s in splits["evaluation"]]
+    ablator.scores(prompts)
+    assert ablator.reuses_prefix
+    for batch in ablator.residuals(prompts):
+        assert all(h.shape[1] == batch.mask.shape[1] - scheme.prefix for h in batch.hidden.values())
+    _, _, global_ablator = setup(template, "global")  # the prefix is edited with global means: whole prompts
+    global_ablator.scores(prompts)
+    assert not global_ablator.reuses_prefix
