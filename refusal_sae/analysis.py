@@ -27,7 +27,7 @@ from refusal_sae.circuits import ERROR, Circuit, NodeScores
 from refusal_sae.data import PromptSample, Split
 from refusal_sae.discovery import DiscoveryConfig, DiscoveryInputs, discover, methods
 from refusal_sae.errors import UserError
-from refusal_sae.evaluation import CircuitEvaluation, EvaluationConfig, evaluate_circuit
+from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation, EvaluationConfig, evaluate_circuit
 from refusal_sae.features import NodeMeans, encode_prompts
 from refusal_sae.layout import AnalysisLayout, CircuitEntry, DiscoveryRecord, RunLayout
 from refusal_sae.metric import RefusalMetric, RefusalMetricConfig
@@ -203,8 +203,48 @@ def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluat
                                 "sanity_passed": r.sanity.passed}
         summary["methods"][method] = {"circuits": circuits, "verdict": verdict.get("label"),
                                       "verdict_explanation": verdict.get("explanation")}
-    out.write_summary(summary)
+    out.write_summary(summary, results_table(results))
     return summary
+
+
+def _ci(x: Any) -> str:
+    return "null" if x is None else f"{x.value:.2f} [{x.low:.2f}, {x.high:.2f}]"
+
+
+def results_table(results: Mapping[str, Sequence[CircuitEvaluation]]) -> str:
+    """A markdown table per method: per circuit what there is to explain, where faithfulness reaches 0.5 and
+    0.8 (nodes, share of all candidates), faithfulness and completeness there with the random band, CPR of
+    each error mode, and the sanity checks. Every number with its 95% interval."""
+    lines = []
+    for method, rs in results.items():
+        modes = list(dict.fromkeys(c.error_mode for r in rs for c in r.curves))
+        lines += [f"**{method}** (error terms {modes[0]}; CPR per error mode)", "",
+                  "| circuit | prompts (+/-) | F(M) - F(∅) | faithfulness 0.5 at | 0.8 at | faithfulness there "
+                  "(random) | completeness there | " + " | ".join(f"CPR ({m})" for m in modes) + " | sanity |",
+                  "|" + "---|" * (8 + len(modes))]
+        for r in rs:
+            main = r.curves[0]
+            n = main.n_candidates
+
+            def at(level: str) -> str:
+                k = main.reaches[level]
+                return "not reached" if k is None else f"{k} ({k / n:.1%})"
+
+            k = main.reaches["0.8"]
+            point = next((p for p in main.points if p.n_nodes == k), None)
+            if point is None:
+                there = complete = "-"
+            else:
+                band = point.random_faithfulness
+                there = _ci(point.faithfulness) + ("" if band is None else f" ({band.mean:.2f} ± {band.sd:.2f})")
+                complete = _ci(point.completeness)
+            cprs = [_ci(next((c.cpr for c in r.curves if c.error_mode == m and c.scope == ALL_LAYERS), None))
+                    for m in modes]
+            sanity = "ok" if r.sanity.passed else "FAILED: " + "; ".join(r.sanity.notes)
+            lines.append(f"| {r.name} | {r.n_prompts} ({r.n_positive}/{r.n_prompts - r.n_positive}) | {_ci(main.span)} | "
+                         f"{at('0.5')} | {at('0.8')} | {there} | {complete} | {' | '.join(cprs)} | {sanity} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _interval(x: Any) -> str:

@@ -15,7 +15,8 @@
         <method>/evaluation/<circuit>.json                    curves, intervals, sanity (evaluation.CircuitEvaluation)
         <method>/evaluation/<circuit>.scores.safetensors      per-prompt scores of every ablated variant
         <method>/curves.png                                   faithfulness / completeness curves
-        comparison.png, summary.json                          methods side by side; the short summary
+        comparison.png                                        methods side by side
+        summary.json, summary.md                              the short summary; the results table
 
 Records are dataclasses written as key-sorted JSON (`to_json`) and read back typed (`from_json`); a
 circuit name `category/group` is stored as `category__group`. Nothing else in the package spells these
@@ -270,8 +271,11 @@ class AnalysisLayout:
     def comparison_png(self) -> Path:
         return self.root / "comparison.png"
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
+    def write_summary(self, summary: dict[str, Any], table: str) -> None:
+        """`summary.json`, and `summary.md`: the results table."""
         write_json(self.root / "summary.json", to_json(summary))
+        with atomic_open(self.root / "summary.md", "w", encoding="utf-8") as f:
+            f.write(table)
 
     def read_summary(self) -> dict[str, Any] | None:
         path = self.root / "summary.json"
