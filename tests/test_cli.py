@@ -8,13 +8,15 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 import torch
 
 from refusal_sae.analysis import load_discovery, load_evaluation
-from refusal_sae.cli import main
-from refusal_sae.evaluation import ALL_LAYERS, EvaluationConfig, curve_sizes
+from refusal_sae.cli import CALLBACK, main
+from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation, EvaluationConfig, curve_sizes
 from refusal_sae.layout import RunLayout
 from refusal_sae.sae_io import load_sae
 from tests.conftest import ROOT, write_csv
@@ -72,6 +74,23 @@ def tiny_run(tiny_args: list[str], tmp_path_factory: pytest.TempPathFactory):
     return cli("fit", *tiny_args, "--run_dir", str(run_dir)), run_dir
 
 
+def fitted_evaluation(run: RunLayout, **changes: Any) -> EvaluationConfig:
+    """The evaluation options `fit` ran with (its saved config), with `changes`."""
+    callbacks = yaml.safe_load(run.config.read_text(encoding="utf-8"))["trainer"]["callbacks"]
+    [analysis] = [c["init_args"]["analysis"] for c in callbacks if c["class_path"] == CALLBACK]
+    return EvaluationConfig(**{**analysis["evaluation"], **changes})
+
+
+def assert_curves_follow(record: CircuitEvaluation, cfg: EvaluationConfig, layers: list[str]) -> None:
+    """One all-layer curve per error mode (and per-layer curves of the first mode), each measured at exactly
+    the sizes the options ask for."""
+    expected = {(mode, ALL_LAYERS) for mode in cfg.error_modes}
+    expected |= {(cfg.error_modes[0], layer) for layer in layers} if cfg.per_layer else set()
+    assert {(c.error_mode, c.scope) for c in record.curves} == expected, record.name
+    for curve in record.curves:
+        assert [p.n_nodes for p in curve.points] == curve_sizes(curve.n_candidates, cfg, record.name)
+
+
 def test_fit_runs_the_pipeline(tiny_run) -> None:
     result, tmp_path = tiny_run
     assert result.returncode == 0, result.stderr
@@ -98,12 +117,10 @@ def test_fit_runs_the_pipeline(tiny_run) -> None:
     assert latest.read_summary() is not None
     records = load_evaluation(latest, discovery, "correlation")
     assert len(records) == 10
-    cfg = EvaluationConfig(n_sizes=4, fractions=[0.01, 0.1, 0.5])  # tests/tiny_model.py's TINY_CALLBACKS
-    for record in records:  # the keep curve over all layers and per layer, the nodes curve over all layers
-        assert {(c.error_mode, c.scope) for c in record.curves} == {
-            ("keep", ALL_LAYERS), ("keep", "residuals_0"), ("keep", "residuals_1"), ("nodes", ALL_LAYERS)}
-        for curve in record.curves:
-            assert [p.n_nodes for p in curve.points] == curve_sizes(curve.n_candidates, cfg, record.name)
+    cfg = fitted_evaluation(run)
+    assert (cfg.n_sizes, cfg.fractions) == (4, [0.01, 0.1, 0.5])  # tests/tiny_model.py's TINY_CALLBACKS
+    for record in records:
+        assert_curves_follow(record, cfg, discovery.means.layers)
     assert run.validity.is_file()
     assert "Refusal looks" in result.stdout and "violence" in result.stdout
 
@@ -181,15 +198,14 @@ def test_analyze_with_another_option_writes_other_records_and_leaves_the_run_alo
     for name in ("discovery.json", "means.safetensors"):  # the fit's discovery, taken as it was
         assert (fewer.root / name).read_bytes() == (fitted.root / name).read_bytes(), name
     discovery = load_discovery(fewer)
-    cfg = EvaluationConfig(n_sizes=3, fractions=[0.01, 0.1, 0.5])  # the option given, the fit's others
+    cfg = fitted_evaluation(run, n_sizes=3)  # the option given, the fit's others
     records = load_evaluation(fewer, discovery, "correlation")
     assert len(records) == 10
     for record in records:
         old, _ = fitted.method("correlation").evaluation_paths(record.name)
         new, _ = fewer.method("correlation").evaluation_paths(record.name)
         assert new.read_bytes() != old.read_bytes(), record.name
-        for curve in record.curves:
-            assert [p.n_nodes for p in curve.points] == curve_sizes(curve.n_candidates, cfg, record.name)
+        assert_curves_follow(record, cfg, discovery.means.layers)
 
 
 def test_analyze_refuses_an_existing_name_and_a_directory_fit_did_not_write(
