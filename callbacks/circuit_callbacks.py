@@ -46,9 +46,10 @@ class CircuitAnalysisCallback(Callback):
         positive_int("every_n_epochs", every_n_epochs, 1)
         self.analysis = analysis
         self.every_n_epochs = every_n_epochs
-        self.failure: str | None = None
-        """The last analysis error: training goes on, and `fit` ends with it (exit status 2) once the
-        checkpoint and the SAEs of the last epoch are written."""
+        self.failure: Exception | None = None
+        """The last analysis error: training goes on, and `fit` ends with it (a bad option: one line, exit
+        status 2; a bug: its traceback) once the checkpoint and the SAEs of the last epoch are written."""
+        self.failed_epoch = 0
 
     def due(self, trainer: L.Trainer) -> bool:
         epoch = trainer.current_epoch + 1
@@ -60,16 +61,21 @@ class CircuitAnalysisCallback(Callback):
         if trainer.is_global_zero:
             try:
                 self.run(trainer, pl_module)
-            except UserError as e:
-                self.failure = f"circuit analysis of epoch {trainer.current_epoch + 1} failed: {e}"
-                log.error("%s (training goes on; the SAEs and checkpoints are kept)", self.failure)
+            except Exception as e:  # noqa: BLE001 - re-raised at the end of fit, after the SAEs are saved
+                self.failure = e
+                log.error("circuit analysis of epoch %d failed: %s (training goes on; the SAEs and checkpoints are "
+                          "kept)", trainer.current_epoch + 1, e)
+                self.failed_epoch = trainer.current_epoch + 1
         trainer.strategy.barrier()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After the last checkpoint and the SAE export: end with the analysis error, if there was one."""
+        if isinstance(self.failure, UserError):
+            raise UserError(f"circuit analysis of epoch {self.failed_epoch} failed: {self.failure}; the SAEs are saved "
+                            f"in {RunLayout(trainer.default_root_dir).saes}: fix the option and run `python -m "
+                            "refusal_sae analyze --run_dir` on this run")
         if self.failure is not None:
-            raise UserError(f"{self.failure}; the SAEs are saved in {RunLayout(trainer.default_root_dir).saes}: fix "
-                            "the option and run `python -m refusal_sae analyze --run_dir` on this run")
+            raise self.failure
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = _datamodule(trainer)

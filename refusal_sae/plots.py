@@ -64,9 +64,10 @@ def plot_curves(results: Mapping[str, Sequence[CircuitEvaluation]], path: Path) 
             if r.curves and r.curves[0].ratio_note:
                 ax.text(0.02, 0.5, "ratios undefined:\nF(M) - F(∅) not\ndistinguishable from 0",
                         transform=ax.transAxes, fontsize=7, color="darkred")
+        if any(len(line.get_xdata()) for line in ax.get_lines()):
+            ax.set_xscale("log")  # a circuit whose ratios are all undefined has no point to scale
         ax.axhline(1, color="grey", lw=0.5)
         ax.axhline(0, color="grey", lw=0.5)
-        ax.set_xscale("log")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("nodes in circuit")
     for ax in axes[len(names):]:

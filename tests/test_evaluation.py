@@ -23,6 +23,7 @@ from refusal_sae.features import encode_prompts
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.objective import objective
+from refusal_sae.plots import plot_curves
 from tests.conftest import single_thread
 from tests.planted import LAYERS, METRIC, PLANTED, TEMPLATE, exact_saes, make_template_model, planted_prompts, vocabulary
 
@@ -121,7 +122,7 @@ def test_curves_span_the_whole_range_and_end_at_the_model(template) -> None:
     assert np.array_equal(scores["model"], scores[f"keep/{ALL_LAYERS}/C{main.n_candidates}"])
 
 
-def test_no_label_effect_gives_null_ratios_with_a_reason(template) -> None:
+def test_no_label_effect_gives_null_ratios_with_a_reason(template, tmp_path: Path) -> None:
     _, splits, _ = template
     scheme, _, ablator = setup(template, "positional")
     triggers = set(vocabulary()[0])
@@ -133,6 +134,8 @@ def test_no_label_effect_gives_null_ratios_with_a_reason(template) -> None:
     assert "interval contains 0" in curve.ratio_note
     assert all(p.faithfulness is None and p.completeness is None for p in curve.points)
     assert curve.cpr is None and not record.sanity.passed
+    plot_curves({"planted": [record]}, tmp_path / "curves.png")  # a panel without a point still draws
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_template_latent_does_not_enter_a_positional_correlation_circuit(template, tmp_path: Path) -> None:
