@@ -4,12 +4,16 @@ Circuit evaluation scores the same prompts under many mean-ablation variants (`r
 The N variants here are all-layer circuits (a growing random share of the candidate nodes kept, the
 rest ablated at every SAE layer), the evaluation's main cost. Three sides, each over the same prompts:
   cached   `Ablator.scores`: one forward pass to the deepest SAE layer caches the unedited residuals
-           (timed too: a fresh Ablator per repeat), then every variant runs the blocks after the first
-           SAE layer on them, the SAE edits applied by hooks, the head at the last position only;
+           (timed too: a fresh Ablator per repeat; with positional classes only the positions after the
+           chat template's shared prefix, whose keys and values are cached once), then every variant runs
+           the blocks after the first SAE layer on them, the SAE edits applied by hooks, the head at the
+           last position only;
   whole    every variant runs the whole model, its edits hooked (`tests/whole_model.py`): the path
            `Ablator` replaced;
-  floor    the blocks after the first SAE layer on the cached residual, no SAE edit and no hook, once
-           per variant: what a variant cannot cost less than, so cached/floor is the price of the edits.
+  floor    what `Ablator.scores` does without the SAE edits: the blocks after the first SAE layer on
+           its cached residuals (and the shared prefix's cached keys and values, when it uses them), no
+           hook, once per variant: what a variant cannot cost less than, so cached/floor is the price of
+           the edits.
 Reported: median seconds per variant of each side (after a one-batch warm-up; the repeats alternate
 between the sides, so a change of the machine's load hits all alike), whole/cached and cached/floor,
 and the largest difference between the cached and whole per-prompt scores (they must agree to float
@@ -63,18 +67,6 @@ def random_variants(abl: Ablator, n: int, rng: np.random.Generator) -> list[Vari
             for i in range(n)]
 
 
-@torch.no_grad()
-def residuals(wrapper: ModelWrapper, prompts: list[str], layer: str, batch_size: int
-              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per batch (the residual after `layer`, the attention mask): the floor's input, computed once."""
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        enc = wrapper.tokenize(prompts[start : start + batch_size], "right")
-        mask = enc["attention_mask"].to(wrapper.device)
-        out.append((wrapper.residuals(enc["input_ids"], mask, [layer])[layer], mask))
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded", help="data.model.name")
@@ -121,7 +113,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     base = Ablator(wrapper, saes, means, metric, args.batch_size)
     first = base.layers[0]
     variants = random_variants(base, args.variants, np.random.default_rng(0))
-    floor_input = residuals(wrapper, prompts, first, args.batch_size)
+    batches = base.residuals(prompts)  # the floor's input: the cached residuals (and prefix keys and values)
 
     results: dict[str, list[np.ndarray]] = {}
 
@@ -135,14 +127,15 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     @torch.no_grad()
     def floor() -> None:
         for _ in variants:
-            for hidden, mask in floor_input:
-                metric.score(wrapper.suffix_last_token_logits(hidden, mask, first))
+            for batch in batches:
+                metric.score(wrapper.suffix_last_token_logits(batch.hidden[first], batch.mask, first, past=batch.past))
 
     # warm-up (lazy initialisation, allocator, threads): one batch through each side, not all variants
     warm = prompts[: args.batch_size]
     Ablator(wrapper, saes, means, metric, args.batch_size).scores(warm, variants[0])
     whole_model_scores(base, warm, variants[0])
-    metric.score(wrapper.suffix_last_token_logits(*floor_input[0], first))
+    metric.score(wrapper.suffix_last_token_logits(batches[0].hidden[first], batches[0].mask, first,
+                                                  past=batches[0].past))
     # one repeat of each side in turn, so that a change of the machine's load hits all alike
     fns = {"cached": cached, "whole": whole, "floor": floor}
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -164,7 +157,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "n_layers": wrapper.n_layers, "sae_layers": layers, "sae_width": args.width, "sae_k": args.k,
         "dtype": str(wrapper.dtype).removeprefix("torch."), "device": str(wrapper.device),
         "prompts": len(prompts), "batch_size": args.batch_size, "variants": n, "repeats": args.repeats,
-        "positions": means.scheme.to_dict(),
+        "positions": means.scheme.to_dict(), "prefix_kv_cache": batches[0].past is not None,
         "blocks_per_variant": {"whole": wrapper.n_layers, "cached": wrapper.n_layers - index - 1,
                                "floor": wrapper.n_layers - index - 1},
         "speedup_cached_vs_whole": seconds["whole"] / seconds["cached"],
