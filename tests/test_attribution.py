@@ -320,9 +320,9 @@ def test_bad_inputs_are_user_errors(planted: Setup) -> None:
         scores(prompts=[], weights=np.zeros(0))
     with pytest.raises(UserError, match=f"{len(weights) - 1} weights for {len(prompts)} prompts"):
         scores(weights=weights[:-1])
-    with pytest.raises(UserError, match="ig steps 0"):
+    with pytest.raises(UserError, match="ig steps: 0 is not a positive integer"):
         scores(estimate="ig", steps=0)
-    with pytest.raises(UserError, match="unknown estimate 'gradient'"):
+    with pytest.raises(UserError, match="estimate: 'gradient' is not a known value"):
         scores(estimate="gradient")
     with pytest.raises(UserError, match="batch_size"):
         scores(batch_size=0)
