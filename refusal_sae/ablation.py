@@ -157,14 +157,16 @@ class Ablator:
         ablate_error = not bool(keep.errors.all())
 
         def edit(hidden: Tensor) -> Tensor:
+            # decode(patched) + error = x + (patched - f) W_dec (the decoder is affine): one matmul, and
+            # a token whose nodes are all kept comes back exactly as it went in
             classes = self._classes
             x = hidden.float()
             f = sae.encode(x)
-            patched = torch.where(keep_f[classes], f, mean_f[classes])
-            error = x - sae.decode(f)
-            if ablate_error:
-                error = torch.where(keep_e[classes][..., None], error, mean_e[classes])
-            return (sae.decode(patched) + error).to(hidden.dtype)
+            out = x + torch.where(keep_f[classes], 0.0, mean_f[classes] - f) @ sae.W_dec
+            if ablate_error:  # the error term x - decode(f) replaced by its mean where ablated
+                swap = mean_e[classes] - (x - sae.decode(f))
+                out = out + torch.where(keep_e[classes][..., None], 0.0, swap)
+            return out.to(hidden.dtype)
 
         return edit
 
