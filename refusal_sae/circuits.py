@@ -10,7 +10,7 @@ the method's threshold, and the evaluation's circuits of N nodes are the N best-
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal

@@ -20,9 +20,9 @@ from refusal_sae.analysis import (
     position_scheme,
     run_analysis,
 )
-from refusal_sae.circuits import ERROR, Circuit, candidate_mask, ranked_nodes
+from refusal_sae.circuits import Circuit, candidate_mask, ranked_nodes
 from refusal_sae.correlation import CorrelationConfig, pearson, pearson_p_values
-from refusal_sae.discovery import Correlation, DiscoveryConfig, DiscoveryInputs, discover
+from refusal_sae.discovery import Correlation, DiscoveryConfig, DiscoveryInputs
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import CircuitEvaluation, EvaluationConfig
 from refusal_sae.features import encode_prompts

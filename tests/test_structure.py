@@ -10,7 +10,6 @@ import types
 import typing
 from pathlib import Path
 
-import pytest
 
 from callbacks import CircuitAnalysisCallback
 from datamodules import ActivationDataModule
