@@ -13,6 +13,7 @@ through the run layout (`refusal_sae.layout`), from which a later process reads 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -149,10 +150,20 @@ def _rows(samples: Sequence[PromptSample], category: str, group: str) -> list[in
             and (group == "all" or s.refusal_label == (group == "toxic"))]
 
 
+def fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 of named arrays: what an evaluation record was computed from (its node means and ranking)."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return digest.hexdigest()
+
+
 def run_evaluation(inputs: AnalysisInputs, discovery: Discovery, out: AnalysisLayout, cfg: EvaluationConfig,
                    metric: RefusalMetricConfig) -> dict[str, list[CircuitEvaluation]]:
     """Every circuit's curves on its category's held-out prompts; each circuit's record is written as soon as
-    it is done, and one already written with the same settings is read back instead of recomputed."""
+    it is done, and one already written from the same settings, node means and ranking is read back instead
+    of recomputed (so adding a method or a category to a rerun recomputes nothing already done)."""
     wrapper = inputs.wrapper()
     missing = [layer for layer in discovery.means.layers if layer not in inputs.saes]
     if missing:
@@ -162,12 +173,14 @@ def run_evaluation(inputs: AnalysisInputs, discovery: Discovery, out: AnalysisLa
     evaluation = list(inputs.splits["evaluation"])
     toxic = np.array([s.refusal_label for s in evaluation], dtype=bool)
     refused = inputs.refused(evaluation) if cfg.target == "behavior" else None
-    key = {"evaluation": asdict(cfg), "metric": asdict(metric), "discovery": asdict(discovery.record)}
+    common = {"evaluation": asdict(cfg), "metric": asdict(metric), "scheme": discovery.record.scheme,
+              "means": fingerprint({**discovery.means.features, **{f"e.{k}": v for k, v in discovery.means.errors.items()}})}
     results: dict[str, list[CircuitEvaluation]] = {}
     for method, items in discovery.circuits.items():
         layout = out.method(method)
         results[method] = []
         for circuit, scores in tqdm(items, desc=f"evaluating {method} circuits", unit="circuit"):
+            key = {**common, "circuit": circuit.name, "ranking": fingerprint(scores.arrays())}
             done = layout.read_evaluation(CircuitEvaluation, circuit.name, key)
             if done is None:
                 rows = _rows(evaluation, circuit.category, circuit.group)
