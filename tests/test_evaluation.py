@@ -128,7 +128,7 @@ def test_no_label_effect_gives_null_ratios_with_a_reason(template, tmp_path: Pat
     triggers = set(vocabulary()[0])
     neutral = [s for s in splits["evaluation"] if not triggers & set(s.prompt.split())]
     relabelled = [PromptSample(s.prompt, s.category, i % 2 == 0, "hard", "planted") for i, s in enumerate(neutral)]
-    record, _ = evaluate(ablator, relabelled, planted_ranking(scheme, "-1"), sizes=[6])
+    record, _ = evaluate(ablator, relabelled, planted_ranking(scheme, "-1"), sizes=[6], target="contrast")
     curve = record.curves[0]
     assert not curve.span.excludes_zero()
     assert "interval contains 0" in curve.ratio_note
