@@ -253,7 +253,7 @@ def results_table(results: Mapping[str, Sequence[CircuitEvaluation]]) -> str:
                 complete = _ci(point.completeness)
             cprs = [_ci(next((c.cpr for c in r.curves if c.error_mode == m and c.scope == ALL_LAYERS), None))
                     for m in modes]
-            sanity = "ok" if r.sanity.passed else "FAILED: " + "; ".join(r.sanity.notes)
+            sanity = "ok" if r.sanity.passed else "FAILED: " + "; ".join(r.sanity.notes).replace("|", "\\|")
             lines.append(f"| {r.name} | {r.n_prompts} ({r.n_positive}/{r.n_prompts - r.n_positive}) | {_ci(main.span)} | "
                          f"{at('0.5')} | {at('0.8')} | {there} | {complete} | {' | '.join(cprs)} | {sanity} |")
         lines.append("")
