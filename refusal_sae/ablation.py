@@ -127,7 +127,7 @@ class Ablator:
         term when error terms are kept) always stays, and so do the prefix classes.
         """
         out = {}
-        p = self.scheme.n_prefix
+        p = self.scheme.prefix
         for layer in layers or self.layers:
             mask = (kept[layer] if inside else ~kept[layer]) | ~candidates[layer]
             keep = self.keep_all(layer)
@@ -141,8 +141,8 @@ class Ablator:
         out = {}
         for layer in self.layers:
             keep = self.keep_all(layer)
-            keep.features[: self.scheme.n_prefix] = False
-            keep.errors[: self.scheme.n_prefix] = False
+            keep.features[: self.scheme.prefix] = False
+            keep.errors[: self.scheme.prefix] = False
             out[layer] = keep
         return out
 
@@ -236,7 +236,7 @@ class Ablator:
         """(n,) float64 refusal scores of `prompts` under `variant` (None or all-keeping: the model)."""
         variant = {layer: k for layer, k in (variant or {}).items() if not k.everything}
         edits = {layer: self._edit(layer, k) for layer, k in variant.items()}
-        p = self.scheme.n_prefix
+        p = self.scheme.prefix
         prefix_edited = any(not (k.features[:p].all() and k.errors[:p].all()) for k in variant.values())
         start = next((layer for layer in self.layers if layer in edits), self.layers[-1])
         out = []

@@ -220,8 +220,12 @@ def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluat
     return summary
 
 
-def _ci(x: Any) -> str:
-    return "null" if x is None else f"{x.value:.2f} [{x.low:.2f}, {x.high:.2f}]"
+def _ci(x: Any, none: str = "null") -> str:
+    """`value [low, high]` of an Interval (or its JSON dict, as `summary.json` holds it)."""
+    if x is None:
+        return none
+    value, low, high = (x["value"], x["low"], x["high"]) if isinstance(x, Mapping) else (x.value, x.low, x.high)
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def results_table(results: Mapping[str, Sequence[CircuitEvaluation]]) -> str:
@@ -260,13 +264,6 @@ def results_table(results: Mapping[str, Sequence[CircuitEvaluation]]) -> str:
     return "\n".join(lines)
 
 
-def _interval(x: Any) -> str:
-    if x is None:
-        return "n/a"
-    value, low, high = (x["value"], x["low"], x["high"]) if isinstance(x, Mapping) else (x.value, x.low, x.high)
-    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
-
-
 def format_summary(summary: Mapping[str, Any]) -> str:
     """A few lines per method: what there is to explain, when the circuit suffices, CPR, and the verdict."""
     lines = [f"circuits in {summary['directory']}"]
@@ -274,7 +271,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         lines.append(f"{method}: F(M)-F(empty) [95% CI] | nodes reaching faithfulness 0.5 / 0.8 of all | CPR | sanity")
         for name, r in m["circuits"].items():
             reach = " / ".join("-" if v is None else str(v) for v in r["reaches"].values())
-            line = (f"  {name:<24} {_interval(r['span'])} | {reach} of {r['n_candidates']} | {_interval(r['cpr'])} | "
+            line = (f"  {name:<24} {_ci(r['span'])} | {reach} of {r['n_candidates']} | {_ci(r['cpr'], 'n/a')} | "
                     f"{'ok' if r['sanity_passed'] else 'FAILED'}")
             lines.append(line + (f"  ({r['note']})" if r["note"] else ""))
         if m.get("verdict_explanation"):

@@ -204,7 +204,7 @@ def _batches(wrapper: ModelWrapper, prompts: Sequence[str], batch_size: int, mea
         enc = wrapper.tokenize(prompts[rows], "right")
         ids, mask = enc["input_ids"].to(wrapper.device), enc["attention_mask"].to(wrapper.device)
         classes = torch.as_tensor(scheme.batch_classes(mask.sum(1).tolist(), mask.shape[1]), device=wrapper.device)
-        node = classes - scheme.n_prefix
+        node = classes - scheme.prefix
         valid = (node >= 0) & mask.bool()
         onehot = torch.nn.functional.one_hot(node.clamp(min=0), n_node).float() * valid[..., None]
         yield _Batch(rows, ids, mask, classes, onehot)

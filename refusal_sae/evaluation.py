@@ -390,7 +390,7 @@ def _sanity(run: _Run, circuit: Circuit, cfg: EvaluationConfig, main: Curve, liv
     ablator, notes = run.ablator, []
     model = run.scores["model"]
     prefix_change = None
-    if ablator.scheme.n_prefix:
+    if ablator.scheme.prefix:
         prefix_change = float(np.abs(run("sanity/prefix", ablator.prefix_ablation()) - model).max())
         if prefix_change > PREFIX_TOLERANCE:
             notes.append(f"ablating the shared prefix moved a score by {prefix_change:.3g} > {PREFIX_TOLERANCE}: "

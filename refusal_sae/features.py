@@ -52,7 +52,7 @@ class NodeMeans:
 
     def live(self, layer: str) -> np.ndarray:
         """(node classes, width) latents that fired on a discovery token of each node class."""
-        return self.features[layer][self.scheme.n_prefix :] > 0
+        return self.features[layer][self.scheme.prefix :] > 0
 
     def write(self, path: Path) -> None:
         """One safetensors file; the position scheme and layer order in its metadata."""
@@ -108,7 +108,7 @@ def encode_prompts(saes: Mapping[str, SparseAutoencoder], prompts: PromptActivat
     n = len(prompts)
     if n == 0:
         raise UserError("circuit discovery: the discovery split holds no prompts")
-    n_mean, n_prefix = len(scheme.mean_classes), scheme.n_prefix
+    n_mean, n_prefix = len(scheme.mean_classes), scheme.prefix
     n_node = n_mean - n_prefix
     values = {layer: np.zeros((n, n_node, sae.cfg.width + 1), np.float32) for layer, sae in saes.items()}
     # per label (0 safe, 1 toxic): sums over tokens per mean class, and token counts

@@ -39,7 +39,8 @@ class PositionScheme:
 
     mode: PositionMode
     prefix: int
-    """P: shared template tokens at the start (0 with `global`)."""
+    """P: shared template tokens at the start (0 with `global`); also the number of mean classes before the
+    node classes (one per prefix position)."""
     suffix: int
     """S: shared template tokens at the end, each its own class (0 with `global`)."""
 
@@ -60,11 +61,6 @@ class PositionScheme:
     def mean_classes(self) -> list[str]:
         """Every class with its own ablation mean: the prefix positions (never nodes), then node classes."""
         return [f"p{i}" for i in range(self.prefix)] + self.node_classes
-
-    @property
-    def n_prefix(self) -> int:
-        """Mean classes before the node classes (prefix positions)."""
-        return self.prefix
 
     def classes(self, length: int) -> np.ndarray:
         """(length,) mean-class index of each position of a prompt of `length` tokens."""
