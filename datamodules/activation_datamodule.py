@@ -81,7 +81,8 @@ class ActivationDataModule(L.LightningDataModule):
         return self._wrapper
 
     def prepare_data(self) -> None:
-        splits = prepare_prompts(self.prompts, self.layout.data_dir, self.layout.prompts_csv)
+        splits = prepare_prompts(self.prompts, self.layout.prompts_csv, self.layout.data_report,
+                                 self.layout.balanced_report)
         InferencePipeline(self.llm(), self.activations, self.cache_dir).run(splits)
 
     def setup(self, stage: str) -> None:

@@ -50,7 +50,6 @@ LOGGED = ("fvu", "mse", "cos_sim", "l0", "auxk_loss", "dead_fraction")
 """Metrics logged per layer as `sae/<layer>/<name>` (each step) and `sae/<layer>/<name>_epoch`."""
 CHECKPOINT_KEY = "refusal_sae"
 """Entry of a Lightning checkpoint recording which SAEs it holds (checked before resuming)."""
-RANK_STATES_DIR = "saes_by_rank"
 
 
 def default_lr(width: int) -> float:
@@ -352,7 +351,7 @@ class SAEModule(L.LightningModule):
                 save_sae(sae, RunLayout(root).saes / layer)
         if self.save_all_ranks:
             state = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-            with atomic_open(root / RANK_STATES_DIR / f"rank{self.global_rank}.safetensors", "wb") as f:
+            with atomic_open(RunLayout(root).rank_state(self.global_rank), "wb") as f:
                 f.write(safetensors_bytes(state))
 
     # ------------------------------------------------------------------------------- optimisation

@@ -242,12 +242,12 @@ class DataAnalyzer:
             "prompt_length": lengths,
         }
 
-    def write(self, out_dir: str | Path, name: str = "data_report") -> dict[str, Any]:
-        """Write `<name>.json` and a bar chart `<name>.png` of prompts per category and type."""
+    def write(self, stem: str | Path) -> dict[str, Any]:
+        """Write `<stem>.json` and a bar chart `<stem>.png` of prompts per category and type."""
         report = self.report()
-        out_dir = Path(out_dir)
-        write_json(out_dir / f"{name}.json", report)
-        plot_category_counts(report, out_dir / f"{name}.png")
+        stem = Path(stem)
+        write_json(stem.with_name(stem.name + ".json"), report)
+        plot_category_counts(report, stem.with_name(stem.name + ".png"))
         return report
 
 
@@ -429,20 +429,20 @@ class PromptConfig:
         fraction("data.prompts.eval_fraction", self.eval_fraction, 0.3)
 
 
-def prepare_prompts(cfg: PromptConfig, out_dir: str | Path, prompts_csv: str | Path) -> dict[Split, list[PromptSample]]:
-    """Run stage 1 end to end and write its outputs into `out_dir`.
+def prepare_prompts(cfg: PromptConfig, prompts_csv: str | Path, data_report: str | Path,
+                    balanced_report: str | Path) -> dict[Split, list[PromptSample]]:
+    """Run stage 1 end to end.
 
-    Writes `data_report.{json,png}` (everything loaded), `balanced_report.{json,png}` (after balancing)
-    and `prompts.csv` (the balanced prompts with their split), each atomically, the prompts last, so a
-    complete `prompts.csv` means the stage finished.
+    Writes `<data_report>.{json,png}` (everything loaded), `<balanced_report>.{json,png}` (after
+    balancing) and `prompts_csv` (the balanced prompts with their split), each atomically, the prompts
+    last, so a complete `prompts_csv` means the stage finished.
     """
-    out_dir = Path(out_dir)
     samples = ORBenchLoader(cfg.source, cfg.dataset_types, cfg.revision).load()
-    DataAnalyzer(samples).write(out_dir, "data_report")
+    DataAnalyzer(samples).write(data_report)
     processor = DataProcessor(cfg.seed)
     samples = processor.select_categories(samples, cfg.categories)
     balanced = processor.balance(samples, cfg.balance, cfg.n_per_category, cfg.safe_types)
-    DataAnalyzer(balanced).write(out_dir, "balanced_report")
+    DataAnalyzer(balanced).write(balanced_report)
     splits = processor.split(balanced, cfg.eval_fraction)
     write_splits(splits, prompts_csv)
     return splits

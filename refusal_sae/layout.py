@@ -1,9 +1,9 @@
 """The run directory: every path under `run_dir`, and every read and write of the run's records.
 
     <run_dir>/
-      data/prompts.csv, data_report.*, behavior_answers.json   prompts (balanced, split), their report
+      data/prompts.csv, *_report.*, behavior_answers.json      prompts (balanced, split), their reports
       activations/                                            the activation cache (refusal_sae.activations)
-      checkpoints/, saes/<layer>/                             SAE training
+      checkpoints/, saes/<layer>/, saes_by_rank/              SAE training
       metric_validity.json                                    does the refusal score predict refusals?
       analysis/<name>/                                        one circuit analysis (`epoch_008`, or a name
                                                               given to `analyze`); `latest` links the newest
@@ -301,6 +301,16 @@ class RunLayout:
         return self.data_dir / "behavior_answers.json"
 
     @property
+    def data_report(self) -> Path:
+        """Stem of `data_report.{json,png}`: every prompt loaded, before balancing."""
+        return self.data_dir / "data_report"
+
+    @property
+    def balanced_report(self) -> Path:
+        """Stem of `balanced_report.{json,png}`: the prompts after balancing."""
+        return self.data_dir / "balanced_report"
+
+    @property
     def activations(self) -> Path:
         return self.root / "activations"
 
@@ -311,6 +321,10 @@ class RunLayout:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    def rank_state(self, rank: int) -> Path:
+        """One DDP rank's SAE state (`model.save_all_ranks`), to check that the replicas agree."""
+        return self.root / "saes_by_rank" / f"rank{rank}.safetensors"
 
     @property
     def validity(self) -> Path:

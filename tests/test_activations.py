@@ -43,7 +43,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def splits(tmp_path_factory: pytest.TempPathFactory):
     cfg = PromptConfig(balance="n_per_category", n_per_category=2, seed=0)  # 40 bundled prompts
     data = tmp_path_factory.mktemp("data")
-    return prepare_prompts(cfg, data, data / "prompts.csv")
+    return prepare_prompts(cfg, data / "prompts.csv", data / "data_report", data / "balanced_report")
 
 
 def collect(model_dir: Path, cache_dir: Path, splits, **kwargs) -> ActivationCache:
@@ -164,8 +164,8 @@ def test_killed_collection_resumes_to_the_identical_cache(tmp_path: Path) -> Non
     """A subprocess is SIGKILLed part-way; the next run finishes, and the cache equals an uninterrupted one."""
     model_dir = make_tiny_model(tmp_path / "model", n_layers=3, d_model=256)
     prompts = tmp_path / "data" / "prompts.csv"
-    prepare_prompts(PromptConfig(balance="n_per_category", n_per_category=4, seed=0), prompts.parent,
-                    prompts)  # 80 prompts
+    prepare_prompts(PromptConfig(balance="n_per_category", n_per_category=4, seed=0), prompts,
+                    prompts.parent / "data_report", prompts.parent / "balanced_report")  # 80 prompts
     child = run_child(str(model_dir), str(prompts), str(tmp_path / "killed"))
     manifest = tmp_path / "killed" / "manifest.json"
     deadline = time.monotonic() + 240
@@ -190,7 +190,8 @@ def test_killed_collection_resumes_to_the_identical_cache(tmp_path: Path) -> Non
 def test_full_disk_leaves_no_partial_shard(tiny_dir: Path, splits, tmp_path: Path) -> None:
     """A file-size limit makes writes fail like a full disk; complete shards stay, the next run resumes."""
     prompts = tmp_path / "data" / "prompts.csv"
-    prepare_prompts(PromptConfig(balance="n_per_category", n_per_category=2, seed=0), prompts.parent, prompts)
+    prepare_prompts(PromptConfig(balance="n_per_category", n_per_category=2, seed=0), prompts,
+                    prompts.parent / "data_report", prompts.parent / "balanced_report")
     limited = (
         "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
         "resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))\n" + CHILD

@@ -235,7 +235,7 @@ def test_bad_balance_options(options: dict, message: str) -> None:
 
 def test_analyzer_report(orbench_dir: Path, tmp_path: Path) -> None:
     samples = ORBenchLoader(orbench_dir).load()
-    report = DataAnalyzer(samples).write(tmp_path)
+    report = DataAnalyzer(samples).write(tmp_path / "data_report")
     assert json.loads((tmp_path / "data_report.json").read_text()) == report
     assert (tmp_path / "data_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["n_samples"] == 1974 and report["n_categories"] == 10
@@ -250,7 +250,7 @@ def test_analyzer_report(orbench_dir: Path, tmp_path: Path) -> None:
 
 def test_prepare_prompts_writes_a_reusable_split(orbench_dir: Path, tmp_path: Path) -> None:
     cfg = PromptConfig(source=str(orbench_dir), categories=["hate", "privacy"], seed=5)
-    splits = prepare_prompts(cfg, tmp_path, tmp_path / "prompts.csv")
+    splits = prepare_prompts(cfg, tmp_path / "prompts.csv", tmp_path / "data_report", tmp_path / "balanced_report")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "balanced_report.json", "balanced_report.png", "data_report.json", "data_report.png", "prompts.csv",
     ]  # fmt: skip

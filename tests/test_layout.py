@@ -29,16 +29,27 @@ OWN_FORMATS = {
 
 
 def path_literals(source: str) -> list[tuple[int, str]]:
-    """String constants joined onto a path: `x / "name"`, `os.path.join(x, "name")`, `Path("a/b")`."""
+    """Strings joined onto a path: `x / "name"`, `x / NAME` with `NAME = "name"` at module level,
+    `os.path.join(x, "name")`, and names passed to a writer (`write(out_dir, "report")`)."""
+    tree = ast.parse(source)
+    constants = {t.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+                 for t in node.targets if isinstance(t, ast.Name)}
+
+    def string(node: ast.AST) -> str | None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        return constants.get(node.id) if isinstance(node, ast.Name) else None
+
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
-            found += [(node.lineno, side.value) for side in (node.left, node.right)
-                      if isinstance(side, ast.Constant) and isinstance(side.value, str)]
+            found += [(node.lineno, v) for v in map(string, (node.left, node.right)) if v is not None]
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "join" and \
                 getattr(getattr(node.func, "value", None), "attr", None) == "path":
-            found += [(node.lineno, a.value) for a in node.args if isinstance(a, ast.Constant)
-                      and isinstance(a.value, str)]
+            found += [(node.lineno, v) for v in map(string, node.args) if v is not None]
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "write":
+            found += [(node.lineno, v) for v in map(string, node.args) if v is not None]
     return found
 
 
@@ -54,8 +65,10 @@ def test_no_module_outside_the_layout_spells_a_run_path() -> None:
 
 
 def test_the_check_finds_what_it_looks_for() -> None:
-    source = 'import os\nfrom pathlib import Path\na = Path(x) / "saes"\nb = os.path.join(y, "prompts.csv")\n'
-    assert path_literals(source) == [(3, "saes"), (4, "prompts.csv")]
+    source = ('import os\nfrom pathlib import Path\nRANKS = "saes_by_rank"\na = Path(x) / "saes"\n'
+              'b = os.path.join(y, "prompts.csv")\nc = root / RANKS\nDataAnalyzer(s).write(out, "data_report")\n')
+    assert sorted(path_literals(source)) == [(4, "saes"), (5, "prompts.csv"), (6, "saes_by_rank"),
+                                             (7, "data_report")]
 
 
 @dataclass

@@ -54,7 +54,7 @@ def test_ddp_ranks_end_identical_with_global_dead_latent_counts_and_w_and_b_offl
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
-    ranks = [load_file(tmp_path / "saes_by_rank" / f"rank{r}.safetensors") for r in (0, 1)]
+    ranks = [load_file(RunLayout(tmp_path).rank_state(r)) for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 10
     for name, tensor in ranks[0].items():
         assert torch.equal(tensor, ranks[1][name]), f"rank 1 differs from rank 0 in {name}"
