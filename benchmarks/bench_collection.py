@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.common import median_seconds, report
 from refusal_sae.activations import ActivationConfig, InferencePipeline
-from refusal_sae.data import PromptConfig, prepare_prompts
+from refusal_sae.data import PromptConfig, build_prompts
 from refusal_sae.model import ModelConfig, ModelWrapper
 
 
@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.layers, args.prompts, args.repeats = "0,1", 20, 1
 
     work = Path(tempfile.mkdtemp(prefix="bench_collection_"))
-    splits = prepare_prompts(PromptConfig(balance="n_per_category", n_per_category=max(1, args.prompts // 20)),
-                             work / "data", work / "data" / "prompts.csv")
+    splits = build_prompts(PromptConfig(balance="n_per_category", n_per_category=max(1, args.prompts // 20))).splits
     wrapper = ModelWrapper(ModelConfig(name=args.model))
     layers = wrapper.resolve_layers([int(i) for i in args.layers.split(",")])
     prompts = [s.prompt for split in ("discovery", "evaluation") for s in splits[split]]

@@ -22,7 +22,9 @@ from refusal_sae.activations import (
     PromptActivations,
     TokenStream,
 )
-from refusal_sae.data import PromptConfig, PromptSample, Split, prepare_prompts, read_splits
+from refusal_sae.data import PromptConfig, PromptSample, Split, build_prompts, read_splits
+from refusal_sae.errors import UserError
+from refusal_sae.io import hold_directory
 from refusal_sae.layout import RunLayout
 from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.validate import all_of, non_negative_int, positive_int
@@ -81,17 +83,41 @@ class ActivationDataModule(L.LightningDataModule):
         return self._wrapper
 
     def prepare_data(self) -> None:
-        splits = prepare_prompts(self.prompts, self.layout.prompts_csv, self.layout.data_report,
-                                 self.layout.balanced_report)
-        InferencePipeline(self.llm(), self.activations, self.cache_dir).run(splits)
+        """Prompts, then activations. The prompts are built in memory and written only after they fit the
+        model (`max_length`) and the cache is usable or to be rebuilt, so a refused run leaves the run
+        directory's prompts and reports describing its existing cache. The run directory is locked first, for
+        the rest of the process: a second `fit` on it stops before writing anything."""
+        hold_directory(self.run_dir, "run directory", "--run_dir")
+        prompts = build_prompts(self.prompts)
+        prompts.check_lengths(self.llm().encode, self.model_cfg.max_length)
+        pipeline = InferencePipeline(self.llm(), self.activations, self.cache_dir)
+        pipeline.check(prompts.splits)
+        prompts.write(self.layout.prompts_csv, self.layout.data_report, self.layout.balanced_report)
+        pipeline.run(prompts.splits)
 
     def setup(self, stage: str) -> None:
         self.splits = read_splits(self.layout.prompts_csv)
         self.cache = ActivationCache(self.cache_dir, verify=self.activations.verify)
 
     def train_dataloader(self) -> DataLoader:
+        """The cache's tokens in shuffled batches, refused when a data reader (a process, or a DataLoader worker
+        of one) would get less than one batch: the SAEs would take no optimiser step, and be saved and
+        analysed untrained."""
         stream = TokenStream(self.cache_dir, batch_size=self.batch_size, seed=self.prompts.seed,
                              splits=self.train_splits)
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        workers = max(self.num_workers, 1)
+        tokens = stream.tokens_per_part(processes * workers)
+        if tokens < self.batch_size:
+            smaller = f"lower data.batch_size to at most {tokens}, or " if tokens else ""
+            fewer = " or fewer data.num_workers" if workers > 1 else ""
+            raise UserError(
+                f"data.batch_size={self.batch_size} exceeds the {tokens} training tokens per data reader "
+                f"({processes} process(es) x {workers} DataLoader worker(s)) in splits "
+                f"{', '.join(self.train_splits)} of the activation cache {self.cache_dir}, so SAE training would take "
+                f"no optimiser step; {smaller}give more prompts (data.prompts.n_per_category, data.prompts.balance: "
+                f"use_all){fewer}"
+            )
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
 
     def prompt_dataset(self, split: Split) -> PromptActivations:

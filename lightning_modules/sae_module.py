@@ -43,7 +43,7 @@ from refusal_sae.errors import UserError
 from refusal_sae.io import atomic_open
 from refusal_sae.layout import RunLayout
 from refusal_sae.sae import SAEConfig, SAEMeta, SparseAutoencoder
-from refusal_sae.sae_io import save_sae
+from refusal_sae.sae_io import export_saes
 from refusal_sae.validate import non_negative_int, positive_number
 
 LOGGED = ("fvu", "mse", "cos_sim", "l0", "auxk_loss", "dead_fraction")
@@ -122,6 +122,13 @@ class RunDirCheckpoint(ModelCheckpoint):
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
         self._use_run_dir(trainer)  # called for ckpt_path="last" before setup
         return super()._find_last_checkpoints(trainer)
+
+
+def saved_checkpoint(trainer: L.Trainer) -> str | None:
+    """The checkpoint this fit saved last, if it is still on disk: what an interrupted run resumes from."""
+    callback = trainer.checkpoint_callback
+    saved = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+    return saved if saved and os.path.exists(saved) else None
 
 
 class SAEModule(L.LightningModule):
@@ -331,24 +338,20 @@ class SAEModule(L.LightningModule):
 
     def _stop(self, step: int, what: str) -> None:
         """Raise before the bad step reaches the weights or a checkpoint, naming layer, step and the way out."""
-        callback = self.trainer.checkpoint_callback
-        saved = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-        kept = (
-            f"the last checkpoint, {saved}, holds the last good weights"
-            if saved and os.path.exists(saved)
-            else "no checkpoint had been saved yet"
-        )
+        saved = saved_checkpoint(self.trainer)
+        kept = (f"the last checkpoint, {saved}, holds the last good weights" if saved
+                else "no checkpoint had been saved yet")
         raise UserError(
             f"training stopped at step {step} (epoch {self.current_epoch}): {what}; "
             f"lower model.lr or raise model.warmup_steps, or check the activations; {kept}"
         )
 
     def on_train_end(self) -> None:
-        """Save every SAE standalone, loadable without Lightning: `<default_root_dir>/saes/<layer>/`."""
+        """Save every SAE standalone, loadable without Lightning: `<default_root_dir>/saes/<layer>/`, replacing
+        the whole directory, so that an earlier run's SAEs of other layers do not stay beside these."""
         root = Path(self.trainer.default_root_dir)
         if self.trainer.is_global_zero:
-            for layer, sae in self.saes.items():
-                save_sae(sae, RunLayout(root).saes / layer)
+            export_saes(self.saes, RunLayout(root).saes)
         if self.save_all_ranks:
             state = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
             with atomic_open(RunLayout(root).rank_state(self.global_rank), "wb") as f:

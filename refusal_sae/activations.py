@@ -16,14 +16,20 @@ A shard holds the tokens of a fixed block of `shard_size` consecutive prompts, s
 depend on when a run was interrupted. A shard is built in a temporary directory, hashed, renamed into
 place and only then recorded in the manifest (itself replaced atomically). A killed run therefore
 leaves at worst a temporary directory or an unrecorded shard, both deleted by the next run, which
-resumes at the first unrecorded shard and writes exactly what an uninterrupted run would have.
+collects every unrecorded shard (and every recorded one whose directory was deleted) and writes
+exactly what an uninterrupted run would have. The directory is locked while it is written (a second
+process stops at once), and the shard files' disk blocks are allocated before they are filled, so a
+full disk is an error message, not a bus error.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import math
+import os
 import re
 import shutil
 from collections.abc import Iterator, Sequence
@@ -37,7 +43,7 @@ from tqdm.auto import tqdm
 
 from refusal_sae.data import DATASET_TYPES, PromptSample, Split
 from refusal_sae.errors import UserError
-from refusal_sae.io import sha256_file, write_json
+from refusal_sae.io import LOCK_FILE, directory_lock, sha256_file, write_json
 from refusal_sae.model import ModelWrapper
 from refusal_sae.validate import one_of, positive_int
 
@@ -45,8 +51,13 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
-# What a cache directory may hold: the manifest (and its temporary twin), shards and temporary shards.
-CACHE_ENTRY = re.compile(r"manifest\.json|\.manifest\.json\..*\.tmp|shard_\d{5}|\.shard_\d{5}\.tmp")
+# What a cache directory may hold: the manifest (and its temporary twin), shards, temporary shards, the lock.
+CACHE_ENTRY = re.compile(
+    rf"manifest\.json|\.manifest\.json\..*\.tmp|shard_\d{{5}}|\.shard_\d{{5}}\.tmp|{re.escape(LOCK_FILE)}"
+)
+SHARD_NAME = re.compile(r"shard_\d{5}")
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+")  # a layer name, which becomes a file name in every shard
+SHARD_FILES = ("tokens.npy", "prompt_offsets.npy")  # beside one <layer>.npy per layer
 SPLITS: tuple[Split, ...] = ("discovery", "evaluation")
 TOKEN_DTYPE = np.dtype(
     [
@@ -81,7 +92,7 @@ class ActivationConfig:
     overwrite: bool = False
     """Delete a cache built by a different config instead of stopping with an error."""
     verify: bool = True
-    """Check every shard's sha256 when the cache is opened."""
+    """Check every shard's sha256 when the cache is opened (files' sizes are checked either way)."""
 
     def __post_init__(self) -> None:
         positive_int("data.activations.batch_size", self.batch_size, 8)
@@ -97,6 +108,16 @@ def prompts_fingerprint(samples: Sequence[tuple[PromptSample, Split]]) -> str:
     return digest.hexdigest()
 
 
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """The settings two cache configs differ in, as paths into nested ones: `dtype`, `model.commit`,
+    `model.files['model.safetensors']`."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [path]
+    return [difference for key in sorted(old.keys() | new.keys())
+            for difference in _differences(old.get(key), new.get(key),
+                                           f"{path}.{key}".lstrip(".") if key.isidentifier() else f"{path}[{key!r}]")]
+
+
 class ActivationCache:
     """Read access to a complete cache: memory-mapped per-shard arrays and per-prompt views."""
 
@@ -105,16 +126,15 @@ class ActivationCache:
         path = self.dir / MANIFEST
         if not path.is_file():
             raise UserError(f"{path} not found: no activation cache there; run `fit` to collect activations")
-        self.manifest = json.loads(path.read_text(encoding="utf-8"))
+        self.manifest = read_manifest(path)
         if not self.manifest.get("complete"):
             raise UserError(f"{path}: the cache is incomplete; run `fit` again to finish collecting")
         self.layers: list[str] = self.manifest["config"]["layers"]
         self.d_model: int = self.manifest["config"]["model"]["d_model"]
         self.dtype: str = self.manifest["config"]["dtype"]
         self.shards: list[dict[str, Any]] = self.manifest["shards"]
-        if verify:
-            for shard in self.shards:
-                verify_shard(self.dir / shard["name"], shard)
+        for shard in self.shards:
+            check_shard(self.dir / shard["name"], shard, hashes=verify)
         self._offsets = [np.load(self.dir / s["name"] / "prompt_offsets.npy") for s in self.shards]
 
     @property
@@ -152,17 +172,61 @@ class ActivationCache:
         return np.concatenate([self.tokens(i)[self.tokens(i)["is_last"]] for i in range(len(self.shards))])
 
 
-def verify_shard(directory: Path, record: dict[str, Any]) -> None:
-    """Size and sha256 of every file of a shard against the manifest; UserError naming the first bad file."""
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A cache manifest, checked before any name in it becomes a path: every shard is `shard_NNNNN` and holds
+    exactly the files of the cache's layers, so an edited or damaged manifest cannot point outside the cache."""
+    damaged = f"the manifest is damaged or was edited; delete {path.parent} and run `fit` again to collect it afresh"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        config = manifest["config"]
+        layers, _, _ = config["layers"], config["model"]["d_model"], config["dtype"]  # what every reader uses
+        bad = [layer for layer in layers if not (isinstance(layer, str) and PLAIN_NAME.fullmatch(layer))]
+        if bad:
+            raise UserError(f"{path}: layer name {bad[0]!r} is not a plain name (letters, digits, _); {damaged}")
+        files = {f"{layer}.npy" for layer in layers} | set(SHARD_FILES)
+        for shard in manifest["shards"]:
+            name = shard["name"]
+            if not (isinstance(name, str) and SHARD_NAME.fullmatch(name)):
+                raise UserError(f"{path}: shard name {name!r} is not a shard of this cache (shard_NNNNN); {damaged}")
+            if set(shard["sha256"]) != files:
+                raise UserError(f"{path}: shard {name} lists the files {sorted(shard['sha256'])}, not the "
+                                f"cache's {sorted(files)}; {damaged}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); {damaged}") from None
+    except (KeyError, TypeError, IndexError) as e:
+        raise UserError(f"{path} lacks an entry of an activation cache manifest ({type(e).__name__}: {e}); "
+                        f"{damaged}") from None
+    return manifest
+
+
+def check_shard(directory: Path, record: dict[str, Any], hashes: bool) -> None:
+    """Every file of a shard is there and exactly as long as its .npy header says (cheap: always checked, so
+    a truncated file is named here, not hit as a numpy error or a bus error mid-training), and with `hashes`
+    has the sha256 the manifest recorded; UserError naming the first bad file."""
+    again = f"delete {directory} and run `fit` again to recollect it"
     for name, expected in record["sha256"].items():
         path = directory / name
         if not path.is_file():
-            raise UserError(f"activation cache file {path} is missing; delete {directory.parent} and run `fit` again")
-        if sha256_file(path) != expected:
-            raise UserError(
-                f"activation cache file {path} is corrupted or truncated (sha256 mismatch); "
-                f"delete {directory} and run `fit` again to recollect it"
-            )
+            raise UserError(f"activation cache file {path} is missing; {again}")
+        problem = _npy_problem(path)
+        if problem:
+            raise UserError(f"activation cache file {path} is corrupted or truncated ({problem}); {again}")
+        if hashes and sha256_file(path) != expected:
+            raise UserError(f"activation cache file {path} is corrupted or truncated (sha256 mismatch); {again}")
+
+
+def _npy_problem(path: Path) -> str | None:
+    """Why a file cannot be the .npy array its header describes (no header, or another size), else None."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            expected = f.tell() + math.prod(shape) * dtype.itemsize
+    except (ValueError, OSError, SyntaxError) as e:
+        return f"no .npy header: {e}"
+    size = path.stat().st_size
+    return None if size == expected else f"{size} bytes where its header needs {expected}"
 
 
 class InferencePipeline:
@@ -194,28 +258,45 @@ class InferencePipeline:
             "prompts_sha256": prompts_fingerprint(samples),
         }
 
-    def run(self, splits: dict[Split, list[PromptSample]]) -> ActivationCache:
-        """Collect (or finish collecting) activations for every prompt of both splits; return the cache."""
+    @staticmethod
+    def _samples(splits: dict[Split, list[PromptSample]]) -> list[tuple[PromptSample, Split]]:
         samples = [(s, split) for split in SPLITS for s in splits.get(split, [])]
         if not samples:
             raise UserError("data.activations: the prompt list is empty; nothing to collect")
+        return samples
+
+    def check(self, splits: dict[Split, list[PromptSample]]) -> None:
+        """Refuse what `run` would refuse (a directory that is not a cache; without `overwrite`, a cache of
+        another config) before anything is written, so a refused run leaves its run directory as it was."""
+        self._manifest(self.cache_config(self._samples(splits)))
+
+    def run(self, splits: dict[Split, list[PromptSample]]) -> ActivationCache:
+        """Collect (or finish collecting) activations for every prompt of both splits; return the cache.
+
+        The cache directory is locked meanwhile: a second process collecting into it stops at once."""
+        samples = self._samples(splits)
         config = self.cache_config(samples)
         categories = sorted({s.category for s, _ in samples})
-        done = self._resume(config)
         n_shards = -(-len(samples) // self.cfg.shard_size)
-        bar = tqdm(total=len(samples), initial=min(len(done) * self.cfg.shard_size, len(samples)),
-                   desc="collecting activations", unit="prompt")
-        for index in range(len(done), n_shards):
-            start = index * self.cfg.shard_size
-            block = samples[start : start + self.cfg.shard_size]
-            done.append(self._write_shard(index, start, block, categories, bar))
-            self._write_manifest(config, categories, done, complete=index == n_shards - 1)
-        bar.close()
+        with directory_lock(self.dir, "activation cache", "data.activations.cache_dir"):
+            done = self._resume(config)
+            missing = [index for index in range(n_shards) if index not in done]
+            bar = tqdm(total=len(samples), initial=sum(s["prompts"][1] - s["prompts"][0] for s in done.values()),
+                       desc="collecting activations", unit="prompt")
+            for index in missing:
+                start = index * self.cfg.shard_size
+                block = samples[start : start + self.cfg.shard_size]
+                done[index] = self._write_shard(index, start, block, categories, bar)
+                self._write_manifest(config, categories, [done[i] for i in sorted(done)],
+                                     complete=len(done) == n_shards)
+            bar.close()
         return ActivationCache(self.dir, verify=False)
 
-    def _resume(self, config: dict[str, Any]) -> list[dict[str, Any]]:
-        """Shards already complete for this exact config; every other cache file in the directory is removed."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def _manifest(self, config: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+        """The cache's manifest (None if there is none yet) and the config keys it differs in; refuses a
+        directory holding other files and, without `overwrite`, a cache built by another config."""
+        if not self.dir.is_dir():
+            return None, []
         foreign = sorted(p.name for p in self.dir.iterdir() if not CACHE_ENTRY.fullmatch(p.name))
         if foreign:
             raise UserError(
@@ -223,23 +304,40 @@ class InferencePipeline:
                 f"({', '.join(foreign[:3])}); choose an empty or new directory"
             )
         path = self.dir / MANIFEST
-        done: list[dict[str, Any]] = []
-        if path.is_file():
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-            old = manifest.get("config", {})
-            if old != config:
-                changed = sorted(k for k in config | old if config.get(k) != old.get(k))
-                if not self.cfg.overwrite:
-                    raise UserError(
-                        f"activation cache {self.dir} was built with a different {', '.join(changed)}; "
-                        "delete it, choose another data.activations.cache_dir, or set data.activations.overwrite: true"
-                    )
+        if not path.is_file():
+            return None, []
+        manifest = read_manifest(path)
+        changed = _differences(manifest["config"], config)
+        if changed and not self.cfg.overwrite:
+            listed = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+            raise UserError(
+                f"activation cache {self.dir} was built with a different {listed}; "
+                "delete it, choose another data.activations.cache_dir, or set data.activations.overwrite: true"
+            )
+        return manifest, changed
+
+    def _resume(self, config: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        """Shards already complete for this exact config, by index; every other cache file in the directory is
+        removed. A recorded shard whose directory was deleted (as a corrupted shard's error advises) is
+        collected again."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        manifest, changed = self._manifest(config)
+        done: dict[int, dict[str, Any]] = {}
+        if manifest is not None:
+            if changed:
                 log.warning("rebuilding activation cache %s (changed: %s)", self.dir, ", ".join(changed))
             else:
-                done = manifest["shards"]
-                state = "complete; reusing it" if manifest.get("complete") else f"resuming after {len(done)} shards"
+                deleted = [s["name"] for s in manifest["shards"] if not (self.dir / s["name"]).is_dir()]
+                done = {int(s["name"].removeprefix("shard_")): s
+                        for s in manifest["shards"] if s["name"] not in deleted}
+                if deleted:
+                    state = f"{', '.join(deleted)} deleted; collecting {'it' if len(deleted) == 1 else 'them'} again"
+                elif manifest.get("complete"):
+                    state = "complete; reusing it"
+                else:
+                    state = f"resuming after {len(done)} shards"
                 log.info("activation cache %s: %s", self.dir, state)
-        keep = {s["name"] for s in done} | ({MANIFEST} if done else set())
+        keep = {s["name"] for s in done.values()} | ({MANIFEST} if done else set()) | {LOCK_FILE}
         for entry in self.dir.iterdir():  # partial shards of a killed run, or a cache being rebuilt
             if entry.name not in keep:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -247,8 +345,14 @@ class InferencePipeline:
 
     def _write_manifest(self, config: dict[str, Any], categories: list[str],
                         shards: list[dict[str, Any]], complete: bool) -> None:
-        write_json(self.dir / MANIFEST, {"config": config, "categories": categories,
-                                         "splits": list(SPLITS), "shards": shards, "complete": complete})
+        try:
+            write_json(self.dir / MANIFEST, {"config": config, "categories": categories,
+                                             "splits": list(SPLITS), "shards": shards, "complete": complete})
+        except OSError as e:
+            raise UserError(
+                f"writing {self.dir / MANIFEST} failed ({e.strerror or e}); free disk space or set "
+                "data.activations.cache_dir elsewhere; the shards recorded so far are kept and the next run resumes"
+            ) from e
 
     def _write_shard(self, index: int, start: int, block: list[tuple[PromptSample, Split]],
                      categories: list[str], bar: tqdm) -> dict[str, Any]:
@@ -271,18 +375,28 @@ class InferencePipeline:
 
     def _fill_shard(self, tmp: Path, start: int, block: list[tuple[PromptSample, Split]],
                     categories: list[str], bar: tqdm) -> dict[str, Any]:
-        """Tokenize the block, preallocate memory-mapped files, fill them batch by batch, hash them."""
+        """Tokenize the block, preallocate memory-mapped files, fill them batch by batch, hash them.
+
+        The files are memory maps, and a write to a map the disk cannot back kills the process with SIGBUS: so
+        the free space is checked first and every file's blocks are allocated before anything is written to
+        it, which turns a full disk into a UserError while the shard is still a temporary directory."""
         batches = [block[i : i + self.cfg.batch_size] for i in range(0, len(block), self.cfg.batch_size)]
         encoded = [self.wrapper.tokenize([s.prompt for s, _ in batch]) for batch in batches]
         lengths = np.concatenate([enc["attention_mask"].sum(1).numpy() for enc in encoded])
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         n_tokens = int(offsets[-1])
         d_model = self.wrapper.d_model
-        arrays = {
-            layer: np.lib.format.open_memmap(tmp / f"{layer}.npy", mode="w+", dtype=STORAGE[self.dtype],
-                                             shape=(n_tokens, d_model))
-            for layer in self.layers
-        }
+        storage = np.dtype(STORAGE[self.dtype])
+        need = n_tokens * (len(self.layers) * d_model * storage.itemsize + TOKEN_DTYPE.itemsize) + offsets.nbytes
+        if need > _free_bytes(tmp):
+            raise _no_space(tmp, need)
+        try:
+            arrays = {layer: _allocated_memmap(tmp / f"{layer}.npy", storage, (n_tokens, d_model))
+                      for layer in self.layers}
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise _no_space(tmp, need) from e
         tokens = np.zeros(n_tokens, TOKEN_DTYPE)
         row, prompt = 0, 0
         for batch, enc in zip(batches, encoded):
@@ -326,6 +440,32 @@ class InferencePipeline:
         }
 
 
+def _allocated_memmap(path: Path, dtype: np.dtype, shape: tuple[int, int]) -> np.memmap:
+    """A new .npy memory map whose disk blocks are allocated now (posix_fallocate), so that no later write to
+    the map can find the disk full; ENOSPC is raised here as an OSError."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):  # not on macOS, where a full disk stays a bus error
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    return array
+
+
+def _free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged process may still write to the filesystem of `directory`."""
+    stat = os.statvfs(directory)
+    return stat.f_bavail * stat.f_frsize
+
+
+def _no_space(tmp: Path, need: int) -> UserError:
+    """The one-line report of a full disk while writing the shard being built in `tmp`."""
+    cache, shard = tmp.parent, tmp.name.strip(".").removesuffix(".tmp")
+    return UserError(
+        f"not enough disk space for activation shard {cache / shard}: it needs {need / 2**20:.3g} MiB and "
+        f"{cache} has {_free_bytes(tmp) / 2**20:.3g} MiB free; free space there (or set data.activations.cache_dir "
+        "to a larger disk) and run `fit` again: the complete shards are kept and collection resumes"
+    )
+
+
 class TokenStream(torch.utils.data.IterableDataset):
     """Shuffled batches `{layer: (batch_size, d_model)}` of the same tokens for every layer, from a cache.
 
@@ -356,6 +496,16 @@ class TokenStream(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def tokens_per_part(self, parts: int) -> int:
+        """Tokens each of `parts` processes reads per epoch, the same every epoch: `// batch_size` is its
+        number of batches, so 0 batches means training would take no optimiser step."""
+        cache = ActivationCache(self.dir, verify=False)
+        return sum(len(self._rows(cache, shard)) // parts for shard in range(len(cache.shards)))
+
+    def _rows(self, cache: ActivationCache, shard: int) -> np.ndarray:
+        """The rows of `shard` whose tokens belong to the chosen splits."""
+        return np.flatnonzero(np.isin(cache.tokens(shard)["split"], self.split_codes))
+
     @staticmethod
     def _part() -> tuple[int, int]:
         """(this process's part, number of parts) over DDP ranks x DataLoader workers."""
@@ -379,7 +529,7 @@ class TokenStream(torch.utils.data.IterableDataset):
         pending: list[dict[str, torch.Tensor]] = []
         n_pending = 0
         for shard in order:
-            rows = np.flatnonzero(np.isin(cache.tokens(shard)["split"], self.split_codes))
+            rows = self._rows(cache, shard)
             if self.shuffle:
                 rows = rng.permutation(rows)
             share = len(rows) // parts

@@ -1,4 +1,4 @@
-"""The analysis stages after SAE training: discover -> similarity -> evaluate -> summary.
+"""The analysis stages after SAE training: discover -> similarity -> evaluate -> directions -> summary.
 
 Each stage is a plain function of the SAEs, the activation cache, the prompts and the model
 (`AnalysisInputs`) and of the previous stage's result, passed in memory; each writes its records
@@ -8,6 +8,8 @@ through the run layout (`refusal_sae.layout`), from which a later process reads 
     discover    node means, per method and category the circuit and every node's score
     similarity  per method: do the category circuits share nodes more than chance? (monolithic/modular)
     evaluate    per circuit: faithfulness / completeness curves with intervals, sanity checks
+    directions  without SAEs: refusal directions per category and their cross-category ablation
+                (`refusal_sae.directions`; when `directions.enabled`, or asked for by name)
     summary     the short summary the CLI prints
 """
 
@@ -26,6 +28,7 @@ from refusal_sae.ablation import Ablator
 from refusal_sae.activations import ActivationCache, PromptActivations
 from refusal_sae.circuits import ERROR, Circuit, NodeScores
 from refusal_sae.data import PromptSample, Split
+from refusal_sae.directions import DirectionsConfig, DirectionsResult, run_directions
 from refusal_sae.discovery import DiscoveryConfig, DiscoveryInputs, discover, methods
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation, EvaluationConfig, evaluate_circuit
@@ -75,10 +78,7 @@ def position_scheme(wrapper: ModelWrapper, samples: Sequence[PromptSample], mode
     if mode == "global":
         return PositionScheme("global", 0, 0)
 
-    def ids(prompts: Sequence[str]) -> list[list[int]]:
-        return wrapper.tokenizer(wrapper.format_prompts(prompts), add_special_tokens=False)["input_ids"]
-
-    return template_scheme(mode, ids([s.prompt for s in samples]), ids(PLACEHOLDER_MESSAGES))
+    return template_scheme(mode, wrapper.encode([s.prompt for s in samples]), wrapper.encode(PLACEHOLDER_MESSAGES))
 
 
 def _categories(samples: Sequence[PromptSample]) -> list[str]:
@@ -201,9 +201,10 @@ def run_evaluation(inputs: AnalysisInputs, discovery: Discovery, out: AnalysisLa
 
 
 def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluation]],
-              similarity: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Per method and circuit: F(M) - F(∅), the sizes reaching faithfulness 0.5 / 0.8, CPR, sanity; and the
-    similarity verdict. Written to `out`."""
+              similarity: Mapping[str, Mapping[str, Any]],
+              directions: DirectionsResult | None = None) -> dict[str, Any]:
+    """Per method and circuit: F(M) - F(∅), the sizes reaching faithfulness 0.5 / 0.8, CPR, sanity; the
+    similarity verdict; and the refusal directions' verdict beside it. Written to `out`."""
     summary: dict[str, Any] = {"directory": str(out.root), "methods": {}}
     for method, rs in results.items():
         verdict = similarity.get(method, {}).get("verdict", {})
@@ -216,7 +217,14 @@ def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluat
                                 "sanity_passed": r.sanity.passed}
         summary["methods"][method] = {"circuits": circuits, "verdict": verdict.get("label"),
                                       "verdict_explanation": verdict.get("explanation")}
-    out.write_summary(summary, results_table(results))
+    table = results_table(results)
+    if directions is not None:
+        v = directions.verdict
+        summary["directions"] = {"layer": directions.selection.layer, "position": directions.selection.position,
+                                 "verdict": v.label, "mean_share": v.mean_share, "p_value": v.p_value,
+                                 "global_share": v.global_share, "verdict_explanation": v.explanation}
+        table += "\n" + directions_table(directions)
+    out.write_summary(summary, table)
     return summary
 
 
@@ -264,6 +272,22 @@ def results_table(results: Mapping[str, Sequence[CircuitEvaluation]]) -> str:
     return "\n".join(lines)
 
 
+def directions_table(result: DirectionsResult) -> str:
+    """A markdown table: per category its held-out toxic prompts' refusal score, with the global and with its own
+    direction ablated, the share of its own direction's drop the global one has, the random directions' drop,
+    and its safe prompts' score with its own direction added; then the verdict."""
+    lines = [f"**refusal directions** (difference of means at {result.selection.layer}, position "
+             f"{result.selection.position}; refusal score of the held-out prompts)", "",
+             "| category | prompts (toxic/safe) | toxic score | global ablated | own ablated | global share | random "
+             "ablated: change | safe score | own added |", "|" + "---|" * 9]
+    for b, r in enumerate(result.per_category):
+        own, band = 1 + b, r.random_change  # row 0 is the global direction, then the categories in order
+        lines.append(f"| {r.category} | {r.n_toxic}/{r.n_safe} | {_ci(r.toxic)} | {_ci(result.ablation[0][b].score)} | "
+                     f"{_ci(result.ablation[own][b].score)} | {_ci(result.ablation[0][b].share)} | "
+                     f"{band.mean:.2f} ± {band.sd:.2f} | {_ci(r.safe)} | {_ci(result.addition[own][b].score)} |")
+    return "\n".join([*lines, "", result.verdict.explanation, ""])
+
+
 def format_summary(summary: Mapping[str, Any]) -> str:
     """A few lines per method: what there is to explain, when the circuit suffices, CPR, and the verdict."""
     lines = [f"circuits in {summary['directory']}"]
@@ -276,12 +300,14 @@ def format_summary(summary: Mapping[str, Any]) -> str:
             lines.append(line + (f"  ({r['note']})" if r["note"] else ""))
         if m.get("verdict_explanation"):
             lines.append(f"  {m['verdict_explanation']}")
+    if summary.get("directions"):
+        lines.append(f"directions: {summary['directions']['verdict_explanation']}")
     return "\n".join(lines)
 
 
 
 
-STAGES = ("discover", "similarity", "evaluate", "summary")
+STAGES = ("discover", "similarity", "evaluate", "directions", "summary")
 
 
 @dataclass
@@ -291,6 +317,8 @@ class AnalysisConfig:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    directions: DirectionsConfig = field(default_factory=DirectionsConfig)
+    """Refusal directions per category without SAEs (Arditi et al.): a second opinion on the similarity verdict."""
     metric: RefusalMetricConfig = field(default_factory=RefusalMetricConfig)
     """The refusal score F is built from (attribution differentiates it, evaluation measures it)."""
     validity: ValidityConfig = field(default_factory=ValidityConfig)
@@ -302,7 +330,8 @@ class AnalysisConfig:
 def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfig,
                  stages: Sequence[str] = STAGES, source: AnalysisLayout | None = None) -> dict[str, Any]:
     """Run `stages` in order into `out`; a stage whose input stage is not run reads it from `source` (default
-    `out`). Returns the summary (reading what exists when the summary is run alone)."""
+    `out`). `directions` runs when `cfg.directions.enabled` or when it is the first stage asked for (`analyze
+    --stage directions`). Returns the summary (reading what exists when the summary is run alone)."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise UserError(f"analyze --stage: unknown stage(s) {unknown}; use {', '.join(STAGES)}")
@@ -322,7 +351,14 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
         results = run_evaluation(inputs, discovery, out, cfg.evaluation, cfg.metric)
     else:
         results = {m: rs for m in discovery.circuits if (rs := load_evaluation(source, discovery, m))}
-    return summarise(out, results, similarity)
+    if "directions" in stages and (cfg.directions.enabled or stages[0] == "directions"):
+        wrapper = inputs.wrapper()
+        every = [s for split in ("discovery", "evaluation") for s in inputs.splits.get(split, [])]
+        directions = run_directions(wrapper, inputs.cache, inputs.splits, position_scheme(wrapper, every, "positional"),
+                                    out, cfg.directions, cfg.metric)
+    else:
+        directions = out.directions.read(DirectionsResult)
+    return summarise(out, results, similarity, directions)
 
 
 def load_evaluation(out: AnalysisLayout, discovery: Discovery, method: str) -> list[CircuitEvaluation]:

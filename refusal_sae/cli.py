@@ -4,23 +4,30 @@ stage on a finished run).
 `fit` options come from the signatures of the data module, the SAE module and the Trainer (`--data.*`,
 `--model.*`, `--trainer.*`); `analyze` takes the circuit analysis's options (`--analysis.*`, as
 `CircuitAnalysisCallback` does), defaulting to those the run was fitted with. Configs are YAML read
-through OmegaConf so they can interpolate (`${run_dir}`), and a `UserError` anywhere ends in one line on
-stderr with exit status 2.
+through OmegaConf so they can interpolate (`${run_dir}`); interpolations are resolved once every config file
+and option is merged, so a later `--run_dir` also moves what a config derives from it. A `UserError`
+anywhere ends in one line on stderr with exit status 2; a fit stopped by SIGTERM, in one line with 143.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import yaml
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf.errors import OmegaConfBaseException
 
 from datamodules import ActivationDataModule
 from lightning_modules import SAEModule
+from lightning_modules.sae_module import saved_checkpoint
 from refusal_sae.analysis import STAGES, AnalysisConfig, AnalysisInputs, format_summary, run_analysis
 from refusal_sae.errors import UserError
 from refusal_sae.layout import RunLayout
@@ -30,14 +37,33 @@ log = logging.getLogger("refusal_sae")
 
 
 class OneLineErrorParser(LightningArgumentParser):
-    """Reports a bad option or config key in one line (not argparse's usage dump), exit status 2."""
+    """Reports a bad option or config key in one line (not argparse's usage dump), exit status 2; a fault in
+    a `--config` file names the file."""
+
+    _reading: str | None = None  # the --config file being parsed
+
+    def parse_path(self, path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """jsonargparse's, remembering the file for `error` (a YAML syntax error names only `<unicode string>`)."""
+        self._reading = str(path)
+        try:
+            return super().parse_path(path, *args, **kwargs)
+        finally:
+            self._reading = None
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:  # jsonargparse parses nested parsers with errors as exceptions
             super().error(message, ex)
         reason = " ".join(line.strip(" -") for line in message.splitlines() if line.strip())
+        if self._reading:
+            unnamed = "<unicode string>"
+            reason = reason.replace(unnamed, self._reading) if unnamed in reason else f"{self._reading}: {reason}"
         print(f"error: {reason} (options: python -m refusal_sae fit --help)", file=sys.stderr)
         sys.exit(2)
+
+
+class Terminated(Exception):
+    """`fit` stopped by SIGTERM: `main` says so in one line and exits 143 (128 + SIGTERM, what a shell reports
+    for a process the signal ended), so that a scheduler never records the stopped run as a success."""
 
 
 class RefusalCLI(LightningCLI):
@@ -47,6 +73,17 @@ class RefusalCLI(LightningCLI):
         parser.add_argument("--run_dir", default="runs/default", help="Directory every stage writes into.")
         parser.link_arguments("run_dir", "data.run_dir")
         parser.link_arguments("run_dir", "trainer.default_root_dir")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """LightningCLI's, with a broken `${...}` reference reported in one line: under omegaconf+ it is resolved
+        once every config file and option is merged, outside the parser's error reporting."""
+        try:
+            super().parse_arguments(parser, args)
+        except OmegaConfBaseException as e:
+            key = str(getattr(e, "full_key", "") or "").split(".", 1)[-1]  # without the subcommand ("fit.")
+            what = str(e).partition("\n")[0]
+            raise UserError(f"{key or 'config'}: {what}; fix the ${{...}} reference "
+                            "(it names another option, e.g. ${run_dir})") from None
 
     def before_instantiate_classes(self) -> None:
         """Put a logger's relative `save_dir` (e.g. W&B's default ".") under `run_dir`, even when
@@ -58,6 +95,52 @@ class RefusalCLI(LightningCLI):
             save_dir = getattr(init_args, "save_dir", None)
             if isinstance(save_dir, str) and not Path(save_dir).is_absolute():
                 init_args.save_dir = str(Path(config.run_dir) / save_dir)
+
+    def before_fit(self) -> None:
+        """Refuse, before anything is written, a fit that would train nothing or silently start afresh."""
+        for option in ("max_epochs", "max_steps"):
+            if getattr(self.trainer, option) == 0:
+                raise UserError(f"trainer.{option}: 0 takes no optimiser step, so the SAEs would stay untrained; "
+                                "give at least 1")
+        ckpt_path = str(self.config_init[self.subcommand].get("ckpt_path") or "")
+        if ckpt_path == "last":
+            self._check_last_checkpoint()
+        elif ckpt_path and ckpt_path not in ("best", "hpc") and ":" not in ckpt_path and not Path(ckpt_path).is_file():
+            # (with a ":", a URL or a model registry name: left to Lightning)
+            raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file; give a checkpoint `fit` saved, or "
+                            "`last` (the newest in <run_dir>/checkpoints), or leave out --ckpt_path to start afresh")
+
+    def _check_last_checkpoint(self) -> None:
+        """`--ckpt_path last` must find a checkpoint (Lightning only warns, then trains from scratch)."""
+        callbacks = [cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+        found = sorted(set().union(*(cb._find_last_checkpoints(self.trainer) for cb in callbacks)))
+        if any(os.path.exists(path) for path in found):
+            return
+        folders = [str(cb.dirpath) for cb in callbacks if cb.dirpath]
+        broken = [path for path in found if os.path.islink(path)]
+        advice = f"give the --run_dir of the run to resume (this one: {self.trainer.default_root_dir})"
+        if not callbacks:
+            why = "trainer.callbacks saves no checkpoints (add lightning_modules.RunDirCheckpoint with save_last)"
+        elif broken:
+            why = f"{broken[0]} is a link to {os.readlink(broken[0])}, which does not exist"
+            advice = "give an existing checkpoint file as --ckpt_path"
+        elif folders and not any(os.path.isdir(folder) for folder in folders):
+            why = f"{', '.join(folders)} does not exist"
+        else:
+            why = f"no last.ckpt in {', '.join(folders) or 'the checkpoint directory'}"
+        raise UserError(f"--ckpt_path last: {why}; {advice}, or leave out --ckpt_path to start afresh")
+
+    def fit(self, **kwargs: Any) -> None:
+        """`trainer.fit`, raising `Terminated` when SIGTERM stopped it (Lightning 2.x exits 0, its issue 19916)."""
+        try:
+            self.trainer.fit(**kwargs)
+        except SIGTERMException:
+            saved = saved_checkpoint(self.trainer)
+            resume = "last" if saved and Path(saved).name.startswith("last") else saved
+            kept = (f"the last checkpoint, {saved}, is kept: run the same command with --ckpt_path {resume} to resume"
+                    if saved else "no checkpoint had been saved yet: run the same command again to start afresh")
+            raise Terminated(f"training stopped by SIGTERM in epoch {self.trainer.current_epoch} (step "
+                             f"{self.trainer.global_step}); {kept}") from None
 
     def after_fit(self) -> None:
         """Print where the SAEs are and the latest circuits' summary (rank 0)."""
@@ -102,11 +185,12 @@ def _inputs(run: RunLayout, fitted: dict, cfg: AnalysisConfig) -> AnalysisInputs
     data = dict(fitted.get("data") or {}, run_dir=str(run.root))
     dm = parser.instantiate_classes(parser.parse_object({"data": data})).data
     dm.setup("fit")
-    layers = list(dm.cache.layers)
+    layers = (fitted.get("model") or {}).get("layers") or list(dm.cache.layers)  # those fit trained, as SAEModule
     missing = [layer for layer in layers if not (run.saes / layer).is_dir()]
     if missing:
         raise UserError(f"{run.saes}: no SAE for layer(s) {missing}; finish `fit` on this run first")
-    saes = {layer: load_sae(run.saes / layer, expected_layer=layer).eval() for layer in layers}
+    saes = {layer: load_sae(run.saes / layer, expected_layer=layer, expected_d_in=dm.cache.d_model).eval()
+            for layer in layers}
     return AnalysisInputs(saes, dm.cache, dm.splits, dm.llm, run, cfg.validity)
 
 
@@ -159,21 +243,26 @@ def analyze(args: list[str]) -> None:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point; bad input exits with status 2 and one line, never a traceback."""
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config fields' docstrings are their help
+    # field docstrings are their help; `${seed_everything}` in a config stays relative to the config's root
+    # under omegaconf+ (interpolation after the command line, so `--seed_everything 1` reaches data.prompts.seed)
+    set_parsing_settings(docstring_parse_attribute_docstrings=True, omegaconf_absolute_to_relative_paths=True)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = sys.argv[1:] if args is None else list(args)
+    argv = sys.argv[1:] if args is None else list(args)
     try:
-        if args[:1] == ["analyze"]:
-            analyze(args[1:])
+        if argv[:1] == ["analyze"]:
+            analyze(argv[1:])
             return
         RefusalCLI(
             SAEModule,
             ActivationDataModule,
             parser_class=OneLineErrorParser,
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={"parser_mode": "omegaconf+"},
             save_config_kwargs={"overwrite": True},
-            args=args,
+            args=args,  # None: LightningCLI reads sys.argv (given both, it warns on every run)
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Terminated as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)

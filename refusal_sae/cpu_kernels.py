@@ -9,9 +9,11 @@ pre-activations are never written) and `sparse_outer`. Both are deterministic.
 
 The C file is compiled on first use with the system C compiler (`$CC`, else `cc`) at `-O3 -march=native
 -fopenmp` into `cache_root()/kernels/<key>/`, where the key hashes the source, the flags, the compiler's
-version and the CPU, so a cache shared by different machines holds one build per CPU; it is loaded with
-ctypes and runs on PyTorch's OpenMP threads (`torch.get_num_threads()`). The kernels are used for float32
-tensors on the CPU; everything else (CUDA, bf16) takes the PyTorch path. Without a working compiler they
+version and the CPU, so a cache shared by different machines holds one build per CPU. The build's sha256 is
+recorded beside it (`cpu_kernels.so.sha256`) and checked before every load: a library changed since it
+was built is rebuilt (with a warning) and never loaded. It is loaded with ctypes and runs on PyTorch's
+OpenMP threads (`torch.get_num_threads()`). The kernels are used for float32 tensors on the CPU;
+everything else (CUDA, bf16) takes the PyTorch path. Without a working compiler they
 are skipped with one warning: the results are the same up to float rounding of the gradient sums, only
 slower. `REFUSAL_SAE_CPU_KERNELS=0` turns them off.
 """
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from refusal_sae.io import cache_root
+from refusal_sae.io import atomic_open, cache_root, sha256_file
 from refusal_sae.validate import one_of
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -54,7 +56,9 @@ def compile_kernels(directory: str | Path, flags: Sequence[str] = FLAGS, compile
     """Compile cpu_kernels.c into `directory/<key>/cpu_kernels.so` unless that build exists; return its path.
 
     The library is written to a temporary name and renamed into place, so concurrent processes (DDP ranks)
-    never load a half-written file. Raises RuntimeError with the compiler's message if compilation fails.
+    never load a half-written file; its sha256 is recorded first. A build that does not match its record
+    (changed since, or built before records were kept) is built again. Raises RuntimeError with the
+    compiler's message if compilation fails.
     """
     compiler = compiler or os.environ.get("CC") or "cc"
     try:
@@ -66,7 +70,10 @@ def compile_kernels(directory: str | Path, flags: Sequence[str] = FLAGS, compile
     ).hexdigest()[:16]
     target = Path(directory) / key / "cpu_kernels.so"
     if target.is_file():
-        return target
+        if _matches_record(target):
+            return target
+        warnings.warn(f"refusal_sae: {target} is not the library recorded when it was built (its sha256 differs, "
+                      "or there is no record); rebuilding it", stacklevel=2)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
@@ -76,6 +83,8 @@ def compile_kernels(directory: str | Path, flags: Sequence[str] = FLAGS, compile
         if result.returncode != 0:
             message = (result.stderr.strip().splitlines() or ["no output"])[0]
             raise RuntimeError(f"{compiler} {' '.join(flags)} failed: {message}")
+        with atomic_open(_record(target)) as f:
+            f.write(f"{sha256_file(tmp)}\n")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -83,10 +92,27 @@ def compile_kernels(directory: str | Path, flags: Sequence[str] = FLAGS, compile
     return target
 
 
+def _record(library: Path) -> Path:
+    """Where the sha256 of a build is recorded."""
+    return library.with_name(f"{library.name}.sha256")
+
+
+def _matches_record(library: Path) -> bool:
+    """Whether `library` is the file whose sha256 `compile_kernels` recorded."""
+    try:
+        return _record(library).read_text(encoding="ascii").strip() == sha256_file(library)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 class Kernels:
     """The compiled library, with tensor-level wrappers that check what the C code assumes."""
 
     def __init__(self, path: str | Path) -> None:
+        """Load the library at `path` after checking it against its recorded sha256: loading runs its code, so a
+        file changed since it was built (damaged, or replaced in a shared cache) is refused (RuntimeError)."""
+        if not _matches_record(Path(path)):
+            raise RuntimeError(f"{path} does not match the sha256 recorded when it was built; not loading it")
         lib = ctypes.CDLL(str(path))
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.topk_relu.argtypes = [p, p, i64, i64, i64, p, p, p, p, ctypes.c_int]

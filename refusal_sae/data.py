@@ -21,7 +21,7 @@ import io
 import logging
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -63,10 +63,15 @@ def sample_data_dir() -> Path:
     return Path(__file__).with_name("sample_data")
 
 
+Locations = dict[tuple[str, str], list[str]]
+"""(original_source, prompt) -> '<file> line <n>' of each row holding that prompt, in file order."""
+
+
 def _rows_to_samples(
-    rows: Iterable[dict[str, Any]], dataset_type: DatasetType, where: str
+    rows: Iterable[dict[str, Any]], dataset_type: DatasetType, where: str, locations: Locations | None = None
 ) -> list[PromptSample]:
-    """Validate raw `prompt,category` rows and turn them into samples; `where` names the source in errors."""
+    """Validate raw `prompt,category` rows and turn them into samples; `where` names the source in errors
+    and, with `locations`, in the location recorded for each row (so later errors can point at the row)."""
     samples = []
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         prompt = (row.get("prompt") or "").strip()
@@ -84,6 +89,8 @@ def _rows_to_samples(
                 original_source=Path(where).name,
             )
         )
+        if locations is not None:
+            locations[(samples[-1].original_source, prompt)].append(f"{where} line {line}")
     if not samples:
         raise UserError(f"{where}: no rows; give a file with at least one prompt")
     return samples
@@ -99,8 +106,9 @@ def _check_columns(columns: Sequence[str] | None, where: str) -> None:
             )
 
 
-def read_orbench_csv(path: Path, dataset_type: DatasetType) -> list[PromptSample]:
-    """Read one OR-Bench CSV strictly: UTF-8, a `prompt` and a `category` column, no empty prompts."""
+def read_orbench_csv(path: Path, dataset_type: DatasetType, locations: Locations | None = None) -> list[PromptSample]:
+    """Read one OR-Bench CSV strictly: UTF-8, a `prompt` and a `category` column, no empty prompts; each row's
+    line goes into `locations` when given."""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -111,7 +119,7 @@ def read_orbench_csv(path: Path, dataset_type: DatasetType) -> list[PromptSample
         ) from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     _check_columns(reader.fieldnames, str(path))
-    return _rows_to_samples(reader, dataset_type, str(path))
+    return _rows_to_samples(reader, dataset_type, str(path), locations)
 
 
 class ORBenchLoader:
@@ -121,7 +129,8 @@ class ORBenchLoader:
     dataset bundled with this package, or `hub:<dataset id>` (e.g. `hub:bench-llm/or-bench`) to
     download through `datasets`. Files that are asked for but absent are listed in `missing` and
     logged; finding none of them is an error. `dataset_types` are names of `DATASET_TYPES` (as
-    `PromptConfig` checks them).
+    `PromptConfig` checks them). `locations` records the row of every prompt loaded, so that errors
+    found later (a repeated or over-long prompt) name its file and line.
     """
 
     def __init__(
@@ -134,8 +143,10 @@ class ORBenchLoader:
         self.dataset_types = tuple(dataset_types)
         self.revision = revision
         self.missing: list[str] = []
+        self.locations: Locations = defaultdict(list)
 
     def load(self) -> list[PromptSample]:
+        self.locations = defaultdict(list)
         if self.source.startswith(HUB_PREFIX):
             return self._load_hub(self.source[len(HUB_PREFIX) :])
         directory = sample_data_dir() if self.source == SAMPLE_SOURCE else Path(self.source)
@@ -153,7 +164,7 @@ class ORBenchLoader:
         for dataset_type in self.dataset_types:
             path = directory / FILES[dataset_type]
             if path.is_file():
-                samples += read_orbench_csv(path, dataset_type)
+                samples += read_orbench_csv(path, dataset_type, self.locations)
             else:
                 self.missing.append(FILES[dataset_type])
         if len(self.missing) == len(self.dataset_types):
@@ -183,7 +194,7 @@ class ORBenchLoader:
                     "check the dataset id and your network, or download the CSVs and give their directory"
                 ) from None
             _check_columns(table.column_names, where)
-            samples += _rows_to_samples(table, dataset_type, where)
+            samples += _rows_to_samples(table, dataset_type, where, self.locations)
         return samples
 
 
@@ -245,10 +256,15 @@ class DataAnalyzer:
     def write(self, stem: str | Path) -> dict[str, Any]:
         """Write `<stem>.json` and a bar chart `<stem>.png` of prompts per category and type."""
         report = self.report()
-        stem = Path(stem)
-        write_json(stem.with_name(stem.name + ".json"), report)
-        plot_category_counts(report, stem.with_name(stem.name + ".png"))
+        write_report(stem, report)
         return report
+
+
+def write_report(stem: str | Path, report: dict[str, Any]) -> None:
+    """A `DataAnalyzer` report as `<stem>.json` and its bar chart `<stem>.png`."""
+    stem = Path(stem)
+    write_json(stem.with_name(stem.name + ".json"), report)
+    plot_category_counts(report, stem.with_name(stem.name + ".png"))
 
 
 def plot_category_counts(report: dict[str, Any], path: Path) -> None:
@@ -291,6 +307,62 @@ class DataProcessor:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
+    @staticmethod
+    def deduplicate(
+        samples: Sequence[PromptSample],
+        safe_types: Sequence[DatasetType] = ("hard", "safe_80k"),
+        locations: Mapping[tuple[str, str], list[str]] | None = None,
+    ) -> tuple[list[PromptSample], dict[str, Any]]:
+        """Every prompt text at most once, so no prompt can be drawn twice or land in both splits.
+
+        A prompt repeated with one label (within a file, or in two safe files: OR-Bench's hard-1k
+        prompts are also in its 80k file) is kept once: its first row in the toxic file, else in the
+        `safe_types` files in that order, else in any other file. A prompt that is both toxic and safe
+        has no trustworthy label and is dropped entirely. Returns the kept samples in their order and a
+        report of what was removed (rows named from `locations`, as `ORBenchLoader` records them).
+        """
+        rank = {t: i for i, t in enumerate(dict.fromkeys(["toxic", *safe_types, *DATASET_TYPES]))}
+        by_text: dict[str, list[int]] = defaultdict(list)
+        for i, s in enumerate(samples):
+            by_text[s.prompt].append(i)
+        keep: set[int] = set()
+        report: dict[str, Any] = {
+            "rule": "a prompt repeated with one label is kept once (its first row in the toxic file, else in "
+                    "the safe_types files in order); a prompt that is both toxic and safe is dropped",
+            "repeated": {"prompts": 0, "rows_removed": 0},
+            "both_labels": {"prompts": 0, "rows_removed": 0},
+            "examples": [],
+        }
+        for text, rows in by_text.items():
+            copies = [samples[i] for i in rows]
+            kept = None
+            if len({c.refusal_label for c in copies}) == 1:
+                kept = min(rows, key=lambda i: rank[samples[i].dataset_type])  # the first of the best file
+                keep.add(kept)
+            if len(rows) == 1:
+                continue
+            kind = "repeated" if kept is not None else "both_labels"
+            report[kind]["prompts"] += 1
+            report[kind]["rows_removed"] += len(rows) - (kept is not None)
+            if len(report["examples"]) < 20:
+                sources = dict.fromkeys(c.original_source for c in copies)
+                where = [w for src in sources for w in (locations or {}).get((src, text), [src])]
+                report["examples"].append({
+                    "prompt": text[:120],
+                    "labels": sorted({"toxic" if c.refusal_label else "safe" for c in copies}),
+                    "rows": where,
+                    "kept": None if kept is None else _location(samples[kept], locations),
+                })
+        if report["examples"]:
+            first = report["examples"][0]
+            log.warning(
+                "data.prompts: %d prompts repeated with one label, each kept once (%d rows removed); %d prompts "
+                "both toxic and safe, dropped (%d rows); e.g. %r at %s (all counts under 'duplicates' in "
+                "data_report.json)", report["repeated"]["prompts"], report["repeated"]["rows_removed"],
+                report["both_labels"]["prompts"], report["both_labels"]["rows_removed"], first["prompt"][:60],
+                ", ".join(first["rows"][:3]))
+        return [s for i, s in enumerate(samples) if i in keep], report
+
     def select_categories(
         self, samples: Sequence[PromptSample], categories: Sequence[str] | None
     ) -> list[PromptSample]:
@@ -312,12 +384,15 @@ class DataProcessor:
         strategy: BalanceStrategy = "use_all",
         n_per_category: int | None = None,
         safe_types: Sequence[DatasetType] = ("hard", "safe_80k"),
+        required: bool = False,
     ) -> list[PromptSample]:
         """Equal toxic and safe counts in every category.
 
         `use_all`: every toxic prompt of a category, matched by as many safe prompts drawn at random
         from `safe_types` (if a category has fewer safe than toxic prompts, its toxic prompts are
-        subsampled to match). `n_per_category`: exactly n toxic and n safe prompts per category.
+        subsampled to match; one with no safe prompt at all is left out with a warning, or is an error
+        when `required`, i.e. the user named the categories). `n_per_category`: exactly n toxic and n
+        safe prompts per category.
         """
         rng = np.random.default_rng(self.seed)
         by_category: dict[str, dict[bool, list[PromptSample]]] = defaultdict(lambda: {True: [], False: []})
@@ -333,6 +408,15 @@ class DataProcessor:
                     "add or-bench-toxic.csv rows for it or leave it out of data.prompts.categories"
                 )
             if strategy == "use_all":
+                if not safe:
+                    what = (f"category {category!r} has {len(toxic)} toxic but no safe prompts in "
+                            f"data.prompts.safe_types ({', '.join(safe_types)})")
+                    if required:
+                        raise UserError(f"data.prompts.categories: {what}; add safe rows for it, add a file type "
+                                        "to data.prompts.safe_types, or leave it out of data.prompts.categories")
+                    log.warning("data.prompts: %s, so it is left out of this run; add safe rows for it or a file "
+                                "type to data.prompts.safe_types to keep it", what)
+                    continue
                 n = min(len(toxic), len(safe))
                 if n < len(toxic):
                     log.warning("category %s: %d toxic but only %d safe prompts; using %d of each",
@@ -358,7 +442,12 @@ class DataProcessor:
         self, samples: Sequence[PromptSample], eval_fraction: float = 0.3
     ) -> dict[Split, list[PromptSample]]:
         """Stratified split by (category, refusal_label): each stratum of n >= 2 prompts gives
-        round(n * eval_fraction) prompts, at least 1 and at most n - 1, to the evaluation split."""
+        round(n * eval_fraction) prompts, at least 1 and at most n - 1, to the evaluation split.
+
+        Prompt texts must be unique (`deduplicate`): a repeated text could fall in both splits."""
+        repeated = [text for text, n in Counter(s.prompt for s in samples).items() if n > 1]
+        if repeated:
+            raise ValueError(f"split: prompt {repeated[0][:60]!r} occurs more than once; deduplicate first")
         rng = np.random.default_rng([self.seed, 1])  # independent of the balancing stream
         strata: dict[tuple[str, bool], list[PromptSample]] = defaultdict(list)
         for s in samples:
@@ -409,7 +498,8 @@ class PromptConfig:
     revision: str | None = None
     """Hub revision (commit or tag) to pin, for 'hub:' sources."""
     categories: list[str] | None = None
-    """Categories to keep; null keeps all."""
+    """Categories to keep; null keeps all (with 'use_all', one without safe prompts is then left out with a
+    warning; a category named here must have both)."""
     balance: BalanceStrategy = "use_all"
     """'use_all': all toxic prompts per category, matched by as many safe ones; 'n_per_category': n of each."""
     n_per_category: int | None = None
@@ -429,20 +519,68 @@ class PromptConfig:
         fraction("data.prompts.eval_fraction", self.eval_fraction, 0.3)
 
 
+def _location(sample: PromptSample, locations: Mapping[tuple[str, str], list[str]] | None) -> str:
+    """'<file> line <n>' of the sample's first row (the one kept if it was repeated); else its source."""
+    found = (locations or {}).get((sample.original_source, sample.prompt))
+    return found[0] if found else sample.original_source
+
+
+@dataclass
+class PreparedPrompts:
+    """Stage 1's result in memory. Nothing is written until `write`, so a run can check everything that
+    depends on the prompts (lengths, the activation cache) first and, if refused, leave the run
+    directory describing its previous prompts."""
+
+    splits: dict[Split, list[PromptSample]]
+    data_report: dict[str, Any]
+    """Everything loaded, with what `DataProcessor.deduplicate` removed from the selected categories under
+    'duplicates'."""
+    balanced_report: dict[str, Any]
+    locations: Locations
+    """Where each prompt came from (`ORBenchLoader.locations`)."""
+
+    def check_lengths(self, encode: Callable[[list[str]], list[list[int]]], max_length: int) -> None:
+        """Every prompt's token count under the chat template (`encode`, e.g. `ModelWrapper.encode`) within
+        `max_length`, checked before any work, the first offender named by file, line and text."""
+        samples = [s for split in self.splits.values() for s in split]
+        lengths = [len(ids) for ids in encode([s.prompt for s in samples])]
+        too_long = [(n, s) for n, s in zip(lengths, samples) if n > max_length]
+        if too_long:
+            n, first = too_long[0]
+            longest = max(n for n, _ in too_long)
+            more = f" ({len(too_long) - 1} more, the longest {longest} tokens)" if len(too_long) > 1 else ""
+            raise UserError(
+                f"data.model.max_length: the prompt at {_location(first, self.locations)} ({first.prompt[:60]!r}) is "
+                f"{n} tokens with the chat template, over the limit of {max_length}{more}; raise "
+                "data.model.max_length or remove the row (truncating would cut off the generation prompt, the "
+                "position where the model decides)"
+            )
+
+    def write(self, prompts_csv: str | Path, data_report: str | Path, balanced_report: str | Path) -> None:
+        """`<data_report>.{json,png}`, `<balanced_report>.{json,png}` and `prompts_csv`, each atomically, the
+        prompts last, so a complete `prompts_csv` means the stage finished."""
+        write_report(data_report, self.data_report)
+        write_report(balanced_report, self.balanced_report)
+        write_splits(self.splits, prompts_csv)
+
+
+def build_prompts(cfg: PromptConfig) -> PreparedPrompts:
+    """Load, select, deduplicate, balance and split the prompts, in memory (nothing written)."""
+    loader = ORBenchLoader(cfg.source, cfg.dataset_types, cfg.revision)
+    samples = loader.load()
+    processor = DataProcessor(cfg.seed)
+    selected = processor.select_categories(samples, cfg.categories)
+    unique, duplicates = processor.deduplicate(selected, cfg.safe_types, loader.locations)
+    data_report = {**DataAnalyzer(samples).report(), "duplicates": duplicates}
+    balanced = processor.balance(unique, cfg.balance, cfg.n_per_category, cfg.safe_types,
+                                 required=cfg.categories is not None)
+    return PreparedPrompts(processor.split(balanced, cfg.eval_fraction), data_report,
+                           DataAnalyzer(balanced).report(), loader.locations)
+
+
 def prepare_prompts(cfg: PromptConfig, prompts_csv: str | Path, data_report: str | Path,
                     balanced_report: str | Path) -> dict[Split, list[PromptSample]]:
-    """Run stage 1 end to end.
-
-    Writes `<data_report>.{json,png}` (everything loaded), `<balanced_report>.{json,png}` (after
-    balancing) and `prompts_csv` (the balanced prompts with their split), each atomically, the prompts
-    last, so a complete `prompts_csv` means the stage finished.
-    """
-    samples = ORBenchLoader(cfg.source, cfg.dataset_types, cfg.revision).load()
-    DataAnalyzer(samples).write(data_report)
-    processor = DataProcessor(cfg.seed)
-    samples = processor.select_categories(samples, cfg.categories)
-    balanced = processor.balance(samples, cfg.balance, cfg.n_per_category, cfg.safe_types)
-    DataAnalyzer(balanced).write(balanced_report)
-    splits = processor.split(balanced, cfg.eval_fraction)
-    write_splits(splits, prompts_csv)
-    return splits
+    """Run stage 1 end to end: `build_prompts`, then write its reports and prompts (`PreparedPrompts.write`)."""
+    prepared = build_prompts(cfg)
+    prepared.write(prompts_csv, data_report, balanced_report)
+    return prepared.splits

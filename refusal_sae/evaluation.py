@@ -41,7 +41,7 @@ from refusal_sae.bootstrap import Interval, interval, resample_weights
 from refusal_sae.circuits import Circuit, NodeScores, candidate_mask, ranked_nodes
 from refusal_sae.errors import UserError
 from refusal_sae.objective import TARGETS, Objective, Target, objective
-from refusal_sae.validate import all_of, fraction, non_negative_int, one_of, positive_int
+from refusal_sae.validate import all_of, bootstrap_resamples, fraction, non_negative_int, one_of, positive_int
 
 ErrorMode = Literal["keep", "nodes"]
 ERROR_MODES: tuple[str, ...] = ("keep", "nodes")
@@ -101,10 +101,7 @@ class EvaluationConfig:
         non_negative_int("evaluation.random_circuits", self.random_circuits, 5)
         positive_int("evaluation.batch_size", self.batch_size, 8)
         non_negative_int("evaluation.seed", self.seed, 0)
-        positive_int("evaluation.bootstrap", self.bootstrap, 2000)
-        if self.bootstrap < 100:
-            raise UserError(f"evaluation.bootstrap: {self.bootstrap!r} resamples are too few for a 95% interval; "
-                            "give at least 100 (default 2000)")
+        bootstrap_resamples("evaluation.bootstrap", self.bootstrap)
         for f in self.fractions:
             fraction("evaluation.fractions", f, 0.1, include_one=True)
         for n in self.sizes or []:

@@ -1,27 +1,50 @@
-"""Atomic file output: a reader either sees the old file or the complete new one, never a torn write.
+"""Atomic file output and directory locks: a reader never sees a torn write, and two runs never write one
+directory at once.
 
-Everything the pipeline writes goes through here: data is written to a temporary file in the target
-directory, flushed to disk, then renamed over the target (rename is atomic on POSIX filesystems).
+Everything the pipeline writes goes through `atomic_open`: data is written to a temporary file in the
+target directory, flushed to disk, then renamed over the target (rename is atomic on POSIX filesystems).
+A run directory or activation cache being written is held with `hold_directory` / `directory_lock`.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from refusal_sae.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+# Directories this process holds: resolved path -> (lock file descriptor, pid of the process that took it).
+_held: dict[Path, tuple[int, int]] = {}
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
-    """Open a temporary sibling of `path` for writing; rename it onto `path` only if the block succeeds."""
+    """Open a temporary sibling of `path` for writing; rename it onto `path` only if the block succeeds.
+
+    The file gets the mode any new file gets (0666 less the umask), like the files numpy and Lightning write
+    beside it; `tempfile.mkstemp` would make it private (0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
@@ -57,3 +80,76 @@ def cache_root() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "refusal_sae"
     return Path.home() / ".cache" / "refusal_sae"
+
+
+def hold_directory(directory: str | Path, what: str, option: str) -> None:
+    """Lock `directory` for the rest of this process (see `directory_lock`); taking it again is a no-op."""
+    key = Path(directory).resolve()
+    if key not in _held and _acquire(key, what, option):
+        atexit.register(_release, key)
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | Path, what: str, option: str) -> Iterator[None]:
+    """Lock `directory` for the block, so no other process writes it meanwhile (a no-op if this one holds it).
+
+    The lock is `fcntl.flock` on `<directory>/.lock`, which holds the owner's pid: another process asking
+    for it stops at once with a UserError naming `what`, the directory, that pid and `option` (where to
+    give another directory). The kernel drops a flock when its process dies, so a killed run never blocks
+    the next one; the file is removed on release.
+    """
+    key = Path(directory).resolve()
+    acquired = key not in _held and _acquire(key, what, option)
+    try:
+        yield
+    finally:
+        if acquired:
+            _release(key)
+
+
+def _acquire(directory: Path, what: str, option: str) -> bool:
+    """Take the lock of `directory` into `_held`; False (after a warning) where the filesystem has no locks."""
+    path = directory / LOCK_FILE
+    while True:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise UserError(f"{what} {directory} cannot be written ({e.strerror or e}); give a writable directory "
+                            f"as {option}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"{what} {directory} is in use by another refusal_sae process (pid {holder}); wait for it to end "
+                f"or stop it, or give another {option}"
+            ) from None
+        except OSError as e:  # e.g. a network filesystem mounted without lock support
+            os.close(fd)
+            log.warning("cannot lock %s %s (%s): another process writing it at the same time would go unnoticed",
+                        what, directory, e.strerror or e)
+            return False
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(os.fstat(fd), current):
+            break
+        os.close(fd)  # its last holder removed the file between our open and flock: lock the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held[directory] = (fd, os.getpid())
+    return True
+
+
+def _release(directory: Path) -> None:
+    """Remove the lock file, then unlock; only in the process that took the lock (not in a forked worker)."""
+    fd, pid = _held.get(directory, (-1, -1))
+    if pid != os.getpid():
+        return
+    del _held[directory]
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(directory / LOCK_FILE)
+    os.close(fd)

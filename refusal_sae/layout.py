@@ -16,6 +16,8 @@
         <method>/evaluation/<circuit>.scores.safetensors      per-prompt scores of every ablated variant
         <method>/curves.png                                   faithfulness / completeness curves
         comparison.png                                        methods side by side
+        directions/directions.json, .safetensors, .png        refusal directions per category, their
+                                                              cross-category ablation, verdict (refusal_sae.directions)
         summary.json, summary.md                              the short summary; the results table
 
 Records are dataclasses written as key-sorted JSON (`to_json`) and read back typed (`from_json`); a
@@ -221,6 +223,43 @@ class MethodLayout:
         return self.root / "curves.png"
 
 
+class DirectionsLayout:
+    """The refusal-direction stage's files (`refusal_sae.directions`) in an analysis directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def record_json(self) -> Path:
+        return self.root / "directions.json"
+
+    @property
+    def vectors(self) -> Path:
+        """Every difference-of-means direction: per name (global, categories) and layer, (positions, d_model)."""
+        return self.root / "directions.safetensors"
+
+    @property
+    def png(self) -> Path:
+        return self.root / "directions.png"
+
+    def write(self, record: Any, vectors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+        """The vectors first, then the record that says the stage is complete."""
+        with atomic_open(self.vectors, "wb") as f:
+            f.write(save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in vectors.items()},
+                         metadata=dict(metadata)))
+        write_json(self.record_json, to_json(record))
+
+    def read(self, cls: type[T]) -> T | None:
+        """The stage's record; None when the stage has not run here."""
+        if not self.record_json.is_file():
+            return None
+        return from_json(cls, _read_json(self.record_json, "directions", "run analyze --stage directions again"))
+
+    def read_vectors(self) -> dict[str, np.ndarray]:
+        with safe_open(self.vectors, framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+
 class AnalysisLayout:
     """One circuit analysis: `<run_dir>/analysis/<name>/`."""
 
@@ -254,7 +293,8 @@ class AnalysisLayout:
                                                      "run the discover stage first"))
 
     def copy_discovery(self, source: AnalysisLayout) -> None:
-        """Take another analysis's discovery (means, record, circuits, scores, similarity) as this one's."""
+        """Take another analysis's discovery (means, record, circuits, scores, similarity) and refusal directions
+        as this one's."""
         if self.root.exists() and any(self.root.iterdir()):
             raise UserError(f"{self.root} exists already; give analyze another --name (analyses are never overwritten)")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -266,10 +306,16 @@ class AnalysisLayout:
             for path in (source.method(method).similarity_json, source.method(method).similarity_png):
                 if path.is_file():
                     shutil.copy2(path, self.method(method).root / path.name)
+        if source.directions.root.is_dir():
+            shutil.copytree(source.directions.root, self.directions.root)
 
     @property
     def comparison_png(self) -> Path:
         return self.root / "comparison.png"
+
+    @property
+    def directions(self) -> DirectionsLayout:
+        return DirectionsLayout(self.root / "directions")
 
     def write_summary(self, summary: dict[str, Any], table: str) -> None:
         """`summary.json`, and `summary.md`: the results table."""
@@ -364,4 +410,5 @@ class RunLayout:
 
 LATEST = "latest"
 
-__all__ = ["AnalysisLayout", "CircuitEntry", "DiscoveryRecord", "MethodLayout", "RunLayout", "from_json", "to_json"]
+__all__ = ["AnalysisLayout", "CircuitEntry", "DirectionsLayout", "DiscoveryRecord", "MethodLayout", "RunLayout",
+           "from_json", "to_json"]

@@ -5,18 +5,27 @@ into safetensors (`refusal_sae.embedded`) load through `load_causal_lm`, so a GG
 same plain dense module either way: transformers' GGUF reader dequantizes every block (asked for
 explicitly where transformers >= 5 could keep them packed), the leftover quantizer is detached, and the
 weights are cast to the requested dtype.
+
+A local checkpoint is checked first (`check_model_dir`, `check_gguf_file`): transformers' own errors
+for a damaged one name no file, or are tracebacks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from refusal_sae.errors import UserError
+
+GGUF_MAGIC = b"GGUF"
+SAFETENSORS_WEIGHTS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 def dtype_kwarg() -> str:
@@ -101,3 +110,89 @@ def _detach_gguf_quantizer(model: Any, gguf_file: str) -> None:
     for attr in ("quantization_config", "gguf_file"):
         if hasattr(model.config, attr):
             delattr(model.config, attr)
+
+
+# --------------------------------------------------------------------------------------------------
+# Local checkpoints, checked before transformers reads them: its errors for a damaged file name no file
+# (a safetensors header error) or are tracebacks (a missing config.json, a GGUF that is not one).
+
+
+def check_model_dir(directory: Path) -> None:
+    """A local safetensors checkpoint: config.json naming an architecture, and every weights file whole.
+
+    Only the safetensors headers are parsed (the tensors stay on disk), which is enough to catch a
+    truncated download or copy: a header that does not cover the file exactly is refused.
+    """
+    config = directory / "config.json"
+    if not config.is_file():
+        raise UserError(
+            f"{directory}: no config.json (the model's architecture and sizes); give the whole directory "
+            "save_pretrained wrote (config.json, tokenizer files, *.safetensors), not only its weights"
+        )
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config} is not valid JSON ({e}); replace it with the model's own config.json") from None
+    if not isinstance(raw, dict) or not raw.get("model_type"):
+        raise UserError(
+            f"{config} names no model_type (e.g. \"llama\"); replace it with the model's own config.json"
+        )
+    for path in _safetensors_weights(directory):
+        check_safetensors_file(path)
+
+
+def _safetensors_weights(directory: Path) -> list[Path]:
+    """The weights files transformers loads from `directory`: model.safetensors, else the index's shards."""
+    single = directory / SAFETENSORS_WEIGHTS
+    if single.is_file():
+        return [single]
+    index = directory / SAFETENSORS_INDEX
+    if not index.is_file():
+        return []
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(
+            f"{index} is not a safetensors index (JSON with a weight_map; {type(e).__name__}: {e}); "
+            "download or save the model again"
+        ) from None
+    missing = [shard for shard in shards if not (directory / shard).is_file()]
+    if missing:
+        raise UserError(
+            f"{directory / missing[0]} not found ({len(missing)} of the {len(shards)} shards {index.name} lists are "
+            "missing); download or copy the whole model again"
+        )
+    return [directory / shard for shard in shards]
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Parse the header of a safetensors file; UserError naming it if the file is truncated or corrupted."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as e:
+        raise UserError(f"{path} is truncated or corrupted ({e}); download or save the model again") from None
+
+
+def check_gguf_file(path: Path) -> None:
+    """A GGUF file: its magic bytes, then its header and tensor table (read, not loaded), which a truncated
+    file cannot hold."""
+    from gguf import GGUFReader
+
+    with open(path, "rb") as f:
+        magic = f.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        raise UserError(
+            f"{path} is not a GGUF file (its first bytes are {magic!r}, not {GGUF_MAGIC!r}); give a GGUF model "
+            "file, or a directory holding config.json and *.safetensors"
+        )
+    try:
+        GGUFReader(path)
+    except (ValueError, IndexError):  # numpy's views of a file shorter than its header says, or a bad type code
+        raise UserError(
+            f"{path} is a truncated or corrupted GGUF file: its header and tensor table do not fit its "
+            f"{path.stat().st_size} bytes; download it again"
+        ) from None

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from refusal_sae.embedded import GGUF_SHA256, embedded_model_dir
 from refusal_sae.errors import UserError
 from refusal_sae.io import sha256_file
-from refusal_sae.loading import load_causal_lm
+from refusal_sae.loading import check_gguf_file, check_model_dir, load_causal_lm
 from refusal_sae.validate import positive_int
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,28 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
+def _file_stamps(directory: Path) -> dict[str, list[int]]:
+    """[size, mtime_ns] of every file of a local model directory (hidden ones aside). Cheap (nothing is read),
+    and a rewritten, added or removed weights, config or tokenizer file changes it, so an activation cache of
+    the old model is never reused for the new one."""
+    stamps = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            stat = path.stat()
+            stamps[path.name] = [stat.st_size, stat.st_mtime_ns]
+    return stamps
+
+
+def _hub_commit(repo: str, filename: str, revision: str | None) -> str | None:
+    """The commit a hub model was just loaded from: the snapshot its `filename` resolves to in the local hub
+    cache (transformers 5 no longer records it on the config)."""
+    from huggingface_hub import try_to_load_from_cache
+    from transformers.utils.hub import extract_commit_hash
+
+    found = try_to_load_from_cache(repo, filename, revision=revision)
+    return extract_commit_hash(found if isinstance(found, str) else None, None)
+
+
 def _compact(names: Sequence[str]) -> str:
     return ", ".join(names) if len(names) <= 3 else f"{names[0]} … {names[-1]}"
 
@@ -181,6 +203,9 @@ class ModelWrapper:
         source, gguf_file, local = self._resolve_source()
         self._source, self._gguf_file, self._local = source, gguf_file, local
         self._gguf_hash: str | None = None
+        # stamped before loading: a file rewritten while it loads differs from the stamp at the next run
+        local_dir = local and gguf_file is None and cfg.name != EMBEDDED
+        self._files = _file_stamps(Path(source)) if local_dir else None
 
         t0 = time.perf_counter()
         try:
@@ -199,6 +224,10 @@ class ModelWrapper:
                 f"data.model.name: cannot load model {cfg.name!r}{where}: {_first_line(e)}; check the model id "
                 f"and revision, the network, or give a local directory holding config.json, tokenizer and *.safetensors"
             ) from None
+        self._commit = None if local else _hub_commit(source, gguf_file or "config.json", cfg.revision)
+        if not local and self._commit is None:
+            log.warning("cannot tell which commit of %s was loaded: its activation cache will not notice a new "
+                        "commit on the hub; pin data.model.revision to a commit", cfg.name)
         model.to(self.device)
         model.eval()
         model.requires_grad_(False)
@@ -242,6 +271,7 @@ class ModelWrapper:
                 )
             if not path.is_file():
                 raise UserError(f"data.model.name: GGUF file {name!r} not found; check the path")
+            check_gguf_file(path)
             return str(path.parent), path.name, True
         if path.exists():
             if not path.is_dir():
@@ -255,8 +285,10 @@ class ModelWrapper:
                         f"data.model.gguf_file: {cfg.gguf_file!r} not found in {name!r} "
                         f"(GGUF files there: {', '.join(found) or 'none'}); check the file name"
                     )
+                check_gguf_file(path / cfg.gguf_file)
             else:
                 self._check_safetensors_dir(path)
+                check_model_dir(path)
             return str(path), cfg.gguf_file, True
         if _looks_like_path(name):
             raise UserError(
@@ -329,7 +361,8 @@ class ModelWrapper:
         return {
             "name": self.cfg.name,
             "revision": self.cfg.revision,
-            "commit": getattr(self.model.config, "_commit_hash", None),
+            "commit": self._commit,
+            "files": self._files,
             "gguf_file": self._gguf_file,
             "gguf_sha256": self._gguf_sha256(),
             "model_type": self.model.config.model_type,
@@ -405,23 +438,55 @@ class ModelWrapper:
         Returns a `BatchEncoding` with `input_ids` and `attention_mask` of shape (batch, longest).
         No special tokens are added: the template already holds them.
         """
-        texts = self.format_prompts(prompts)
-        if not texts:
+        ids = self.encode(prompts)
+        if not ids:
             from transformers import BatchEncoding
 
             empty = torch.zeros((0, 0), dtype=torch.long)
             return BatchEncoding({"input_ids": empty, "attention_mask": empty.clone()})
         max_length = self.cfg.max_length
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        too_long = [n for n in lengths if n > max_length]
+        too_long = [len(row) for row in ids if len(row) > max_length]
         if too_long:
             raise UserError(
-                f"data.model.max_length: {len(too_long)} of {len(texts)} prompts are longer than {max_length} "
+                f"data.model.max_length: {len(too_long)} of {len(ids)} prompts are longer than {max_length} "
                 f"tokens (longest {max(too_long)}, chat template included); raise data.model.max_length "
                 "(truncating would cut off the generation prompt, the position where the model decides)"
             )
-        return self.tokenizer(texts, add_special_tokens=False, padding=True, padding_side=padding_side,
-                              return_tensors="pt")
+        return self.tokenizer.pad({"input_ids": ids}, padding=True, padding_side=padding_side, return_tensors="pt")
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each chat-formatted prompt, unpadded.
+
+        Text of the prompt itself never becomes a control token: a prompt containing `<|im_end|>` or
+        `<|eot_id|>` gets those characters as plain text (as chat UIs tokenize user input), so it cannot
+        close its turn and fake the assistant's; only the template's own tokens are special. A prompt
+        without such text is tokenized exactly as its whole formatted string.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        texts = self.format_prompts(prompts)
+        ids = [list(row) for row in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+        added = getattr(self.tokenizer, "added_tokens_decoder", {})
+        controls = {t.content for t in added.values() if t.special} | set(self.tokenizer.all_special_tokens)
+        for i, prompt in enumerate(prompts):
+            if any(token in prompt for token in controls):
+                ids[i] = self._encode_as_text(prompt, texts[i])
+        return ids
+
+    def _encode_as_text(self, prompt: str, text: str) -> list[int]:
+        """`text`, the formatted `prompt`, tokenized with the template's special tokens but `prompt` inside it as
+        plain text (`split_special_tokens`)."""
+        marker = "\ue000"  # a private-use character: in no template, so it shows where the message goes
+        before, found, after = self.format_prompts([marker])[0].partition(marker)
+        if not found or marker in after or before + prompt + after != text:
+            raise UserError(
+                f"data.model.chat_template: the prompt {prompt[:60]!r} contains a special token of the tokenizer as "
+                "text, and the chat template does not insert messages verbatim, so it cannot be kept as plain text; "
+                "remove that text from the prompt's row"
+            )
+        tok = self.tokenizer
+        return [*tok(before, add_special_tokens=False)["input_ids"],
+                *tok(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"],
+                *tok(after, add_special_tokens=False)["input_ids"]]
 
     def _inputs(self, input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         input_ids = torch.as_tensor(input_ids).to(self.device)

@@ -1,9 +1,11 @@
-"""Faithfulness and completeness curves: one panel per circuit, intervals shaded, random circuits as a band."""
+"""Faithfulness and completeness curves: one panel per circuit, intervals shaded, random circuits as a band; and
+the annotated heatmap panel the similarity and direction figures are made of."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,4 +79,19 @@ def plot_curves(results: Mapping[str, Sequence[CircuitEvaluation]], path: Path) 
         fig.savefig(f, format="png", dpi=100)
 
 
-__all__ = ["plot_curves"]
+def annotated_heatmap(ax: Any, values: np.ndarray, texts: Sequence[Sequence[str]], rows: Sequence[str],
+                      columns: Sequence[str], title: str, **imshow: Any) -> Any:
+    """One heatmap panel with a text in every cell, white on dark colours (luminance below 0.5), and NaN cells in
+    the colour map's "bad" colour; returns the image, for a colour bar."""
+    image = ax.imshow(np.ma.masked_invalid(values), **imshow)
+    for i, j in np.ndindex(values.shape):
+        r, g, b, _ = image.cmap(image.norm(np.ma.masked_invalid([values[i, j]])))[0]
+        ax.text(j, i, texts[i][j], ha="center", va="center", fontsize=max(5, 10 - max(values.shape) // 3),
+                color="white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black")
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_title(title)
+    return image
+
+
+__all__ = ["annotated_heatmap", "plot_curves"]

@@ -71,7 +71,7 @@ class SAEConfig:
     def __post_init__(self) -> None:
         for name, example in (("d_in", 896), ("expansion_factor", 32), ("num_latents", 28672), ("k", DEFAULT_K),
                               ("dead_tokens_threshold", 10_000_000)):
-            if getattr(self, name) is not None:
+            if getattr(self, name) is not None or name not in ("num_latents", "k"):  # only these two may be null
                 positive_int(f"model.sae.{name}", getattr(self, name), example)
         if self.k is not None and self.k_percent is not None:
             raise UserError(f"model.sae.k_percent: {self.k_percent!r} is set as well as k={self.k}; set only one")

@@ -8,6 +8,9 @@ the `SAEMeta` that ties an SAE to its layer and model, so loading one for anothe
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -32,6 +35,29 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path) -> None:
         f.write(safetensors_bytes(tensors))
     resolved = replace(sae.cfg, num_latents=sae.cfg.width, k=sae.cfg.k_active, k_percent=None)
     write_json(directory / CONFIG_FILE, {**asdict(resolved), **asdict(sae.meta)})
+
+
+def export_saes(saes: Mapping[str, SparseAutoencoder], directory: str | Path) -> None:
+    """Make `directory` hold exactly `saes`, one `save_sae` subdirectory per layer (its key).
+
+    The set is written beside `directory` and then renamed into its place, so an SAE an earlier run
+    trained for a layer this run does not have never survives next to the new ones, and a crash while
+    writing leaves the previous set whole.
+    """
+    directory = Path(directory)
+    partial = directory.with_name(f".{directory.name}.partial")
+    replaced = directory.with_name(f".{directory.name}.replaced")
+    for leftover in (partial, replaced):  # of an export killed before it finished
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    partial.mkdir(parents=True)
+    for layer, sae in saes.items():
+        save_sae(sae, partial / layer)
+    if directory.exists():
+        os.replace(directory, replaced)
+    os.replace(partial, directory)
+    if replaced.exists():
+        shutil.rmtree(replaced)
 
 
 def load_sae(

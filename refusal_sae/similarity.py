@@ -61,6 +61,7 @@ from matplotlib.figure import Figure
 from refusal_sae.circuits import Circuit
 from refusal_sae.errors import UserError
 from refusal_sae.io import atomic_open, write_json
+from refusal_sae.plots import annotated_heatmap
 
 
 @dataclass
@@ -356,18 +357,16 @@ def heatmap(result: Mapping[str, Any]) -> Figure:
     axes = fig.subplots(1, 2)
     for ax, kind in zip(axes, ("node", "edge")):
         values = np.array([[np.nan if v is None else v for v in row] for row in result[f"{kind}_jaccard"]])
-        image = ax.imshow(np.ma.masked_invalid(values), vmin=0, vmax=1, cmap=CMAP)
-        for i in range(n):
-            for j in range(n):
-                record = records.get((names[i], names[j])) or records.get((names[j], names[i])) or {}
-                pv = record.get(f"{kind}_p_value")
-                star = "*" if pv is not None and pv < level else ""
-                text = "n/a" if np.isnan(values[i, j]) else f"{values[i, j]:.2f}{star}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=max(5, 10 - n // 3),
-                        color="white" if values[i, j] < 0.6 else "black")
-        ax.set_xticks(range(n), names, rotation=45, ha="right")
-        ax.set_yticks(range(n), names)
-        ax.set_title(f"{kind} Jaccard (* p < {level})")
+
+        def text(i: int, j: int) -> str:
+            record = records.get((names[i], names[j])) or records.get((names[j], names[i])) or {}
+            pv = record.get(f"{kind}_p_value")
+            star = "*" if pv is not None and pv < level else ""
+            return "n/a" if np.isnan(values[i, j]) else f"{values[i, j]:.2f}{star}"
+
+        texts = [[text(i, j) for j in range(n)] for i in range(n)]
+        image = annotated_heatmap(ax, values, texts, names, names, f"{kind} Jaccard (* p < {level})", vmin=0, vmax=1,
+                                  cmap=CMAP)
     fig.colorbar(image, ax=axes, label="Jaccard")
     fig.suptitle(f"Refusal circuits: {result['verdict']['label']}")
     return fig

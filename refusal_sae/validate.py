@@ -53,6 +53,14 @@ def fraction(option: str, value: object, example: float, *, include_one: bool = 
         raise UserError(f"{option}: {value!r} is not a fraction in {interval}; give e.g. {example}")
 
 
+def bootstrap_resamples(option: str, value: object) -> None:
+    """`value` is an integer >= 100: fewer resamples give no usable 95% percentile interval."""
+    positive_int(option, value, 2000)
+    if value < 100:
+        raise UserError(f"{option}: {value!r} resamples are too few for a 95% interval; give at least 100 "
+                        "(default 2000)")
+
+
 def one_of(option: str, value: object, choices: Sequence[object]) -> None:
     """`value` is one of `choices`."""
     if value not in choices:

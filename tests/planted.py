@@ -18,7 +18,9 @@ direction is exactly one latent per layer. Toxic prompts contain trigger words, 
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -45,6 +47,14 @@ def basis() -> torch.Tensor:
     return torch.eye(D_MODEL)
 
 
+def signed_coordinates(coordinates: list[int], g: torch.Generator) -> torch.Tensor:
+    """A neutral word's direction: as many of `coordinates` as there are planted directions, with random signs
+    (the norm of a planted trigger's direction)."""
+    chosen = torch.tensor(coordinates)[torch.randperm(len(coordinates), generator=g)[: len(PLANTED)]]
+    signs = torch.randint(0, 2, (len(PLANTED),), generator=g) * 2.0 - 1
+    return (signs[:, None] * basis()[chosen]).sum(0)
+
+
 def vocabulary() -> tuple[list[str], list[str]]:
     """(trigger words, neutral words) from the tiny tokenizer's vocabulary."""
     words = [w for w in make_tiny_tokenizer().get_vocab() if w.isalpha() and w not in (REFUSAL_WORD, COMPLIANCE_WORD)]
@@ -69,10 +79,8 @@ def make_planted_model(directory: Path, seed: int = 0) -> Path:
         for i in range(emb.shape[0]):
             if i in trigger_ids:
                 direction = planted
-            else:  # as many neutral coordinates as planted ones, random signs: the same norm as a trigger
-                coords = torch.tensor(neutral)[torch.randperm(len(neutral), generator=g)[: len(PLANTED)]]
-                signs = torch.randint(0, 2, (len(PLANTED),), generator=g) * 2.0 - 1
-                direction = (signs[:, None] * b[coords]).sum(0)
+            else:
+                direction = signed_coordinates(neutral, g)
             emb[i] = MASSIVE * b[-1] + STRENGTH * direction
         attn0 = model.model.layers[0].self_attn
         for proj in (attn0.q_proj, attn0.k_proj):
@@ -110,18 +118,25 @@ def planted_nodes(position: str = "-1") -> set[str]:
     return {Node(layer, j, position).name for layer in LAYERS for j in PLANTED}
 
 
-def planted_prompts(n_per_label: int, categories: tuple[str, ...] = ("alpha", "beta"), seed: int = 0):
-    """{split: samples}: toxic prompts hold 1-2 trigger words among 5-8 neutral words, safe ones none."""
+def planted_prompts(n_per_label: int, categories: tuple[str, ...] = ("alpha", "beta"), seed: int = 0,
+                    triggers: Mapping[str, Sequence[str]] | None = None, same_length: bool = False):
+    """{split: samples}: toxic prompts hold 1-2 trigger words (of their category's, with `triggers`; else of
+    all of them) among 5-8 neutral words, safe ones none. With `same_length` the triggers replace neutral
+    words instead of joining them, so toxic and safe prompts have the same lengths."""
     rng = random.Random(seed)
-    triggers, neutral = vocabulary()
+    every, neutral = vocabulary()
     samples = []
     for category in categories:
+        pool = list(triggers[category]) if triggers else every
         for toxic in (True, False):
             for _ in range(n_per_label):
                 words = rng.choices(neutral, k=rng.randint(5, 8))
                 if toxic:
-                    for w in rng.sample(triggers, rng.randint(1, 2)):
-                        words.insert(rng.randrange(len(words) + 1), w)
+                    for w in rng.sample(pool, rng.randint(1, 2)):
+                        if same_length:
+                            words[rng.randrange(len(words))] = w
+                        else:
+                            words.insert(rng.randrange(len(words) + 1), w)
                 samples.append(PromptSample(" ".join(words), category, toxic, "toxic" if toxic else "hard", "planted"))
     rng.shuffle(samples)
     cut = len(samples) // 2
@@ -156,9 +171,7 @@ def make_decoy_model(directory: Path, seed: int = 0) -> Path:
             if i in trigger_ids:
                 direction = b[PLANTED].sum(0) + b[DECOY]
             else:
-                coords = torch.tensor(neutral)[torch.randperm(len(neutral), generator=g)[: len(PLANTED)]]
-                signs = torch.randint(0, 2, (len(PLANTED),), generator=g) * 2.0 - 1
-                direction = (signs[:, None] * b[coords]).sum(0)
+                direction = signed_coordinates(neutral, g)
             emb[i] = MASSIVE * b[-1] + STRENGTH * direction
     model.save_pretrained(directory, safe_serialization=True)
     return directory
@@ -199,10 +212,64 @@ def make_template_model(directory: Path, seed: int = 0) -> Path:
             if i == bos:
                 emb[i] = SINK_NORM * b[SINK]
             elif i not in trigger_ids:
-                coords = torch.tensor(neutral)[torch.randperm(len(neutral), generator=g)[: len(PLANTED)]]
-                signs = torch.randint(0, 2, (len(PLANTED),), generator=g) * 2.0 - 1
-                emb[i] = MASSIVE * b[-1] + STRENGTH * (signs[:, None] * b[coords]).sum(0)
+                emb[i] = MASSIVE * b[-1] + STRENGTH * signed_coordinates(neutral, g)
         emb[assistant] += STRENGTH * b[TEMPLATE]
         model.model.layers[0].self_attn.v_proj.weight[TEMPLATE, TEMPLATE] = 0.0
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+UNUSED = list(range(D_MODEL - 5, D_MODEL - 1))
+"""Basis directions of the category model that no token writes and nothing reads."""
+
+
+def category_triggers() -> dict[str, list[str]]:
+    """The trigger words of the category model's two categories: three each, disjoint."""
+    triggers, _ = vocabulary()
+    return {"alpha": triggers[:3], "beta": triggers[3:]}
+
+
+def make_category_model(directory: Path, reads: Mapping[str, int], seed: int = 0) -> Path:
+    """The planted model with one refusal direction per category: category c's trigger words
+    (`category_triggers`) embed as STRENGTH * sqrt(3) * (b_{reads[c]} + m), every other word as STRENGTH * (three
+    signed coordinates + sqrt(3) m), the chat template's tokens as 0 (m = b_{D_MODEL - 1}); the head reads
+    refusal - compliance = GAIN * sum over the distinct reads of b_j . norm(x).
+
+    Categories reading the same direction share one refusal direction (their difference of means is b_j
+    for both, and ablating either removes both refusals); categories reading different directions each
+    have their own (ablating one leaves the other). Neutral words draw their coordinates from the
+    directions that are neither read, UNUSED nor m.
+
+    Why m, and only in the message: a trigger that were b_j alone would, with an estimated direction
+    projected out, shrink to the estimate's error, which block 0's RMS norm would scale back up to a
+    whole token; with m the token keeps its norm. But in 32 dimensions a random direction overlaps m by
+    about 1/sqrt(32), and ablating it shifts every token holding m alike (a massive m, or one in the
+    template tokens too, would make the random directions' chance level as wide as the planted effects).
+    Use it with `planted_prompts(same_length=True)`: prompts longer on one side would put their length
+    into the difference of means.
+    """
+    from transformers import LlamaForCausalLM
+
+    make_planted_model(directory, seed)
+    model = LlamaForCausalLM.from_pretrained(directory)
+    tokenizer = make_tiny_tokenizer()
+    b = basis()
+    read = sorted(set(reads.values()))
+    neutral = [j for j in range(D_MODEL - 1) if j not in read and j not in UNUSED]
+    g = torch.Generator().manual_seed(seed + 4)
+    owner = {tokenizer.convert_tokens_to_ids(w): c for c, words in category_triggers().items() for w in words}
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        shared = math.sqrt(len(PLANTED)) * b[-1]
+        for i in range(emb.shape[0]):
+            if i in tokenizer.all_special_ids:
+                emb[i] = 0.0
+            elif owner.get(i) in reads:
+                emb[i] = STRENGTH * (math.sqrt(len(PLANTED)) * b[reads[owner[i]]] + shared)
+            else:
+                emb[i] = STRENGTH * (signed_coordinates(neutral, g) + shared)
+        head = model.lm_head.weight
+        head.zero_()
+        head[tokenizer.convert_tokens_to_ids(REFUSAL_WORD)] = GAIN * b[read].sum(0)
     model.save_pretrained(directory, safe_serialization=True)
     return directory

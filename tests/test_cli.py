@@ -208,6 +208,21 @@ def test_analyze_with_another_option_writes_other_records_and_leaves_the_run_alo
         assert_curves_follow(record, cfg, discovery.means.layers)
 
 
+def test_analyze_directions_runs_the_stage_asked_for_by_name(capsys: pytest.CaptureFixture[str], tiny_run) -> None:
+    """The refusal-direction stage is off in `fit` by default; `analyze --stage directions` runs it on the run."""
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    run = RunLayout(run_dir)
+    assert not run.epoch(2).directions.root.exists()
+    done = cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "directions", "--name", "dirs",
+                          "--analysis.directions.random_directions", "19", "--analysis.directions.bootstrap", "100")
+    assert done.returncode == 0, done.stderr
+    assert "directions: Refusal directions" in done.stdout
+    record = json.loads(run.analysis("dirs").directions.record_json.read_text(encoding="utf-8"))
+    assert len(record["categories"]) == 10 and len(record["ablation"]) == 11  # the global direction and one each
+    assert run.analysis("dirs").directions.png.is_file()
+
+
 def test_analyze_refuses_an_existing_name_and_a_directory_fit_did_not_write(
     capsys: pytest.CaptureFixture[str], tiny_run, tmp_path: Path
 ) -> None:

@@ -1,0 +1,249 @@
+"""`fit` under bad input and interruptions on the training side: each ends in the right result or one clear
+line and a non-zero exit, before any work where the input alone decides.
+
+Issue 14: fewer tokens than one SAE batch trained nothing and saved (and analysed) untrained SAEs, exit 0; a
+`${run_dir}` in a config kept the config's run directory after `--run_dir` replaced it; SIGTERM stopped
+training with exit status 0; `--ckpt_path last` that found nothing trained from scratch after a warning; a
+YAML syntax error named `<unicode string>`; a run directory that cannot be written was not checked up front.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from refusal_sae.layout import RunLayout
+from tests.conftest import ROOT
+from tests.test_cli import cli_in_process, one_line_error
+from tests.tiny_model import tiny_fit_options
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LAYERS = ("residuals_0", "residuals_1")
+CHECKPOINTS_ONLY = """
+trainer:
+  callbacks:
+    - class_path: lightning_modules.RunDirCheckpoint
+      init_args: {save_last: link}
+"""
+"""Callbacks that save `last.ckpt` and run no circuit analysis, so that a run is quick."""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """`fit` options for one quick epoch of the tiny pipeline, checkpoints only (no analysis)."""
+    root = tmp_path_factory.mktemp("tiny")
+    callbacks = root / "checkpoints_only.yaml"
+    callbacks.write_text(CHECKPOINTS_ONLY)
+    return [*tiny_fit_options(root), "--config", str(callbacks), "--model.sae.num_latents", "64",
+            "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
+
+
+def files_under(root: Path) -> list[str]:
+    """Every path under `root`, relative: to see what a refused run left behind."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+# ------------------------------------------------------------------------------------ case 1: batch size
+
+
+def test_fewer_tokens_than_one_batch_stop_before_the_first_step(
+    capsys: pytest.CaptureFixture[str], tiny: list[str], tmp_path: Path
+) -> None:
+    """The tiny run has about a thousand tokens: a batch of 100000 would give no optimiser step at all."""
+    result = cli_in_process(capsys, "fit", *tiny, "--run_dir", str(tmp_path), "--data.batch_size", "100000")
+    error = one_line_error(result)
+    assert "data.batch_size=100000 exceeds the" in error and "no optimiser step" in error
+    assert "lower data.batch_size to at most" in error and "data.prompts.n_per_category" in error
+    run = RunLayout(tmp_path)
+    assert not run.saes.exists() and not run.checkpoints.exists() and not run.analysis_root.exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [("--trainer.max_epochs", "trainer.max_epochs: 0 takes no optimiser step"),
+     ("--data.batch_size", "data.batch_size: 0 is not a positive integer")],
+)
+def test_a_zero_that_trains_nothing_is_refused_before_anything_is_written(
+    capsys: pytest.CaptureFixture[str], tiny: list[str], tmp_path: Path, option: str, message: str
+) -> None:
+    result = cli_in_process(capsys, "fit", *tiny, "--run_dir", str(tmp_path / "run"), option, "0")
+    assert message in one_line_error(result)
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------ case 4: run_dir
+
+
+def config_deriving_from_run_dir(run_dir: Path) -> Path:
+    """A config setting `run_dir` and a path derived from it (`${run_dir}/cache`), written beside `run_dir`."""
+    config = run_dir.parent / "c.yaml"
+    config.write_text(f"run_dir: {run_dir}\ndata:\n  activations:\n    cache_dir: ${{run_dir}}/cache\n")
+    return config
+
+
+def test_run_dir_given_after_the_config_takes_every_path_the_config_derived_from_it(
+    capsys: pytest.CaptureFixture[str], tiny: list[str], tmp_path: Path
+) -> None:
+    """Later arguments win, as for every LightningCLI option, and `${run_dir}` in the config follows the
+    winner: nothing is written into the config's run directory."""
+    config = config_deriving_from_run_dir(tmp_path / "from_config")
+    given = tmp_path / "given"
+    result = cli_in_process(capsys, "fit", *tiny, "--config", str(config), "--run_dir", str(given))
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "from_config").exists()
+    run = RunLayout(given)
+    assert (given / "cache" / "manifest.json").is_file()
+    assert all((run.saes / layer / "sae.safetensors").is_file() for layer in LAYERS)
+    assert (run.checkpoints / "last.ckpt").is_file() and run.prompts_csv.is_file()
+    saved = yaml.safe_load(run.config.read_text(encoding="utf-8"))
+    assert saved["run_dir"] == str(given) and saved["data"]["activations"]["cache_dir"] == str(given / "cache")
+
+
+def test_a_config_given_after_run_dir_wins_as_any_later_argument_does(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    config = config_deriving_from_run_dir(tmp_path / "from_config")
+    result = cli_in_process(capsys, "fit", "--run_dir", str(tmp_path / "given"), "--config", str(config),
+                            "--print_config")
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["run_dir"] == str(tmp_path / "from_config")
+    assert printed["data"]["activations"]["cache_dir"] == str(tmp_path / "from_config" / "cache")
+
+
+# ------------------------------------------------------------------------------------ case 7: SIGTERM
+
+
+def test_sigterm_during_training_exits_143_keeping_the_checkpoint_to_resume_from(
+    capsys: pytest.CaptureFixture[str], tiny: list[str], tmp_path: Path
+) -> None:
+    """A real SIGTERM to a real `fit` once its first checkpoint exists; the advice it prints then resumes."""
+    run_dir = tmp_path / "run"
+    last = RunLayout(run_dir).checkpoints / "last.ckpt"
+    log = tmp_path / "fit.log"
+    with open(log, "w") as out:
+        fit = subprocess.Popen([sys.executable, "-m", "refusal_sae", "fit", *tiny, "--trainer.max_epochs", "100000",
+                                "--run_dir", str(run_dir)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        give_up = time.monotonic() + 600  # only so that a hung fit cannot hang the tests
+        while not os.path.exists(last) and fit.poll() is None and time.monotonic() < give_up:
+            time.sleep(0.2)
+        assert os.path.exists(last) and fit.poll() is None, log.read_text()
+        fit.send_signal(signal.SIGTERM)
+        fit.wait(timeout=600)
+    finally:
+        if fit.poll() is None:
+            fit.kill()
+            fit.wait()
+    output = log.read_text()
+    assert fit.returncode == 128 + signal.SIGTERM, output
+    [error] = [line for line in output.splitlines() if line.startswith("error:")]
+    assert "training stopped by SIGTERM" in error and f"{last}, is kept" in error and "--ckpt_path last" in error
+    epoch = torch.load(last, weights_only=True)["epoch"]
+    assert not RunLayout(run_dir).saes.exists()  # an unfinished run exports no SAEs
+
+    resumed = cli_in_process(capsys, "fit", *tiny, "--trainer.max_epochs", str(epoch + 2), "--run_dir", str(run_dir),
+                             "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(last, weights_only=True)["epoch"] == epoch + 1
+    assert all((RunLayout(run_dir).saes / layer / "sae.safetensors").is_file() for layer in LAYERS)
+
+
+# ------------------------------------------------------------------------------------ case 8: --ckpt_path
+
+
+def dangling_last(run_dir: Path) -> None:
+    """`last.ckpt` linking to a checkpoint that was deleted."""
+    run_dir.joinpath("checkpoints").mkdir(parents=True)
+    run_dir.joinpath("checkpoints", "last.ckpt").symlink_to("epoch=3-step=40.ckpt")
+
+
+@pytest.mark.parametrize(
+    ("prepare", "ckpt_path", "message"),
+    [
+        (None, "last", "checkpoints does not exist"),  # a mistyped run_dir
+        (lambda run_dir: run_dir.joinpath("checkpoints").mkdir(parents=True), "last", "no last.ckpt in"),
+        (dangling_last, "last", "last.ckpt is a link to epoch=3-step=40.ckpt, which does not exist"),
+        (lambda run_dir: run_dir.mkdir(), "no/such.ckpt", "--ckpt_path no/such.ckpt: no such checkpoint file"),
+    ],
+    ids=["mistyped-run-dir", "no-checkpoint", "dangling-link", "missing-file"],
+)
+def test_a_checkpoint_to_resume_that_is_not_there_stops_before_any_work(
+    capsys: pytest.CaptureFixture[str], tiny: list[str], tmp_path: Path, prepare: Callable[[Path], object] | None,
+    ckpt_path: str, message: str
+) -> None:
+    run_dir = tmp_path / "run"
+    if prepare is not None:
+        prepare(run_dir)
+    before = files_under(run_dir)
+    result = cli_in_process(capsys, "fit", *tiny, "--run_dir", str(run_dir), "--ckpt_path", ckpt_path)
+    error = one_line_error(result)
+    assert message in error and "leave out --ckpt_path to start afresh" in error
+    assert files_under(run_dir) == before
+    assert run_dir.exists() == (prepare is not None)
+
+
+# ------------------------------------------------------------------------------------ config and run_dir
+
+
+def test_a_yaml_syntax_error_names_the_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_text("run_dir: runs/x\ndata:\n  batch_size: [1, 2\n")
+    error = one_line_error(cli_in_process(capsys, "fit", "--config", str(config)))
+    assert f'"{config}", line 3' in error and "<unicode string>" not in error
+
+
+def test_a_broken_interpolation_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  activations:\n    cache_dir: ${nowhere}/cache\n")
+    error = one_line_error(cli_in_process(capsys, "fit", "--config", str(config), "--print_config"))
+    assert error.startswith("error: data.activations.cache_dir: ") and "nowhere" in error
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path):
+    """A directory nobody may write into: mode 0555, or for root (whom modes do not stop) a read-only tmpfs."""
+    directory = tmp_path / "read_only"
+    directory.mkdir()
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        yield directory
+        directory.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(directory)],
+                             check=False, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs as root: {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_read_only_run_dir_is_one_line_before_any_work(
+    capsys: pytest.CaptureFixture[str], tiny: list[str], read_only_dir: Path
+) -> None:
+    run_dir = read_only_dir / "run"
+    error = one_line_error(cli_in_process(capsys, "fit", *tiny, "--run_dir", str(run_dir)))
+    assert str(run_dir) in error and "--run_dir" in error
+    assert not run_dir.exists()
+
+
+def test_a_run_dir_that_is_a_file_is_one_line_before_any_work(
+    capsys: pytest.CaptureFixture[str], tiny: list[str], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.write_text("not a directory")
+    error = one_line_error(cli_in_process(capsys, "fit", *tiny, "--run_dir", str(run_dir)))
+    assert str(run_dir) in error and "--run_dir" in error
+    assert run_dir.read_text() == "not a directory"
