@@ -241,6 +241,23 @@ def analyze(args: list[str]) -> None:
     print(format_summary(summary))
 
 
+def _check_run_dir_order(argv: list[str]) -> None:
+    """Refuse a `--run_dir` that a later `--config` would silently override (options apply in order)."""
+    given: str | None = None
+    pairs = [(a.partition("=")[0], a.partition("=")[2]) if "=" in a else (a, b) for a, b in zip(argv, argv[1:] + [""])]
+    for option, value in pairs:
+        if option == "--run_dir":
+            given = value
+        elif option == "--config" and given is not None and Path(value).is_file():
+            try:
+                config = yaml.safe_load(Path(value).read_text())
+            except yaml.YAMLError:
+                return  # the parser reports it, naming the file
+            if isinstance(config, dict) and "run_dir" in config and str(config["run_dir"]) != given:
+                raise UserError(f"--run_dir {given} comes before --config {value}, whose run_dir: {config['run_dir']} "
+                                "would replace it (later options win); put --run_dir after --config")
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point; bad input exits with status 2 and one line, never a traceback."""
     # field docstrings are their help; `${seed_everything}` in a config stays relative to the config's root
@@ -252,6 +269,7 @@ def main(args: list[str] | None = None) -> None:
         if argv[:1] == ["analyze"]:
             analyze(argv[1:])
             return
+        _check_run_dir_order(argv)
         RefusalCLI(
             SAEModule,
             ActivationDataModule,

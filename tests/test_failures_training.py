@@ -109,16 +109,15 @@ def test_run_dir_given_after_the_config_takes_every_path_the_config_derived_from
     assert saved["run_dir"] == str(given) and saved["data"]["activations"]["cache_dir"] == str(given / "cache")
 
 
-def test_a_config_given_after_run_dir_wins_as_any_later_argument_does(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
+def test_a_run_dir_a_later_config_would_override_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`--run_dir A --config c.yaml` with c.yaml's own run_dir: later options win, so A would be dropped
+    silently; it is refused instead, naming both and the order that works."""
     config = config_deriving_from_run_dir(tmp_path / "from_config")
-    result = cli_in_process(capsys, "fit", "--run_dir", str(tmp_path / "given"), "--config", str(config),
-                            "--print_config")
-    assert result.returncode == 0, result.stderr
-    printed = yaml.safe_load(result.stdout)
-    assert printed["run_dir"] == str(tmp_path / "from_config")
-    assert printed["data"]["activations"]["cache_dir"] == str(tmp_path / "from_config" / "cache")
+    line = one_line_error(cli_in_process(capsys, "fit", "--run_dir", str(tmp_path / "given"), "--config", str(config),
+                                         "--print_config"))
+    assert f"--run_dir {tmp_path / 'given'} comes before --config {config}" in line
+    assert "put --run_dir after --config" in line
+    assert not (tmp_path / "given").exists() and not (tmp_path / "from_config").exists()
 
 
 # ------------------------------------------------------------------------------------ case 7: SIGTERM
