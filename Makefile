@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 CONFIG ?= configs/default.yaml
 PY := $(VENV)/bin/python
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench clean browser
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -20,7 +20,16 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(PY) -m refusal_sae fit --config $(CONFIG)
 
-test: install
+# The report's browser test needs Debian's Chromium and ChromeDriver (installed as root when missing; without
+# them that test is skipped with the reason).
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+		else echo "no /usr/bin/chromium: the report's browser test will be skipped (apt-get install chromium chromium-driver)"; fi; \
+	fi
+
+test: install browser
 	$(PY) -m pytest
 
 bench: install

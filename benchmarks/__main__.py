@@ -7,6 +7,7 @@
   memory       peak RSS streaming a 10x larger activation cache vs the small one            bench_stream_memory
   ablation     ablation variants with cached residuals vs the whole model, and vs the floor bench_ablation
   end_to_end   `fit --config configs/default.yaml` vs one plain forward pass of its prompts bench_end_to_end
+               (and the report stage alone on that run, vs the same pass)
 
 Each row of the table is one comparison: side a, side b, and a/b. Timings are medians over repeats
 after a warm-up (see each module's docstring for its protocol; `python -m benchmarks.bench_sae --help`
@@ -86,6 +87,8 @@ def _ablation(r: dict) -> list[Row]:
 def _end_to_end(r: dict) -> list[Row]:
     fit, forward = r["rows"]
     return [_row("end to end", f"s ({r['prompts']} prompts)", "fit, default config", fit["seconds"],
+                 "one plain forward pass", forward["seconds"]),
+            _row("report", f"s ({r['prompts']} prompts)", "analyze --stage report", r["report_seconds"],
                  "one plain forward pass", forward["seconds"])]
 
 

@@ -7,7 +7,9 @@ Two sides, on the same machine in one run:
   forward  `model(**batch)` (whole model and LM head, no hooks) over the run's prompts, batched as the
            config batches its activation collection, after one warm-up batch: the least any analysis
            of these prompts must do.
-Reported: both times and fit/forward (how many plain passes over the data the whole pipeline costs).
+Reported: both times and fit/forward (how many plain passes over the data the whole pipeline costs); and
+the report stage alone on the finished run (`analyze --stage report`, a fresh process: model load, one pass
+over the cache per layer, logit lens, page), against the same forward pass.
 The embedded model is built once beforehand
 (~/.cache/refusal_sae) so its one-off dequantisation is not counted. The fit side is one cold run by
 default (it takes tens of minutes with the default config on 2 CPU cores); `--repeats N` reports
@@ -39,15 +41,15 @@ from refusal_sae.model import ModelConfig, ModelWrapper
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fit(options: list[str], run_dir: Path) -> float:
-    """Run `fit` in a fresh interpreter (its progress bars on our stderr); return its wall time."""
-    print(f"fit {' '.join(options)} --run_dir {run_dir}", file=sys.stderr, flush=True)
+def command(args: list[str]) -> float:
+    """Run `python -m refusal_sae <args>` in a fresh interpreter (its progress bars on our stderr); return its
+    wall time."""
+    print(" ".join(args), file=sys.stderr, flush=True)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "refusal_sae", "fit", *options, "--run_dir", str(run_dir)],
-                          cwd=ROOT, stdout=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-m", "refusal_sae", *args], cwd=ROOT, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-        raise SystemExit(f"fit failed with exit status {done.returncode} (its messages are above)")
+        raise SystemExit(f"{args[0]} failed with exit status {done.returncode} (its messages are above)")
     return seconds
 
 
@@ -71,8 +73,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # loaded before the fit, so that building the embedded model once is not timed; reused for the forward side
     wrapper = ModelWrapper(ModelConfig(name=model))
 
-    runs = [fit(options, work / f"run_{i}") for i in range(args.repeats)]
+    runs = [command(["fit", *options, "--run_dir", str(work / f"run_{i}")]) for i in range(args.repeats)]
     fit_seconds = statistics.median(runs)
+    report_seconds = command(["analyze", "--run_dir", str(work / "run_0"), "--stage", "report", "--name", "report"])
     config = OmegaConf.load(work / "run_0" / "config.yaml")
     splits = read_splits(work / "run_0" / "data" / "prompts.csv")
     prompts = [s.prompt for split in splits.values() for s in split]
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": "tiny random llama, default config (--quick)" if args.quick else args.config,
         "quick": args.quick, "model": model, "prompts": len(prompts), "batch_size": size,
         "repeats": args.repeats, "fit_seconds_each": runs,
-        "fit_vs_forward": fit_seconds / forward_seconds,
+        "fit_vs_forward": fit_seconds / forward_seconds, "report_seconds": report_seconds,
     }
     result = report("end to end", rows, extra, args.out)
     print(f"fit takes {extra['fit_vs_forward']:.0f} plain forward passes over its {len(prompts)} prompts")

@@ -1,7 +1,7 @@
 """Epoch-end circuit analysis, as an observer of SAE training.
 
 Every `every_n_epochs` training epochs (and after the last one) rank 0 takes a copy of the current SAEs
-and runs the analysis stages (`refusal_sae.analysis`: discover, similarity, evaluate, summary) into
+and runs the analysis stages (`refusal_sae.analysis`: discover, similarity, evaluate, summary, report) into
 `<run_dir>/analysis/epoch_<NNN>/`, then reports to the Lightning loggers; the other ranks wait at a
 barrier. `<run_dir>/analysis/latest` links to the newest complete analysis. Nothing here changes
 training: the SAEs are copied, never touched. An analysis that fails on bad input does not stop training:

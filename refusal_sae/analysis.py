@@ -1,4 +1,4 @@
-"""The analysis stages after SAE training: discover -> similarity -> evaluate -> directions -> summary.
+"""The analysis stages after SAE training: discover -> similarity -> evaluate -> directions -> summary -> report.
 
 Each stage is a plain function of the SAEs, the activation cache, the prompts and the model
 (`AnalysisInputs`) and of the previous stage's result, passed in memory; each writes its records
@@ -11,6 +11,7 @@ through the run layout (`refusal_sae.layout`), from which a later process reads 
     directions  without SAEs: refusal directions per category and their cross-category ablation
                 (`refusal_sae.directions`; when `directions.enabled`, or asked for by name)
     summary     the short summary the CLI prints
+    report      node cards (top contexts, logit lens, ...) and the analysis as one HTML page (`refusal_sae.report`)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from refusal_sae.metric import RefusalMetric, RefusalMetricConfig
 from refusal_sae.model import ModelWrapper
 from refusal_sae.plots import plot_curves
 from refusal_sae.positions import PLACEHOLDER_MESSAGES, PositionMode, PositionScheme, template_scheme
+from refusal_sae.report import build_report
 from refusal_sae.sae import SparseAutoencoder
 from refusal_sae.similarity import SimilarityConfig, analyse_similarity
 from refusal_sae.validity import ValidityConfig, behavior_labels, validity_report, write_validity_report
@@ -307,7 +309,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 
 
-STAGES = ("discover", "similarity", "evaluate", "directions", "summary")
+STAGES = ("discover", "similarity", "evaluate", "directions", "summary", "report")
 
 
 @dataclass
@@ -358,7 +360,14 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
                                     out, cfg.directions, cfg.metric)
     else:
         directions = out.directions.read(DirectionsResult)
-    return summarise(out, results, similarity, directions)
+    summary = summarise(out, results, similarity, directions)
+    if "report" in stages:
+        for method, rs in results.items():  # the curves of an evaluation read from `source` are drawn here too
+            if not out.method(method).curves_png.is_file():
+                plot_curves({method: rs}, out.method(method).curves_png)
+        build_report(out, inputs.run, inputs.saes, inputs.cache, inputs.splits, inputs.wrapper(), discovery.circuits,
+                     discovery.record, similarity, summary)
+    return summary
 
 
 def load_evaluation(out: AnalysisLayout, discovery: Discovery, method: str) -> list[CircuitEvaluation]:

@@ -18,6 +18,8 @@
         comparison.png                                        methods side by side
         directions/directions.json, .safetensors, .png        refusal directions per category, their
                                                               cross-category ablation, verdict (refusal_sae.directions)
+        report/index.html, cards.json                         what each node is: node cards, circuit graphs, figures
+                                                              in one page (refusal_sae.report)
         summary.json, summary.md                              the short summary; the results table
 
 Records are dataclasses written as key-sorted JSON (`to_json`) and read back typed (`from_json`); a
@@ -317,11 +319,32 @@ class AnalysisLayout:
     def directions(self) -> DirectionsLayout:
         return DirectionsLayout(self.root / "directions")
 
+    @property
+    def summary_md(self) -> Path:
+        """The results table (markdown)."""
+        return self.root / "summary.md"
+
     def write_summary(self, summary: dict[str, Any], table: str) -> None:
         """`summary.json`, and `summary.md`: the results table."""
         write_json(self.root / "summary.json", to_json(summary))
-        with atomic_open(self.root / "summary.md", "w", encoding="utf-8") as f:
+        with atomic_open(self.summary_md, "w", encoding="utf-8") as f:
             f.write(table)
+
+    @property
+    def report_html(self) -> Path:
+        """The analysis as one self-contained page (`refusal_sae.report`)."""
+        return self.root / "report" / "index.html"
+
+    @property
+    def report_cards(self) -> Path:
+        """Every node card of the report, and the prompts they show, as JSON."""
+        return self.root / "report" / "cards.json"
+
+    def write_report(self, page: str, cards: Any) -> None:
+        """The cards first, then the page that shows them."""
+        write_json(self.report_cards, cards)
+        with atomic_open(self.report_html, "w", encoding="utf-8") as f:
+            f.write(page)
 
     def read_summary(self) -> dict[str, Any] | None:
         path = self.root / "summary.json"

@@ -692,12 +692,25 @@ class ModelWrapper:
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (attention_mask.bool() * positions).argmax(dim=1)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        logits = self.model.get_output_embeddings()(hidden[rows, last])
+        return self._unembed(hidden[rows, last])
+
+    def _unembed(self, hidden: Tensor) -> Tensor:
+        """float32 logits of final-norm outputs `hidden` (..., d_model): the head, softcapped as the CausalLM does."""
+        logits = self.model.get_output_embeddings()(hidden)
         text_config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else None
         softcap = getattr(text_config or self.model.config, "final_logit_softcapping", None)
         if softcap:  # Gemma 2/3 squash logits in their CausalLM forward; do the same here
             logits = torch.tanh(logits / softcap) * softcap
         return logits.float()
+
+    @torch.no_grad()
+    def logit_lens(self, vectors: Tensor) -> Tensor:
+        """(n, vocab) float32 logits of residual-stream vectors (n, d_model) read as if they were the last
+        block's output: the final norm, then the unembedding. For an SAE decoder direction these are the tokens
+        its latent pushes the next-token prediction towards and away from (the logit lens)."""
+        hidden = torch.as_tensor(vectors).to(self.device, self.dtype)
+        norm = getattr(self._decoder, "norm", None)
+        return self._unembed(norm(hidden) if norm is not None else hidden)
 
 
 __all__ = ["DTYPES", "LAYER_PREFIX", "ModelConfig", "ModelWrapper", "resolve_device", "resolve_dtype"]

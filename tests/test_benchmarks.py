@@ -27,7 +27,7 @@ def test_quick_suite_writes_one_table_and_json_with_stable_keys(tmp_path: Path) 
     kernels = cpu_kernels.usable(torch.zeros(1)) is not None  # then the SAE step is also run without them
     assert [r["benchmark"] for r in suite["rows"]] == [
         "activation collection", *["SAE training step"] * (3 if kernels else 2), "SAE quality", "streaming memory",
-        *["ablation variants"] * 2, "end to end"]
+        *["ablation variants"] * 2, "end to end", "report"]
     for row in suite["rows"]:
         assert set(row) == {"benchmark", "measure", "a", "a_value", "b", "b_value", "a/b"}
         assert row["a_value"] > 0 and row["b_value"] > 0 and math.isclose(row["a/b"], row["a_value"] / row["b_value"])

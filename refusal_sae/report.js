@@ -1,0 +1,275 @@
+// The circuit report's script (refusal_sae/report.py inlines it into index.html): draws each circuit as a
+// layered SVG graph from the embedded JSON and shows a node's card on hover or click. No network, no library.
+"use strict";
+(function () {
+  const data = JSON.parse(document.getElementById("report-data").textContent);
+  const SVG = "http://www.w3.org/2000/svg";
+  const MAX_EDGES = 3000; // the strongest edges drawn per circuit; a denser picture shows nothing more
+
+  function el(tag, attrs, text) {
+    const e = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+  function svgEl(tag, attrs) {
+    const e = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+    return e;
+  }
+  function fmt(x, digits) {
+    return x === null || x === undefined ? "-" : Number(x).toFixed(digits === undefined ? 3 : digits);
+  }
+  function interval(x) {
+    return x ? `${fmt(x.value, 2)} [${fmt(x.low, 2)}, ${fmt(x.high, 2)}]` : "null";
+  }
+  function table(head, rows) {
+    const t = el("table");
+    const tr = el("tr");
+    head.forEach((h) => tr.appendChild(el("th", {}, h)));
+    t.appendChild(tr);
+    rows.forEach((r) => {
+      const row = el("tr");
+      r.forEach((c) => row.appendChild(el("td", {}, String(c))));
+      t.appendChild(row);
+    });
+    return t;
+  }
+  function figure(parent, title, uri) {
+    if (!uri) return;
+    parent.appendChild(el("h3", {}, title));
+    parent.appendChild(el("img", { class: "figure", src: uri, alt: title }));
+  }
+
+  // ---------------------------------------------------------------- the page's frame
+  const header = el("header");
+  header.appendChild(el("h1", {}, `Refusal circuits: ${data.analysis}`));
+  const s = data.scheme;
+  header.appendChild(el("div", { class: "note" }, `run ${data.run} · F: ${data.target} · position classes ` +
+    `${data.classes.join(", ")} (shared prefix ${s.prefix}, suffix ${s.suffix} tokens) · click or hover a node for its card`));
+  document.body.appendChild(header);
+  const main = el("main");
+  document.body.appendChild(main);
+  const card = el("aside", { id: "card" });
+  card.appendChild(el("p", { class: "note" }, "Click a node of a circuit to see what it is."));
+  document.body.appendChild(card);
+
+  // ---------------------------------------------------------------- the node card
+  const highlight = (v, peak) => `rgba(255, 140, 0, ${Math.min(1, 0.15 + 0.85 * v / (peak || 1)).toFixed(2)})`;
+
+  function classOf(position, length) {
+    if (s.mode === "global") return "all";
+    if (position < s.prefix) return "prefix";
+    if (position >= length - s.suffix) return String(position - length);
+    return "content";
+  }
+
+  function contextBlock(c, node) {
+    const p = data.prompts[String(c.prompt)];
+    const box = el("div", { class: "context" });
+    box.appendChild(el("div", { class: "meta" },
+      `${p.category} · ${p.label} · ${p.split} · peak ${fmt(c.peak)} · prompt ${c.prompt}`));
+    const values = new Map(c.values.map(([pos, v]) => [pos, v]));
+    const tokens = el("div", { class: "tokens" });
+    p.tokens.forEach((t, pos) => {
+      const cls = classOf(pos, p.tokens.length);
+      if (cls === "prefix") return; // the shared template start: the same in every prompt, never a node
+      const span = el("span", { class: "tok" + (cls === node.position ? " at" : "") }, t.replace(/\n/g, "⏎"));
+      const v = values.get(pos);
+      if (v !== undefined) {
+        span.style.background = highlight(v, c.peak);
+        span.title = `${fmt(v)} (${cls})`;
+      }
+      tokens.appendChild(span);
+    });
+    box.appendChild(tokens);
+    return box;
+  }
+
+  function showCard(name) {
+    const c = data.cards[name];
+    card.replaceChildren();
+    document.querySelectorAll("svg .node.selected").forEach((n) => n.classList.remove("selected"));
+    document.querySelectorAll(`svg .node[data-node="${CSS.escape(name)}"]`).forEach((n) => n.classList.add("selected"));
+    if (!c) {
+      card.appendChild(el("p", {}, `${name}: no card`));
+      return;
+    }
+    card.setAttribute("data-node", name);
+    const error = c.feature < 0;
+    card.appendChild(el("h2", {}, c.name));
+    card.appendChild(el("div", { class: "note" }, error
+      ? `the SAE error term of ${c.layer} at position class ${c.position}`
+      : `latent ${c.feature} of the ${c.layer} SAE at position class ${c.position}`));
+    card.appendChild(el("p", {}, `in ${c.circuits.length} circuit(s): ${c.circuits.join(", ")}` +
+      (c.shared_core.length ? ` · shared core of ${c.shared_core.join(", ")}` : "")));
+    if (!error) {
+      card.appendChild(el("h3", {}, "Logit lens (decoder direction through final norm and unembedding)"));
+      for (const [label, list] of [["promotes", c.promoted], ["suppresses", c.suppressed]]) {
+        const line = el("div", { class: "lens" });
+        line.appendChild(el("b", {}, label + " "));
+        list.forEach(([t, v]) => line.appendChild(el("span", { title: fmt(v, 2) }, JSON.stringify(t))));
+        card.appendChild(line);
+      }
+      const cos = Object.entries(c.cosines);
+      if (cos.length) {
+        card.appendChild(el("h3", {}, `Cosine with the refusal directions (${data.directions.layer === c.layer ?
+          "the chosen layer" : c.layer}, position ${data.directions.position})`));
+        card.appendChild(table(["direction", "cosine"], cos.map(([n, v]) => [n, fmt(v)])));
+      }
+    }
+    card.appendChild(el("h3", {}, `Top contexts (largest at ${c.position}; orange: where it fires, underlined: ${c.position} tokens)`));
+    if (!c.contexts.length) card.appendChild(el("p", { class: "note" }, "never fires at this position class"));
+    const contexts = el("div", { class: "contexts" });
+    c.contexts.forEach((x) => contexts.appendChild(contextBlock(x, c)));
+    card.appendChild(contexts);
+    card.appendChild(el("h3", {}, error ? "Error norm by category (mean over the class's tokens)"
+      : "By category (density: share of the class's tokens where it fires; mean activation)"));
+    const groups = {};
+    c.stats.forEach((g) => { (groups[g.category] = groups[g.category] || {})[g.label] = g; });
+    card.appendChild(table(error ? ["category", "toxic norm", "safe norm"]
+      : ["category", "toxic density", "toxic mean", "safe density", "safe mean"],
+    Object.entries(groups).map(([cat, g]) => error
+      ? [cat, fmt(g.toxic && g.toxic.mean), fmt(g.safe && g.safe.mean)]
+      : [cat, fmt(g.toxic && g.toxic.density), fmt(g.toxic && g.toxic.mean),
+        fmt(g.safe && g.safe.density), fmt(g.safe && g.safe.mean)])));
+    card.appendChild(el("h3", {}, "Scores in every circuit"));
+    card.appendChild(table(["method", "circuit", "importance", "signed", "in circuit"],
+      c.scores.map((x) => [x.method, x.circuit, fmt(x.importance), fmt(x.score), x.in_circuit ? "yes" : ""])));
+  }
+
+  // ---------------------------------------------------------------- the circuit graph
+  function drawCircuit(circuit, method) {
+    const classes = data.classes, layers = data.layers;
+    const colW = 64, dy = 14, top = 40, left = 20;
+    const columns = new Map();
+    circuit.nodes.forEach((n) => {
+      const key = layers.indexOf(n.layer) * classes.length + classes.indexOf(n.position);
+      if (!columns.has(key)) columns.set(key, []);
+      columns.get(key).push(n);
+    });
+    const maxImp = Math.max(1e-9, ...circuit.nodes.map((n) => Math.abs(n.importance)));
+    const place = new Map();
+    let height = top + 20;
+    const used = [...columns.keys()].sort((a, b) => a - b);
+    const colIndex = new Map();
+    // every (layer, class) column of the layers, so the picture reads the same across circuits
+    for (let l = 0; l < layers.length; l++) for (let c = 0; c < classes.length; c++) colIndex.set(l * classes.length + c, colIndex.size);
+    used.forEach((key) => {
+      const nodes = columns.get(key).sort((a, b) => b.importance - a.importance);
+      nodes.forEach((n, i) => {
+        const x = left + colIndex.get(key) * colW + colW / 2 + (i % 2 ? 10 : -10);
+        const y = top + i * dy;
+        place.set(n.name, [x, y]);
+        height = Math.max(height, y + 20);
+      });
+    });
+    const width = left * 2 + colIndex.size * colW;
+    const svg = svgEl("svg", { width, height, viewBox: `0 0 ${width} ${height}`, "data-circuit": `${method}/${circuit.name}` });
+    layers.forEach((layer, l) => {
+      const x = left + l * classes.length * colW;
+      svg.appendChild(svgEl("line", { x1: x, x2: x, y1: 0, y2: height, stroke: "#ddd" }));
+      const t = svgEl("text", { x: x + 4, y: 13 });
+      t.textContent = layer;
+      svg.appendChild(t);
+      classes.forEach((cls, c) => {
+        const u = svgEl("text", { x: x + c * colW + colW / 2 - 12, y: 28 });
+        u.textContent = cls;
+        svg.appendChild(u);
+      });
+    });
+    const edges = circuit.edges.filter((e) => place.has(e[0]) && place.has(e[1]))
+      .sort((a, b) => Math.abs(b[2]) - Math.abs(a[2])).slice(0, MAX_EDGES);
+    const maxW = Math.max(1e-9, ...edges.map((e) => Math.abs(e[2])));
+    const edgeGroup = svgEl("g");
+    edges.forEach(([a, b, w]) => {
+      const [x1, y1] = place.get(a), [x2, y2] = place.get(b);
+      edgeGroup.appendChild(svgEl("line", { class: "edge", x1, y1, x2, y2,
+        "stroke-opacity": (0.08 + 0.6 * Math.abs(w) / maxW).toFixed(2), "stroke-width": 1 }));
+    });
+    svg.appendChild(edgeGroup);
+    circuit.nodes.forEach((n) => {
+      const [x, y] = place.get(n.name);
+      const r = 2 + 5 * Math.sqrt(Math.abs(n.importance) / maxImp);
+      const sign = n.score === null ? 0 : Math.sign(n.score);
+      const fill = n.error ? "#bbb" : sign > 0 ? "#d9534f" : sign < 0 ? "#3b7dd8" : "#8a6";
+      const dot = svgEl("circle", { class: "node" + (n.error ? " error" : ""), cx: x, cy: y, r: r.toFixed(2), fill,
+        "data-node": n.name });
+      const title = svgEl("title");
+      title.textContent = `${n.name}\nimportance ${fmt(n.importance)}, score ${fmt(n.score)}`;
+      dot.appendChild(title);
+      dot.addEventListener("click", () => showCard(n.name));
+      dot.addEventListener("mouseenter", () => { if (!card.getAttribute("data-node")) showCard(n.name); });
+      svg.appendChild(dot);
+    });
+    return svg;
+  }
+
+  // ---------------------------------------------------------------- sections
+  data.methods.forEach((m, mi) => {
+    const section = el("section", { "data-method": m.name });
+    section.appendChild(el("h2", {}, `${m.name} circuits`));
+    const nav = el("nav", { class: "tabs" });
+    section.appendChild(nav);
+    const panes = [];
+    m.circuits.forEach((c, ci) => {
+      const button = el("button", { "data-circuit": `${m.name}/${c.name}` }, `${c.name} (${c.nodes.length})`);
+      const pane = el("div", { class: "circuit", "data-circuit": `${m.name}/${c.name}` });
+      const ev = c.evaluation;
+      pane.appendChild(el("p", { class: "note" }, `${c.nodes.length} nodes, ${c.edges.length} edges, ` +
+        `threshold ${fmt(c.threshold, 2)}, ${c.n_prompts} discovery prompts` + (ev ? ` · F(M) - F(∅) ${interval(ev.span)}` +
+        ` · faithfulness 0.5 / 0.8 at ${ev.reaches["0.5"] ?? "-"} / ${ev.reaches["0.8"] ?? "-"} of ${ev.n_candidates}` +
+        ` nodes · CPR ${interval(ev.cpr)} · sanity ${ev.sanity_passed ? "ok" : "FAILED"}` : " · not evaluated") +
+        " · colour: red raises, blue lowers the signed score; grey: SAE error"));
+      const graph = el("div", { class: "graph" });
+      graph.appendChild(drawCircuit(c, m.name));
+      pane.appendChild(graph);
+      button.addEventListener("click", () => {
+        panes.forEach(([b, p]) => { b.classList.remove("active"); p.classList.remove("active"); });
+        button.classList.add("active");
+        pane.classList.add("active");
+      });
+      panes.push([button, pane]);
+      nav.appendChild(button);
+      section.appendChild(pane);
+      if (ci === 0) { button.classList.add("active"); pane.classList.add("active"); }
+    });
+    if (m.verdict) section.appendChild(el("p", {}, m.verdict));
+    if (m.shared_core.length) {
+      const core = el("p", {}, "Shared core: ");
+      m.shared_core.forEach((name) => {
+        const a = el("a", { href: "#", "data-node": name }, name);
+        a.addEventListener("click", (e) => { e.preventDefault(); showCard(name); });
+        core.appendChild(a);
+        core.appendChild(document.createTextNode(" "));
+      });
+      section.appendChild(core);
+    }
+    figure(section, "Faithfulness and completeness against circuit size", m.curves);
+    figure(section, "Similarity of the category circuits", m.similarity_png);
+    main.appendChild(section);
+  });
+  if (data.comparison || data.directions || data.summary_html || data.validity) {
+    const rest = el("section");
+    figure(rest, "Methods side by side", data.comparison);
+    if (data.directions) {
+      figure(rest, `Refusal directions (${data.directions.layer}, position ${data.directions.position})`, data.directions.png);
+      rest.appendChild(el("p", {}, data.directions.verdict));
+    }
+    if (data.summary_html) {
+      rest.appendChild(el("h2", {}, "Results"));
+      const div = el("div");
+      div.innerHTML = data.summary_html; // built and escaped by refusal_sae.report.markdown_tables
+      rest.appendChild(div);
+    }
+    if (data.validity) {
+      const v = data.validity;
+      rest.appendChild(el("h2", {}, "Does the refusal score predict refusals? (metric validity)"));
+      rest.appendChild(table(["measure", "value"], [["prompts", v.n_prompts], ["refused (greedy answers)", v.n_refused],
+        ["refusal rate", fmt(v.refusal_rate)], ["AUC score vs refusal", fmt(v.auc_score_vs_refusal)],
+        ["AUC label vs refusal", fmt(v.auc_label_vs_refusal)], ["AUC score vs label", fmt(v.auc_score_vs_label)]]));
+    }
+    main.appendChild(rest);
+  }
+  document.body.setAttribute("data-ready", "1");
+})();

@@ -1,0 +1,441 @@
+"""What a circuit's nodes are: a card per node and one self-contained HTML report per analysis.
+
+A circuit is a list of (layer, latent, position class) numbers; a researcher needs to see what each latent
+responds to before reading anything into it (Marks et al. label features by their top activating contexts;
+sae_vis and Neuronpedia show the same as dashboards). Every node of every saved circuit gets a card:
+
+    top contexts    the prompts where the latent is largest at the node's position class, every token's
+                    activation (the cache holds every token of every prompt: one pass per layer, encoding
+                    with the saved SAE and keeping only the circuits' latents)
+    by category     per category and label (toxic / safe): the share of the class's tokens where the latent
+                    fires and its mean there; for an error node, the mean norm of the SAE's error
+    scores          importance and signed score in every circuit of every method (the saved node scores),
+                    and which circuits (and shared cores) hold it
+    logit lens      the tokens its decoder direction promotes and suppresses when read through the model's
+                    final norm and unembedding (`ModelWrapper.logit_lens`)
+    directions      its decoder direction's cosine with each refusal direction at its layer and the chosen
+                    suffix position, when the analysis has the directions stage (`refusal_sae.directions`)
+
+`build_report` writes the cards (`cards.json`) and `index.html`: per circuit a layered graph (columns:
+layer x position class; nodes sized by importance, coloured by signed score; edges by weight) whose nodes
+open their card, the curves, similarity and direction figures inlined, the results table and the metric's
+validity. The page needs no network: its script and style are this package's `report.js` / `report.css`,
+inlined when it is built.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import sparse
+
+from refusal_sae.activations import SPLITS, ActivationCache
+from refusal_sae.circuits import ERROR, Circuit, NodeScores
+from refusal_sae.data import PromptSample, Split
+from refusal_sae.directions import DirectionsResult
+from refusal_sae.errors import UserError
+from refusal_sae.layout import AnalysisLayout, DiscoveryRecord, RunLayout, to_json
+from refusal_sae.model import ModelWrapper
+from refusal_sae.positions import PositionScheme
+from refusal_sae.sae import SparseAutoencoder
+
+log = logging.getLogger(__name__)
+
+TOP_CONTEXTS = 8
+"""Prompts shown per node."""
+LENS_TOKENS = 10
+"""Tokens promoted and suppressed per node in the logit lens."""
+CHUNK = 4096
+"""Tokens encoded at once."""
+LABELS = ("safe", "toxic")
+
+
+@dataclass
+class Context:
+    """One of a node's top prompts."""
+
+    prompt: int
+    """Index of the prompt in the cache (its `prompts` entry in the report)."""
+    peak: float
+    """The largest value at the node's position class in this prompt."""
+    values: list[list[float]]
+    """[position, value] of every token where the latent fires (an error node: its error norm, every token)."""
+
+
+@dataclass
+class GroupStats:
+    category: str
+    label: str
+    n_tokens: int
+    """Tokens of the node's position class in this category and label."""
+    density: float | None
+    """Share of those tokens where the latent fires (None for an error node)."""
+    mean: float
+    """Mean activation over those tokens (an error node: the mean norm of the SAE's error)."""
+
+
+@dataclass
+class NodeScore:
+    method: str
+    circuit: str
+    importance: float
+    score: float | None
+    in_circuit: bool
+
+
+@dataclass
+class NodeCard:
+    name: str
+    layer: str
+    feature: int
+    position: str
+    circuits: list[str]
+    """`method/circuit` of every saved circuit holding the node."""
+    shared_core: list[str]
+    """Methods whose shared core (similarity stage) holds it."""
+    scores: list[NodeScore]
+    stats: list[GroupStats]
+    contexts: list[Context]
+    promoted: list[tuple[str, float]] = field(default_factory=list)
+    suppressed: list[tuple[str, float]] = field(default_factory=list)
+    cosines: dict[str, float] = field(default_factory=dict)
+    """Cosine of the decoder direction with each refusal direction (global, categories)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# node cards
+
+
+@dataclass
+class TokenTable:
+    """Every cached token's prompt, node class (-1: shared prefix) and (category, label) group."""
+
+    prompt: np.ndarray
+    position: np.ndarray
+    node_class: np.ndarray
+    group: np.ndarray
+    """category index * 2 + label (1: toxic)."""
+    starts: np.ndarray
+    """First row of each prompt (rows are in prompt order)."""
+    prompts: np.ndarray
+    """The prompt index of each run of rows that `starts` begins."""
+
+
+def token_table(cache: ActivationCache, scheme: PositionScheme) -> TokenTable:
+    """The cache's token metadata, with every token's position class (`positions.PositionScheme`)."""
+    meta = np.concatenate([np.asarray(cache.tokens(i)) for i in range(len(cache.shards))])
+    prompt = meta["prompt_index"].astype(np.int64)
+    if len(prompt) and np.any(np.diff(prompt) < 0):
+        raise UserError(f"{cache.dir}: tokens are not in prompt order; delete the cache and run `fit` again")
+    starts = np.flatnonzero(np.r_[True, np.diff(prompt) != 0]) if len(prompt) else np.zeros(0, np.int64)
+    lengths = np.diff(np.r_[starts, len(prompt)])
+    classes = np.concatenate([scheme.classes(int(n)) for n in lengths]) - scheme.prefix if len(prompt) else prompt
+    group = meta["category"].astype(np.int64) * 2 + meta["refusal_label"].astype(np.int64)
+    return TokenTable(prompt, meta["position"].astype(np.int64), classes, group, starts, prompt[starts])
+
+
+@torch.no_grad()
+def encode_layer(cache: ActivationCache, layer: str, sae: SparseAutoencoder, latents: np.ndarray,
+                 errors: bool) -> tuple[sparse.csc_matrix, np.ndarray | None]:
+    """One pass over the cache's tokens at `layer`: the activations of `latents` only, as a sparse (tokens,
+    latents) matrix (a top-k SAE fires k latents per token, so this stays small), and, with `errors`, every
+    token's error norm |x - decode(encode(x))|."""
+    rows, cols, vals, norms = [], [], [], []
+    offset = 0
+    index = torch.from_numpy(latents)
+    for shard in range(len(cache.shards)):
+        acts = cache.activations(shard, layer)
+        for start in range(0, len(acts), CHUNK):
+            x = cache.to_torch(acts[start : start + CHUNK]).float()
+            f = sae.encode(x)
+            picked = f[:, index]
+            r, c = picked.nonzero().unbind(1)
+            rows.append((r + offset).numpy())
+            cols.append(c.numpy())
+            vals.append(picked[r, c].numpy())
+            if errors:
+                norms.append((x - sae.decode(f)).norm(dim=-1).numpy())
+            offset += len(x)
+    matrix = sparse.csc_matrix((np.concatenate(vals or [np.zeros(0, np.float32)]),
+                                (np.concatenate(rows or [np.zeros(0, np.int64)]),
+                                 np.concatenate(cols or [np.zeros(0, np.int64)]))), shape=(offset, len(latents)))
+    return matrix, (np.concatenate(norms) if errors else None)
+
+
+def node_statistics(values: np.ndarray, tokens: TokenTable, node_class: int, categories: Sequence[str],
+                    is_error: bool, top: int = TOP_CONTEXTS) -> tuple[list[GroupStats], list[Context]]:
+    """Per (category, label) density and mean of `values` (one per cached token) over the tokens of
+    `node_class`, and the `top` prompts where it is largest there."""
+    at = tokens.node_class == node_class
+    n_groups = 2 * len(categories)
+    counts = np.bincount(tokens.group[at], minlength=n_groups)
+    sums = np.bincount(tokens.group[at], weights=values[at], minlength=n_groups)
+    fired = np.bincount(tokens.group[at & (values > 0)], minlength=n_groups)
+    stats = [GroupStats(categories[g // 2], LABELS[g % 2], int(counts[g]),
+                        None if is_error else float(fired[g] / counts[g]), float(sums[g] / counts[g]))
+             for g in range(n_groups) if counts[g]]
+    peaks = np.maximum.reduceat(np.where(at, values, 0.0), tokens.starts) if len(values) else np.zeros(0)
+    order = [i for i in np.argsort(-peaks, kind="stable")[:top] if peaks[i] > 0]
+    contexts = []
+    for i in order:
+        start = tokens.starts[i]
+        end = tokens.starts[i + 1] if i + 1 < len(tokens.starts) else len(values)
+        fires = start + np.flatnonzero(values[start:end] > 0)
+        contexts.append(Context(int(tokens.prompts[i]), float(peaks[i]),
+                                [[int(tokens.position[t]), round(float(values[t]), 4)] for t in fires]))
+    return stats, contexts
+
+
+def _token_texts(wrapper: ModelWrapper, ids: Sequence[int]) -> list[str]:
+    return wrapper.tokenizer.batch_decode([[int(i)] for i in ids])
+
+
+def logit_lens(wrapper: ModelWrapper, directions: torch.Tensor, k: int = LENS_TOKENS, batch: int = 256
+               ) -> list[tuple[list[tuple[str, float]], list[tuple[str, float]]]]:
+    """Per direction the `k` tokens it promotes most and the `k` it suppresses most (logit lens)."""
+    out = []
+    for start in range(0, len(directions), batch):
+        logits = wrapper.logit_lens(directions[start : start + batch]).cpu()
+        high, low = logits.topk(k, dim=-1), logits.topk(k, dim=-1, largest=False)
+        for hv, hi, lv, li in zip(high.values, high.indices, low.values, low.indices):
+            out.append((list(zip(_token_texts(wrapper, hi.tolist()), map(float, hv))),
+                        list(zip(_token_texts(wrapper, li.tolist()), map(float, lv)))))
+    return out
+
+
+def refusal_directions(out: AnalysisLayout) -> tuple[dict[str, dict[str, np.ndarray]], str | None]:
+    """{layer: {direction name: unit vector}} at the directions stage's chosen suffix position, and that
+    position; empty without the stage."""
+    record = out.directions.read(DirectionsResult)
+    if record is None or not out.directions.vectors.is_file():
+        return {}, None
+    vectors = out.directions.read_vectors()
+    position = record.selection.position
+    j = PositionScheme(**record.scheme).node_classes.index(position) - 1  # after "content": the suffix positions
+    found: dict[str, dict[str, np.ndarray]] = {}
+    for key, v in vectors.items():
+        name, _, layer = key.rpartition(".")
+        found.setdefault(layer, {})[name] = v[j] / max(float(np.linalg.norm(v[j])), 1e-12)
+    return found, position
+
+
+def check_inputs(record: DiscoveryRecord, circuits: Mapping[str, Sequence[tuple[Circuit, NodeScores]]],
+                 saes: Mapping[str, SparseAutoencoder], cache: ActivationCache) -> list[str]:
+    """The layers the circuits use; UserError naming what is missing or does not belong together."""
+    layers = list(dict.fromkeys(n.layer for items in circuits.values() for c, _ in items for n in c.nodes))
+    if not any(c.nodes for items in circuits.values() for c, _ in items):
+        raise UserError("report: the analysis's circuits hold no node; nothing to explain (lower the discovery "
+                        "threshold and run `analyze --stage discover`)")
+    missing = [layer for layer in layers if layer not in saes]
+    if missing:
+        raise UserError(f"report: no SAE for layer(s) {missing} the circuits use; run `fit` to train them")
+    uncached = [layer for layer in layers if layer not in cache.layers]
+    if uncached:
+        raise UserError(f"report: the activation cache {cache.dir} has no layer(s) {uncached}; the circuits come "
+                        "from another cache: run `fit` with these layers")
+    model = cache.manifest["config"]["model"].get("name")
+    for layer in layers:
+        meta, d_in = saes[layer].meta, saes[layer].cfg.d_in
+        if d_in != cache.d_model:
+            raise UserError(f"report: the SAE of {layer} takes d_in={d_in} but the cache holds d_model="
+                            f"{cache.d_model}; SAEs and cache come from different models")
+        if meta.model is not None and model is not None and meta.model != model:
+            raise UserError(f"report: the SAE of {layer} was trained on model {meta.model!r}, the cache holds "
+                            f"{model!r}; use the SAEs and cache of one run")
+    if record.scheme.get("mode") not in ("positional", "global"):
+        raise UserError("report: discovery.json has no position scheme; run `analyze --stage discover` again")
+    return layers
+
+
+def node_cards(circuits: Mapping[str, Sequence[tuple[Circuit, NodeScores]]], record: DiscoveryRecord,
+               saes: Mapping[str, SparseAutoencoder], cache: ActivationCache, wrapper: ModelWrapper,
+               shared_core: Mapping[str, Sequence[str]] | None = None,
+               directions: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict[str, NodeCard]:
+    """A card for every node of every circuit (see the module docstring); one pass over the cache per layer."""
+    layers = check_inputs(record, circuits, saes, cache)
+    scheme = PositionScheme(**record.scheme)
+    classes = scheme.node_classes
+    tokens = token_table(cache, scheme)
+    categories = list(cache.manifest["categories"])
+    holders: dict[str, list[str]] = {}
+    nodes = {}
+    for method, items in circuits.items():
+        for circuit, _ in items:
+            for n in circuit.nodes:
+                holders.setdefault(n.name, []).append(f"{method}/{circuit.name}")
+                nodes.setdefault(n.name, n)
+    cards: dict[str, NodeCard] = {}
+    for layer in layers:
+        sae = saes[layer].cpu().float()
+        here = [n for n in nodes.values() if n.layer == layer]
+        latents = np.array(sorted({n.feature for n in here if n.feature != ERROR}), np.int64)
+        column = {f: i for i, f in enumerate(latents.tolist())}
+        matrix, errors = encode_layer(cache, layer, sae, latents, any(n.feature == ERROR for n in here))
+        decoder = sae.W_dec.detach()[torch.from_numpy(latents)].float()
+        lens = dict(zip(latents.tolist(), logit_lens(wrapper, decoder))) if len(latents) else {}
+        unit = torch.nn.functional.normalize(decoder, dim=-1).numpy()
+        cosine = {name: unit @ v for name, v in (directions or {}).get(layer, {}).items()}
+        for n in sorted(here, key=lambda n: (n.feature, n.position)):
+            is_error = n.feature == ERROR
+            values = errors if is_error else matrix[:, column[n.feature]].toarray().ravel()
+            stats, contexts = node_statistics(values, tokens, classes.index(n.position), categories, is_error)
+            scores = []
+            for method, items in circuits.items():
+                for circuit, s in items:
+                    col = s.importance[layer].shape[1] - 1 if is_error else n.feature
+                    p = s.positions.index(n.position)
+                    scores.append(NodeScore(method, circuit.name, float(s.importance[layer][p, col]),
+                                            None if s.signed is None else float(s.signed[layer][p, col]),
+                                            f"{method}/{circuit.name}" in holders[n.name]))
+            promoted, suppressed = ([], []) if is_error else lens[n.feature]
+            cos = {} if is_error else {name: float(c[column[n.feature]]) for name, c in cosine.items()}
+            cards[n.name] = NodeCard(n.name, layer, n.feature, n.position, holders[n.name],
+                                     [m for m, core in (shared_core or {}).items() if n.name in core], scores, stats,
+                                     contexts, promoted, suppressed, cos)
+    return cards
+
+
+def prompt_texts(cards: Mapping[str, NodeCard], samples: Sequence[tuple[PromptSample, Split]],
+                 wrapper: ModelWrapper, cache: ActivationCache) -> dict[int, dict[str, Any]]:
+    """The prompts the cards show: text, category, label, split and each token's text."""
+    wanted = sorted({c.prompt for card in cards.values() for c in card.contexts})
+    if len(samples) != cache.n_prompts:
+        raise UserError(f"report: the run has {len(samples)} prompts but its activation cache {cache.dir} holds "
+                        f"{cache.n_prompts}; the cache belongs to other prompts: run `fit` again")
+    ids = wrapper.encode([samples[i][0].prompt for i in wanted]) if wanted else []
+    out = {}
+    for i, row in zip(wanted, ids):
+        sample, split = samples[i]
+        out[i] = {"category": sample.category, "label": LABELS[int(sample.refusal_label)], "split": split,
+                  "tokens": _token_texts(wrapper, row)}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the page
+
+
+def _image(path: Path) -> str | None:
+    """A PNG as a data URI (inlined: the page works from the file system, alone)."""
+    if not path.is_file():
+        return None
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def markdown_tables(text: str) -> str:
+    """HTML of `summary.md`: its pipe tables as tables, other lines as paragraphs (bold kept)."""
+    parts, table = [], []
+
+    def inline(s: str) -> str:
+        s = html.escape(s.replace("\\|", "|"))
+        while s.count("**") >= 2:
+            s = s.replace("**", "<b>", 1).replace("**", "</b>", 1)
+        return s
+
+    def flush() -> None:
+        if table:
+            head, *body = [[inline(c.strip()) for c in row.strip().strip("|").split(" | ")]
+                           for row in table if not set(row) <= set("|-: ")]
+            parts.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"
+                         + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body) + "</table>")
+            table.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.strip():
+            parts.append(f"<p>{inline(line)}</p>")
+    flush()
+    return "\n".join(parts)
+
+
+def _json_script(data: Any) -> str:
+    """JSON safe inside a <script> element (no `</script>` or `<!--` can appear)."""
+    return json.dumps(to_json(data), separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+
+
+def render_html(title: str, data: Mapping[str, Any]) -> str:
+    """The whole page: the report's data as JSON, this package's script and style inlined."""
+    assets = resources.files("refusal_sae")
+    script = assets.joinpath("report.js").read_text(encoding="utf-8")
+    style = assets.joinpath("report.css").read_text(encoding="utf-8")
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{html.escape(title)}</title><style>{style}</style></head>\n<body>\n"
+            f"<script type=\"application/json\" id=\"report-data\">{_json_script(data)}</script>\n"
+            f"<script>{script}</script>\n</body></html>\n")
+
+
+def report_data(out: AnalysisLayout, run: RunLayout, record: DiscoveryRecord,
+                circuits: Mapping[str, Sequence[tuple[Circuit, NodeScores]]], cards: Mapping[str, NodeCard],
+                prompts: Mapping[int, Mapping[str, Any]], similarity: Mapping[str, Mapping[str, Any]],
+                summary: Mapping[str, Any] | None, directions_position: str | None) -> dict[str, Any]:
+    """Everything the page shows, as one JSON-able dict."""
+    methods = []
+    for method, items in circuits.items():
+        layout = out.method(method)
+        sim = similarity.get(method) or {}
+        evaluated = (summary or {}).get("methods", {}).get(method, {}).get("circuits", {})
+        methods.append({
+            "name": method,
+            "circuits": [{"name": c.name, "category": c.category, "group": c.group, "threshold": c.threshold,
+                          "n_prompts": c.n_prompts, "evaluation": evaluated.get(c.name),
+                          "nodes": [{"name": n.name, "layer": n.layer, "position": n.position,
+                                     "error": n.feature == ERROR, "importance": n.importance, "score": n.score}
+                                    for n in c.nodes],
+                          "edges": [[e.source, e.target, e.score] for e in c.edges]} for c, _ in items],
+            "curves": _image(layout.curves_png),
+            "similarity_png": _image(layout.similarity_png),
+            "verdict": (sim.get("verdict") or {}).get("explanation"),
+            "shared_core": (sim.get("shared_core") or {}).get("nodes", []),
+        })
+    directions = out.directions.read(DirectionsResult)
+    validity = json.loads(run.validity.read_text(encoding="utf-8")) if run.validity.is_file() else None
+    if validity is not None:
+        validity.pop("prompts", None)
+    return {
+        "analysis": out.name, "run": str(run.root), "target": record.target, "scheme": record.scheme,
+        "layers": list(dict.fromkeys(layer for items in circuits.values() for c, _ in items for layer in c.layers)),
+        "classes": PositionScheme(**record.scheme).node_classes, "methods": methods, "cards": cards,
+        "prompts": {str(k): v for k, v in prompts.items()},
+        "comparison": _image(out.comparison_png),
+        "directions": None if directions is None else {
+            "png": _image(out.directions.png), "verdict": directions.verdict.explanation,
+            "layer": directions.selection.layer, "position": directions_position},
+        "validity": validity,
+        "summary_html": markdown_tables(out.summary_md.read_text(encoding="utf-8")) if out.summary_md.is_file() else None,
+    }
+
+
+def build_report(out: AnalysisLayout, run: RunLayout, saes: Mapping[str, SparseAutoencoder], cache: ActivationCache,
+                 splits: Mapping[Split, Sequence[PromptSample]], wrapper: ModelWrapper,
+                 circuits: Mapping[str, Sequence[tuple[Circuit, NodeScores]]], record: DiscoveryRecord,
+                 similarity: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any] | None) -> Path:
+    """Node cards and `index.html` for the analysis `out` (its circuits, scores, similarity, evaluation figures,
+    summary and refusal directions as written there); returns the page's path."""
+    directions, position = refusal_directions(out)
+    core = {m: (s.get("shared_core") or {}).get("nodes", []) for m, s in similarity.items()}
+    cards = node_cards(circuits, record, saes, cache, wrapper, core, directions)
+    samples = [(s, split) for split in SPLITS for s in splits.get(split, [])]  # the cache's prompt order
+    prompts = prompt_texts(cards, samples, wrapper, cache)
+    data = report_data(out, run, record, circuits, cards, prompts, similarity, summary, position)
+    out.write_report(render_html(f"refusal circuits: {out.name}", data), to_json({"cards": cards, "prompts": prompts}))
+    log.info("report: %d node cards in %s", len(cards), out.report_html)
+    return out.report_html
+
+
+__all__ = ["Context", "GroupStats", "NodeCard", "NodeScore", "TokenTable", "build_report", "check_inputs",
+           "encode_layer", "logit_lens", "markdown_tables", "node_cards", "node_statistics", "prompt_texts",
+           "refusal_directions", "render_html", "report_data", "token_table"]

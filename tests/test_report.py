@@ -1,0 +1,220 @@
+"""The analysis report: node cards on the planted model, and the page as a person sees it in headless Chromium."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from refusal_sae.analysis import AnalysisConfig, AnalysisInputs, load_discovery, run_analysis
+from refusal_sae.circuits import ERROR, Circuit, Node
+from refusal_sae.directions import DirectionsConfig
+from refusal_sae.errors import UserError
+from refusal_sae.evaluation import EvaluationConfig
+from refusal_sae.layout import RunLayout
+from refusal_sae.report import node_cards, render_html
+from refusal_sae.sae import SAEMeta
+from refusal_sae.similarity import SimilarityConfig
+from refusal_sae.validity import ValidityConfig
+from tests.conftest import single_thread
+from tests.planted import LAYERS, METRIC, PLANTED, REFUSAL_WORD, exact_saes, vocabulary
+from tests.test_circuits import planted  # noqa: F401  (the module fixture: planted model, prompts, cache)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CFG = AnalysisConfig(evaluation=EvaluationConfig(n_sizes=4, fractions=[0.1], random_circuits=2, bootstrap=100),
+                     similarity=SimilarityConfig(permutations=20), metric=METRIC, validity_report=False,
+                     directions=DirectionsConfig(enabled=True, bootstrap=100))
+
+
+@pytest.fixture(scope="module")
+def analysed(planted, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811 (the fixture, not the import)
+    """Every stage, the report included, on the planted model of `test_circuits`: (inputs, the analysis)."""
+    wrapper, splits, saes, _, cache = planted
+    run = RunLayout(tmp_path_factory.mktemp("report"))
+    inputs = AnalysisInputs(saes, cache, splits, lambda: wrapper, run, ValidityConfig(max_new_tokens=2))
+    out = run.analysis("a")
+    with single_thread():
+        run_analysis(inputs, out, CFG)
+    return inputs, out
+
+
+def cards_of(out) -> tuple[dict, dict]:
+    data = json.loads(out.report_cards.read_text(encoding="utf-8"))
+    return data["cards"], data["prompts"]
+
+
+def test_planted_latents_show_their_trigger_words_and_promote_the_refusal_token(analysed) -> None:
+    _, out = analysed
+    cards, prompts = cards_of(out)
+    triggers = set(vocabulary()[0])
+    circuits = [c for c, _ in load_discovery(out).circuits["correlation"]]
+    assert set(cards) == set().union(*(c.node_names() for c in circuits))  # a card for every node, no other
+    for layer in LAYERS:
+        for j in PLANTED:
+            card = cards[f"{layer}/{j}@content"]
+            assert card["contexts"], card["name"]
+            for context in card["contexts"]:
+                prompt = prompts[str(context["prompt"])]
+                position, value = max(context["values"], key=lambda pv: pv[1])
+                assert prompt["label"] == "toxic" and prompt["tokens"][position] in triggers
+                assert value == pytest.approx(context["peak"], abs=1e-3)
+            by_label = {(s["category"], s["label"]): s for s in card["stats"]}
+            for category in ("alpha", "beta"):  # safe prompts hold no trigger: the latent never fires on them
+                assert by_label[category, "safe"]["density"] == 0 and by_label[category, "toxic"]["density"] > 0.3
+            assert card["promoted"][0][0] == REFUSAL_WORD and card["promoted"][0][1] > 0  # the head reads it
+            assert sorted(card["circuits"]) == ["correlation/alpha", "correlation/beta"]
+            assert card["shared_core"] == ["correlation"]
+            alpha = next(s for s in card["scores"] if s["circuit"] == "alpha")
+            assert alpha["in_circuit"] and alpha["importance"] >= 0.5 and alpha["score"] > 0
+            last = cards[f"{layer}/{j}@-1"]  # the suffix node's top prompts are toxic ones too
+            assert {prompts[str(c["prompt"])]["label"] for c in last["contexts"]} == {"toxic"}
+            # the refusal direction (toxic minus safe mean) is the planted sum b_0 + b_1 + b_2: cosine 1/sqrt(3)
+            # (each category's too: both draw their triggers from every planted word)
+            assert set(card["cosines"]) == {"global", "alpha", "beta"}
+            assert all(v == pytest.approx(3 ** -0.5, abs=0.15) for v in card["cosines"].values())
+
+
+def test_an_error_node_card_gives_its_norm_where_the_sae_misses(analysed) -> None:
+    """The exact SAE leaves no error; one whose decoder lost planted latent 0 misses it on the trigger tokens."""
+    inputs, out = analysed
+    discovery = load_discovery(out)
+    scores = discovery.circuits["correlation"][0][1]
+    circuit = Circuit("alpha", "all", "correlation", LAYERS, [Node("residuals_0", ERROR, "content", 1.0, 0.5)])
+    items = {"correlation": [(circuit, scores)]}
+    exact = node_cards(items, discovery.record, inputs.saes, inputs.cache, inputs.wrapper())
+    assert all(s.density is None and s.mean < 1e-4 for s in exact["residuals_0/error@content"].stats)
+    lossy = exact_saes()
+    with torch.no_grad():
+        lossy["residuals_0"].W_dec[PLANTED[0]] = 0
+    card = node_cards(items, discovery.record, lossy, inputs.cache, inputs.wrapper())["residuals_0/error@content"]
+    mean = {(s.category, s.label): s.mean for s in card.stats}
+    assert mean["alpha", "toxic"] > 0.2 and mean["alpha", "safe"] < 1e-4
+    assert not card.promoted and not card.cosines
+
+
+def test_missing_or_mismatched_inputs_are_one_line_naming_the_fix(analysed, tmp_path: Path) -> None:
+    inputs, out = analysed
+    discovery = load_discovery(out)
+    one_layer = {"residuals_0": inputs.saes["residuals_0"]}
+    with pytest.raises(UserError, match=r"no SAE for layer\(s\) \['residuals_1'\].*run `fit`"):
+        node_cards(discovery.circuits, discovery.record, one_layer, inputs.cache, inputs.wrapper())
+    other = exact_saes()
+    other["residuals_0"].meta = SAEMeta(layer="residuals_0", model="someone/else")
+    with pytest.raises(UserError, match="trained on model 'someone/else', the cache holds"):
+        node_cards(discovery.circuits, discovery.record, other, inputs.cache, inputs.wrapper())
+    run = RunLayout(tmp_path)
+    with pytest.raises(UserError, match="run the discover stage first"):
+        run_analysis(inputs, run.analysis("b"), CFG, ["report", "summary"], source=run.analysis("nowhere"))
+
+
+def test_the_report_stage_alone_builds_the_page_from_another_analysis(analysed) -> None:
+    inputs, out = analysed
+    again = inputs.run.analysis("report_only")
+    run_analysis(inputs, again, CFG, ["report", "summary"], source=out)
+    page = again.report_html.read_text(encoding="utf-8")
+    assert "data:image/png;base64," in page and "residuals_0/0@content" in page
+    assert again.method("correlation").curves_png.is_file()  # the source's evaluation, drawn here
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page  # no network
+
+
+# ------------------------------------------------------------------ in a real browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (shutil.which("chromium") or Path(CHROMIUM).is_file()) or not Path(CHROMEDRIVER).is_file():
+        pytest.skip(f"no Chromium here ({CHROMIUM}, {CHROMEDRIVER}): `apt-get install chromium chromium-driver`, "
+                    "as `make test` does")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def open_page(driver, path: Path) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(path.resolve().as_uri())
+    WebDriverWait(driver, 60).until(lambda d: d.find_element("tag name", "body").get_attribute("data-ready") == "1")
+
+
+def not_blank(png: bytes) -> bool:
+    from matplotlib.image import imread
+
+    pixels = imread(io.BytesIO(png), format="png")[..., :3]
+    return pixels.std() > 0.05 and (pixels.mean(-1) < 0.5).mean() > 0.001  # varied, with dark ink somewhere
+
+
+def test_the_report_renders_every_node_and_opens_a_card(analysed, browser) -> None:
+    from selenium.webdriver.common.by import By
+
+    _, out = analysed
+    open_page(browser, out.report_html)
+    assert not_blank(browser.get_screenshot_as_png())
+    for circuit, _ in load_discovery(out).circuits["correlation"]:
+        drawn = browser.find_elements(By.CSS_SELECTOR, f'svg[data-circuit="correlation/{circuit.name}"] circle.node')
+        assert len(drawn) == len(circuit.nodes) > 0
+    name = f"{LAYERS[0]}/{PLANTED[0]}@content"
+    browser.find_element(By.CSS_SELECTOR, f'svg[data-circuit="correlation/alpha"] circle[data-node="{name}"]').click()
+    card = browser.find_element(By.ID, "card")
+    assert card.get_attribute("data-node") == name
+    cards, prompts = cards_of(out)
+    contexts = card.find_elements(By.CSS_SELECTOR, ".context")
+    assert len(contexts) == len(cards[name]["contexts"])
+    top = cards[name]["contexts"][0]
+    position, _ = max(top["values"], key=lambda pv: pv[1])
+    word = prompts[str(top["prompt"])]["tokens"][position]
+    fired = contexts[0].find_elements(By.CSS_SELECTOR, ".tok[title]")  # the highlighted tokens of the top context
+    assert word in [t.text for t in fired] and word in set(vocabulary()[0])
+    assert REFUSAL_WORD in card.text and "Top contexts" in card.text
+
+
+def test_a_circuit_of_500_nodes_renders_and_responds(analysed, browser, tmp_path: Path) -> None:
+    """The planted run's page data with one circuit grown to 500 nodes (each with a card)."""
+    from selenium.webdriver.common.by import By
+
+    _, out = analysed
+    page = out.report_html.read_text(encoding="utf-8")
+    start = page.index('id="report-data">') + len('id="report-data">')
+    data = json.loads(page[start : page.index("</script>", start)])
+    circuit = data["methods"][0]["circuits"][0]
+    template = circuit["nodes"][0]
+    nodes = []
+    for i in range(500):
+        layer, position = LAYERS[i % 2], data["classes"][i % len(data["classes"])]
+        name = f"{layer}/{1000 + i}@{position}"
+        nodes.append({**template, "name": name, "layer": layer, "position": position, "importance": 1 - i / 1000})
+        data["cards"][name] = {**data["cards"][template["name"]], "name": name, "position": position}
+    circuit["nodes"] = nodes
+    circuit["edges"] = [[a["name"], b["name"], 0.5] for a, b in zip(nodes[::2], nodes[1::2])]
+    path = tmp_path / "big.html"
+    path.write_text(render_html("500 nodes", data), encoding="utf-8")
+    open_page(browser, path)
+    drawn = browser.find_elements(By.CSS_SELECTOR, f'svg[data-circuit="correlation/{circuit["name"]}"] circle.node')
+    assert len(drawn) == 500
+    drawn[-1].click()
+    assert browser.find_element(By.ID, "card").get_attribute("data-node") == nodes[-1]["name"]
+    assert not_blank(browser.get_screenshot_as_png())
+
+
+def test_markdown_tables_escape_what_they_show() -> None:
+    from refusal_sae.report import markdown_tables
+
+    page = markdown_tables("**m** (x)\n\n| a | b |\n|---|---|\n| <script> | 1 \\| 2 |\n")
+    assert "<b>m</b>" in page and "&lt;script&gt;" in page and "<td>1 | 2</td>" in page
