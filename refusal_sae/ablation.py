@@ -23,7 +23,6 @@ whose cache cannot be continued that way (checked once against a plain forward) 
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,8 +38,6 @@ from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import LAYER_PREFIX, ModelWrapper
 from refusal_sae.sae import SparseAutoencoder
 from refusal_sae.validate import positive_int
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -204,32 +201,22 @@ class Ablator:
         if not torch.equal(ids[:, :p], self._prefix.expand(len(ids), -1)):
             raise UserError("evaluation: prompts do not share the chat template's prefix the position classes "
                             "were found with; run discovery again on these prompts")
-        try:
-            if self._prefix_cache is None:
-                self._prefix_cache = self.wrapper.prefix_cache(self._prefix)
-            past = self.wrapper.expand_prefix(self._prefix_cache, len(ids))
-            if self._prefix_ok is None:
-                self._prefix_ok = self._same_as_plain(ids, past)
-        except (AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError) as e:
-            log.warning("evaluation: this model's key/value cache cannot be continued (%s); every variant runs the "
-                        "whole prompt (slower, same numbers)", str(e).splitlines()[0][:120])
-            self._prefix_ok = False
-        if not self._prefix_ok:
-            return None
-        return past
+        if self._prefix_ok is None:
+            self._prefix_ok = self.wrapper.continuation_matches(lambda: self._cached_logits(ids), ids,
+                                                                torch.ones_like(ids), "evaluation")
+            if not self._prefix_ok:
+                return None
+        return self.wrapper.expand_prefix(self._prefix_cache, len(ids))
 
-    def _same_as_plain(self, ids: Tensor, past: Any) -> bool:
+    def _cached_logits(self, ids: Tensor) -> Tensor:
+        """Logits of `ids` the way variants get them: the prefix's keys and values computed (and kept), the rest
+        continued to the deepest SAE layer and the blocks after it run on that residual."""
+        self._prefix_cache = self.wrapper.prefix_cache(self._prefix)
+        past = self.wrapper.expand_prefix(self._prefix_cache, len(ids))
         mask = torch.ones_like(ids)
         last = self.layers[-1]
-        p = self.scheme.prefix
-        cached = self.wrapper.suffix_last_token_logits(
-            self.wrapper.residuals(ids[:, p:], mask, [last], past=past)[last], mask, last, past=past)
-        plain = self.wrapper.last_token_logits(ids, mask)
-        ok = bool(torch.allclose(cached, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max())))
-        if not ok:
-            log.warning("evaluation: continuing this model's key/value cache changes its logits (max |diff| %.3g); "
-                        "every variant runs the whole prompt (slower, same numbers)", float((cached - plain).abs().max()))
-        return ok
+        hidden = self.wrapper.residuals(ids[:, self.scheme.prefix:], mask, [last], past=past)[last]
+        return self.wrapper.suffix_last_token_logits(hidden, mask, last, past=past)
 
     @torch.no_grad()
     def scores(self, prompts: Sequence[str], variant: Variant | None = None) -> np.ndarray:

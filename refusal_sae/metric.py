@@ -65,6 +65,7 @@ from torch import Tensor
 
 from refusal_sae.errors import UserError
 from refusal_sae.model import ModelWrapper
+from refusal_sae.positions import common_prefix
 from refusal_sae.validate import one_of, positive_int
 
 log = logging.getLogger(__name__)
@@ -338,14 +339,35 @@ def as_prompt_list(prompts: Sequence[str] | str) -> list[str]:
 
 
 def prompt_log_probs(
-    wrapper: ModelWrapper, prompts: Sequence[str], batch_size: int, metric: RefusalMetric
+    wrapper: ModelWrapper, prompts: Sequence[str], batch_size: int, metric: RefusalMetric, reuse_prefix: bool = True
 ) -> tuple[Tensor, Tensor]:
-    """(log P(refusal set), log P(compliance set)) of each prompt, each (n,) on the CPU, `batch_size` at a time."""
+    """(log P(refusal set), log P(compliance set)) of each prompt, each (n,) on the CPU, `batch_size` at a time.
+
+    With `reuse_prefix` the tokens every prompt starts with (the chat template's start: 24 for the embedded
+    Qwen) run once per call, under the hooks active during the call, and every batch runs only the positions
+    after them (`ModelWrapper.last_token_logits` with their keys and values): the same logits within float
+    tolerance for hooks that edit each position by itself (`refusal_sae.directions`' do), as the prefix and
+    the rest are two forward passes; give False for a hook that depends on where a position is. Never reused
+    across calls, since the caller's hooks may differ. A model whose cache cannot be continued (checked once
+    per wrapper, with a one-line notice) and `reuse_prefix=False` run whole prompts.
+    """
     positive_int("batch_size", batch_size, 8)
+    ids = wrapper.encode(prompts)
+    # at least one token after the prefix per prompt, where the last-token logits are read
+    prefix = min(common_prefix(ids), min(map(len, ids)) - 1) if reuse_prefix and ids else 0
+    cache = None
     refusal, compliance = [], []
-    for start in range(0, len(prompts), batch_size):
-        enc = wrapper.tokenize(prompts[start : start + batch_size], "right")
-        logits = wrapper.last_token_logits(enc["input_ids"], enc["attention_mask"])
+    for start in range(0, len(ids), batch_size):
+        enc = wrapper.pad(ids[start : start + batch_size], "right")  # right: every prefix at positions 0 .. P-1
+        input_ids, mask = enc["input_ids"], enc["attention_mask"]
+        if prefix and cache is None:
+            cache = _prefix_cache(wrapper, input_ids, mask, prefix)
+            prefix = prefix if cache is not None else 0
+        if prefix:
+            past = wrapper.expand_prefix(cache, len(input_ids))
+            logits = wrapper.last_token_logits(input_ids[:, prefix:], mask, past=past)
+        else:
+            logits = wrapper.last_token_logits(input_ids, mask)
         r, c = metric.log_probs(logits)
         refusal.append(r.cpu())
         compliance.append(c.cpu())
@@ -354,18 +376,33 @@ def prompt_log_probs(
     return torch.cat(refusal), torch.cat(compliance)
 
 
+def _prefix_cache(wrapper: ModelWrapper, input_ids: Tensor, mask: Tensor, prefix: int) -> Any:
+    """The keys and values of the first `prefix` tokens of right-padded `input_ids`, computed now; None on a model
+    whose cache cannot be continued (`ModelWrapper.prefix_continues`, checked on this batch the first time)."""
+
+    def cached() -> Tensor:
+        past = wrapper.expand_prefix(wrapper.prefix_cache(input_ids[:1, :prefix]), len(input_ids))
+        return wrapper.last_token_logits(input_ids[:, prefix:], mask, past=past)
+
+    if wrapper.prefix_continues is None:
+        wrapper.prefix_continues = wrapper.continuation_matches(cached, input_ids, mask, "refusal metric")
+    return wrapper.prefix_cache(input_ids[:1, :prefix]) if wrapper.prefix_continues else None
+
+
 def refusal_scores(
     wrapper: ModelWrapper,
     prompts: Sequence[str],
     batch_size: int = 8,
     metric: RefusalMetric | RefusalMetricConfig | None = None,
+    reuse_prefix: bool = True,
 ) -> Tensor:
     """(n,) float32 refusal score of each prompt (on the CPU), from `wrapper.last_token_logits`.
 
-    `metric`: a `RefusalMetric`, a config to build one for `wrapper`, or None for the defaults.
+    `metric`: a `RefusalMetric`, a config to build one for `wrapper`, or None for the defaults. `reuse_prefix`:
+    run the prompts' shared prefix once (`prompt_log_probs`).
     """
     metric = resolve_metric(wrapper, metric)
-    refusal, compliance = prompt_log_probs(wrapper, as_prompt_list(prompts), batch_size, metric)
+    refusal, compliance = prompt_log_probs(wrapper, as_prompt_list(prompts), batch_size, metric, reuse_prefix)
     return refusal - compliance
 
 

@@ -95,6 +95,10 @@ class _StopForward(Exception):
     """Raised by the hook on the deepest requested block to end the forward pass early."""
 
 
+_CACHE_ERRORS: tuple[type[Exception], ...] = (AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError)
+"""What continuing a key/value cache raises on a model whose cache cannot be continued that way."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Resolving config values
 
@@ -244,6 +248,9 @@ class ModelWrapper:
 
         self._decoder, self._layers = self._find_layers()
         self.n_layers = len(self._layers)
+        self.prefix_continues: bool | None = None
+        """Whether `last_token_logits` continuing a prefix cache equals a plain forward on this model: None until
+        `refusal_sae.metric.prompt_log_probs` first checks it (`continuation_matches`)."""
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.d_model = int(text_config.hidden_size)
 
@@ -438,7 +445,11 @@ class ModelWrapper:
         Returns a `BatchEncoding` with `input_ids` and `attention_mask` of shape (batch, longest).
         No special tokens are added: the template already holds them.
         """
-        ids = self.encode(prompts)
+        return self.pad(self.encode(prompts), padding_side)
+
+    def pad(self, ids: Sequence[Sequence[int]], padding_side: Literal["left", "right"] = "right"):
+        """`encode`'s token ids as a padded `BatchEncoding` (see `tokenize`), for a caller that needs the ids of
+        the whole prompt list before it batches them; longer than max_length is an error."""
         if not ids:
             from transformers import BatchEncoding
 
@@ -564,22 +575,49 @@ class ModelWrapper:
                 handle.remove()
 
     @torch.no_grad()
-    def last_token_logits(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    def last_token_logits(self, input_ids: Tensor, attention_mask: Tensor | None, past: Any = None) -> Tensor:
         """(batch, vocab) float32 logits at each prompt's last real token.
 
         Runs the base model (all blocks + final norm), gathers the last real position of each row
         (the last 1 of `attention_mask`, so right or left padding both work) and applies the lm_head to
         those positions only.
-        """
-        return self.last_token_logits_with_grad(input_ids, attention_mask)
 
-    def last_token_logits_with_grad(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        With `past` (a `prefix_cache` expanded to the batch, left untouched) `input_ids` are only the
+        positions after the prefix every row shares, and `attention_mask` covers prefix and continuation:
+        the rows must be RIGHT-padded, so that each one's prefix sits at positions 0 .. P-1 and its
+        continuation right after it (left padding would put pad tokens between the two). Every row needs
+        at least one real token after the prefix.
+        """
+        return self.last_token_logits_with_grad(input_ids, attention_mask, past)
+
+    def last_token_logits_with_grad(self, input_ids: Tensor, attention_mask: Tensor | None, past: Any = None
+                                    ) -> Tensor:
         """`last_token_logits` with autograd left as the caller set it, for attribution: the model's
         parameters never require grad, so a graph exists only from tensors a hook made require grad
         (e.g. SAE features spliced into the residual stream by `edit_residuals`)."""
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
-        output = self._decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        output = self._decoder(input_ids=input_ids, attention_mask=attention_mask,
+                               **self._continuation(past, input_ids))
         return self._head_at_last(output, attention_mask)
+
+    def continuation_matches(self, cached: Callable[[], Tensor], input_ids: Tensor, attention_mask: Tensor,
+                             who: str) -> bool:
+        """Whether `cached()`, the last-token logits of these whole rows computed by continuing their shared
+        prefix's key/value cache (prefix cache included), equals a plain forward of the rows within float
+        tolerance: the one-time check before a caller (`who`) reuses a prefix cache. False, with a one-line
+        notice that `who` runs whole prompts, where it does not or where the cache cannot be continued."""
+        try:
+            got = cached()
+        except _CACHE_ERRORS as e:
+            log.warning("%s: this model's key/value cache cannot be continued (%s); it runs whole prompts "
+                        "(slower, same numbers)", who, _first_line(e, 120))
+            return False
+        plain = self.last_token_logits(input_ids, attention_mask)
+        ok = bool(torch.allclose(got, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max())))
+        if not ok:
+            log.warning("%s: continuing this model's key/value cache changes its logits (max |diff| %.3g); it runs "
+                        "whole prompts (slower, same numbers)", who, float((got - plain).abs().max()))
+        return ok
 
     @torch.no_grad()
     def suffix_last_token_logits(self, hidden: Tensor, attention_mask: Tensor | None, after_layer: str | int,
@@ -649,13 +687,14 @@ class ModelWrapper:
                                    **self._continuation(past, hidden))
         finally:
             self._decoder.layers = original
-        return self._head_at_last(output, attention_mask[:, attention_mask.shape[1] - hidden.shape[1]:])
+        return self._head_at_last(output, attention_mask)
 
     @torch.no_grad()
     def prefix_cache(self, input_ids: Tensor) -> Any:
         """The keys and values of a token prefix (1, P) that a batch of prompts shares (the chat template's
-        start), computed once: `expand_prefix` gives a batch's copy for `residuals` and
-        `suffix_last_token_logits`, which then run only the positions after it."""
+        start), computed once (under the hooks active now): `expand_prefix` gives a batch's copy for
+        `residuals`, `suffix_last_token_logits` and `last_token_logits`, which then run only the positions
+        after it."""
         ids = torch.as_tensor(input_ids).to(self.device)
         out = self._decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
         return out.cache if self._cache_argument == "cache" else out.past_key_values
@@ -687,8 +726,10 @@ class ModelWrapper:
         return {"use_cache": True, self._cache_argument: copy.deepcopy(past), "position_ids": positions}
 
     def _head_at_last(self, output: Any, attention_mask: Tensor) -> Tensor:
-        """(batch, vocab) float32 logits of the base model's `output` at each row's last real position."""
+        """(batch, vocab) float32 logits of the base model's `output` at each row's last real position
+        (`attention_mask` may also cover a cached prefix before the output's positions)."""
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        attention_mask = attention_mask[:, attention_mask.shape[1] - hidden.shape[1]:]
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (attention_mask.bool() * positions).argmax(dim=1)
         rows = torch.arange(hidden.shape[0], device=hidden.device)

@@ -87,7 +87,8 @@ class PositionScheme:
         return {"mode": self.mode, "prefix": self.prefix, "suffix": self.suffix}
 
 
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every sequence of `seqs` (at least one) shares."""
     first = seqs[0]
     n = min(len(s) for s in seqs)
     for i in range(n):
@@ -108,9 +109,9 @@ def template_scheme(mode: PositionMode, token_ids: Sequence[Sequence[int]], plac
         return PositionScheme("global", 0, 0)
     if not token_ids:
         raise UserError("position classes: no prompts to find the shared template in")
-    prefix = min(_common_prefix(token_ids), _common_prefix(placeholders))
+    prefix = min(common_prefix(token_ids), common_prefix(placeholders))
     reverse = [list(reversed(s)) for s in token_ids]
-    suffix = min(_common_prefix(reverse), _common_prefix([list(reversed(s)) for s in placeholders]))
+    suffix = min(common_prefix(reverse), common_prefix([list(reversed(s)) for s in placeholders]))
     shortest = min(len(s) for s in token_ids)
     if prefix + suffix >= shortest:
         suffix = max(0, shortest - 1 - prefix)
@@ -122,4 +123,4 @@ PLACEHOLDER_MESSAGES = ("Tell me about the weather today.", "Why?")
 
 
 __all__ = ["ALL", "CONTENT", "PLACEHOLDER_MESSAGES", "POSITION_MODES", "PositionMode", "PositionScheme",
-           "template_scheme"]
+           "common_prefix", "template_scheme"]

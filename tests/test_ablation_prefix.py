@@ -12,6 +12,7 @@ changes nothing.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,10 +22,20 @@ import torch
 
 from refusal_sae.ablation import Ablator, Variant
 from refusal_sae.circuits import candidate_mask
-from refusal_sae.metric import RefusalMetric
+from refusal_sae.directions import directional_ablation
+from refusal_sae.metric import RefusalMetric, refusal_scores
 from refusal_sae.model import ModelConfig, ModelWrapper
+from refusal_sae.positions import common_prefix
 from refusal_sae.sae import SAEConfig, SparseAutoencoder
-from tests.planted import LAYERS, METRIC, PLANTED, exact_saes, make_planted_model, planted_prompts
+from tests.planted import (
+    LAYERS,
+    METRIC,
+    PLANTED,
+    exact_saes,
+    make_planted_model,
+    make_template_model,
+    planted_prompts,
+)
 from tests.tiny_model import make_tiny_model, make_tiny_tokenizer, sample_prompts
 from tests.whole_model import node_means, whole_model_scores
 
@@ -282,3 +293,84 @@ def test_cached_residuals_equal_the_whole_model_on_the_planted_model(tmp_path: P
     assert_same_scores(abl, prompts, patterns, [*DISTINCT[:2], ("planted", "without_planted")])
     if mode == "positional":
         assert_prefix_ablation_changes_nothing(abl, prompts)
+
+
+# --------------------------------------------------------------------------------------------------
+# refusal_scores: the shared prefix run once per call
+
+
+def assert_prefix_path_equals_plain(wrapper: ModelWrapper, prompts: list[str], batch_size: int = 3) -> None:
+    """`refusal_scores` with the prompts' shared prefix run once equals whole prompts: with no hook, and under a
+    directional ablation of a random direction, which edits every position, the prefix's included. The prefix's
+    keys and values computed outside that hook would give other scores: so they are computed inside it."""
+    metric = RefusalMetric.from_wrapper(wrapper, METRIC)
+    ids = wrapper.encode(prompts)
+    p = common_prefix(ids)
+    assert 0 < p < min(map(len, ids)) and len({len(row) for row in ids}) > 1  # a prefix to reuse, padded batches
+    plain = refusal_scores(wrapper, prompts, batch_size, metric, reuse_prefix=False)
+    seen: list[int] = []  # positions block 0 runs, per forward pass
+    handle = wrapper._layers[0].register_forward_hook(lambda m, a, o: seen.append(
+        (o[0] if isinstance(o, (tuple, list)) else o).shape[1]))
+    try:
+        cached = refusal_scores(wrapper, prompts, batch_size, metric)
+    finally:
+        handle.remove()
+    assert wrapper.prefix_continues
+    # the prefix once, then each batch from the prefix on (right-padded to its longest prompt)
+    widths = [max(map(len, ids[i : i + batch_size])) - p for i in range(0, len(ids), batch_size)]
+    assert seen[-len(widths) - 1 :] == [p, *widths]
+    torch.testing.assert_close(cached, plain, rtol=RTOL, atol=ATOL)
+
+    direction = torch.randn(wrapper.d_model, generator=torch.Generator().manual_seed(0))
+    with directional_ablation(wrapper, direction):
+        edited_plain = refusal_scores(wrapper, prompts, batch_size, metric, reuse_prefix=False)
+        edited = refusal_scores(wrapper, prompts, batch_size, metric)
+    torch.testing.assert_close(edited, edited_plain, rtol=RTOL, atol=ATOL)
+    assert not torch.allclose(edited_plain, plain, atol=1e-3)  # the ablation moves the scores
+
+    enc = wrapper.tokenize(prompts)
+    outside = wrapper.expand_prefix(wrapper.prefix_cache(enc["input_ids"][:1, :p]), len(prompts))
+    with directional_ablation(wrapper, direction):
+        stale = metric.score(wrapper.last_token_logits(enc["input_ids"][:, p:], enc["attention_mask"], past=outside))
+    assert not torch.allclose(stale, edited_plain, atol=1e-3)
+
+
+def test_refusal_scores_run_the_shared_prefix_once_on_a_random_llama(tiny_llama: ModelWrapper) -> None:
+    assert_prefix_path_equals_plain(tiny_llama, prompts_of(7, seed=3))
+
+
+def test_refusal_scores_run_the_shared_prefix_once_on_a_random_qwen2(tiny_qwen2: ModelWrapper) -> None:
+    prompts = prompts_of(7, seed=1)
+    assert max(map(len, tiny_qwen2.encode(prompts))) - common_prefix(tiny_qwen2.encode(prompts)) > 4  # > the window
+    assert_prefix_path_equals_plain(tiny_qwen2, prompts)
+
+
+def test_refusal_scores_run_the_shared_prefix_once_on_the_template_model(tmp_path: Path) -> None:
+    wrapper = ModelWrapper(ModelConfig(name=str(make_template_model(tmp_path / "model")), device="cpu",
+                                       dtype="float32"))
+    assert_prefix_path_equals_plain(wrapper, [s.prompt for s in planted_prompts(4)["evaluation"]])
+
+
+def test_refusal_scores_fall_back_to_whole_prompts_once_with_a_notice(tiny_llama: ModelWrapper, caplog,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache that cannot be continued, or whose continuation changes the logits: one line, then whole prompts."""
+    wrapper, prompts = tiny_llama, prompts_of(5, seed=4)
+    metric = RefusalMetric.from_wrapper(wrapper, METRIC)
+    plain = refusal_scores(wrapper, prompts, 2, metric, reuse_prefix=False)
+    original = wrapper.prefix_cache
+
+    def no_cache(ids: torch.Tensor) -> None:
+        raise NotImplementedError("no cache here\nsecond line")
+
+    for broken, notice in ((no_cache, "cannot be continued (no cache here)"),
+                           (lambda ids: original(ids.flip(1)), "changes its logits")):  # another prefix's cache
+        monkeypatch.setattr(wrapper, "prefix_continues", None)
+        monkeypatch.setattr(wrapper, "prefix_cache", broken)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="refusal_sae.model"):
+            for _ in range(2):
+                torch.testing.assert_close(refusal_scores(wrapper, prompts, 2, metric), plain)
+        (record,) = caplog.records
+        assert record.message.startswith(f"refusal metric: this model's key/value cache {notice}"[:40])
+        assert notice in record.message and "it runs whole prompts" in record.message
+        assert wrapper.prefix_continues is False
