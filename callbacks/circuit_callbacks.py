@@ -2,10 +2,11 @@
 
 Every `every_n_epochs` training epochs (and after the last one) rank 0 takes a copy of the current SAEs
 and runs the analysis stages (`refusal_sae.analysis`: discover, similarity, evaluate, summary, report) into
-`<run_dir>/analysis/epoch_<NNN>/`, then reports to the Lightning loggers; the other ranks wait at a
-barrier. `<run_dir>/analysis/latest` links to the newest complete analysis. Nothing here changes
-training: the SAEs are copied, never touched. An analysis that fails on bad input does not stop training:
-the checkpoints and the SAE export still happen, and `fit` then ends with the error (exit status 2).
+`<run_dir>/analysis/epoch_<NNN>/`, then reports to the Lightning loggers (W&B also gets the curves, the points
+table and the report's node cards); the other ranks wait at a barrier. `<run_dir>/analysis/latest` links to
+the newest complete analysis. Nothing here changes training: the SAEs are copied, never touched. An analysis
+that fails on bad input does not stop training: the checkpoints and the SAE export still happen, and `fit`
+then ends with the error (exit status 2).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from refusal_sae.analysis import AnalysisConfig, AnalysisInputs, format_summary,
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation
 from refusal_sae.layout import AnalysisLayout, RunLayout
+from refusal_sae.positions import PositionScheme
+from refusal_sae.report import load_cards, node_card_table
 from refusal_sae.validate import positive_int
 
 log = logging.getLogger("refusal_sae")
@@ -108,7 +111,8 @@ class CircuitAnalysisCallback(Callback):
 
     @staticmethod
     def _wandb(logger: WandbLogger, trainer: L.Trainer, out: AnalysisLayout, summary: dict[str, Any]) -> None:
-        """Per circuit a line plot of its all-layer curves, one table of every point, the PNGs."""
+        """Per circuit a line plot of its all-layer curves, one table of every point, the PNGs, and the report's
+        node cards as a table (a row per node, its top contexts as HTML: sortable by importance in any circuit)."""
         import wandb
 
         from refusal_sae.analysis import load_discovery, load_evaluation
@@ -136,6 +140,10 @@ class CircuitAnalysisCallback(Callback):
                 if path.is_file():
                     logger.log_image(f"circuits/{method}/{path.stem}", [str(path)], step=trainer.global_step)
         logger.log_table("circuits/points", columns=columns, data=rows, step=trainer.global_step)
+        cards, prompts = load_cards(out)
+        columns, rows = node_card_table(cards, prompts, PositionScheme(**discovery.record.scheme),
+                                        lambda fragment: wandb.Html(fragment, inject=False))  # its styles are inline
+        logger.log_table("circuits/node_cards", columns=columns, data=rows, step=trainer.global_step)
         # as Lightning's WandbLogger logs: W&B's own step counter has run past global_step by now (one
         # increment per log call), and W&B drops data logged at an explicit step behind it
         logger.experiment.log({**plots, "trainer/global_step": trainer.global_step})

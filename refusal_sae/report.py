@@ -20,7 +20,9 @@ sae_vis and Neuronpedia show the same as dashboards). Every node of every saved 
 layer x position class; nodes sized by importance, coloured by signed score; edges by weight) whose nodes
 open their card, the curves, similarity and direction figures inlined, the results table and the metric's
 validity. The page needs no network: its script and style are this package's `report.js` / `report.css`,
-inlined when it is built.
+inlined when it is built. Outside the page (the W&B table the analysis callback logs, `notebooks/02_run.ipynb`)
+the cards are read back with `load_cards` and shown by `node_card_table`, one row per card with its top
+contexts as HTML (`contexts_html`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import base64
 import html
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -44,7 +46,7 @@ from refusal_sae.circuits import ERROR, Circuit, NodeScores
 from refusal_sae.data import PromptSample, Split
 from refusal_sae.directions import DirectionsResult
 from refusal_sae.errors import UserError
-from refusal_sae.layout import AnalysisLayout, DiscoveryRecord, RunLayout, to_json
+from refusal_sae.layout import AnalysisLayout, DiscoveryRecord, RunLayout, from_json, to_json
 from refusal_sae.model import ModelWrapper
 from refusal_sae.positions import PositionScheme
 from refusal_sae.sae import SparseAutoencoder
@@ -436,6 +438,91 @@ def build_report(out: AnalysisLayout, run: RunLayout, saes: Mapping[str, SparseA
     return out.report_html
 
 
+# --------------------------------------------------------------------------------------------------
+# the cards outside the page: the W&B table, the notebook
+
+
+def load_cards(out: AnalysisLayout) -> tuple[dict[str, NodeCard], dict[int, dict[str, Any]]]:
+    """The node cards `build_report` wrote for `out`, typed again, and the prompts their contexts show."""
+    if not out.report_cards.is_file():
+        raise UserError(f"{out.report_cards} not found: this analysis has no report; run `python -m refusal_sae "
+                        f"analyze --run_dir <run> --stage report --source {out.name}`")
+    data = json.loads(out.report_cards.read_text(encoding="utf-8"))
+    return from_json(dict[str, NodeCard], data["cards"]), {int(k): v for k, v in data["prompts"].items()}
+
+
+def _ascii_html(text: str) -> str:
+    """Escaped, non-ASCII as character references: the fragment reads the same in whatever charset it is served."""
+    return html.escape(text).encode("ascii", "xmlcharrefreplace").decode("ascii")
+
+
+CONTEXT_STYLE = ("<style>.rs-ctx{border:1px solid #ddd;margin:5px 0;padding:4px}.rs-ctx .m{font-size:11px;color:#555}"
+                 ".rs-ctx .k{font-family:monospace;font-size:12px}.rs-ctx .k span{display:inline-block;white-space:pre;"
+                 "margin:1px 1px 1px 0}.rs-ctx .k .at{border-bottom:2px solid #2a6fdb}</style>")
+"""report.css's look of a context, for `contexts_html`; its classes are under `rs-ctx` to touch nothing else in a
+notebook page."""
+
+
+def contexts_html(card: NodeCard, prompts: Mapping[int, Mapping[str, Any]], scheme: PositionScheme) -> str:
+    """A card's top contexts as an HTML fragment with its own style (`CONTEXT_STYLE`), drawn as the page draws them
+    (`contextBlock` in report.js) for places without report.css (a W&B table cell, a notebook): the prompt after
+    the shared prefix, each token where the node fires shaded orange by its value over the context's peak (the
+    value on hover), the node's position class underlined."""
+    at = scheme.node_classes.index(card.position)
+    blocks = []
+    for c in card.contexts:
+        prompt = prompts[c.prompt]
+        values = {int(p): v for p, v in c.values}
+        tokens = prompt["tokens"]
+        spans = []
+        for pos, (token, k) in enumerate(zip(tokens, scheme.classes(len(tokens)) - scheme.prefix)):
+            if k < 0:  # the shared prefix: the same in every prompt, never a node
+                continue
+            attrs = ' class="at"' if k == at else ""
+            if pos in values:
+                shade = min(1.0, 0.15 + 0.85 * values[pos] / (c.peak or 1))
+                attrs += (f' style="background:rgba(255,140,0,{shade:.2f})"'
+                          f' title="{values[pos]:.3f} ({scheme.node_classes[k]})"')
+            spans.append(f"<span{attrs}>{_ascii_html(token.replace(chr(10), '⏎'))}</span>")
+        meta = (f"{prompt['category']} · {prompt['label']} · {prompt['split']} · peak {c.peak:.3f} · "
+                f"prompt {c.prompt}")
+        blocks.append(f'<div class="rs-ctx"><div class="m">{_ascii_html(meta)}</div>'
+                      f'<div class="k">{"".join(spans)}</div></div>')
+    return CONTEXT_STYLE + ("".join(blocks) or '<p style="color:#666">never fires at this position class</p>')
+
+
+def _pooled(stats: Sequence[GroupStats], label: str) -> tuple[float | None, float | None]:
+    """Density and mean over every category's `label` tokens (None: no such tokens; density None: an error node)."""
+    here = [g for g in stats if g.label == label]
+    n = sum(g.n_tokens for g in here)
+    if not n:
+        return None, None
+    density = None if here[0].density is None else sum(g.density * g.n_tokens for g in here) / n
+    return density, sum(g.mean * g.n_tokens for g in here) / n
+
+
+def node_card_table(cards: Mapping[str, NodeCard], prompts: Mapping[int, Mapping[str, Any]], scheme: PositionScheme,
+                    html_cell: Callable[[str], Any] = str) -> tuple[list[str], list[list[Any]]]:
+    """The cards as one table, a row per node: what it is, the circuits holding it, its importance in every circuit
+    (a column each, to sort by), its density and mean on toxic vs safe prompts of all categories, its logit lens
+    and its top contexts (`contexts_html`, passed through `html_cell`: `wandb.Html` for a W&B table)."""
+    circuits = list(dict.fromkeys(f"{s.method}/{s.circuit}" for card in cards.values() for s in card.scores))
+    columns = ["node", "layer", "feature", "position", "circuits", "shared_core",
+               *(f"importance/{c}" for c in circuits), "density_toxic", "mean_toxic", "density_safe", "mean_safe",
+               "promoted", "suppressed", "top_contexts"]
+    rows = []
+    for card in cards.values():
+        importance = {f"{s.method}/{s.circuit}": s.importance for s in card.scores}
+        lens = [" ".join(json.dumps(t, ensure_ascii=False) for t, _ in tokens)
+                for tokens in (card.promoted, card.suppressed)]
+        rows.append([card.name, card.layer, card.feature, card.position, ", ".join(card.circuits),
+                     ", ".join(card.shared_core), *(importance.get(c) for c in circuits),
+                     *_pooled(card.stats, "toxic"), *_pooled(card.stats, "safe"), *lens,
+                     html_cell(contexts_html(card, prompts, scheme))])
+    return columns, rows
+
+
 __all__ = ["Context", "GroupStats", "NodeCard", "NodeScore", "TokenTable", "build_report", "check_inputs",
-           "encode_layer", "logit_lens", "markdown_tables", "node_cards", "node_statistics", "prompt_texts",
-           "refusal_directions", "render_html", "report_data", "token_table"]
+           "contexts_html", "encode_layer", "load_cards", "logit_lens", "markdown_tables", "node_card_table",
+           "node_cards", "node_statistics", "prompt_texts", "refusal_directions", "render_html", "report_data",
+           "token_table"]

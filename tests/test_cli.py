@@ -155,6 +155,10 @@ def test_notebook_opens_a_finished_run(tiny_run, monkeypatch: pytest.MonkeyPatch
     text = "".join(o.get("text", "") for o in outputs)
     assert "residuals_0:" in text and "FVU" in text and "Refusal looks" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4  # data, curves, heatmap, graph
+    # section 6: one node card from report/cards.json, its top contexts highlighted
+    assert "importance/correlation/violence: " in text and "density_toxic: " in text and "promoted: " in text
+    contexts = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    assert 'class="rs-ctx"' in contexts and "background:rgba(255,140,0," in contexts
 
 
 def tree_hashes(root: Path) -> dict[str, str]:

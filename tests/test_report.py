@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +18,8 @@ from refusal_sae.directions import DirectionsConfig
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import EvaluationConfig
 from refusal_sae.layout import RunLayout
-from refusal_sae.report import node_cards, render_html
+from refusal_sae.positions import PositionScheme
+from refusal_sae.report import load_cards, node_card_table, node_cards, render_html
 from refusal_sae.sae import SAEMeta
 from refusal_sae.similarity import SimilarityConfig
 from refusal_sae.validity import ValidityConfig
@@ -96,6 +98,32 @@ def test_an_error_node_card_gives_its_norm_where_the_sae_misses(analysed) -> Non
     mean = {(s.category, s.label): s.mean for s in card.stats}
     assert mean["alpha", "toxic"] > 0.2 and mean["alpha", "safe"] < 1e-4
     assert not card.promoted and not card.cosines
+
+
+def test_the_card_table_has_a_row_per_node_and_highlights_the_trigger_words(analysed) -> None:
+    """What the W&B table `circuits/node_cards` and the notebook show, read back from cards.json: a planted latent's
+    row holds its importance, its toxic-only density and the refusal word first in its lens, and in each of its top
+    contexts the strongest-shaded token is a trigger word at the node's class (underlined), the prefix left out."""
+    inputs, out = analysed
+    cards, prompts = load_cards(out)
+    scheme = PositionScheme(**load_discovery(out).record.scheme)
+    columns, rows = node_card_table(cards, prompts, scheme)
+    assert [r[0] for r in rows] == list(cards) and len({len(r) for r in rows} | {len(columns)}) == 1
+    name = f"{LAYERS[0]}/{PLANTED[0]}@content"
+    row = dict(zip(columns, rows[list(cards).index(name)]))
+    assert row["importance/correlation/alpha"] >= 0.5 and "correlation/alpha" in row["circuits"]
+    assert row["density_safe"] == 0 and row["density_toxic"] > 0.3 and row["mean_toxic"] > 0
+    assert row["promoted"].startswith(json.dumps(REFUSAL_WORD))
+    page = row["top_contexts"]
+    assert page.isascii()  # non-ASCII as character references: the same in any charset
+    spans = re.findall(r"<span([^>]*)>([^<]*)</span>", page)
+    contexts = cards[name].contexts
+    assert len(spans) == sum(len(prompts[c.prompt]["tokens"]) - scheme.prefix for c in contexts)
+    strongest = [(attrs, token) for attrs, token in spans if "rgba(255,140,0,1.00)" in attrs]
+    assert len(strongest) >= len(contexts) and {token for _, token in strongest} <= set(vocabulary()[0])
+    assert all('class="at"' in attrs for attrs, _ in strongest)
+    with pytest.raises(UserError, match=r"has no report; run .*--stage report --source nowhere"):
+        load_cards(inputs.run.analysis("nowhere"))
 
 
 def test_missing_or_mismatched_inputs_are_one_line_naming_the_fix(analysed, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ All runs share one activation cache (collected by the first of them), so each co
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -46,6 +47,7 @@ def test_ddp_ranks_end_identical_with_global_dead_latent_counts_and_w_and_b_offl
     args[args.index(str(DEFAULT_CONFIG))] = str(config)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env["WANDB_MODE"] = "online"  # the config's `offline: true` must win: no account, no network here
+    env["WANDB_DATA_DIR"] = str(tmp_path / "wandb_data")  # where W&B stages artifacts' files (default: in $HOME)
     result = subprocess.run(
         [sys.executable, "-m", "refusal_sae", "fit", *args, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
          "--trainer.strategy", "ddp", "--trainer.max_epochs", "2", "--model.save_all_ranks", "true",
@@ -81,6 +83,17 @@ def test_ddp_ranks_end_identical_with_global_dead_latent_counts_and_w_and_b_offl
                 "circuits/correlation/hate/sanity_passed", "circuits/correlation/violence/faithfulness",
                 "circuits/correlation/curves", "circuits/correlation/similarity", "circuits/points"):
         assert key.encode() in history, key
+    # the report's node cards as a table, a row per card, each with its top contexts as an HTML file (highlighted
+    # tokens) in the table's artifact
+    cards = json.loads(RunLayout(tmp_path).latest.report_cards.read_text(encoding="utf-8"))["cards"]
+    [table] = runs[0].parent.glob("files/media/table/circuits/node_cards_*.table.json")
+    logged = json.loads(table.read_text(encoding="utf-8"))
+    assert len(logged["data"]) == len(cards) > 0
+    assert [row[0] for row in logged["data"]] == list(cards) and logged["columns"][-1] == "top_contexts"
+    assert b"circuits/node_cards" in history and b"media/html/" in history
+    staged = [p for p in (tmp_path / "wandb_data").rglob("*") if p.is_file()]
+    contexts = [text for p in staged if 'class="rs-ctx"' in (text := p.read_text(encoding="utf-8", errors="replace"))]
+    assert len(contexts) == len(cards) and all("background:rgba(255,140,0," in text for text in contexts)
 
 
 def test_resume_from_last_checkpoint_gives_the_saes_of_an_uninterrupted_run(
