@@ -1,11 +1,12 @@
 """Every benchmark in one run, on this machine (a GPU when torch sees one): one table, one JSON.
 
-    python -m benchmarks [--quick] [--only collection,sae,memory,ablation,end_to_end] [--out runs/benchmarks]
+    python -m benchmarks [--quick] [--only collection,sae,memory,ablation,metric,end_to_end] [--out runs/benchmarks]
 
   collection   activation collection (hooks + cache) vs a plain output_hidden_states loop  bench_collection
   sae          a top-k SAE training step vs eai-sparsify's and vs the dense matmul floor    bench_sae
   memory       peak RSS streaming a 10x larger activation cache vs the small one            bench_stream_memory
   ablation     ablation variants with cached residuals vs the whole model, and vs the floor bench_ablation
+  metric       refusal scores with the shared prefix run once per call vs whole prompts    bench_metric
   end_to_end   `fit --config configs/default.yaml` vs one plain forward pass of its prompts bench_end_to_end
                (and the report stage alone on that run, vs the same pass)
 
@@ -28,7 +29,14 @@ from typing import Any
 
 import torch
 
-from benchmarks import bench_ablation, bench_collection, bench_end_to_end, bench_sae, bench_stream_memory
+from benchmarks import (
+    bench_ablation,
+    bench_collection,
+    bench_end_to_end,
+    bench_metric,
+    bench_sae,
+    bench_stream_memory,
+)
 from benchmarks.common import describe, machine, table
 from refusal_sae.io import atomic_open, write_json
 
@@ -42,6 +50,7 @@ BENCHMARKS: dict[str, tuple[Any, list[str]]] = {
     "sae": (bench_sae, ["--expansion", "8", "--batch", "4096", "--steps", "20"]),
     "memory": (bench_stream_memory, []),
     "ablation": (bench_ablation, ["--prompts", "8", "--variants", "10"]),
+    "metric": (bench_metric, []),
     "end_to_end": (bench_end_to_end, []),
 }
 
@@ -84,6 +93,14 @@ def _ablation(r: dict) -> list[Row]:
                  "floor: later blocks, no edits", side["floor"]["seconds_per_variant"])]
 
 
+def _metric(r: dict) -> list[Row]:
+    side = {row["side"]: row["seconds_per_call"] for row in r["rows"]}
+    measure = f"s/call ({r['prompts']} prompts)"
+    return [_row("refusal scores" + ("" if hook == "plain" else f", {hook}"), measure,
+                 f"shared prefix once ({r['shared_prefix_tokens']} tokens)", side[f"{hook}, prefix"],
+                 "whole prompts", side[f"{hook}, whole"]) for hook in r["prefix_over_whole"]]
+
+
 def _end_to_end(r: dict) -> list[Row]:
     fit, forward = r["rows"]
     return [_row("end to end", f"s ({r['prompts']} prompts)", "fit, default config", fit["seconds"],
@@ -93,7 +110,8 @@ def _end_to_end(r: dict) -> list[Row]:
 
 
 SUMMARIES: dict[str, Callable[[dict], list[Row]]] = {
-    "collection": _collection, "sae": _sae, "memory": _memory, "ablation": _ablation, "end_to_end": _end_to_end,
+    "collection": _collection, "sae": _sae, "memory": _memory, "ablation": _ablation, "metric": _metric,
+    "end_to_end": _end_to_end,
 }
 
 

@@ -33,19 +33,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from benchmarks.common import median_seconds, report
+from benchmarks.common import add_model_options, load_model, median_seconds, report, run_model_benchmark
 from refusal_sae.ablation import Ablator, Variant
 from refusal_sae.circuits import candidate_mask
 from refusal_sae.data import ORBenchLoader
-from refusal_sae.metric import RefusalMetric, RefusalMetricConfig
-from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.sae import SAEConfig, SparseAutoencoder
 from tests.whole_model import node_means, whole_model_scores
 
@@ -77,32 +74,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--mean-prompts", type=int, default=8, help="other prompts the node means come from")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--variants", type=int, default=16, help="ablation variants per side")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--quick", action="store_true", help="a tiny random model: a smoke run in seconds")
-    parser.add_argument("--out", default=None, help="write the JSON result here")
-    args = parser.parse_args(argv)
-    if args.quick and args.threads is None:
-        args.threads = 1  # tiny matrices: a second thread only adds synchronisation
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="bench_ablation_") as tmp:  # the quick model, the means' cache
-        return run(args, Path(tmp))
+    add_model_options(parser)
+    return run_model_benchmark(parser.parse_args(argv), run, "bench_ablation_")
 
 
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    metric_cfg = None
     if args.quick:
-        from tests.tiny_model import make_tiny_model
-
-        args.model = str(make_tiny_model(tmp / "model", n_layers=4))
         args.layers, args.width, args.k, args.repeats, args.variants = "1,2", 64, 8, 1, 4
-        metric_cfg = RefusalMetricConfig(refusal_openers=["not"], compliance_openers=["how"], space_variants=False)
-    wrapper = ModelWrapper(ModelConfig(name=args.model, device=args.device, dtype=args.dtype))
+    wrapper, metric = load_model(args, tmp)
     layers = wrapper.resolve_layers([int(i) for i in args.layers.split(",")])
-    metric = RefusalMetric.from_wrapper(wrapper, metric_cfg)
     prompts, mean_prompts = pick_prompts(args.prompts, args.mean_prompts)
     saes = {}
     for i, layer in enumerate(layers):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +16,8 @@ from typing import Any
 import torch
 
 from refusal_sae.io import write_json
+from refusal_sae.metric import RefusalMetric, RefusalMetricConfig
+from refusal_sae.model import ModelConfig, ModelWrapper
 
 
 def machine() -> dict[str, Any]:
@@ -72,6 +76,42 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that runs a language model: --repeats, --device, --dtype, --threads, --quick
+    and --out (read by `run_model_benchmark`)."""
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="a tiny random model: a smoke run in seconds")
+    parser.add_argument("--out", default=None, help="write the JSON result here")
+
+
+def run_model_benchmark(args: argparse.Namespace, run: Callable[[argparse.Namespace, Path], dict[str, Any]],
+                        prefix: str) -> dict[str, Any]:
+    """`run(args, tmp)` with torch's threads set from --threads (1 with --quick unless given: on tiny matrices a
+    second thread only adds synchronisation), `tmp` a temporary directory for the quick model and any cache."""
+    if args.quick and args.threads is None:
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        return run(args, Path(tmp))
+
+
+def load_model(args: argparse.Namespace, tmp: Path) -> tuple[ModelWrapper, RefusalMetric]:
+    """The model --model names and its default refusal metric; with --quick a tiny random 4-layer Llama written
+    to `tmp` (`args.model` then names it) and a metric of words its vocabulary knows."""
+    metric_cfg = None
+    if args.quick:
+        from tests.tiny_model import make_tiny_model
+
+        args.model = str(make_tiny_model(tmp / "model", n_layers=4))
+        metric_cfg = RefusalMetricConfig(refusal_openers=["not"], compliance_openers=["how"], space_variants=False)
+    wrapper = ModelWrapper(ModelConfig(name=args.model, device=args.device, dtype=args.dtype))
+    return wrapper, RefusalMetric.from_wrapper(wrapper, metric_cfg)
 
 
 def report(name: str, rows: list[dict[str, Any]], extra: dict[str, Any], out: str | None) -> dict[str, Any]:

@@ -353,17 +353,15 @@ def prompt_log_probs(
     """
     positive_int("batch_size", batch_size, 8)
     ids = wrapper.encode(prompts)
+    # right padding keeps every prompt's prefix at positions 0 .. P-1, its continuation right after it
+    batches = [wrapper.pad(ids[start : start + batch_size], "right") for start in range(0, len(ids), batch_size)]
     # at least one token after the prefix per prompt, where the last-token logits are read
     prefix = min(common_prefix(ids), min(map(len, ids)) - 1) if reuse_prefix and ids else 0
-    cache = None
+    cache = _prefix_cache(wrapper, batches[0]["input_ids"], batches[0]["attention_mask"], prefix) if prefix else None
     refusal, compliance = [], []
-    for start in range(0, len(ids), batch_size):
-        enc = wrapper.pad(ids[start : start + batch_size], "right")  # right: every prefix at positions 0 .. P-1
+    for enc in batches:
         input_ids, mask = enc["input_ids"], enc["attention_mask"]
-        if prefix and cache is None:
-            cache = _prefix_cache(wrapper, input_ids, mask, prefix)
-            prefix = prefix if cache is not None else 0
-        if prefix:
+        if cache is not None:
             past = wrapper.expand_prefix(cache, len(input_ids))
             logits = wrapper.last_token_logits(input_ids[:, prefix:], mask, past=past)
         else:

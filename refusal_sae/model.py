@@ -197,7 +197,7 @@ class ModelWrapper:
 
     Attributes: `model` (the `AutoModelForCausalLM`), `tokenizer` (right padding, pad = eos if it had
     none), `cfg`, `device`, `dtype`, `n_layers`, `d_model`, `chat_template` (the template text used,
-    or None if there is none).
+    or None if there is none), `prefix_continues`.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -584,9 +584,9 @@ class ModelWrapper:
 
         With `past` (a `prefix_cache` expanded to the batch, left untouched) `input_ids` are only the
         positions after the prefix every row shares, and `attention_mask` covers prefix and continuation:
-        the rows must be RIGHT-padded, so that each one's prefix sits at positions 0 .. P-1 and its
-        continuation right after it (left padding would put pad tokens between the two). Every row needs
-        at least one real token after the prefix.
+        then the rows must be RIGHT-padded, so that each one's prefix sits at positions 0 .. P-1 and its
+        continuation right after it (left padding would put pad tokens between the two), and every row needs
+        a real token after the prefix.
         """
         return self.last_token_logits_with_grad(input_ids, attention_mask, past)
 

@@ -27,7 +27,7 @@ def test_quick_suite_writes_one_table_and_json_with_stable_keys(tmp_path: Path) 
     kernels = cpu_kernels.usable(torch.zeros(1)) is not None  # then the SAE step is also run without them
     assert [r["benchmark"] for r in suite["rows"]] == [
         "activation collection", *["SAE training step"] * (3 if kernels else 2), "SAE quality", "streaming memory",
-        *["ablation variants"] * 2, "end to end", "report"]
+        *["ablation variants"] * 2, "refusal scores", "refusal scores, direction ablated", "end to end", "report"]
     for row in suite["rows"]:
         assert set(row) == {"benchmark", "measure", "a", "a_value", "b", "b_value", "a/b"}
         assert row["a_value"] > 0 and row["b_value"] > 0 and math.isclose(row["a/b"], row["a_value"] / row["b_value"])
@@ -38,6 +38,10 @@ def test_quick_suite_writes_one_table_and_json_with_stable_keys(tmp_path: Path) 
     assert [r["side"] for r in ablation["rows"]] == ["cached", "whole", "floor"]
     assert [r["b"] for r in suite["rows"] if r["benchmark"] == "ablation variants"] == [
         "whole model, edits hooked", "floor: later blocks, no edits"]
+    metric = results["metric"]
+    assert metric["scores_equal"] and metric["prefix_reused"] and metric["shared_prefix_tokens"] > 0
+    assert [r["side"] for r in metric["rows"]] == ["plain, prefix", "plain, whole", "direction ablated, prefix",
+                                                  "direction ablated, whole"]
     sae = {r["side"]: r for r in results["sae"]["rows"]}
     assert sae["refusal_sae"]["fvu"] < results["sae"]["fvu_at_init"] and sae["sparsify"]["fvu"] < 1
     if kernels:
