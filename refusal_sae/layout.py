@@ -5,6 +5,7 @@
       activations/                                            the activation cache (refusal_sae.activations)
       checkpoints/, saes/<layer>/, saes_by_rank/              SAE training
       metric_validity.json                                    does the refusal score predict refusals?
+      .lock                                                   held by the fit using the run (refusal_sae.io)
       analysis/<name>/                                        one circuit analysis (`epoch_008`, or a name
                                                               given to `analyze`); `latest` links the newest
         means.safetensors                                     ablation means per node (features.NodeMeans)
