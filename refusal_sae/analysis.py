@@ -1,4 +1,5 @@
-"""The analysis stages after SAE training: discover -> similarity -> evaluate -> directions -> summary -> report.
+"""The analysis stages after SAE training: discover -> similarity -> evaluate -> cross -> directions -> summary
+-> report.
 
 Each stage is a plain function of the SAEs, the activation cache, the prompts and the model
 (`AnalysisInputs`) and of the previous stage's result, passed in memory; each writes its records
@@ -8,6 +9,8 @@ through the run layout (`refusal_sae.layout`), from which a later process reads 
     discover    node means, per method and category the circuit and every node's score
     similarity  per method: do the category circuits share nodes more than chance? (monolithic/modular)
     evaluate    per circuit: faithfulness / completeness curves with intervals, sanity checks
+    cross       per method: each category's circuit ablated on every category's held-out prompts
+                (`refusal_sae.cross_ablation`; when `cross_ablation.enabled`, or asked for by name)
     directions  without SAEs: refusal directions per category and their cross-category ablation
                 (`refusal_sae.directions`; when `directions.enabled`, or asked for by name)
     summary     the short summary the CLI prints
@@ -28,6 +31,7 @@ from tqdm.auto import tqdm
 from refusal_sae.ablation import Ablator
 from refusal_sae.activations import ActivationCache, PromptActivations
 from refusal_sae.circuits import ERROR, Circuit, NodeScores
+from refusal_sae.cross_ablation import CrossAblationConfig, CrossAblationResult, cross_ablation, plot_cross_ablation
 from refusal_sae.data import PromptSample, Split
 from refusal_sae.directions import DirectionsConfig, DirectionsResult, run_directions
 from refusal_sae.discovery import DiscoveryConfig, DiscoveryInputs, discover, methods
@@ -161,17 +165,22 @@ def fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def _ablator(inputs: AnalysisInputs, discovery: Discovery, metric: RefusalMetricConfig, batch_size: int) -> Ablator:
+    """Mean-ablation with the discovery's node means and the SAEs they were computed with."""
+    wrapper = inputs.wrapper()
+    missing = [layer for layer in discovery.means.layers if layer not in inputs.saes]
+    if missing:
+        raise UserError(f"circuits were found with SAEs for {missing}, which are missing now; train them again")
+    return Ablator(wrapper, {k: inputs.saes[k] for k in discovery.means.layers}, discovery.means,
+                   RefusalMetric.from_wrapper(wrapper, metric), batch_size)
+
+
 def run_evaluation(inputs: AnalysisInputs, discovery: Discovery, out: AnalysisLayout, cfg: EvaluationConfig,
                    metric: RefusalMetricConfig) -> dict[str, list[CircuitEvaluation]]:
     """Every circuit's curves on its category's held-out prompts; each circuit's record is written as soon as
     it is done, and one already written from the same settings, node means and ranking is read back instead
     of recomputed (so adding a method or a category to a rerun recomputes nothing already done)."""
-    wrapper = inputs.wrapper()
-    missing = [layer for layer in discovery.means.layers if layer not in inputs.saes]
-    if missing:
-        raise UserError(f"circuits were found with SAEs for {missing}, which are missing now; train them again")
-    ablator = Ablator(wrapper, {k: inputs.saes[k] for k in discovery.means.layers}, discovery.means,
-                      RefusalMetric.from_wrapper(wrapper, metric), cfg.batch_size)
+    ablator = _ablator(inputs, discovery, metric, cfg.batch_size)
     evaluation = list(inputs.splits["evaluation"])
     toxic = np.array([s.refusal_label for s in evaluation], dtype=bool)
     refused = inputs.refused(evaluation) if cfg.target == "behavior" else None
@@ -200,6 +209,26 @@ def run_evaluation(inputs: AnalysisInputs, discovery: Discovery, out: AnalysisLa
     if len(results) > 1:
         plot_curves(results, out.comparison_png)
     return results
+
+
+def run_cross_ablation(inputs: AnalysisInputs, discovery: Discovery,
+                       results: Mapping[str, Sequence[CircuitEvaluation]], out: AnalysisLayout,
+                       cfg: CrossAblationConfig, target: str, metric: RefusalMetricConfig
+                       ) -> dict[str, CrossAblationResult]:
+    """Per method with two or more category circuits: the cross-ablation matrix (written to `out`)."""
+    ablator = _ablator(inputs, discovery, metric, cfg.batch_size)
+    evaluation = list(inputs.splits["evaluation"])
+    refused = inputs.refused(evaluation) if target == "behavior" else None
+    found = {}
+    for method, items in discovery.circuits.items():
+        if sum(c.group == "all" for c, _ in items) < 2:
+            continue
+        evaluations = {r.name: r for r in results.get(method, [])}
+        found[method] = cross_ablation(ablator, evaluation, refused, items, evaluations, cfg, target)
+        log.info("%s", found[method].explanation)
+        out.method(method).write_cross_ablation(found[method])
+        plot_cross_ablation(found[method], out.method(method).cross_ablation_png)
+    return found
 
 
 def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluation]],
@@ -309,7 +338,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 
 
-STAGES = ("discover", "similarity", "evaluate", "directions", "summary", "report")
+STAGES = ("discover", "similarity", "evaluate", "cross", "directions", "summary", "report")
 
 
 @dataclass
@@ -319,6 +348,8 @@ class AnalysisConfig:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    cross_ablation: CrossAblationConfig = field(default_factory=CrossAblationConfig)
+    """Each category's circuit ablated on every category's held-out prompts: does their refusal need it?"""
     directions: DirectionsConfig = field(default_factory=DirectionsConfig)
     """Refusal directions per category without SAEs (Arditi et al.): a second opinion on the similarity verdict."""
     metric: RefusalMetricConfig = field(default_factory=RefusalMetricConfig)
@@ -332,8 +363,8 @@ class AnalysisConfig:
 def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfig,
                  stages: Sequence[str] = STAGES, source: AnalysisLayout | None = None) -> dict[str, Any]:
     """Run `stages` in order into `out`; a stage whose input stage is not run reads it from `source` (default
-    `out`). `directions` runs when `cfg.directions.enabled` or when it is the first stage asked for (`analyze
-    --stage directions`). Returns the summary (reading what exists when the summary is run alone)."""
+    `out`). `cross` and `directions` run when enabled in `cfg` or when first in `stages` (`analyze --stage
+    cross`). Returns the summary (reading what exists when the summary is run alone)."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise UserError(f"analyze --stage: unknown stage(s) {unknown}; use {', '.join(STAGES)}")
@@ -353,6 +384,8 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
         results = run_evaluation(inputs, discovery, out, cfg.evaluation, cfg.metric)
     else:
         results = {m: rs for m in discovery.circuits if (rs := load_evaluation(source, discovery, m))}
+    if "cross" in stages and (cfg.cross_ablation.enabled or stages[0] == "cross"):
+        run_cross_ablation(inputs, discovery, results, out, cfg.cross_ablation, cfg.evaluation.target, cfg.metric)
     if "directions" in stages and (cfg.directions.enabled or stages[0] == "directions"):
         wrapper = inputs.wrapper()
         every = [s for split in ("discovery", "evaluation") for s in inputs.splits.get(split, [])]
@@ -379,4 +412,4 @@ def load_evaluation(out: AnalysisLayout, discovery: Discovery, method: str) -> l
 
 __all__ = ["STAGES", "AnalysisConfig", "AnalysisInputs", "Discovery", "candidate_keys", "format_summary",
            "load_discovery", "load_evaluation", "position_scheme", "run_analysis", "run_discovery", "run_evaluation",
-           "run_similarity", "summarise"]
+           "run_cross_ablation", "run_similarity", "summarise"]

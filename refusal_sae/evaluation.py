@@ -209,7 +209,8 @@ def curve_sizes(n_total: int, cfg: EvaluationConfig, where: str) -> list[int]:
     return sorted(n for n in sizes | {n_total} if 1 <= n <= n_total)
 
 
-def _mask(ranking: Sequence[tuple[str, int, int]], shapes: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+def node_mask(ranking: Sequence[tuple[str, int, int]], shapes: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+    """{layer: (node classes, width + 1)} masks of the ranked nodes given (`ranked_nodes` entries)."""
     out = {layer: np.zeros(shape, bool) for layer, shape in shapes.items()}
     for layer, pos, col in ranking:
         out[layer][pos, col] = True
@@ -313,7 +314,7 @@ def _curve(run: _Run, scope: str, layers: list[str], mode: str, ranking: list[tu
     points, faith_points = [], []
     positions = ablator.scheme.node_classes
     for n in curve_sizes(n_total, cfg, where):
-        kept = _mask(ranking[:n], shapes)
+        kept = node_mask(ranking[:n], shapes)
         if n == n_total:  # every candidate kept: no edit; every candidate ablated: F(∅)
             f_c, f_mc = run.alias(f"{prefix}/C{n}", "model"), run.alias(f"{prefix}/MC{n}", f"{prefix}/empty")
         else:
@@ -419,4 +420,4 @@ def _sanity(run: _Run, circuit: Circuit, cfg: EvaluationConfig, main: Curve, liv
 
 
 __all__ = ["ALL_LAYERS", "Band", "CircuitEvaluation", "Curve", "ERROR_MODES", "EvaluationConfig", "Point", "Sanity",
-           "curve_sizes", "evaluate_circuit", "random_mask"]
+           "curve_sizes", "evaluate_circuit", "node_mask", "random_mask"]

@@ -16,6 +16,8 @@
         <method>/evaluation/<circuit>.json                    curves, intervals, sanity (evaluation.CircuitEvaluation)
         <method>/evaluation/<circuit>.scores.safetensors      per-prompt scores of every ablated variant
         <method>/curves.png                                   faithfulness / completeness curves
+        <method>/cross_ablation.json, .png                    each category's circuit ablated on every category's
+                                                              held-out prompts (refusal_sae.cross_ablation)
         comparison.png                                        methods side by side
         directions/directions.json, .safetensors, .png        refusal directions per category, their
                                                               cross-category ablation, verdict (refusal_sae.directions)
@@ -224,6 +226,17 @@ class MethodLayout:
     @property
     def curves_png(self) -> Path:
         return self.root / "curves.png"
+
+    @property
+    def cross_ablation_json(self) -> Path:
+        return self.root / "cross_ablation.json"
+
+    @property
+    def cross_ablation_png(self) -> Path:
+        return self.root / "cross_ablation.png"
+
+    def write_cross_ablation(self, record: Any) -> None:
+        write_json(self.cross_ablation_json, to_json(record))
 
 
 class DirectionsLayout:

@@ -227,6 +227,31 @@ def test_analyze_directions_runs_the_stage_asked_for_by_name(capsys: pytest.Capt
     assert run.analysis("dirs").directions.png.is_file()
 
 
+def test_analyze_cross_ablates_each_category_circuit_at_its_evaluated_size(capsys: pytest.CaptureFixture[str],
+                                                                           tiny_run) -> None:
+    """`analyze --stage cross` on the fit's analysis: a matrix per method over every category, each circuit at
+    the size its own evaluation record says reaches faithfulness 0.8 (else the n_nodes fallback)."""
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    run = RunLayout(run_dir)
+    fitted = run.epoch(2)
+    done = cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "cross", "--name", "cross",
+                          "--source", fitted.root.name, "--analysis.cross_ablation.n_nodes", "3",
+                          "--analysis.cross_ablation.bootstrap", "100")
+    assert done.returncode == 0, done.stderr
+    discovery = load_discovery(run.analysis("cross"))
+    for method in discovery.circuits:
+        layout = run.analysis("cross").method(method)
+        record = json.loads(layout.cross_ablation_json.read_text(encoding="utf-8"))
+        assert len(record["categories"]) == 10 and len(record["ablation"]) == 10
+        assert all(len(row) == 10 for row in record["ablation"]) and layout.cross_ablation_png.is_file()
+        evaluations = {r.name: r for r in load_evaluation(fitted, discovery, method)}
+        for row in record["rows"]:
+            keep = [c for c in evaluations[row["circuit"]].curves if c.scope == ALL_LAYERS and c.error_mode == "keep"]
+            reached = keep[0].reaches["0.8"] if keep else None
+            assert row["n_nodes"] == (3 if reached is None else reached), row
+
+
 def test_analyze_refuses_an_existing_name_and_a_directory_fit_did_not_write(
     capsys: pytest.CaptureFixture[str], tiny_run, tmp_path: Path
 ) -> None:

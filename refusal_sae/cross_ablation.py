@@ -1,0 +1,232 @@
+"""The causal test of shared circuits: does category B's refusal need category A's circuit?
+
+Node overlap (`refusal_sae.similarity`) says which features two category circuits share, not whether the
+other category's refusal needs them: a shared refusal *output* overlaps as much as a shared mechanism.
+So, per discovery method, category A's circuit of N nodes C_A (its N best-ranked candidate nodes, error
+terms kept, as in the evaluation's "keep" curves) is mean-ablated on category B's held-out prompts:
+
+    change(A -> B) = F_B(M \\ C_A) - F_B(M)          F_B: the evaluation's objective on B's prompts
+    share(A -> B)  = change(A -> B) / change(B -> B)  null when change(B -> B)'s interval contains 0
+
+with 95% paired bootstrap intervals over B's prompts (the same resamples for every A, so a share is formed
+per resample). N is A's smallest size whose all-layer keep-mode faithfulness reaches 0.8 (its evaluation
+record), or `n_nodes` when A has no such size (or no record), or `size` for every category when given.
+
+A pair transfers when change(A -> B)'s interval lies below 0. B is testable when its own circuit transfers
+to itself. The mean share over the ordered pairs of distinct testable categories is the summary number:
+near 1, each category's refusal needs the others' circuits (one mechanism); near 0, only its own. Unlike
+the refusal directions' verdict there is no chance level (random circuits of the same size): read it with
+the similarity stage's overlap and the circuits' own completeness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from refusal_sae.ablation import Ablator
+from refusal_sae.bootstrap import Interval, interval, resample_weights
+from refusal_sae.circuits import Circuit, NodeScores, candidate_mask, ranked_nodes
+from refusal_sae.data import PromptSample
+from refusal_sae.directions import Effect, share
+from refusal_sae.errors import UserError
+from refusal_sae.evaluation import ALL_LAYERS, REACH, CircuitEvaluation, node_mask
+from refusal_sae.io import atomic_open
+from refusal_sae.objective import objective
+from refusal_sae.plots import annotated_heatmap
+from refusal_sae.similarity import CMAP
+from refusal_sae.validate import bootstrap_resamples, fraction, non_negative_int, positive_int
+
+FAITHFUL = str(REACH[-1])
+"""The evaluation record's `reaches` key whose size is the default N."""
+
+
+@dataclass
+class CrossAblationConfig:
+    """The circuit cross-ablation stage's options (`analysis.cross_ablation`)."""
+
+    enabled: bool = False
+    """Run it with the other stages (the callback, `analyze --stage all`); `analyze --stage cross` runs it
+    whatever this says. It runs the model 1 + categories times over every category's held-out prompts F reads."""
+    size: int | None = None
+    """Nodes of every category's circuit; null: each category's smallest size reaching faithfulness 0.8."""
+    n_nodes: int = 100
+    """Nodes of a category's circuit when `size` is null and its curve never reaches faithfulness 0.8."""
+    bootstrap: int = 2000
+    """Bootstrap resamples of the held-out prompts (at least 100)."""
+    confidence: float = 0.95
+    """Coverage of the intervals."""
+    batch_size: int = 8
+    """Prompts per forward pass."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+
+    def __post_init__(self) -> None:
+        if self.size is not None:
+            positive_int("cross_ablation.size", self.size, 100)
+        positive_int("cross_ablation.n_nodes", self.n_nodes, 100)
+        bootstrap_resamples("cross_ablation.bootstrap", self.bootstrap)
+        fraction("cross_ablation.confidence", self.confidence, 0.95)
+        positive_int("cross_ablation.batch_size", self.batch_size, 8)
+        non_negative_int("cross_ablation.seed", self.seed, 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass
+class AblatedCircuit:
+    """Category A's circuit as ablated: a row of the matrix."""
+
+    category: str
+    circuit: str
+    n_nodes: int
+    size_from: str
+    """Why this size: faithfulness 0.8 reached there, the fallback n_nodes, or the configured size."""
+    nodes_per_layer: dict[str, int]
+
+
+@dataclass
+class CrossAblationResult:
+    method: str
+    target: str
+    config: dict[str, Any]
+    categories: list[str]
+    rows: list[AblatedCircuit]
+    n_prompts: list[int]
+    """Per category B, the held-out prompts F_B reads."""
+    F_M: list[Interval]
+    """Per category B, F_B(M)."""
+    ablation: list[list[Effect]]
+    """[A][B]: score = F_B(M \\ C_A), change = that - F_B(M), share = change / change(B -> B)."""
+    testable: list[str]
+    n_pairs: int
+    n_transfer: int
+    mean_share: float | None
+    explanation: str
+
+    def transfers(self, a: int, b: int) -> bool:
+        """Whether ablating category a's circuit measurably lowers category b's F."""
+        return self.ablation[a][b].change.high < 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the matrix
+
+
+def circuit_size(evaluation: CircuitEvaluation | None, cfg: CrossAblationConfig) -> tuple[int, str]:
+    """N of one category's circuit and why (module docstring)."""
+    if cfg.size is not None:
+        return cfg.size, "cross_ablation.size"
+    curve = next((c for c in evaluation.curves if c.scope == ALL_LAYERS and c.error_mode == "keep"), None) \
+        if evaluation is not None else None
+    if curve is None:
+        return cfg.n_nodes, "cross_ablation.n_nodes: no keep-mode evaluation record"
+    reached = curve.reaches.get(FAITHFUL)
+    if reached is None:
+        return cfg.n_nodes, f"cross_ablation.n_nodes: faithfulness {FAITHFUL} not reached"
+    return reached, f"faithfulness {FAITHFUL} reached"
+
+
+def cross_ablation(ablator: Ablator, samples: Sequence[PromptSample], refused: np.ndarray | None,
+                   circuits: Sequence[tuple[Circuit, NodeScores]], evaluations: Mapping[str, CircuitEvaluation],
+                   cfg: CrossAblationConfig, target: str) -> CrossAblationResult:
+    """The matrix of one method's category circuits (group "all") on the held-out `samples` (`refused`: the
+    model's answers, for target behavior); `evaluations` by circuit name give the default sizes."""
+    items = sorted(((c, s) for c, s in circuits if c.group == "all"), key=lambda item: item[0].category)
+    if not items:
+        raise UserError("cross_ablation: no category circuits of group 'all' to ablate; run discovery with "
+                        "discovery.groups including all")
+    method, categories = items[0][0].method, [c.category for c, _ in items]
+    toxic = np.array([s.refusal_label for s in samples], dtype=bool)
+    rng = np.random.default_rng(cfg.seed)
+    chosen, weights, objectives, bounds = [], [], [], []
+    for category in categories:
+        rows = np.flatnonzero([s.category == category for s in samples])
+        if len(rows) == 0:
+            raise UserError(f"cross_ablation: the evaluation split has no prompts of category {category!r}; raise "
+                            "data.prompts.eval_fraction")
+        obj = objective(target, "all", toxic[rows], None if refused is None else refused[rows],
+                        where=f"cross-ablation on category {category!r}")
+        objectives.append(obj)
+        weights.append(resample_weights(obj, cfg.bootstrap, rng))
+        bounds.append(slice(len(chosen), len(chosen) + len(obj.rows)))
+        chosen += [samples[i].prompt for i in rows[obj.rows]]
+
+    candidates = candidate_mask({layer: ablator.means.live(layer) for layer in ablator.layers}, errors=False)
+    shapes = {layer: m.shape for layer, m in candidates.items()}
+    base = ablator.scores(chosen)
+    ablated, sources = [], []
+    for circuit, scores in tqdm(items, desc=f"cross-ablating {method} circuits", unit="circuit"):
+        ranking = ranked_nodes(scores, candidates)
+        n, why = circuit_size(evaluations.get(circuit.name), cfg)
+        kept = node_mask(ranking[:n], shapes)
+        ablated.append(ablator.scores(chosen, ablator.variant(kept, candidates, inside=False)))
+        sources.append(AblatedCircuit(circuit.category, circuit.name, min(n, len(ranking)), why,
+                                      {layer: int(m.sum()) for layer, m in kept.items()}))
+
+    matrix: list[list[Effect]] = [[] for _ in categories]
+    F_M = []
+    for b, (obj, w, part) in enumerate(zip(objectives, weights, bounds)):
+        F_M.append(interval(obj.value(base[part]), w @ base[part], cfg.confidence))
+        measured = []
+        for edited in ablated:
+            change = edited[part] - base[part]
+            measured.append((Effect(interval(obj.value(edited[part]), w @ edited[part], cfg.confidence),
+                                    interval(obj.value(change), w @ change, cfg.confidence)), w @ change))
+        own, own_resampled = measured[b]
+        for a, (e, resampled) in enumerate(measured):
+            e.share = share(own.change, own_resampled, e.change, resampled, cfg.confidence)
+            matrix[a].append(e)
+    result = CrossAblationResult(method, target, asdict(cfg), categories, sources, [len(o.rows) for o in objectives],
+                                 F_M, matrix, [], 0, 0, None, "")
+    tested = [b for b in range(len(categories)) if result.transfers(b, b)]
+    pairs = [(a, b) for a in tested for b in tested if a != b]
+    result.testable = [categories[b] for b in tested]
+    result.n_pairs, result.n_transfer = len(pairs), sum(result.transfers(a, b) for a, b in pairs)
+    if len(tested) < 2:
+        result.explanation = (f"Circuit cross-ablation ({method}): {len(tested)} of {len(categories)} categories' own "
+                              "circuit measurably lowers their F when ablated, and a comparison needs two.")
+        return result
+    result.mean_share = float(np.mean([matrix[a][b].change.value / matrix[b][b].change.value for a, b in pairs]))
+    result.explanation = (f"Circuit cross-ablation ({method}): ablating one category's circuit removes on average "
+                          f"{result.mean_share:.0%} of another category's F drop under its own circuit, over the "
+                          f"{len(pairs)} ordered pairs of the {len(tested)} categories whose own circuit measurably "
+                          f"lowers their F; {result.n_transfer} of {len(pairs)} pairs lower F measurably.")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# figure
+
+
+def plot_cross_ablation(result: CrossAblationResult, path: Path) -> None:
+    """Heatmap of share(A -> B) (rows: the category whose circuit is ablated, columns: the category whose F is
+    measured; * its change's interval lies below 0)."""
+    from matplotlib.figure import Figure
+
+    categories = result.categories
+    values = np.array([[np.nan if e.share is None else e.share.value for e in row] for row in result.ablation])
+    texts = [["n/a" if np.isnan(values[a, b]) else f"{values[a, b]:.2f}" + "*" * result.transfers(a, b)
+              for b in range(len(categories))] for a in range(len(categories))]
+    side = 2 + 0.55 * len(categories)
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.subplots()
+    labels = [f"{r.category} ({r.n_nodes})" for r in result.rows]
+    image = annotated_heatmap(ax, values, texts, labels, categories,
+                              f"{result.method}: share of each category's own-circuit F change\n(rows: circuit "
+                              "ablated, with its nodes; * change below 0)", vmin=0, vmax=1, cmap=CMAP, aspect="auto")
+    ax.set_xlabel(f"category whose held-out prompts' F ({result.target}) is measured")
+    fig.colorbar(image, ax=ax, label="share")
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+
+
+__all__ = ["AblatedCircuit", "CrossAblationConfig", "CrossAblationResult", "circuit_size", "cross_ablation",
+           "plot_cross_ablation"]

@@ -1,0 +1,98 @@
+"""Circuit cross-ablation on the category model (tests/planted.py, `make_category_model`), with circuits built by
+hand: a circuit on a refusal direction two categories share transfers between them (share near 1); circuits on
+each category's own direction do not (share near 0)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from refusal_sae.ablation import Ablator
+from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
+from refusal_sae.analysis import position_scheme
+from refusal_sae.bootstrap import Interval
+from refusal_sae.circuits import Circuit, NodeScores
+from refusal_sae.cross_ablation import (
+    CrossAblationConfig,
+    CrossAblationResult,
+    circuit_size,
+    cross_ablation,
+    plot_cross_ablation,
+)
+from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation, Curve, Sanity
+from refusal_sae.features import encode_prompts
+from refusal_sae.layout import RunLayout, from_json, to_json
+from refusal_sae.metric import RefusalMetric
+from refusal_sae.model import ModelConfig, ModelWrapper
+from tests.conftest import single_thread
+from tests.planted import D_MODEL, LAYERS, METRIC, category_triggers, exact_saes, make_category_model, planted_prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FAST = CrossAblationConfig(n_nodes=4, bootstrap=200)
+NEUTRAL = 5
+"""A direction neutral words write in both models (neither read, nor UNUSED): a live latent that moves no score."""
+
+
+def hand_circuit(category: str, scheme, latents: list[int]) -> tuple[Circuit, NodeScores]:
+    """`latents` at the last position ("-1", what the head reads) of both layers first, every other node after."""
+    importance = {layer: np.zeros((len(scheme.node_classes), 2 * D_MODEL + 1)) for layer in LAYERS}
+    for layer in LAYERS:
+        importance[layer][scheme.node_classes.index("-1"), latents] = 1.0
+    return (Circuit(category, "all", "hand", LAYERS, []),
+            NodeScores("hand", LAYERS, scheme.node_classes, importance, None, None, 0))
+
+
+def matrix(root: Path, reads: dict[str, int], circuits: dict[str, list[int]]) -> CrossAblationResult:
+    """The cross-ablation of hand-built circuits (4 nodes each: the n_nodes fallback, as no evaluation exists)."""
+    with single_thread():
+        wrapper = ModelWrapper(ModelConfig(name=str(make_category_model(root / "model", reads))))
+        splits = planted_prompts(64, triggers=category_triggers(), same_length=True)
+        cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=128), root / "cache").run(splits)
+        scheme = position_scheme(wrapper, splits["discovery"] + splits["evaluation"], "positional")
+        means = encode_prompts(exact_saes(), PromptActivations(cache, ["discovery"]), scheme).means
+        ablator = Ablator(wrapper, exact_saes(), means, RefusalMetric.from_wrapper(wrapper, METRIC), 8)
+        items = [hand_circuit(c, scheme, latents) for c, latents in circuits.items()]
+        return cross_ablation(ablator, splits["evaluation"], None, items, {}, FAST, "toxic")
+
+
+def test_a_shared_circuit_transfers_and_category_specific_ones_do_not(tmp_path: Path) -> None:
+    # both categories read b_0; their circuits differ by a latent of neutral words each, so the node sets differ
+    shared = matrix(tmp_path / "shared", {"alpha": 0, "beta": 0}, {"alpha": [0, NEUTRAL], "beta": [0, NEUTRAL + 1]})
+    # each category reads its own direction, and its circuit holds it
+    modular = matrix(tmp_path / "modular", {"alpha": 0, "beta": 1}, {"alpha": [0, NEUTRAL], "beta": [1, NEUTRAL + 1]})
+    for result in (shared, modular):
+        assert result.categories == ["alpha", "beta"] and result.testable == ["alpha", "beta"]
+        assert all(r.n_nodes == 4 and r.size_from.startswith("cross_ablation.n_nodes") for r in result.rows)
+        for b in range(2):
+            assert result.ablation[b][b].change.high < 0 and result.ablation[b][b].share.value == pytest.approx(1)
+    for a, b in ((0, 1), (1, 0)):
+        assert shared.transfers(a, b) and 0.8 < shared.ablation[a][b].share.value < 1.2
+        # no drop; mean-ablation even adds a little of A's direction to B's prompts (its mean over all prompts)
+        assert not modular.transfers(a, b) and modular.ablation[a][b].share.value < 0.2
+    assert shared.mean_share > 0.8 and modular.mean_share < 0.2
+    assert (shared.n_pairs, shared.n_transfer, modular.n_transfer) == (2, 2, 0)
+
+    layout = RunLayout(tmp_path / "run").analysis("x").method("hand")
+    layout.write_cross_ablation(modular)
+    plot_cross_ablation(modular, layout.cross_ablation_png)
+    again = from_json(CrossAblationResult, json.loads(layout.cross_ablation_json.read_text(encoding="utf-8")))
+    assert to_json(again) == to_json(modular) and layout.cross_ablation_png.stat().st_size > 0
+
+
+def test_the_default_size_is_where_the_category_reaches_faithfulness_0_8() -> None:
+    zero = Interval(0.0, 0.0, 0.0)
+
+    def record(reaches: dict[str, int | None]) -> CircuitEvaluation:
+        curves = [Curve(scope, mode, 50, zero, zero, None, [], None, None, None, reach)
+                  for scope, mode, reach in ((ALL_LAYERS, "nodes", {"0.8": 3}), ("residuals_0", "keep", {"0.8": 2}),
+                                             (ALL_LAYERS, "keep", reaches))]
+        sanity = Sanity(None, None, None, True, True, [])
+        return CircuitEvaluation("a", "a", "all", "m", "toxic", 1, 1, zero, curves, sanity)
+
+    assert circuit_size(record({"0.5": 4, "0.8": 7}), FAST) == (7, "faithfulness 0.8 reached")
+    assert circuit_size(record({"0.5": 4, "0.8": None}), FAST)[0] == 4
+    assert circuit_size(None, FAST)[0] == 4
+    assert circuit_size(record({"0.8": 7}), CrossAblationConfig(size=9))[0] == 9
