@@ -36,7 +36,7 @@ from refusal_sae.data import PromptSample, Split
 from refusal_sae.directions import DirectionsConfig, DirectionsResult, run_directions
 from refusal_sae.discovery import DiscoveryConfig, DiscoveryInputs, discover, methods
 from refusal_sae.errors import UserError
-from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation, EvaluationConfig, evaluate_circuit
+from refusal_sae.evaluation import ALL_LAYERS, RECORD_VERSION, CircuitEvaluation, EvaluationConfig, evaluate_circuit
 from refusal_sae.features import NodeMeans, encode_prompts
 from refusal_sae.layout import AnalysisLayout, CircuitEntry, DiscoveryRecord, RunLayout
 from refusal_sae.metric import RefusalMetric, RefusalMetricConfig
@@ -184,7 +184,7 @@ def run_evaluation(inputs: AnalysisInputs, discovery: Discovery, out: AnalysisLa
     evaluation = list(inputs.splits["evaluation"])
     toxic = np.array([s.refusal_label for s in evaluation], dtype=bool)
     refused = inputs.refused(evaluation) if cfg.target == "behavior" else None
-    common = {"evaluation": asdict(cfg), "metric": asdict(metric), "scheme": discovery.record.scheme,
+    common = {"record": RECORD_VERSION, "evaluation": asdict(cfg), "metric": asdict(metric), "scheme": discovery.record.scheme,
               "means": fingerprint({**discovery.means.features, **{f"e.{k}": v for k, v in discovery.means.errors.items()}})}
     results: dict[str, list[CircuitEvaluation]] = {}
     for method, items in discovery.circuits.items():
@@ -203,7 +203,7 @@ def run_evaluation(inputs: AnalysisInputs, discovery: Discovery, out: AnalysisLa
                     None if refused is None else refused[rows], circuit, scores, cfg)
                 layout.write_evaluation(done, key, variant_scores)
             for note in done.sanity.notes:
-                log.warning("%s %s: %s", method, circuit.name, note)
+                (log.info if done.sanity.passed else log.warning)("%s %s: %s", method, circuit.name, note)
             results[method].append(done)
         plot_curves({method: results[method]}, layout.curves_png)
     if len(results) > 1:
@@ -296,7 +296,11 @@ def results_table(results: Mapping[str, Sequence[CircuitEvaluation]]) -> str:
                 complete = _ci(point.completeness)
             cprs = [_ci(next((c.cpr for c in r.curves if c.error_mode == m and c.scope == ALL_LAYERS), None))
                     for m in modes]
-            sanity = "ok" if r.sanity.passed else "FAILED: " + "; ".join(r.sanity.notes).replace("|", "\\|")
+            sanity = ("ok" if r.sanity.passed else "FAILED") + "".join(f"; {n}" for n in r.sanity.notes)
+            if r.sanity.random_relative_change is not None:
+                sanity += (f" (random latents outside {r.sanity.random_circuit_nodes} nodes: "
+                           f"median change {r.sanity.random_relative_change:.0%} of the span)")
+            sanity = sanity.replace("|", "\\|")
             lines.append(f"| {r.name} | {r.n_prompts} ({r.n_positive}/{r.n_prompts - r.n_positive}) | {_ci(main.span)} | "
                          f"{at('0.5')} | {at('0.8')} | {there} | {complete} | {' | '.join(cprs)} | {sanity} |")
         lines.append("")

@@ -47,10 +47,15 @@ ErrorMode = Literal["keep", "nodes"]
 ERROR_MODES: tuple[str, ...] = ("keep", "nodes")
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 ALL_LAYERS = "all layers"
+RECORD_VERSION = 2
+"""Bumped when a record's meaning changes, so a rerun recomputes records written before (2: the random
+sanity check around the smallest faithful circuit)."""
 MIN_AREA_POINTS = 8
 REACH = (0.5, 0.8)
 PREFIX_TOLERANCE = 0.05
 """Sanity: ablating the shared prefix may move no score by more than this (score units, log-odds)."""
+SANITY_FAITHFULNESS = 0.8
+"""Sanity: the random check ablates latents outside the smallest circuit that reaches this faithfulness."""
 RANDOM_TOLERANCE = 0.25
 """Sanity: ablating a random share of the non-circuit latents moves the median score by less than this
 fraction of |F(M) - F(∅)|."""
@@ -163,17 +168,26 @@ class Curve:
 
 @dataclass
 class Sanity:
+    """Checks of the evaluation itself. `passed` covers the machinery (the prefix check, and the random check
+    where it applies); whether there is an effect to explain is reported beside it (`span_excludes_zero`),
+    since a category without one is a finding about the data, which the null ratios already state."""
+
     prefix_max_change: float | None
     """Largest |score change| of any prompt when every node at the shared prefix is mean-ablated (None: no
     prefix classes, positions global)."""
+    random_circuit_nodes: int | None
+    """Size of the circuit whose outside the random check ablates: the smallest measured size of the first
+    all-layer curve whose faithfulness reaches 0.8, below all candidates (None: no such size, or nothing
+    to explain; the check does not apply)."""
     random_median_change: float | None
-    """Median |score change| when a random `sanity_fraction` of the candidate latents outside the circuit
+    """Median |score change| when a random `sanity_fraction` of the candidate latents outside that circuit
     is ablated."""
     random_relative_change: float | None
     """That median as a share of |F(M) - F(∅)|."""
     span_excludes_zero: bool
     passed: bool
     notes: list[str]
+    """Why a check failed or did not apply."""
 
 
 @dataclass
@@ -366,58 +380,70 @@ def evaluate_circuit(ablator: Ablator, prompts: Sequence[str], toxic: np.ndarray
     with tqdm(desc=f"evaluating {where}", unit="variant", leave=False) as progress:
         run = _Run(ablator, chosen, obj, resamples, progress)
         model = run.F(run("model", None))
-        curves = []
+        curves, first = [], None
         for i, mode in enumerate(cfg.error_modes):
             candidates = candidate_mask(live, errors=mode == "nodes")
             ranking = ranked_nodes(scores, candidates)
+            first = first or (ranking, candidates)
             curves.append(_curve(run, ALL_LAYERS, ablator.layers, mode, ranking, candidates, model, cfg,
                                  _rng(cfg.seed, key, 1) if i == 0 else None, where))
             if i == 0 and cfg.per_layer and len(ablator.layers) > 1:
                 for layer in ablator.layers:
                     own = [e for e in ranking if e[0] == layer]
                     curves.append(_curve(run, layer, [layer], mode, own, candidates, model, cfg, None, where))
-        sanity = _sanity(run, circuit, cfg, curves[0], live, _rng(cfg.seed, key, 100))
+        sanity = _sanity(run, cfg, curves[0], *first, _rng(cfg.seed, key, 100))
     n_positive = int(obj.strata.sum())
     return (CircuitEvaluation(circuit.name, circuit.category, circuit.group, circuit.method, cfg.target,
                               len(chosen), n_positive, interval(*model, cfg.confidence), curves, sanity),
             run.scores)
 
 
-def _sanity(run: _Run, circuit: Circuit, cfg: EvaluationConfig, main: Curve, live: dict[str, np.ndarray],
-            rng: np.random.Generator) -> Sanity:
-    ablator, notes = run.ablator, []
+def _sanity(run: _Run, cfg: EvaluationConfig, main: Curve, ranking: Sequence[tuple[str, int, int]],
+            candidates: dict[str, np.ndarray], rng: np.random.Generator) -> Sanity:
+    """The prefix check, and the random check around the smallest faithful circuit (faithfulness >= 0.8):
+    that circuit's claim is that the latents it leaves out do not matter, so ablating a random share of
+    them must move scores little. Around a smaller circuit (e.g. the discovery threshold's) the check
+    would measure how distributed refusal is, which the curves already show, not whether ablation works."""
+    ablator, notes, ok = run.ablator, [], True
     model = run.scores["model"]
     prefix_change = None
     if ablator.scheme.prefix:
         prefix_change = float(np.abs(run("sanity/prefix", ablator.prefix_ablation()) - model).max())
         if prefix_change > PREFIX_TOLERANCE:
+            ok = False
             notes.append(f"ablating the shared prefix moved a score by {prefix_change:.3g} > {PREFIX_TOLERANCE}: "
                          "the prefix is not shared, or the means are off")
-    candidates = candidate_mask(live, errors=False)
-    index = {p: i for i, p in enumerate(ablator.scheme.node_classes)}
-    outside = {layer: m.copy() for layer, m in candidates.items()}
-    for n in circuit.nodes:
-        if n.feature >= 0:
-            outside[n.layer][index[n.position], n.feature] = False
-    chosen = {}
-    for layer, m in outside.items():
-        flat = np.flatnonzero(m)
-        pick = rng.choice(flat, size=int(round(cfg.sanity_fraction * len(flat))), replace=False)
-        chosen[layer] = np.zeros(m.size, bool)
-        chosen[layer][pick] = True
-        chosen[layer] = chosen[layer].reshape(m.shape)
-    moved = run("sanity/random", ablator.variant(chosen, candidates, inside=False))
-    random_change = float(np.median(np.abs(moved - model)))
-    relative = random_change / abs(main.span.value) if main.span.value else None
-    if relative is None or relative >= RANDOM_TOLERANCE:
-        notes.append(f"ablating a random {cfg.sanity_fraction:.0%} of the latents outside the circuit moved the "
-                     f"median score by {random_change:.3g}, {'n/a' if relative is None else f'{relative:.0%}'} of "
-                     f"|F(M) - F(∅)| (tolerance {RANDOM_TOLERANCE:.0%})")
     excludes = main.span.excludes_zero()
+    size = next((p.n_nodes for p in main.points if p.faithfulness is not None and p.n_nodes < main.n_candidates
+                 and p.faithfulness.value >= SANITY_FAITHFULNESS), None)
+    random_change = relative = None
     if not excludes:
-        notes.append("the interval of F(M) - F(∅) contains 0: nothing measurable to explain")
-    return Sanity(prefix_change, random_change, relative, excludes, not notes, notes)
+        notes.append("the interval of F(M) - F(∅) contains 0: nothing measurable to explain, the random check "
+                     "does not apply")
+    elif size is None:
+        notes.append(f"no circuit below all {main.n_candidates} candidates reaches faithfulness "
+                     f"{SANITY_FAITHFULNESS}: the random check does not apply")
+    else:
+        kept = node_mask(ranking[:size], {layer: m.shape for layer, m in candidates.items()})
+        chosen = {}
+        for layer, m in candidates.items():
+            outside = m & ~kept[layer]
+            outside[:, -1] = False  # latents only
+            flat = np.flatnonzero(outside)
+            pick = rng.choice(flat, size=int(round(cfg.sanity_fraction * len(flat))), replace=False)
+            chosen[layer] = np.zeros(m.size, bool)
+            chosen[layer][pick] = True
+            chosen[layer] = chosen[layer].reshape(m.shape)
+        moved = run("sanity/random", ablator.variant(chosen, candidates, inside=False))
+        random_change = float(np.median(np.abs(moved - model)))
+        relative = random_change / abs(main.span.value)
+        if relative >= RANDOM_TOLERANCE:
+            ok = False
+            notes.append(f"ablating a random {cfg.sanity_fraction:.0%} of the latents outside the {size}-node "
+                         f"circuit moved the median score by {random_change:.3g}, {relative:.0%} of |F(M) - F(∅)| "
+                         f"(tolerance {RANDOM_TOLERANCE:.0%})")
+    return Sanity(prefix_change, size, random_change, relative, excludes, ok, notes)
 
 
-__all__ = ["ALL_LAYERS", "Band", "CircuitEvaluation", "Curve", "ERROR_MODES", "EvaluationConfig", "Point", "Sanity",
+__all__ = ["ALL_LAYERS", "RECORD_VERSION", "Band", "CircuitEvaluation", "Curve", "ERROR_MODES", "EvaluationConfig", "Point", "Sanity",
            "curve_sizes", "evaluate_circuit", "node_mask", "random_mask"]

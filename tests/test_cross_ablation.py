@@ -89,7 +89,7 @@ def test_the_default_size_is_where_the_category_reaches_faithfulness_0_8() -> No
         curves = [Curve(scope, mode, 50, zero, zero, None, [], None, None, None, reach)
                   for scope, mode, reach in ((ALL_LAYERS, "nodes", {"0.8": 3}), ("residuals_0", "keep", {"0.8": 2}),
                                              (ALL_LAYERS, "keep", reaches))]
-        sanity = Sanity(None, None, None, True, True, [])
+        sanity = Sanity(None, None, None, None, True, True, [])
         return CircuitEvaluation("a", "a", "all", "m", "toxic", 1, 1, zero, curves, sanity)
 
     assert circuit_size(record({"0.5": 4, "0.8": 7}), FAST) == (7, "faithfulness 0.8 reached")

@@ -90,6 +90,8 @@ def test_positional_means_recover_the_planted_circuit_and_global_means_do_not(te
         own = next(c for c in record.curves if c.scope == layer)
         assert point(own, 3).faithfulness.value == pytest.approx(1.0, abs=0.02)
     assert record.sanity.passed and record.sanity.prefix_max_change < 1e-4
+    assert record.sanity.random_circuit_nodes == 6  # the smallest measured circuit reaching faithfulness 0.8
+    assert record.sanity.random_relative_change < 0.05  # nothing outside the planted latents matters
 
     g_scheme, _, g_ablator = setup(template, "global")
     g_record, _ = evaluate(g_ablator, splits["evaluation"], planted_ranking(g_scheme, "all"), sizes=[6])
@@ -122,6 +124,21 @@ def test_curves_span_the_whole_range_and_end_at_the_model(template) -> None:
     assert np.array_equal(scores["model"], scores[f"keep/{ALL_LAYERS}/C{main.n_candidates}"])
 
 
+def test_random_sanity_check_needs_a_faithful_circuit_below_all_nodes(template) -> None:
+    """Ranked last, the planted latents make every circuit below all nodes unfaithful: no circuit claims the
+    rest is unimportant, so the random check does not apply (and says so) instead of judging a premise."""
+    _, splits, _ = template
+    scheme, _, ablator = setup(template, "positional")
+    ranking = planted_ranking(scheme, "-1")
+    for layer in LAYERS:
+        ranking.importance[layer] = 1.0 - ranking.importance[layer]
+    record, _ = evaluate(ablator, splits["evaluation"], ranking, sizes=[6, 60], random_circuits=0)
+    curve = record.curves[0]
+    assert curve.span.excludes_zero() and curve.reaches["0.8"] == curve.n_candidates
+    assert record.sanity.random_circuit_nodes is None and record.sanity.random_median_change is None
+    assert record.sanity.passed and any("reaches faithfulness 0.8" in n for n in record.sanity.notes)
+
+
 def test_no_label_effect_gives_null_ratios_with_a_reason(template, tmp_path: Path) -> None:
     _, splits, _ = template
     scheme, _, ablator = setup(template, "positional")
@@ -133,7 +150,10 @@ def test_no_label_effect_gives_null_ratios_with_a_reason(template, tmp_path: Pat
     assert not curve.span.excludes_zero()
     assert "interval contains 0" in curve.ratio_note
     assert all(p.faithfulness is None and p.completeness is None for p in curve.points)
-    assert curve.cpr is None and not record.sanity.passed
+    assert curve.cpr is None and not record.sanity.span_excludes_zero
+    # no effect is a finding about the data, not a failure of the machinery: the random check does not apply
+    assert record.sanity.passed and record.sanity.random_relative_change is None
+    assert any("does not apply" in n for n in record.sanity.notes)
     plot_curves({"planted": [record]}, tmp_path / "curves.png")  # a panel without a point still draws
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
