@@ -90,7 +90,11 @@ def _ablation(r: dict) -> list[Row]:
     return [_row("ablation variants", measure, "cached residuals", cached, "whole model, edits hooked",
                  side["whole"]["seconds_per_variant"]),
             _row("ablation variants", measure, "cached residuals", cached,
-                 "floor: later blocks, no edits", side["floor"]["seconds_per_variant"])]
+                 "floor: later blocks, no edits", side["floor"]["seconds_per_variant"]),
+            _row("ablation variants", measure, "floor, two variants per batch", side["floor x2"]["seconds_per_variant"],
+                 "floor: later blocks, no edits", side["floor"]["seconds_per_variant"]),
+            _row("ablation setup", "s per prompt list", "prefix check + cached residuals", r["setup_seconds"],
+                 "floor: one variant", side["floor"]["seconds_per_variant"])]
 
 
 def _metric(r: dict) -> list[Row]:

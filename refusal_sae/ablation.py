@@ -16,8 +16,9 @@ Cost. The shared template prefix is never edited (with positional classes), so i
 the same in every variant and every prompt: they are computed once (`ModelWrapper.prefix_cache`) and
 every forward pass runs only the positions after it. No variant edits anything before its shallowest
 edited layer L, so the residual stream after L is the same in every variant that starts there: the
-unedited stream at every SAE layer is computed once per prompt list, and a variant runs only the blocks
-after L on it (`ModelWrapper.suffix_last_token_logits`), the head at the last position only. A model
+unedited stream at every SAE layer is computed once per prompt list (its SAE encoding at L too, once
+a variant starts there), and a variant runs only the blocks after L on it
+(`ModelWrapper.suffix_last_token_logits`), the head at the last position only. A model
 whose cache cannot be continued that way (checked once against a plain forward) runs whole prompts.
 """
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -146,19 +147,20 @@ class Ablator:
     # ---------------------------------------------------------------------------------------------
     # forward passes
 
-    def _edit(self, layer: str, keep: Keep) -> Callable[[Tensor], Tensor]:
+    def _edit(self, layer: str, keep: Keep) -> Callable[..., Tensor]:
         sae, mean_f, mean_e = self.saes[layer], self._mean_f[layer], self._mean_e[layer]
         device = mean_f.device
         keep_f = torch.as_tensor(keep.features, device=device)
         keep_e = torch.as_tensor(keep.errors, device=device)
         ablate_error = not bool(keep.errors.all())
 
-        def edit(hidden: Tensor) -> Tensor:
+        def edit(hidden: Tensor, f: Tensor | None = None) -> Tensor:
             # decode(patched) + error = x + (patched - f) W_dec (the decoder is affine): one matmul, and
-            # a token whose nodes are all kept comes back exactly as it went in
+            # a token whose nodes are all kept comes back exactly as it went in. `f`: encode(hidden), when
+            # the caller has it (the unedited first layer's, the same in every variant)
             classes = self._classes
             x = hidden.float()
-            f = sae.encode(x)
+            f = sae.encode(x) if f is None else f
             out = x + torch.where(keep_f[classes], 0.0, mean_f[classes] - f) @ sae.W_dec
             if ablate_error:  # the error term x - decode(f) replaced by its mean where ablated
                 swap = mean_e[classes] - (x - sae.decode(f))
@@ -237,7 +239,9 @@ class Ablator:
                     offset = self.scheme.prefix if batch.past is not None else 0
                     self._classes = batch.classes[:, offset:]
                     later = {layer: e for layer, e in edits.items() if layer != start}
-                    h = batch.hidden[start] if start not in edits else edits[start](batch.hidden[start])
+                    h = batch.hidden[start]
+                    if start in edits:
+                        h = edits[start](h, self.saes[start].densify(*batch.features(start, self.saes[start])))
                     with self.wrapper.edit_residuals(later):
                         logits = self.wrapper.suffix_last_token_logits(h, batch.mask, start, past=batch.past)
                 out.append(self.metric.score(logits).double().cpu())
@@ -258,6 +262,14 @@ class _Batch:
     """The shared prefix's keys and values for this batch, or None."""
     hidden: dict[str, Tensor]
     """Unedited residual after each SAE layer: the positions after the prefix (with `past`) or all."""
+    encoded: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def features(self, layer: str, sae: SparseAutoencoder) -> tuple[Tensor, Tensor]:
+        """The SAE's top-k (values, indices) of the unedited residual at `layer`: encoded once, reused by
+        every variant whose first edit is there."""
+        if layer not in self.encoded:
+            self.encoded[layer] = sae.encode_topk(self.hidden[layer].float())
+        return self.encoded[layer]
 
 
 __all__ = ["Ablator", "Keep", "Variant"]

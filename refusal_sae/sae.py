@@ -255,9 +255,17 @@ class SparseAutoencoder(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Sparse features of `x`, shape (..., width): exactly k non-zeros per token unless fewer than k
         pre-activations are positive."""
-        product = self._product(x)
-        values, indices = select_topk(product, self.encoder.bias, self.cfg.k_active)
-        return torch.zeros_like(product).scatter(-1, indices, values).reshape(*x.shape[:-1], self.cfg.width)
+        return self.densify(*self.encode_topk(x))
+
+    def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """`encode(x)` as its k (values, indices) per token, each (..., k): k / width of the memory, for
+        features that are kept (e.g. reused by many ablation variants)."""
+        values, indices = select_topk(self._product(x), self.encoder.bias, self.cfg.k_active)
+        return values.reshape(*x.shape[:-1], -1), indices.reshape(*x.shape[:-1], -1)
+
+    def densify(self, values: Tensor, indices: Tensor) -> Tensor:
+        """The (..., width) features of `encode_topk`'s values and indices."""
+        return values.new_zeros(*values.shape[:-1], self.cfg.width).scatter(-1, indices, values)
 
     def decode(self, features: Tensor) -> Tensor:
         """W_dec^T f + b_dec for any (e.g. patched) dense features; the result is fp32 because b_dec is.
