@@ -357,7 +357,8 @@ def prompt_log_probs(
     batches = [wrapper.pad(ids[start : start + batch_size], "right") for start in range(0, len(ids), batch_size)]
     # at least one token after the prefix per prompt, where the last-token logits are read
     prefix = min(common_prefix(ids), min(map(len, ids)) - 1) if reuse_prefix and ids else 0
-    cache = _prefix_cache(wrapper, batches[0]["input_ids"], batches[0]["attention_mask"], prefix) if prefix else None
+    cache = (wrapper.shared_prefix_cache(batches[0]["input_ids"], batches[0]["attention_mask"], prefix, "refusal metric")
+             if prefix else None)
     refusal, compliance = [], []
     for enc in batches:
         input_ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -372,19 +373,6 @@ def prompt_log_probs(
     if not refusal:
         return torch.zeros(0), torch.zeros(0)
     return torch.cat(refusal), torch.cat(compliance)
-
-
-def _prefix_cache(wrapper: ModelWrapper, input_ids: Tensor, mask: Tensor, prefix: int) -> Any:
-    """The keys and values of the first `prefix` tokens of right-padded `input_ids`, computed now; None on a model
-    whose cache cannot be continued (`ModelWrapper.prefix_continues`, checked on this batch the first time)."""
-
-    def cached() -> Tensor:
-        past = wrapper.expand_prefix(wrapper.prefix_cache(input_ids[:1, :prefix]), len(input_ids))
-        return wrapper.last_token_logits(input_ids[:, prefix:], mask, past=past)
-
-    if wrapper.prefix_continues is None:
-        wrapper.prefix_continues = wrapper.continuation_matches(cached, input_ids, mask, "refusal metric")
-    return wrapper.prefix_cache(input_ids[:1, :prefix]) if wrapper.prefix_continues else None
 
 
 def refusal_scores(

@@ -250,7 +250,7 @@ class ModelWrapper:
         self.n_layers = len(self._layers)
         self.prefix_continues: bool | None = None
         """Whether `last_token_logits` continuing a prefix cache equals a plain forward on this model: None until
-        `refusal_sae.metric.prompt_log_probs` first checks it (`continuation_matches`)."""
+        `shared_prefix_cache` first checks it (`continuation_matches`)."""
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.d_model = int(text_config.hidden_size)
 
@@ -698,6 +698,24 @@ class ModelWrapper:
         ids = torch.as_tensor(input_ids).to(self.device)
         out = self._decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
         return out.cache if self._cache_argument == "cache" else out.past_key_values
+
+    def shared_prefix_cache(self, input_ids: Tensor, attention_mask: Tensor, prefix: int, who: str) -> Any:
+        """`prefix_cache` of the first `prefix` tokens of right-padded `input_ids`, which every row shares, computed
+        now (under the hooks active now); None on a model whose cache cannot be continued (`prefix_continues`,
+        checked on this batch the first time a wrapper is asked, with a one-line notice naming `who`)."""
+        cache = None
+
+        def cached() -> Tensor:
+            nonlocal cache
+            cache = self.prefix_cache(input_ids[:1, :prefix])
+            return self.last_token_logits(input_ids[:, prefix:], attention_mask,
+                                          past=self.expand_prefix(cache, len(input_ids)))
+
+        if self.prefix_continues is None:
+            self.prefix_continues = self.continuation_matches(cached, input_ids, attention_mask, who)
+        if not self.prefix_continues:
+            return None
+        return cache if cache is not None else self.prefix_cache(input_ids[:1, :prefix])
 
     @staticmethod
     def expand_prefix(cache: Any, batch: int) -> Any:

@@ -9,7 +9,8 @@ model's architecture), sliding-window layers included, with positional and globa
 and check that ablating the shared template prefix, whose residuals are the same in every prompt,
 changes nothing. And `refusal_scores`, which runs the prompts' shared prefix once per call and each batch
 only the positions after it, equals whole prompts on the same models, under a hook that edits every
-position too (the refusal-directions stage's).
+position too (the refusal-directions stage's). So do attribution's node scores, whose batches also run only the
+positions after the shared prefix.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 from refusal_sae.ablation import Ablator, Variant
+from refusal_sae.attribution import attribution_scores
 from refusal_sae.circuits import candidate_mask
 from refusal_sae.directions import directional_ablation
 from refusal_sae.metric import RefusalMetric, refusal_scores
@@ -310,6 +312,7 @@ def assert_prefix_path_equals_plain(wrapper: ModelWrapper, prompts: list[str], b
     p = common_prefix(ids)
     assert 0 < p < min(map(len, ids)) and len({len(row) for row in ids}) > 1  # a prefix to reuse, padded batches
     plain = refusal_scores(wrapper, prompts, batch_size, metric, reuse_prefix=False)
+    refusal_scores(wrapper, prompts[:2], batch_size, metric)  # the one-time check, which also computes the prefix
     seen: list[int] = []  # positions block 0 runs, per forward pass
     handle = wrapper._layers[0].register_forward_hook(lambda m, a, o: seen.append(
         (o[0] if isinstance(o, (tuple, list)) else o).shape[1]))
@@ -376,3 +379,55 @@ def test_refusal_scores_fall_back_to_whole_prompts_once_with_a_notice(tiny_llama
         assert record.message.startswith("refusal metric: ") and notice in record.message
         assert "it runs whole prompts" in record.message
         assert wrapper.prefix_continues is False
+
+
+# --------------------------------------------------------------------------------------------------
+# attribution: the shared prefix's keys and values once, gradients through the positions after it
+
+
+def assert_attribution_reuses_the_prefix(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencoder], means,
+                                         prompts: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Patching and integrated-gradient node scores with the prefix run once equal those of whole prompts,
+    and the batches really ran only the positions after it."""
+    metric = RefusalMetric.from_wrapper(wrapper, METRIC)
+    weights = np.linspace(-1.0, 1.0, len(prompts))
+    ids, p = wrapper.encode(prompts), means.scheme.prefix
+    assert p > 0 and common_prefix(ids) >= p
+    for estimate in ("patching", "ig"):
+        monkeypatch.setattr(wrapper, "prefix_continues", None)
+        seen: list[int] = []
+        handle = wrapper._layers[0].register_forward_hook(lambda m, a, o: seen.append(
+            (o[0] if isinstance(o, (tuple, list)) else o).shape[1]))
+        try:
+            cached = attribution_scores(wrapper, saes, means, metric, prompts, weights, estimate=estimate, steps=2,
+                                        batch_size=3)
+        finally:
+            handle.remove()
+        assert wrapper.prefix_continues
+        widths = [max(map(len, ids[i : i + 3])) - p for i in range(0, len(ids), 3)]
+        runs = 1 if estimate == "patching" else 2 * len(saes)  # forward passes per batch
+        assert seen[-len(widths) * runs :] == [w for w in widths for _ in range(runs)]
+        monkeypatch.setattr(wrapper, "prefix_continues", False)  # whole prompts
+        plain = attribution_scores(wrapper, saes, means, metric, prompts, weights, estimate=estimate, steps=2,
+                                   batch_size=3)
+        for layer in saes:
+            assert np.abs(plain.signed[layer]).max() > 0
+            np.testing.assert_allclose(cached.signed[layer], plain.signed[layer], rtol=1e-4, atol=1e-6)
+
+
+def test_attribution_runs_the_shared_prefix_once_on_a_random_qwen2(tiny_qwen2: ModelWrapper, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    saes = random_saes(tiny_qwen2, ["residuals_1", "residuals_2"], seed=3)
+    means = node_means(tiny_qwen2, saes, prompts_of(12, seed=5), "positional", tmp_path)
+    assert_attribution_reuses_the_prefix(tiny_qwen2, saes, means, prompts_of(7, seed=2), monkeypatch)
+
+
+def test_attribution_runs_the_shared_prefix_once_on_the_template_model(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    wrapper = ModelWrapper(ModelConfig(name=str(make_template_model(tmp_path / "model")), device="cpu",
+                                       dtype="float32"))
+    saes = exact_saes()
+    splits = planted_prompts(12)
+    means = node_means(wrapper, saes, [s.prompt for s in splits["discovery"]], "positional", tmp_path / "cache")
+    assert_attribution_reuses_the_prefix(wrapper, saes, means, [s.prompt for s in splits["evaluation"]][:7],
+                                         monkeypatch)
