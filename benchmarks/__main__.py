@@ -1,12 +1,15 @@
 """Every benchmark in one run, on this machine (a GPU when torch sees one): one table, one JSON.
 
-    python -m benchmarks [--quick] [--only collection,sae,memory,ablation,metric,end_to_end] [--out runs/benchmarks]
+    python -m benchmarks [--quick] [--only collection,sae,memory,ablation,metric,attribution,generation,end_to_end]
+                         [--out runs/benchmarks]
 
   collection   activation collection (hooks + cache) vs a plain output_hidden_states loop  bench_collection
   sae          a top-k SAE training step vs eai-sparsify's and vs the dense matmul floor    bench_sae
   memory       peak RSS streaming a 10x larger activation cache vs the small one            bench_stream_memory
   ablation     ablation variants with cached residuals vs the whole model, and vs the floor bench_ablation
   metric       refusal scores with the shared prefix run once per call vs whole prompts    bench_metric
+  attribution  attribution patching with the shared prefix run once vs whole prompts       bench_attribution
+  generation   greedy answers, batched vs one prompt per generate call (tokens/s)          bench_generation
   end_to_end   `fit --config configs/default.yaml` vs one plain forward pass of its prompts bench_end_to_end
                (and the report stage alone on that run, vs the same pass)
 
@@ -31,8 +34,10 @@ import torch
 
 from benchmarks import (
     bench_ablation,
+    bench_attribution,
     bench_collection,
     bench_end_to_end,
+    bench_generation,
     bench_metric,
     bench_sae,
     bench_stream_memory,
@@ -43,14 +48,16 @@ from refusal_sae.io import atomic_open, write_json
 Row = dict[str, Any]
 
 #: name -> (module, its options for a full run). The SAE runs at the shape the SAE issue set its goal
-#: at (d_in 896, 7168 latents, k 32, 4096 tokens); the ablation benchmark is smaller than that module's
-#: default (8 prompts, 10 variants) so three repeats of every side take minutes, not an hour.
+#: at (d_in 896, 7168 latents, k 32, 4096 tokens); the ablation benchmark at the shape of one OR-Bench
+#: category's evaluation (20 held-out toxic prompts in one batch of 48), 16 variants per side.
 BENCHMARKS: dict[str, tuple[Any, list[str]]] = {
     "collection": (bench_collection, []),
     "sae": (bench_sae, ["--expansion", "8", "--batch", "4096", "--steps", "20"]),
     "memory": (bench_stream_memory, []),
-    "ablation": (bench_ablation, ["--prompts", "8", "--variants", "10"]),
+    "ablation": (bench_ablation, ["--prompts", "20", "--batch-size", "48", "--variants", "16"]),
     "metric": (bench_metric, []),
+    "attribution": (bench_attribution, []),
+    "generation": (bench_generation, []),
     "end_to_end": (bench_end_to_end, []),
 }
 
@@ -105,6 +112,19 @@ def _metric(r: dict) -> list[Row]:
                  "whole prompts", side[f"{hook}, whole"]) for hook in r["prefix_over_whole"]]
 
 
+def _attribution(r: dict) -> list[Row]:
+    side = {row["side"]: row["seconds_per_call"] for row in r["rows"]}
+    return [_row("attribution patching", f"s/call ({r['prompts']} prompts)",
+                 f"shared prefix once ({r['shared_prefix_tokens']} tokens)", side["prefix"], "whole prompts",
+                 side["whole"])]
+
+
+def _generation(r: dict) -> list[Row]:
+    side = {row["side"]: row["tokens_per_s"] for row in r["rows"]}
+    return [_row("greedy generation", f"new tokens/s ({r['prompts']} prompts)", f"batched ({r['batch_size']} per call)",
+                 side["batched"], "one prompt per generate call", side["single"])]
+
+
 def _end_to_end(r: dict) -> list[Row]:
     fit, forward = r["rows"]
     return [_row("end to end", f"s ({r['prompts']} prompts)", "fit, default config", fit["seconds"],
@@ -115,7 +135,7 @@ def _end_to_end(r: dict) -> list[Row]:
 
 SUMMARIES: dict[str, Callable[[dict], list[Row]]] = {
     "collection": _collection, "sae": _sae, "memory": _memory, "ablation": _ablation, "metric": _metric,
-    "end_to_end": _end_to_end,
+    "attribution": _attribution, "generation": _generation, "end_to_end": _end_to_end,
 }
 
 

@@ -27,7 +27,8 @@ def test_quick_suite_writes_one_table_and_json_with_stable_keys(tmp_path: Path) 
     kernels = cpu_kernels.usable(torch.zeros(1)) is not None  # then the SAE step is also run without them
     assert [r["benchmark"] for r in suite["rows"]] == [
         "activation collection", *["SAE training step"] * (3 if kernels else 2), "SAE quality", "streaming memory",
-        *["ablation variants"] * 2, "refusal scores", "refusal scores, direction ablated", "end to end", "report"]
+        *["ablation variants"] * 3, "ablation setup", "refusal scores", "refusal scores, direction ablated",
+        "attribution patching", "greedy generation", "end to end", "report"]
     for row in suite["rows"]:
         assert set(row) == {"benchmark", "measure", "a", "a_value", "b", "b_value", "a/b"}
         assert row["a_value"] > 0 and row["b_value"] > 0 and math.isclose(row["a/b"], row["a_value"] / row["b_value"])
@@ -35,9 +36,13 @@ def test_quick_suite_writes_one_table_and_json_with_stable_keys(tmp_path: Path) 
     results = suite["results"]
     ablation = results["ablation"]
     assert ablation["scores_equal"] and ablation["max_abs_score_difference"] < 1e-4  # cached = whole model
-    assert [r["side"] for r in ablation["rows"]] == ["cached", "whole", "floor"]
+    assert [r["side"] for r in ablation["rows"]] == ["cached", "whole", "floor", "floor x2"]
+    assert ablation["setup_seconds"] > 0
     assert [r["b"] for r in suite["rows"] if r["benchmark"] == "ablation variants"] == [
-        "whole model, edits hooked", "floor: later blocks, no edits"]
+        "whole model, edits hooked", "floor: later blocks, no edits", "floor: later blocks, no edits"]
+    attribution = results["attribution"]
+    assert attribution["scores_equal"] and attribution["max_relative_score_difference"] < 1e-3
+    assert results["generation"]["same_answers"] == results["generation"]["prompts"]
     metric = results["metric"]
     assert metric["scores_equal"] and metric["prefix_reused"] and metric["shared_prefix_tokens"] > 0
     assert [r["side"] for r in metric["rows"]] == ["plain, prefix", "plain, whole", "direction ablated, prefix",
