@@ -42,10 +42,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import add_model_options, load_model, median_seconds, report, run_model_benchmark
+from benchmarks.common import (
+    add_model_options,
+    load_model,
+    median_seconds,
+    report,
+    run_model_benchmark,
+)
 from refusal_sae.ablation import Ablator, Variant
 from refusal_sae.circuits import candidate_mask
 from refusal_sae.data import ORBenchLoader
+from refusal_sae.features import NodeMeans
+from refusal_sae.metric import RefusalMetric
+from refusal_sae.model import ModelWrapper
 from refusal_sae.sae import SAEConfig, SparseAutoencoder
 from tests.whole_model import node_means, whole_model_scores
 
@@ -67,23 +76,24 @@ def random_variants(abl: Ablator, n: int, rng: np.random.Generator) -> list[Vari
             for i in range(n)]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_sae_options(parser: argparse.ArgumentParser, prompts: str) -> None:
+    """Options of a benchmark over random SAEs on a model: --model, --layers, --width, --k, --prompts (`prompts`
+    says what they are), --mean-prompts, --batch-size."""
     parser.add_argument("--model", default="embedded", help="data.model.name")
     parser.add_argument("--layers", default="12,16,20", help="SAE layers (block indices)")
     parser.add_argument("--width", type=int, default=1536, help="SAE latents")
     parser.add_argument("--k", type=int, default=32, help="SAE active latents per token")
-    parser.add_argument("--prompts", type=int, default=16, help="evaluation prompts (half toxic, half safe)")
+    parser.add_argument("--prompts", type=int, default=16, help=prompts)
     parser.add_argument("--mean-prompts", type=int, default=8, help="other prompts the node means come from")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--variants", type=int, default=16, help="ablation variants per side")
-    add_model_options(parser)
-    return run_model_benchmark(parser.parse_args(argv), run, "bench_ablation_")
 
 
-def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+def random_sae_setup(args: argparse.Namespace, tmp: Path
+                     ) -> tuple[ModelWrapper, RefusalMetric, list[str], dict[str, SparseAutoencoder], NodeMeans]:
+    """The model, its metric, the prompts, seeded random SAEs at --layers and their node means (positional
+    classes, over --mean-prompts other prompts, as discovery computes them). With --quick: 2 SAEs of 64 latents."""
     if args.quick:
-        args.layers, args.width, args.k, args.repeats, args.variants = "1,2", 64, 8, 1, 4
+        args.layers, args.width, args.k = "1,2", 64, 8
     wrapper, metric = load_model(args, tmp)
     layers = wrapper.resolve_layers([int(i) for i in args.layers.split(",")])
     prompts, mean_prompts = pick_prompts(args.prompts, args.mean_prompts)
@@ -92,7 +102,22 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         torch.manual_seed(i)
         saes[layer] = SparseAutoencoder(SAEConfig(d_in=wrapper.d_model, num_latents=args.width, k=args.k))
         saes[layer].to(wrapper.device).eval()
-    means = node_means(wrapper, saes, mean_prompts, "positional", tmp / "cache")
+    return wrapper, metric, prompts, saes, node_means(wrapper, saes, mean_prompts, "positional", tmp / "cache")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sae_options(parser, "evaluation prompts (half toxic, half safe)")
+    parser.add_argument("--variants", type=int, default=16, help="ablation variants per side")
+    add_model_options(parser)
+    return run_model_benchmark(parser.parse_args(argv), run, "bench_ablation_")
+
+
+def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    if args.quick:
+        args.repeats, args.variants = 1, 4
+    wrapper, metric, prompts, saes, means = random_sae_setup(args, tmp)
+    layers = list(saes)
     base = Ablator(wrapper, saes, means, metric, args.batch_size)
     first = base.layers[0]
     variants = random_variants(base, args.variants, np.random.default_rng(0))

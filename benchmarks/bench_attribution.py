@@ -29,40 +29,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from benchmarks.bench_ablation import pick_prompts
-from benchmarks.common import add_model_options, load_model, median_seconds, report, run_model_benchmark
+from benchmarks.bench_ablation import add_sae_options, random_sae_setup
+from benchmarks.common import (
+    add_model_options,
+    median_seconds,
+    report,
+    run_model_benchmark,
+)
 from refusal_sae.attribution import attribution_scores
-from refusal_sae.sae import SAEConfig, SparseAutoencoder
-from tests.whole_model import node_means
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded", help="data.model.name")
-    parser.add_argument("--layers", default="12,16,20", help="SAE layers (block indices)")
-    parser.add_argument("--width", type=int, default=1536, help="SAE latents")
-    parser.add_argument("--k", type=int, default=32, help="SAE active latents per token")
-    parser.add_argument("--prompts", type=int, default=16, help="prompts attributed over (half toxic, half safe)")
-    parser.add_argument("--mean-prompts", type=int, default=8, help="other prompts the node means come from")
-    parser.add_argument("--batch-size", type=int, default=8)
+    add_sae_options(parser, "prompts attributed over (half toxic, half safe)")
     add_model_options(parser)
     return run_model_benchmark(parser.parse_args(argv), run, "bench_attribution_")
 
 
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     if args.quick:
-        args.layers, args.width, args.k, args.repeats, args.prompts = "1,2", 64, 8, 1, 6
-    wrapper, metric = load_model(args, tmp)
-    layers = wrapper.resolve_layers([int(i) for i in args.layers.split(",")])
-    prompts, mean_prompts = pick_prompts(args.prompts, args.mean_prompts)
-    saes = {}
-    for i, layer in enumerate(layers):
-        torch.manual_seed(i)
-        saes[layer] = SparseAutoencoder(SAEConfig(d_in=wrapper.d_model, num_latents=args.width, k=args.k))
-        saes[layer].to(wrapper.device).eval()
-    means = node_means(wrapper, saes, mean_prompts, "positional", tmp / "cache")
+        args.repeats, args.prompts = 1, 6
+    wrapper, metric, prompts, saes, means = random_sae_setup(args, tmp)
+    layers = list(saes)
     weights = np.where(np.arange(len(prompts)) < len(prompts) // 2, 1.0, -1.0) / (len(prompts) / 2)  # toxic - safe
     scores: dict[str, dict[str, np.ndarray]] = {}
     wrapper.prefix_continues = None  # the first call checks whether the cache can be continued
@@ -81,9 +70,9 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         raise SystemExit("this model's key/value cache cannot be continued: nothing to compare")
     times: dict[str, list[float]] = {"prefix": [], "whole": []}
     for repeat in range(args.repeats):
-        for name in times:
-            times[name].append(median_seconds(lambda n=name: side(n), 1, warmup=0))
-            print(f"repeat {repeat + 1}/{args.repeats} {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
+        for name, spent in times.items():
+            spent.append(median_seconds(lambda n=name: side(n), 1, warmup=0))
+            print(f"repeat {repeat + 1}/{args.repeats} {name}: {spent[-1]:.2f} s", file=sys.stderr, flush=True)
     seconds = {name: statistics.median(t) for name, t in times.items()}
     scale = max(float(np.abs(v).max()) for v in scores["whole"].values())
     diff = max(float(np.abs(scores["prefix"][k] - scores["whole"][k]).max()) for k in layers) / scale

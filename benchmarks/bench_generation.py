@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_metric import pick_prompts
-from benchmarks.common import add_model_options, load_model, median_seconds, report, run_model_benchmark
+from benchmarks.common import (
+    add_model_options,
+    load_model,
+    median_seconds,
+    report,
+    run_model_benchmark,
+)
 from refusal_sae.validity import generate_answers
 
 
