@@ -91,7 +91,8 @@ class EvaluationConfig:
     confidence: float = 0.95
     """Coverage of the intervals."""
     sanity_fraction: float = 0.1
-    """Share of the non-circuit candidate latents ablated at random in the sanity check."""
+    """Share of the candidate latents outside the smallest faithful (0.8) circuit ablated at random in the
+    sanity check."""
     batch_size: int = 8
     """Prompts per forward pass."""
     seed: int = 0
