@@ -87,7 +87,12 @@ from refusal_sae.features import NodeMeans
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import LAYER_PREFIX, ModelWrapper
 from refusal_sae.sae import SparseAutoencoder
-from refusal_sae.validate import non_negative_int, non_negative_number, one_of, positive_int
+from refusal_sae.validate import (
+    non_negative_int,
+    non_negative_number,
+    one_of,
+    positive_int,
+)
 
 Estimate = Literal["patching", "ig"]
 ESTIMATES: tuple[str, ...] = ("patching", "ig")

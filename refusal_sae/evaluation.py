@@ -41,7 +41,14 @@ from refusal_sae.bootstrap import Interval, interval, resample_weights
 from refusal_sae.circuits import Circuit, NodeScores, candidate_mask, ranked_nodes
 from refusal_sae.errors import UserError
 from refusal_sae.objective import TARGETS, Objective, Target, objective
-from refusal_sae.validate import all_of, bootstrap_resamples, fraction, non_negative_int, one_of, positive_int
+from refusal_sae.validate import (
+    all_of,
+    bootstrap_resamples,
+    fraction,
+    non_negative_int,
+    one_of,
+    positive_int,
+)
 
 ErrorMode = Literal["keep", "nodes"]
 ERROR_MODES: tuple[str, ...] = ("keep", "nodes")
@@ -446,5 +453,18 @@ def _sanity(run: _Run, cfg: EvaluationConfig, main: Curve, ranking: Sequence[tup
     return Sanity(prefix_change, size, random_change, relative, excludes, ok, notes)
 
 
-__all__ = ["ALL_LAYERS", "RECORD_VERSION", "Band", "CircuitEvaluation", "Curve", "ERROR_MODES", "EvaluationConfig", "Point", "Sanity",
-           "curve_sizes", "evaluate_circuit", "node_mask", "random_mask"]
+__all__ = [
+    "ALL_LAYERS",
+    "ERROR_MODES",
+    "RECORD_VERSION",
+    "Band",
+    "CircuitEvaluation",
+    "Curve",
+    "EvaluationConfig",
+    "Point",
+    "Sanity",
+    "curve_sizes",
+    "evaluate_circuit",
+    "node_mask",
+    "random_mask",
+]
