@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -41,6 +43,9 @@ class OneLineErrorParser(LightningArgumentParser):
     a `--config` file names the file."""
 
     _reading: str | None = None  # the --config file being parsed
+    configs: tuple[str, ...] = ()
+    """The command line's --config files (set by `main`: the subcommand's parser reads them, the root one reports
+    an unknown key after merging them all)."""
 
     def parse_path(self, path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         """jsonargparse's, remembering the file for `error` (a YAML syntax error names only `<unicode string>`)."""
@@ -54,9 +59,13 @@ class OneLineErrorParser(LightningArgumentParser):
         if not self.exit_on_error:  # jsonargparse parses nested parsers with errors as exceptions
             super().error(message, ex)
         reason = " ".join(line.strip(" -") for line in message.splitlines() if line.strip())
+        unknown = re.search(r"does not accept option '([\w.]+)'", reason)
         if self._reading:
             unnamed = "<unicode string>"
             reason = reason.replace(unnamed, self._reading) if unnamed in reason else f"{self._reading}: {reason}"
+        elif unknown:  # checked once every file is merged: name the file that sets the key
+            where = [p for p in self.configs if _sets_key(p, unknown.group(1).split("."))]
+            reason = f"{where[-1]}: {reason}" if where else reason
         print(f"error: {reason} (options: python -m refusal_sae fit --help)", file=sys.stderr)
         sys.exit(2)
 
@@ -211,6 +220,8 @@ def analyze(args: list[str]) -> None:
     parser.add_argument("--source", type=str, default="latest",
                         help="The analysis whose discovery a stage after discover uses (default: the newest).")
     parser.add_class_arguments(AnalysisConfig, "analysis")
+    for path in _config_files(args):  # jsonargparse's YAML errors name no file
+        _read_config(path)
     try:
         pre = parser.parse_args(args, defaults=False)
     except Exception as e:  # jsonargparse's ArgumentError and friends
@@ -241,6 +252,35 @@ def analyze(args: list[str]) -> None:
     print(format_summary(summary))
 
 
+def _config_files(argv: Sequence[str]) -> list[str]:
+    """The `--config` files of a command line, in order."""
+    pairs = zip(argv, [*argv[1:], ""])
+    return [a.partition("=")[2] if "=" in a else b for a, b in pairs if a.partition("=")[0] == "--config"]
+
+
+def _read_config(path: str) -> Any:
+    """A `--config` file's YAML; a syntax error is one line naming the file and the line."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(" ".join(str(e).replace("<unicode string>", path).split())) from e
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror}; check the --config path") from e
+
+
+def _sets_key(path: str, keys: list[str]) -> bool:
+    """Whether the YAML file at `path` sets the nested key `keys`."""
+    try:
+        node = _read_config(path)
+    except UserError:
+        return False
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
 def _check_run_dir_order(argv: list[str]) -> None:
     """Refuse a `--run_dir` that a later `--config` would silently override (options apply in order)."""
     given: str | None = None
@@ -250,8 +290,8 @@ def _check_run_dir_order(argv: list[str]) -> None:
             given = value
         elif option == "--config" and given is not None and Path(value).is_file():
             try:
-                config = yaml.safe_load(Path(value).read_text())
-            except yaml.YAMLError:
+                config = _read_config(value)
+            except UserError:
                 return  # the parser reports it, naming the file
             if isinstance(config, dict) and "run_dir" in config and str(config["run_dir"]) != given:
                 raise UserError(f"--run_dir {given} comes before --config {value}, whose run_dir: {config['run_dir']} "
@@ -270,6 +310,7 @@ def main(args: list[str] | None = None) -> None:
             analyze(argv[1:])
             return
         _check_run_dir_order(argv)
+        OneLineErrorParser.configs = tuple(_config_files(argv))
         RefusalCLI(
             SAEModule,
             ActivationDataModule,

@@ -202,6 +202,22 @@ def test_a_yaml_syntax_error_names_the_config_file(capsys: pytest.CaptureFixture
     assert f'"{config}", line 3' in error and "<unicode string>" not in error
 
 
+def test_analyze_names_a_config_file_with_a_yaml_syntax_error(capsys: pytest.CaptureFixture[str],
+                                                              tmp_path: Path) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_text("analysis:\n  evaluation:\n    sizes: [1, 2\n")
+    error = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(tmp_path), "--config", str(config)))
+    assert f'"{config}", line 3' in error and "<unicode string>" not in error
+
+
+def test_an_unknown_key_names_the_config_file_that_sets_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("data:\n  prompts:\n    source: sample\n")
+    bad.write_text("data:\n  prompts:\n    sorce: sample\n")
+    error = one_line_error(cli_in_process(capsys, "fit", "--config", str(good), "--config", str(bad)))
+    assert error.startswith(f"error: {bad}: ") and "does not accept option 'data.prompts.sorce'" in error
+
+
 def test_a_broken_interpolation_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("data:\n  activations:\n    cache_dir: ${nowhere}/cache\n")
