@@ -30,7 +30,13 @@ from omegaconf.errors import OmegaConfBaseException
 from datamodules import ActivationDataModule
 from lightning_modules import SAEModule
 from lightning_modules.sae_module import saved_checkpoint
-from refusal_sae.analysis import STAGES, AnalysisConfig, AnalysisInputs, format_summary, run_analysis
+from refusal_sae.analysis import (
+    STAGES,
+    AnalysisConfig,
+    AnalysisInputs,
+    format_summary,
+    run_analysis,
+)
 from refusal_sae.errors import UserError
 from refusal_sae.layout import RunLayout
 from refusal_sae.sae_io import load_sae
