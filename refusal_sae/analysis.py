@@ -31,22 +31,43 @@ from tqdm.auto import tqdm
 from refusal_sae.ablation import Ablator
 from refusal_sae.activations import ActivationCache, PromptActivations
 from refusal_sae.circuits import ERROR, Circuit, NodeScores
-from refusal_sae.cross_ablation import CrossAblationConfig, CrossAblationResult, cross_ablation, plot_cross_ablation
+from refusal_sae.cross_ablation import (
+    CrossAblationConfig,
+    CrossAblationResult,
+    cross_ablation,
+    plot_cross_ablation,
+)
 from refusal_sae.data import PromptSample, Split
 from refusal_sae.directions import DirectionsConfig, DirectionsResult, run_directions
 from refusal_sae.discovery import DiscoveryConfig, DiscoveryInputs, discover, methods
 from refusal_sae.errors import UserError
-from refusal_sae.evaluation import ALL_LAYERS, RECORD_VERSION, CircuitEvaluation, EvaluationConfig, evaluate_circuit
+from refusal_sae.evaluation import (
+    ALL_LAYERS,
+    RECORD_VERSION,
+    CircuitEvaluation,
+    EvaluationConfig,
+    evaluate_circuit,
+)
 from refusal_sae.features import NodeMeans, encode_prompts
 from refusal_sae.layout import AnalysisLayout, CircuitEntry, DiscoveryRecord, RunLayout
 from refusal_sae.metric import RefusalMetric, RefusalMetricConfig
 from refusal_sae.model import ModelWrapper
 from refusal_sae.plots import plot_curves
-from refusal_sae.positions import PLACEHOLDER_MESSAGES, PositionMode, PositionScheme, template_scheme
+from refusal_sae.positions import (
+    PLACEHOLDER_MESSAGES,
+    PositionMode,
+    PositionScheme,
+    template_scheme,
+)
 from refusal_sae.report import build_report
 from refusal_sae.sae import SparseAutoencoder
 from refusal_sae.similarity import SimilarityConfig, analyse_similarity
-from refusal_sae.validity import ValidityConfig, behavior_labels, validity_report, write_validity_report
+from refusal_sae.validity import (
+    ValidityConfig,
+    behavior_labels,
+    validity_report,
+    write_validity_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +431,8 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
 def load_evaluation(out: AnalysisLayout, discovery: Discovery, method: str) -> list[CircuitEvaluation]:
     """The evaluation records of one method's circuits that exist in `out`."""
     layout = out.method(method)
-    found = [layout.read_evaluation(CircuitEvaluation, c.name) for c, _ in discovery.circuits[method]]
+    found = [layout.read_evaluation(CircuitEvaluation, c.name, version=RECORD_VERSION)
+             for c, _ in discovery.circuits[method]]
     return [r for r in found if r is not None]
 
 

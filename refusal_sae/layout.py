@@ -206,14 +206,22 @@ class MethodLayout:
                          metadata={"variants": json.dumps(names)}))
         write_json(record_path, {"key": to_json(key), "record": to_json(record)})
 
-    def read_evaluation(self, cls: type[T], name: str, key: dict[str, Any] | None = None) -> T | None:
-        """The circuit's evaluation record; None if absent or (given `key`) made with other settings."""
+    def read_evaluation(self, cls: type[T], name: str, key: dict[str, Any] | None = None,
+                        version: int | None = None) -> T | None:
+        """The circuit's evaluation record; None if absent or (given `key`) made with other settings. Given only
+        `version` (a later stage reading an earlier analysis), a record written under another version is an
+        error: its fields mean something else now."""
         path, _ = self.evaluation_paths(name)
         if not path.is_file():
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
         if key is not None and data.get("key") != to_json(key):
             return None
+        found = (data.get("key") or {}).get("record")
+        if key is None and version is not None and found != version:
+            raise UserError(f"{path}: an evaluation record of version {found or 1}, this code reads version {version}; "
+                            f"evaluate these circuits again: analyze --stage evaluate --source {self.root.parent.name} "
+                            "--name <new analysis>")
         return from_json(cls, data["record"])
 
     def read_variant_scores(self, name: str) -> dict[str, np.ndarray]:

@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 
 from refusal_sae.ablation import Ablator
-from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
+from refusal_sae.activations import (
+    ActivationConfig,
+    InferencePipeline,
+    PromptActivations,
+)
 from refusal_sae.analysis import position_scheme
 from refusal_sae.bootstrap import Interval
 from refusal_sae.circuits import Circuit, NodeScores
@@ -22,13 +26,28 @@ from refusal_sae.cross_ablation import (
     cross_ablation,
     plot_cross_ablation,
 )
-from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation, Curve, Sanity
+from refusal_sae.errors import UserError
+from refusal_sae.evaluation import (
+    ALL_LAYERS,
+    RECORD_VERSION,
+    CircuitEvaluation,
+    Curve,
+    Sanity,
+)
 from refusal_sae.features import encode_prompts
 from refusal_sae.layout import RunLayout, from_json, to_json
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import ModelConfig, ModelWrapper
 from tests.conftest import single_thread
-from tests.planted import D_MODEL, LAYERS, METRIC, category_triggers, exact_saes, make_category_model, planted_prompts
+from tests.planted import (
+    D_MODEL,
+    LAYERS,
+    METRIC,
+    category_triggers,
+    exact_saes,
+    make_category_model,
+    planted_prompts,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = CrossAblationConfig(n_nodes=4, bootstrap=200)
@@ -96,3 +115,18 @@ def test_the_default_size_is_where_the_category_reaches_faithfulness_0_8() -> No
     assert circuit_size(record({"0.5": 4, "0.8": None}), FAST)[0] == 4
     assert circuit_size(None, FAST)[0] == 4
     assert circuit_size(record({"0.8": 7}), CrossAblationConfig(size=9))[0] == 9
+
+
+def test_a_later_stage_refuses_an_evaluation_record_of_another_version(tmp_path: Path) -> None:
+    """Records written before the sanity check changed meaning (no version in their key) cannot be read as today's
+    by `cross` or `report` on an earlier analysis: one line says to evaluate again, naming the file."""
+    zero = Interval(0.0, 0.0, 0.0)
+    curves = [Curve(ALL_LAYERS, "keep", 50, zero, zero, None, [], None, None, None, {"0.8": 7})]
+    record = CircuitEvaluation("a", "a", "all", "m", "toxic", 1, 1, zero, curves,
+                               Sanity(None, 7, 0.1, 0.05, True, True, []))
+    layout = RunLayout(tmp_path / "run").analysis("old").method("m")
+    layout.write_evaluation(record, {"evaluation": {}}, {"model": np.zeros(1)})
+    with pytest.raises(UserError, match=r"a\.json: an evaluation record of version 1.*--source old"):
+        layout.read_evaluation(CircuitEvaluation, "a", version=RECORD_VERSION)
+    layout.write_evaluation(record, {"record": RECORD_VERSION}, {"model": np.zeros(1)})
+    assert to_json(layout.read_evaluation(CircuitEvaluation, "a", version=RECORD_VERSION)) == to_json(record)
