@@ -19,8 +19,9 @@ rest ablated at every SAE layer), the evaluation's main cost. The sides, each ov
 Reported: median seconds of each side (after a one-batch warm-up; the repeats alternate between the
 sides, so a change of the machine's load hits all alike), per variant, whole/cached, cached/floor and
 floor x2/floor, and the largest difference between the cached and whole per-prompt scores (they must agree
-to float rounding, the tolerance of `ModelWrapper.continuation_matches`; checked). A circuit's evaluation runs hundreds of variants per setup, so the
-evaluation's cost per variant is `cached`; setup / variants is its share when only N variants run.
+to float rounding, the tolerance of `ModelWrapper.continuation_matches`; checked). A circuit's evaluation
+runs hundreds of variants per setup, so the evaluation's cost per variant is `cached`; setup / variants is its
+share when only N variants run.
 
 The SAEs are random (seeded), their means computed as discovery does (positional classes) over a few
 other prompts: the cost does not depend on what the features mean. Default: the embedded
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,8 @@ import torch
 
 from benchmarks.common import (
     add_model_options,
+    alternating_seconds,
     load_model,
-    median_seconds,
     report,
     run_model_benchmark,
 )
@@ -159,11 +159,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                                                   past=batches[0].past))
     # one repeat of each side in turn, so that a change of the machine's load hits all alike
     fns = {"setup": setup, "cached": cached, "whole": whole, "floor": floor, "floor x2": floor_x2}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for repeat in range(args.repeats):
-        for name, fn in fns.items():
-            times[name].append(median_seconds(fn, 1, warmup=0))
-            print(f"repeat {repeat + 1}/{args.repeats} {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
+    times = alternating_seconds(fns, args.repeats)
     seconds = {name: statistics.median(t) for name, t in times.items()}
     got, want = np.stack(results["cached"]), np.stack(results["whole"])
     diff = float(np.abs(got - want).max())

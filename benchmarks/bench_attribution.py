@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import numpy as np
 from benchmarks.bench_ablation import add_sae_options, random_sae_setup
 from benchmarks.common import (
     add_model_options,
-    median_seconds,
+    alternating_seconds,
     report,
     run_model_benchmark,
 )
@@ -68,11 +67,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         side(name)
     if not checked[0]:
         raise SystemExit("this model's key/value cache cannot be continued: nothing to compare")
-    times: dict[str, list[float]] = {"prefix": [], "whole": []}
-    for repeat in range(args.repeats):
-        for name, spent in times.items():
-            spent.append(median_seconds(lambda n=name: side(n), 1, warmup=0))
-            print(f"repeat {repeat + 1}/{args.repeats} {name}: {spent[-1]:.2f} s", file=sys.stderr, flush=True)
+    times = alternating_seconds({name: lambda n=name: side(n) for name in ("prefix", "whole")}, args.repeats)
     seconds = {name: statistics.median(t) for name, t in times.items()}
     scale = max(float(np.abs(v).max()) for v in scores["whole"].values())
     diff = max(float(np.abs(scores["prefix"][k] - scores["whole"][k]).max()) for k in layers) / scale

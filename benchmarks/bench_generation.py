@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_metric import pick_prompts
 from benchmarks.common import (
     add_model_options,
+    alternating_seconds,
     load_model,
-    median_seconds,
     report,
     run_model_benchmark,
 )
@@ -58,11 +57,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     for name in sizes:  # warm-up
         side(name)
-    times: dict[str, list[float]] = {name: [] for name in sizes}
-    for repeat in range(args.repeats):
-        for name in sizes:
-            times[name].append(median_seconds(lambda n=name: side(n), 1, warmup=0))
-            print(f"repeat {repeat + 1}/{args.repeats} {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
+    times = alternating_seconds({name: lambda n=name: side(n) for name in sizes}, args.repeats)
     new_tokens = {name: sum(len(wrapper.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers[name])
                   for name in sizes}
     seconds = {name: statistics.median(t) for name, t in times.items()}

@@ -26,14 +26,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from benchmarks.common import add_model_options, load_model, median_seconds, report, run_model_benchmark
+from benchmarks.common import (
+    add_model_options,
+    alternating_seconds,
+    load_model,
+    report,
+    run_model_benchmark,
+)
 from refusal_sae.data import PromptConfig, build_prompts
 from refusal_sae.directions import directional_ablation
 from refusal_sae.metric import refusal_scores
@@ -78,13 +83,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         for reuse_prefix in (True, False):
             side(hook, reuse_prefix)
     # one repeat of each side in turn, so that a change of the machine's load hits all alike
-    times: dict[str, list[float]] = {f"{hook}, {name}": [] for hook in hooks for name in ("prefix", "whole")}
-    for repeat in range(args.repeats):
-        for hook in hooks:
-            for reuse_prefix, name in ((True, "prefix"), (False, "whole")):
-                key = f"{hook}, {name}"
-                times[key].append(median_seconds(lambda h=hook, r=reuse_prefix: side(h, r), 1, warmup=0))
-                print(f"repeat {repeat + 1}/{args.repeats} {key}: {times[key][-1]:.2f} s", file=sys.stderr, flush=True)
+    times = alternating_seconds({f"{hook}, {name}": lambda h=hook, r=reuse_prefix: side(h, r) for hook in hooks
+                                 for reuse_prefix, name in ((True, "prefix"), (False, "whole"))}, args.repeats)
     seconds = {key: statistics.median(t) for key, t in times.items()}
     diffs = {hook: float(np.abs(scores[hook, "prefix"] - scores[hook, "whole"]).max()) for hook in hooks}
     scale = max(1.0, *(float(np.abs(s).max()) for s in scores.values()))

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -76,6 +77,17 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def alternating_seconds(sides: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall time of each side per repeat, one call of each side in turn per repeat (so a change of the machine's
+    load hits all alike), each printed as it is measured; warm-ups are the caller's."""
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for repeat in range(repeats):
+        for name, fn in sides.items():
+            times[name].append(median_seconds(fn, 1, warmup=0))
+            print(f"repeat {repeat + 1}/{repeats} {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
+    return times
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
