@@ -200,9 +200,7 @@ class Ablator:
             return None
         if self._prefix is None:
             self._prefix = ids[:1, :p]
-        if not torch.equal(ids[:, :p], self._prefix.expand(len(ids), -1)):
-            raise UserError("evaluation: prompts do not share the chat template's prefix the position classes "
-                            "were found with; run discovery again on these prompts")
+        self.wrapper.require_prefix(ids, self._prefix, "evaluation")
         if self._prefix_ok is None:
             self._prefix_ok = self.wrapper.continuation_matches(lambda: self._cached_logits(ids), ids,
                                                                 torch.ones_like(ids), "evaluation")

@@ -225,9 +225,7 @@ def _batches(wrapper: ModelWrapper, prompts: Sequence[str], batch_size: int, mea
                 cache = wrapper.shared_prefix_cache(ids, mask, p, "attribution")
         past, offset = None, 0
         if cache is not None:
-            if not torch.equal(ids[:, :p], shared.expand(len(ids), -1)):
-                raise UserError("attribution: prompts do not share the chat template's prefix the position classes "
-                                "were found with; run discovery again on these prompts")
+            wrapper.require_prefix(ids, shared, "attribution")
             past, offset = wrapper.expand_prefix(cache, len(ids)), p
         ids, classes = ids[:, offset:], classes[:, offset:]
         node = classes - p

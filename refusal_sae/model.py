@@ -718,6 +718,14 @@ class ModelWrapper:
         return cache if cache is not None else self.prefix_cache(input_ids[:1, :prefix])
 
     @staticmethod
+    def require_prefix(input_ids: Tensor, prefix: Tensor, who: str) -> None:
+        """Every row of `input_ids` starts with `prefix` (1, P), the shared prefix whose keys and values `who`
+        reuses; otherwise one line: the position classes were found on other prompts."""
+        if not torch.equal(input_ids[:, : prefix.shape[1]], prefix.expand(len(input_ids), -1)):
+            raise UserError(f"{who}: prompts do not share the chat template's prefix the position classes were "
+                            "found with; run discovery again on these prompts")
+
+    @staticmethod
     def expand_prefix(cache: Any, batch: int) -> Any:
         """A copy of a one-row `prefix_cache` for `batch` rows."""
         import copy
