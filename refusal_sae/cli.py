@@ -258,10 +258,14 @@ def analyze(args: list[str]) -> None:
     print(format_summary(summary))
 
 
+def _options(argv: Sequence[str]) -> list[tuple[str, str]]:
+    """(option, value) for every word of a command line: `--x=v` or `--x v` (the next word)."""
+    return [(a.partition("=")[0], a.partition("=")[2]) if "=" in a else (a, b) for a, b in zip(argv, [*argv[1:], ""])]
+
+
 def _config_files(argv: Sequence[str]) -> list[str]:
     """The `--config` files of a command line, in order."""
-    pairs = zip(argv, [*argv[1:], ""])
-    return [a.partition("=")[2] if "=" in a else b for a, b in pairs if a.partition("=")[0] == "--config"]
+    return [value for option, value in _options(argv) if option == "--config"]
 
 
 def _read_config(path: str) -> Any:
@@ -290,8 +294,7 @@ def _sets_key(path: str, keys: list[str]) -> bool:
 def _check_run_dir_order(argv: list[str]) -> None:
     """Refuse a `--run_dir` that a later `--config` would silently override (options apply in order)."""
     given: str | None = None
-    pairs = [(a.partition("=")[0], a.partition("=")[2]) if "=" in a else (a, b) for a, b in zip(argv, argv[1:] + [""])]
-    for option, value in pairs:
+    for option, value in _options(argv):
         if option == "--run_dir":
             given = value
         elif option == "--config" and given is not None and Path(value).is_file():
