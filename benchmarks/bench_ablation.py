@@ -19,7 +19,7 @@ rest ablated at every SAE layer), the evaluation's main cost. The sides, each ov
 Reported: median seconds of each side (after a one-batch warm-up; the repeats alternate between the
 sides, so a change of the machine's load hits all alike), per variant, whole/cached, cached/floor and
 floor x2/floor, and the largest difference between the cached and whole per-prompt scores (they must agree
-to float rounding, the tolerance of `ModelWrapper.continuation_matches`; checked). A circuit's evaluation
+to float rounding, the tolerance of `refusal_sae.prefix.continuation_matches`; checked). A circuit's evaluation
 runs hundreds of variants per setup, so the evaluation's cost per variant is `cached`; setup / variants is its
 share when only N variants run.
 
@@ -141,7 +141,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     def floor() -> None:
         for _ in variants:
             for batch in batches:
-                metric.score(wrapper.suffix_last_token_logits(batch.hidden[first], batch.mask, first, past=batch.past))
+                metric.score(wrapper.suffix_last_token_logits(batch.hidden[first], batch.prompts.mask, first,
+                                                              past=batch.prompts.past))
 
     doubled = Ablator(wrapper, saes, means, metric, 2 * args.batch_size).residuals(prompts + prompts)
 
@@ -149,14 +150,15 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     def floor_x2() -> None:
         for _ in range(0, len(variants), 2):
             for batch in doubled:
-                metric.score(wrapper.suffix_last_token_logits(batch.hidden[first], batch.mask, first, past=batch.past))
+                metric.score(wrapper.suffix_last_token_logits(batch.hidden[first], batch.prompts.mask, first,
+                                                              past=batch.prompts.past))
 
     # warm-up (lazy initialisation, allocator, threads): one batch through each side, not all variants
     warm = prompts[: args.batch_size]
     Ablator(wrapper, saes, means, metric, args.batch_size).scores(warm, variants[0])
     whole_model_scores(base, warm, variants[0])
-    metric.score(wrapper.suffix_last_token_logits(batches[0].hidden[first], batches[0].mask, first,
-                                                  past=batches[0].past))
+    metric.score(wrapper.suffix_last_token_logits(batches[0].hidden[first], batches[0].prompts.mask, first,
+                                                  past=batches[0].prompts.past))
     # one repeat of each side in turn, so that a change of the machine's load hits all alike
     fns = {"setup": setup, "cached": cached, "whole": whole, "floor": floor, "floor x2": floor_x2}
     times = alternating_seconds(fns, args.repeats)
@@ -164,7 +166,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     got, want = np.stack(results["cached"]), np.stack(results["whole"])
     diff = float(np.abs(got - want).max())
     scale = max(1.0, float(np.abs(want).max()))
-    same = bool(np.allclose(got, want, rtol=1e-3, atol=1e-3 * scale))  # the tolerance of ModelWrapper.continuation_matches
+    same = bool(np.allclose(got, want, rtol=1e-3, atol=1e-3 * scale))  # the tolerance of prefix.continuation_matches
 
     n = len(variants)
     index = int(first.removeprefix("residuals_"))
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "n_layers": wrapper.n_layers, "sae_layers": layers, "sae_width": args.width, "sae_k": args.k,
         "dtype": str(wrapper.dtype).removeprefix("torch."), "device": str(wrapper.device),
         "prompts": len(prompts), "batch_size": args.batch_size, "variants": n, "repeats": args.repeats,
-        "positions": means.scheme.to_dict(), "prefix_kv_cache": batches[0].past is not None,
+        "positions": means.scheme.to_dict(), "prefix_kv_cache": batches[0].prompts.past is not None,
         "blocks_per_variant": {"whole": wrapper.n_layers, "cached": wrapper.n_layers - index - 1,
                                "floor": wrapper.n_layers - index - 1},
         "speedup_cached_vs_whole": seconds["whole"] / seconds["cached"],

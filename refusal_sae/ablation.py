@@ -13,13 +13,14 @@ a layer not in the variant is not edited. The shared template prefix is a mean c
 position, kept unless a variant ablates it on purpose (the sanity check that doing so changes nothing).
 
 Cost. The shared template prefix is never edited (with positional classes), so its keys and values are
-the same in every variant and every prompt: they are computed once (`ModelWrapper.prefix_cache`) and
+the same in every variant and every prompt: they are computed once (`refusal_sae.prefix.SharedPrefix`) and
 every forward pass runs only the positions after it. No variant edits anything before its shallowest
 edited layer L, so the residual stream after L is the same in every variant that starts there: the
 unedited stream at every SAE layer is computed once per prompt list (its SAE encoding at L too, once
 a variant starts there), and a variant runs only the blocks after L on it
 (`ModelWrapper.suffix_last_token_logits`), the head at the last position only. A model
-whose cache cannot be continued that way (checked once against a plain forward) runs whole prompts.
+whose cache cannot be continued (checked once per model against a plain forward) runs whole prompts; the
+evaluation's prefix sanity check compares this path with whole prompts under an edit on every run.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from refusal_sae.errors import UserError
 from refusal_sae.features import NodeMeans
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import LAYER_PREFIX, ModelWrapper
+from refusal_sae.prefix import PromptBatch, SharedPrefix
 from refusal_sae.sae import SparseAutoencoder
 from refusal_sae.validate import positive_int
 
@@ -88,10 +89,7 @@ class Ablator:
         self._mean_e = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in means.errors.items()}
         self._cache: OrderedDict[tuple[str, ...], list[_Batch]] = OrderedDict()
         self._classes: Tensor | None = None
-        self._prefix: Tensor | None = None
-        self._prefix_cache: Any = None
-        self._prefix_ok: bool | None = None
-        """Whether continuing the prefix's key/value cache reproduces the model (checked on first use)."""
+        self._prefix = SharedPrefix(wrapper, "evaluation", means.scheme.prefix)
         self.n_forward = 0
         """Variant batches run so far (for progress and benchmarks)."""
 
@@ -102,7 +100,7 @@ class Ablator:
     @property
     def reuses_prefix(self) -> bool:
         """Whether variants run only the positions after the shared prefix (its keys and values computed once)."""
-        return bool(self._prefix_ok)
+        return self._prefix.reused
 
     def width(self, layer: str) -> int:
         return self.saes[layer].cfg.width
@@ -177,46 +175,12 @@ class Ablator:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        batches = []
-        for start in range(0, len(key), self.batch_size):
-            enc = self.wrapper.tokenize(key[start : start + self.batch_size], "right")
-            ids, mask = enc["input_ids"].to(self.wrapper.device), enc["attention_mask"].to(self.wrapper.device)
-            classes = torch.as_tensor(self.scheme.batch_classes(mask.sum(1).tolist(), mask.shape[1]),
-                                      device=self.wrapper.device)
-            past = self._past(ids)
-            p = self.scheme.prefix if past is not None else 0
-            hidden = self.wrapper.residuals(ids[:, p:], mask, self.layers, past=past)
-            batches.append(_Batch(ids, mask, classes, past, hidden))
+        batches = [_Batch(b, self.wrapper.residuals(b.run_ids, b.mask, self.layers, past=b.past))
+                   for b in self._prefix.batches(key, self.batch_size, self.scheme)]
         self._cache[key] = batches
         while len(self._cache) > self.CACHE_SIZE:
             self._cache.popitem(last=False)
         return batches
-
-    def _past(self, ids: Tensor) -> Any:
-        """The shared prefix's keys and values for this batch, or None (global positions, or a model whose
-        cache cannot be continued: checked once against a plain forward, with a one-line notice)."""
-        p = self.scheme.prefix
-        if p == 0 or self._prefix_ok is False:
-            return None
-        if self._prefix is None:
-            self._prefix = ids[:1, :p]
-        self.wrapper.require_prefix(ids, self._prefix, "evaluation")
-        if self._prefix_ok is None:
-            self._prefix_ok = self.wrapper.continuation_matches(lambda: self._cached_logits(ids), ids,
-                                                                torch.ones_like(ids), "evaluation")
-            if not self._prefix_ok:
-                return None
-        return self.wrapper.expand_prefix(self._prefix_cache, len(ids))
-
-    def _cached_logits(self, ids: Tensor) -> Tensor:
-        """Logits of `ids` the way variants get them: the prefix's keys and values computed (and kept), the rest
-        continued to the deepest SAE layer and the blocks after it run on that residual."""
-        self._prefix_cache = self.wrapper.prefix_cache(self._prefix)
-        past = self.wrapper.expand_prefix(self._prefix_cache, len(ids))
-        mask = torch.ones_like(ids)
-        last = self.layers[-1]
-        hidden = self.wrapper.residuals(ids[:, self.scheme.prefix:], mask, [last], past=past)[last]
-        return self.wrapper.suffix_last_token_logits(hidden, mask, last, past=past)
 
     @torch.no_grad()
     def scores(self, prompts: Sequence[str], variant: Variant | None = None) -> np.ndarray:
@@ -228,18 +192,18 @@ class Ablator:
         start = next((layer for layer in self.layers if layer in edits), self.layers[-1])
         out = []
         try:
-            for batch in self.residuals(prompts):
+            for cached in self.residuals(prompts):
+                batch = cached.prompts
                 if prefix_edited and batch.past is not None:  # the prefix itself is edited: run it too
                     self._classes = batch.classes
                     with self.wrapper.edit_residuals(edits):
                         logits = self.wrapper.last_token_logits(batch.input_ids, batch.mask)
                 else:
-                    offset = self.scheme.prefix if batch.past is not None else 0
-                    self._classes = batch.classes[:, offset:]
+                    self._classes = batch.run_classes
                     later = {layer: e for layer, e in edits.items() if layer != start}
-                    h = batch.hidden[start]
+                    h = cached.hidden[start]
                     if start in edits:
-                        h = edits[start](h, self.saes[start].densify(*batch.features(start, self.saes[start])))
+                        h = edits[start](h, self.saes[start].densify(*cached.features(start, self.saes[start])))
                     with self.wrapper.edit_residuals(later):
                         logits = self.wrapper.suffix_last_token_logits(h, batch.mask, start, past=batch.past)
                 out.append(self.metric.score(logits).double().cpu())
@@ -251,13 +215,7 @@ class Ablator:
 
 @dataclass
 class _Batch:
-    input_ids: Tensor
-    mask: Tensor
-    """(batch, seq) attention mask over the whole prompt."""
-    classes: Tensor
-    """(batch, seq) mean-class index of every position."""
-    past: Any
-    """The shared prefix's keys and values for this batch, or None."""
+    prompts: PromptBatch
     hidden: dict[str, Tensor]
     """Unedited residual after each SAE layer: the positions after the prefix (with `past`) or all."""
     encoded: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)

@@ -75,7 +75,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -86,6 +86,7 @@ from refusal_sae.errors import UserError
 from refusal_sae.features import NodeMeans
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import LAYER_PREFIX, ModelWrapper
+from refusal_sae.prefix import PromptBatch, SharedPrefix
 from refusal_sae.sae import SparseAutoencoder
 from refusal_sae.validate import (
     non_negative_int,
@@ -191,47 +192,31 @@ def _frozen(saes: Mapping[str, SparseAutoencoder]) -> Iterator[None]:
 
 @dataclass
 class _Batch:
-    rows: slice
-    input_ids: Tensor
-    """The positions that run: after the shared prefix (with `past`) or all."""
-    mask: Tensor
-    """(batch, seq) attention mask over the whole prompt."""
-    past: Any
-    """The shared prefix's keys and values for this batch, or None."""
+    prompts: PromptBatch
     classes: Tensor
     """(batch, positions that run) mean-class index of every token."""
     onehot: Tensor
     """(batch, positions that run, node classes) float: 1 where a real token belongs to that node class."""
+
+    @property
+    def rows(self) -> slice:
+        return self.prompts.rows
 
 
 def _batches(wrapper: ModelWrapper, prompts: Sequence[str], batch_size: int, means: NodeMeans) -> Iterator[_Batch]:
     """Right-padded batches on the model's device, with each token's position class.
 
     The shared template prefix holds no node and nothing after it can change it (causal attention), so its
-    gradient is never needed: its keys and values are computed once, without gradient, and every batch runs
-    only the positions after it (exact up to float rounding, checked once per model as for the metric). A
-    model whose cache cannot be continued runs whole prompts."""
+    gradient is never needed: its keys and values are computed once, without gradient and outside the splice
+    hooks (`SharedPrefix`), and every batch runs only the positions after it."""
     scheme = means.scheme
     n_node, p = len(scheme.node_classes), scheme.prefix
-    cache = shared = None
-    for start in range(0, len(prompts), batch_size):
-        rows = slice(start, min(start + batch_size, len(prompts)))
-        enc = wrapper.tokenize(prompts[rows], "right")
-        ids, mask = enc["input_ids"].to(wrapper.device), enc["attention_mask"].to(wrapper.device)
-        classes = torch.as_tensor(scheme.batch_classes(mask.sum(1).tolist(), mask.shape[1]), device=wrapper.device)
-        if p and shared is None and wrapper.prefix_continues is not False:
-            shared = ids[:1, :p]
-            with torch.no_grad():
-                cache = wrapper.shared_prefix_cache(ids, mask, p, "attribution")
-        past, offset = None, 0
-        if cache is not None:
-            wrapper.require_prefix(ids, shared, "attribution")
-            past, offset = wrapper.expand_prefix(cache, len(ids)), p
-        ids, classes = ids[:, offset:], classes[:, offset:]
+    for batch in SharedPrefix(wrapper, "attribution", p).batches(prompts, batch_size, scheme):
+        classes = batch.run_classes
         node = classes - p
-        valid = (node >= 0) & mask[:, offset:].bool()
+        valid = (node >= 0) & batch.mask[:, batch.offset:].bool()
         onehot = torch.nn.functional.one_hot(node.clamp(min=0), n_node).float() * valid[..., None]
-        yield _Batch(rows, ids, mask, past, classes, onehot)
+        yield _Batch(batch, classes, onehot)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,7 +278,8 @@ def _interpolate(sae: SparseAutoencoder, mean_f: Tensor, mean_err: Tensor, alpha
 
 def _weighted_score(wrapper: ModelWrapper, metric: RefusalMetric, batch: _Batch, weights: Tensor) -> Tensor:
     """sum_p w_p s_p over the batch: this batch's share of F, differentiable."""
-    return (metric.score(wrapper.last_token_logits_with_grad(batch.input_ids, batch.mask, batch.past)) * weights).sum()
+    run = batch.prompts
+    return (metric.score(wrapper.last_token_logits_with_grad(run.run_ids, run.mask, run.past)) * weights).sum()
 
 
 def _grads(objective: Tensor, leaves: Sequence[Tensor], retain: bool = False) -> list[Tensor]:

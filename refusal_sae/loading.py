@@ -6,8 +6,9 @@ same plain dense module either way: transformers' GGUF reader dequantizes every 
 explicitly where transformers >= 5 could keep them packed), the leftover quantizer is detached, and the
 weights are cast to the requested dtype.
 
-A local checkpoint is checked first (`check_model_dir`, `check_gguf_file`): transformers' own errors
-for a damaged one name no file, or are tracebacks.
+The `data.model` options are resolved here too (`resolve_source`, `resolve_device`, `resolve_dtype`), and a
+local checkpoint is checked first (`check_model_dir`, `check_gguf_file`): transformers' own errors for a
+damaged one name no file, or are tracebacks.
 """
 
 from __future__ import annotations
@@ -196,3 +197,154 @@ def check_gguf_file(path: Path) -> None:
             f"{path} is a truncated or corrupted GGUF file: its header and tensor table do not fit its "
             f"{path.stat().st_size} bytes; download it again"
         ) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving the `data.model` options
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; otherwise the named device, which must exist here."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(
+            f"data.model.device: unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"data.model.device: {device!r} asked for but CUDA is not available here; use auto or cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(
+                f"data.model.device: {device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible; "
+                f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise UserError(f"data.model.device: {device!r} asked for but MPS is not available here; use auto or cpu")
+    elif dev.type != "cpu":
+        raise UserError(f"data.model.device: unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA (float16 where bf16 is unsupported), float32 elsewhere; or a named dtype."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return DTYPES[dtype.lower()]
+    except (KeyError, AttributeError):
+        raise UserError(
+            f"data.model.dtype: unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16"
+        ) from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else with a path shape is meant as a local path."""
+    return (
+        name.startswith(("/", ".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or name.endswith(".gguf")
+    )
+
+
+def file_stamps(directory: Path) -> dict[str, list[int]]:
+    """[size, mtime_ns] of every file of a local model directory (hidden ones aside). Cheap (nothing is read),
+    and a rewritten, added or removed weights, config or tokenizer file changes it, so an activation cache of
+    the old model is never reused for the new one."""
+    stamps = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            stat = path.stat()
+            stamps[path.name] = [stat.st_size, stat.st_mtime_ns]
+    return stamps
+
+
+def hub_commit(repo: str, filename: str, revision: str | None) -> str | None:
+    """The commit a hub model was just loaded from: the snapshot its `filename` resolves to in the local hub
+    cache (transformers 5 no longer records it on the config)."""
+    from huggingface_hub import try_to_load_from_cache
+    from transformers.utils.hub import extract_commit_hash
+
+    found = try_to_load_from_cache(repo, filename, revision=revision)
+    return extract_commit_hash(found if isinstance(found, str) else None, None)
+
+
+def resolve_source(name: str, gguf_file: str | None) -> tuple[str, str | None, bool]:
+    """(what to pass to from_pretrained, gguf_file, whether it is local) of the `data.model` options `name` and
+    `gguf_file` (any but 'embedded'), after checking a local path."""
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if gguf_file is not None:
+            raise UserError(
+                f"data.model.gguf_file: {gguf_file!r} given although name {name!r} is a .gguf file; "
+                f"set one of them only"
+            )
+        if not path.is_file():
+            raise UserError(f"data.model.name: GGUF file {name!r} not found; check the path")
+        check_gguf_file(path)
+        return str(path.parent), path.name, True
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(
+                f"data.model.name: {name!r} is a file; give a model directory, a hub id or a .gguf file"
+            )
+        if gguf_file is not None:
+            if not (path / gguf_file).is_file():
+                found = sorted(p.name for p in path.glob("*.gguf"))
+                raise UserError(
+                    f"data.model.gguf_file: {gguf_file!r} not found in {name!r} "
+                    f"(GGUF files there: {', '.join(found) or 'none'}); check the file name"
+                )
+            check_gguf_file(path / gguf_file)
+        else:
+            _check_safetensors_dir(path, name)
+            check_model_dir(path)
+        return str(path), gguf_file, True
+    if _looks_like_path(name):
+        raise UserError(
+            f"data.model.name: model directory {name!r} not found; give an existing local directory, "
+            f"a .gguf file, a hub id like 'org/model', or 'embedded'"
+        )
+    return name, gguf_file, False
+
+
+def _check_safetensors_dir(path: Path, name: str) -> None:
+    if any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if pickles:
+        raise UserError(
+            f"data.model.name: {name!r} holds only pickle weights ({', '.join(pickles[:3])}); only safetensors "
+            f"or GGUF checkpoints are loaded, so convert it to safetensors (save_pretrained) first"
+        )
+    if ggufs:
+        raise UserError(
+            f"data.model.name: {name!r} holds no safetensors but GGUF file(s) {', '.join(ggufs[:3])}; "
+            f"set data.model.gguf_file to one of them"
+        )
+    raise UserError(
+        f"data.model.name: {name!r} holds no model weights (*.safetensors); give a directory written by "
+        f"save_pretrained, a .gguf file, a hub id, or 'embedded'"
+    )

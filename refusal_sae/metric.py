@@ -65,8 +65,8 @@ from torch import Tensor
 
 from refusal_sae.errors import UserError
 from refusal_sae.model import ModelWrapper
-from refusal_sae.positions import common_prefix
-from refusal_sae.validate import one_of, positive_int
+from refusal_sae.prefix import SharedPrefix
+from refusal_sae.validate import one_of
 
 log = logging.getLogger(__name__)
 
@@ -351,23 +351,9 @@ def prompt_log_probs(
     across calls, since the caller's hooks may differ. A model whose cache cannot be continued (checked once
     per wrapper, with a one-line notice) and `reuse_prefix=False` run whole prompts.
     """
-    positive_int("batch_size", batch_size, 8)
-    ids = wrapper.encode(prompts)
-    # right padding keeps every prompt's prefix at positions 0 .. P-1, its continuation right after it
-    batches = [wrapper.pad(ids[start : start + batch_size], "right") for start in range(0, len(ids), batch_size)]
-    # at least one token after the prefix per prompt, where the last-token logits are read
-    prefix = min(common_prefix(ids), min(map(len, ids)) - 1) if reuse_prefix and ids else 0
-    cache = (wrapper.shared_prefix_cache(batches[0]["input_ids"], batches[0]["attention_mask"], prefix, "refusal metric")
-             if prefix else None)
     refusal, compliance = [], []
-    for enc in batches:
-        input_ids, mask = enc["input_ids"], enc["attention_mask"]
-        if cache is not None:
-            past = wrapper.expand_prefix(cache, len(input_ids))
-            logits = wrapper.last_token_logits(input_ids[:, prefix:], mask, past=past)
-        else:
-            logits = wrapper.last_token_logits(input_ids, mask)
-        r, c = metric.log_probs(logits)
+    for batch in SharedPrefix(wrapper, "refusal metric", reuse=reuse_prefix).batches(prompts, batch_size):
+        r, c = metric.log_probs(wrapper.last_token_logits(batch.run_ids, batch.mask, past=batch.past))
         refusal.append(r.cpu())
         compliance.append(c.cpu())
     if not refusal:

@@ -47,23 +47,22 @@ from torch import Tensor, nn
 from refusal_sae.embedded import GGUF_SHA256, embedded_model_dir
 from refusal_sae.errors import UserError
 from refusal_sae.io import sha256_file
-from refusal_sae.loading import check_gguf_file, check_model_dir, load_causal_lm
+from refusal_sae.loading import (
+    dtype_name,
+    file_stamps,
+    hub_commit,
+    load_causal_lm,
+    resolve_device,
+    resolve_dtype,
+    resolve_source,
+)
 from refusal_sae.validate import positive_int
 
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
 LAYER_PREFIX = "residuals_"
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 _LAYER_RE = re.compile(rf"{LAYER_PREFIX}(-?\d+)")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass
@@ -95,95 +94,11 @@ class _StopForward(Exception):
     """Raised by the hook on the deepest requested block to end the forward pass early."""
 
 
-_CACHE_ERRORS: tuple[type[Exception], ...] = (AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError)
-"""What continuing a key/value cache raises on a model whose cache cannot be continued that way."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Resolving config values
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; otherwise the named device, which must exist here."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise UserError(
-            f"data.model.device: unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps"
-        ) from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"data.model.device: {device!r} asked for but CUDA is not available here; use auto or cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(
-                f"data.model.device: {device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible; "
-                f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
-            )
-    elif dev.type == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise UserError(f"data.model.device: {device!r} asked for but MPS is not available here; use auto or cpu")
-    elif dev.type != "cpu":
-        raise UserError(f"data.model.device: unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
-    return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bfloat16 on CUDA (float16 where bf16 is unsupported), float32 elsewhere; or a named dtype."""
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    try:
-        return DTYPES[dtype.lower()]
-    except (KeyError, AttributeError):
-        raise UserError(
-            f"data.model.dtype: unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16"
-        ) from None
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _looks_like_path(name: str) -> bool:
-    """A hub id is 'name' or 'org/name'; anything else with a path shape is meant as a local path."""
-    return (
-        name.startswith(("/", ".", "~"))
-        or "\\" in name
-        or name.count("/") > 1
-        or name.endswith(".gguf")
-    )
-
-
-def _file_stamps(directory: Path) -> dict[str, list[int]]:
-    """[size, mtime_ns] of every file of a local model directory (hidden ones aside). Cheap (nothing is read),
-    and a rewritten, added or removed weights, config or tokenizer file changes it, so an activation cache of
-    the old model is never reused for the new one."""
-    stamps = {}
-    for path in sorted(directory.iterdir()):
-        if path.is_file() and not path.name.startswith("."):
-            stat = path.stat()
-            stamps[path.name] = [stat.st_size, stat.st_mtime_ns]
-    return stamps
-
-
-def _hub_commit(repo: str, filename: str, revision: str | None) -> str | None:
-    """The commit a hub model was just loaded from: the snapshot its `filename` resolves to in the local hub
-    cache (transformers 5 no longer records it on the config)."""
-    from huggingface_hub import try_to_load_from_cache
-    from transformers.utils.hub import extract_commit_hash
-
-    found = try_to_load_from_cache(repo, filename, revision=revision)
-    return extract_commit_hash(found if isinstance(found, str) else None, None)
-
-
 def _compact(names: Sequence[str]) -> str:
     return ", ".join(names) if len(names) <= 3 else f"{names[0]} … {names[-1]}"
 
 
-def _first_line(err: BaseException, limit: int = 200) -> str:
+def first_line(err: BaseException, limit: int = 200) -> str:
     text = " ".join(str(err).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -209,7 +124,7 @@ class ModelWrapper:
         self._gguf_hash: str | None = None
         # stamped before loading: a file rewritten while it loads differs from the stamp at the next run
         local_dir = local and gguf_file is None and cfg.name != EMBEDDED
-        self._files = _file_stamps(Path(source)) if local_dir else None
+        self._files = file_stamps(Path(source)) if local_dir else None
 
         t0 = time.perf_counter()
         try:
@@ -225,10 +140,10 @@ class ModelWrapper:
                 ) from None
             where = "" if local else " (no network and not in the hub cache?)"
             raise UserError(
-                f"data.model.name: cannot load model {cfg.name!r}{where}: {_first_line(e)}; check the model id "
+                f"data.model.name: cannot load model {cfg.name!r}{where}: {first_line(e)}; check the model id "
                 f"and revision, the network, or give a local directory holding config.json, tokenizer and *.safetensors"
             ) from None
-        self._commit = None if local else _hub_commit(source, gguf_file or "config.json", cfg.revision)
+        self._commit = None if local else hub_commit(source, gguf_file or "config.json", cfg.revision)
         if not local and self._commit is None:
             log.warning("cannot tell which commit of %s was loaded: its activation cache will not notice a new "
                         "commit on the hub; pin data.model.revision to a commit", cfg.name)
@@ -249,8 +164,8 @@ class ModelWrapper:
         self._decoder, self._layers = self._find_layers()
         self.n_layers = len(self._layers)
         self.prefix_continues: bool | None = None
-        """Whether `last_token_logits` continuing a prefix cache equals a plain forward on this model: None until
-        `shared_prefix_cache` first checks it (`continuation_matches`)."""
+        """Whether continuing a shared prefix's keys and values reproduces a plain forward on this model: None
+        until `refusal_sae.prefix` first checks it, on the first batch that asks."""
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.d_model = int(text_config.hidden_size)
 
@@ -259,71 +174,14 @@ class ModelWrapper:
 
     def _resolve_source(self) -> tuple[str, str | None, bool]:
         """(what to pass to from_pretrained, gguf_file, whether it is local), after checking local paths."""
-        cfg = self.cfg
-        name = cfg.name
-        if name == EMBEDDED:
-            if cfg.gguf_file is not None:
-                raise UserError(
-                    "data.model.gguf_file: not used with name 'embedded' (already converted to safetensors); "
-                    "set it to null"
-                )
-            return str(embedded_model_dir()), None, True
-
-        path = Path(name).expanduser()
-        if name.endswith(".gguf"):
-            if cfg.gguf_file is not None:
-                raise UserError(
-                    f"data.model.gguf_file: {cfg.gguf_file!r} given although name {name!r} is a .gguf file; "
-                    f"set one of them only"
-                )
-            if not path.is_file():
-                raise UserError(f"data.model.name: GGUF file {name!r} not found; check the path")
-            check_gguf_file(path)
-            return str(path.parent), path.name, True
-        if path.exists():
-            if not path.is_dir():
-                raise UserError(
-                    f"data.model.name: {name!r} is a file; give a model directory, a hub id or a .gguf file"
-                )
-            if cfg.gguf_file is not None:
-                if not (path / cfg.gguf_file).is_file():
-                    found = sorted(p.name for p in path.glob("*.gguf"))
-                    raise UserError(
-                        f"data.model.gguf_file: {cfg.gguf_file!r} not found in {name!r} "
-                        f"(GGUF files there: {', '.join(found) or 'none'}); check the file name"
-                    )
-                check_gguf_file(path / cfg.gguf_file)
-            else:
-                self._check_safetensors_dir(path)
-                check_model_dir(path)
-            return str(path), cfg.gguf_file, True
-        if _looks_like_path(name):
+        if self.cfg.name != EMBEDDED:
+            return resolve_source(self.cfg.name, self.cfg.gguf_file)
+        if self.cfg.gguf_file is not None:
             raise UserError(
-                f"data.model.name: model directory {name!r} not found; give an existing local directory, "
-                f"a .gguf file, a hub id like 'org/model', or 'embedded'"
+                "data.model.gguf_file: not used with name 'embedded' (already converted to safetensors); "
+                "set it to null"
             )
-        return name, cfg.gguf_file, False
-
-    def _check_safetensors_dir(self, path: Path) -> None:
-        if any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
-            return
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        name = self.cfg.name
-        if pickles:
-            raise UserError(
-                f"data.model.name: {name!r} holds only pickle weights ({', '.join(pickles[:3])}); only safetensors "
-                f"or GGUF checkpoints are loaded, so convert it to safetensors (save_pretrained) first"
-            )
-        if ggufs:
-            raise UserError(
-                f"data.model.name: {name!r} holds no safetensors but GGUF file(s) {', '.join(ggufs[:3])}; "
-                f"set data.model.gguf_file to one of them"
-            )
-        raise UserError(
-            f"data.model.name: {name!r} holds no model weights (*.safetensors); give a directory written by "
-            f"save_pretrained, a .gguf file, a hub id, or 'embedded'"
-        )
+        return str(embedded_model_dir()), None, True
 
     def _resolve_chat_template(self) -> str | None:
         override = self.cfg.chat_template
@@ -376,7 +234,7 @@ class ModelWrapper:
             "architecture": type(self.model).__name__,
             "n_layers": self.n_layers,
             "d_model": self.d_model,
-            "dtype": _dtype_name(self.dtype),
+            "dtype": dtype_name(self.dtype),
             "chat_template": self.chat_template,
             "max_length": self.cfg.max_length,
         }
@@ -582,7 +440,7 @@ class ModelWrapper:
         (the last 1 of `attention_mask`, so right or left padding both work) and applies the lm_head to
         those positions only.
 
-        With `past` (a `prefix_cache` expanded to the batch, left untouched) `input_ids` are only the
+        With `past` (the shared prefix's keys and values, `refusal_sae.prefix`, left untouched) `input_ids` are only the
         positions after the prefix every row shares, and `attention_mask` covers prefix and continuation:
         then the rows must be RIGHT-padded, so that each one's prefix sits at positions 0 .. P-1 and its
         continuation right after it (left padding would put pad tokens between the two), and every row needs
@@ -599,25 +457,6 @@ class ModelWrapper:
         output = self._decoder(input_ids=input_ids, attention_mask=attention_mask,
                                **self._continuation(past, input_ids))
         return self._head_at_last(output, attention_mask)
-
-    def continuation_matches(self, cached: Callable[[], Tensor], input_ids: Tensor, attention_mask: Tensor,
-                             who: str) -> bool:
-        """Whether `cached()`, the last-token logits of these whole rows computed by continuing their shared
-        prefix's key/value cache (prefix cache included), equals a plain forward of the rows within float
-        tolerance: the one-time check before a caller (`who`) reuses a prefix cache. False, with a one-line
-        notice that `who` runs whole prompts, where it does not or where the cache cannot be continued."""
-        try:
-            got = cached()
-        except _CACHE_ERRORS as e:
-            log.warning("%s: this model's key/value cache cannot be continued (%s); it runs whole prompts "
-                        "(slower, same numbers)", who, _first_line(e, 120))
-            return False
-        plain = self.last_token_logits(input_ids, attention_mask)
-        ok = bool(torch.allclose(got, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max())))
-        if not ok:
-            log.warning("%s: continuing this model's key/value cache changes its logits (max |diff| %.3g); it runs "
-                        "whole prompts (slower, same numbers)", who, float((got - plain).abs().max()))
-        return ok
 
     @torch.no_grad()
     def suffix_last_token_logits(self, hidden: Tensor, attention_mask: Tensor | None, after_layer: str | int,
@@ -637,7 +476,7 @@ class ModelWrapper:
         indexed by position (`config.layer_types[i]`, `layers[:num_hidden_layers]`) and the final norm
         all come from the model's own code, and an input scaling of the embeddings (Gemma) is discarded.
 
-        With `past` (a `prefix_cache` expanded to the batch, left untouched) `hidden` holds only the
+        With `past` (the shared prefix's keys and values, `refusal_sae.prefix`, left untouched) `hidden` holds only the
         positions after the shared prefix, whose keys and values the blocks read from `past`;
         `attention_mask` covers prefix and continuation.
         """
@@ -689,53 +528,13 @@ class ModelWrapper:
             self._decoder.layers = original
         return self._head_at_last(output, attention_mask)
 
-    @torch.no_grad()
-    def prefix_cache(self, input_ids: Tensor) -> Any:
-        """The keys and values of a token prefix (1, P) that a batch of prompts shares (the chat template's
-        start), computed once (under the hooks active now): `expand_prefix` gives a batch's copy for
-        `residuals`, `suffix_last_token_logits` and `last_token_logits`, which then run only the positions
-        after it."""
-        ids = torch.as_tensor(input_ids).to(self.device)
-        out = self._decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-        return out.cache if self._cache_argument == "cache" else out.past_key_values
-
-    def shared_prefix_cache(self, input_ids: Tensor, attention_mask: Tensor, prefix: int, who: str) -> Any:
-        """`prefix_cache` of the first `prefix` tokens of right-padded `input_ids`, which every row shares, computed
-        now (under the hooks active now); None on a model whose cache cannot be continued (`prefix_continues`,
-        checked on this batch the first time a wrapper is asked, with a one-line notice naming `who`)."""
-        cache = None
-
-        def cached() -> Tensor:
-            nonlocal cache
-            cache = self.prefix_cache(input_ids[:1, :prefix])
-            return self.last_token_logits(input_ids[:, prefix:], attention_mask,
-                                          past=self.expand_prefix(cache, len(input_ids)))
-
-        if self.prefix_continues is None:
-            self.prefix_continues = self.continuation_matches(cached, input_ids, attention_mask, who)
-        if not self.prefix_continues:
-            return None
-        return cache if cache is not None else self.prefix_cache(input_ids[:1, :prefix])
-
-    @staticmethod
-    def require_prefix(input_ids: Tensor, prefix: Tensor, who: str) -> None:
-        """Every row of `input_ids` starts with `prefix` (1, P), the shared prefix whose keys and values `who`
-        reuses; otherwise one line: the position classes were found on other prompts."""
-        if not torch.equal(input_ids[:, : prefix.shape[1]], prefix.expand(len(input_ids), -1)):
-            raise UserError(f"{who}: prompts do not share the chat template's prefix the position classes were "
-                            "found with; run discovery again on these prompts")
-
-    @staticmethod
-    def expand_prefix(cache: Any, batch: int) -> Any:
-        """A copy of a one-row `prefix_cache` for `batch` rows."""
-        import copy
-
-        out = copy.deepcopy(cache)
-        out.batch_repeat_interleave(batch)
-        return out
+    @property
+    def decoder(self) -> nn.Module:
+        """The module whose forward runs the decoder blocks (the base model without the head)."""
+        return self._decoder
 
     @property
-    def _cache_argument(self) -> str:
+    def cache_argument(self) -> str:
         """The decoder's name for its key/value cache: `cache` (transformers >= 5.2x) or `past_key_values`."""
         import inspect
 
@@ -749,7 +548,7 @@ class ModelWrapper:
 
         start = past.get_seq_length()
         positions = torch.arange(start, start + inputs.shape[1], device=inputs.device)[None]
-        return {"use_cache": True, self._cache_argument: copy.deepcopy(past), "position_ids": positions}
+        return {"use_cache": True, self.cache_argument: copy.deepcopy(past), "position_ids": positions}
 
     def _head_at_last(self, output: Any, attention_mask: Tensor) -> Tensor:
         """(batch, vocab) float32 logits of the base model's `output` at each row's last real position
@@ -780,4 +579,4 @@ class ModelWrapper:
         return self._unembed(norm(hidden) if norm is not None else hidden)
 
 
-__all__ = ["DTYPES", "LAYER_PREFIX", "ModelConfig", "ModelWrapper", "resolve_device", "resolve_dtype"]
+__all__ = ["LAYER_PREFIX", "ModelConfig", "ModelWrapper", "first_line"]

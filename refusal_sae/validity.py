@@ -36,6 +36,7 @@ from refusal_sae.errors import UserError
 from refusal_sae.io import write_json
 from refusal_sae.metric import RefusalMetric, RefusalMetricConfig, as_prompt_list, prompt_log_probs, resolve_metric
 from refusal_sae.model import ModelWrapper
+from refusal_sae.prefix import SharedPrefix
 from refusal_sae.validate import positive_int
 
 log = logging.getLogger(__name__)
@@ -93,13 +94,16 @@ class ValidityConfig:
 
 @torch.no_grad()
 def generate_answers(
-    wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int = 24, batch_size: int = 8
+    wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int = 24, batch_size: int = 8,
+    reuse_prefix: bool = True
 ) -> list[str]:
     """Greedy answers (decoded, special tokens dropped, stripped) of at most `max_new_tokens` tokens.
 
-    Prompts are LEFT-padded for generation, so every row's new tokens follow its own last prompt token
-    and a batch gives what each prompt would alone. Decoding is plain greedy whatever the model's
-    generation config says (no sampling, no repetition penalty); it stops at the model's eos token(s).
+    Every row's new tokens follow its own last prompt token (`refusal_sae.prefix`'s generation layout: pads
+    between the shared template prefix, whose keys and values are computed once, and the rest), so a batch
+    gives what each prompt would alone. Decoding is plain greedy whatever the model's generation config says
+    (no sampling, no repetition penalty); it stops at the model's eos token(s). `reuse_prefix=False` runs whole
+    prompts (plain left padding).
     """
     from transformers import GenerationConfig
 
@@ -118,12 +122,13 @@ def generate_answers(
         pad_token_id=tok.pad_token_id,
     )
     answers: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generating answers", unit="batch", leave=False):
-        enc = wrapper.tokenize(prompts[start : start + batch_size], "left")
-        input_ids = enc["input_ids"].to(wrapper.device)
-        attention_mask = enc["attention_mask"].to(wrapper.device)
-        out = wrapper.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
-        new = out[:, input_ids.shape[1] :].cpu()
+    batches = SharedPrefix(wrapper, "generation", reuse=reuse_prefix).batches(prompts, batch_size, layout="generation")
+    for batch in tqdm(batches, total=-(-len(prompts) // batch_size), desc="generating answers", unit="batch",
+                      leave=False):
+        cache = {wrapper.cache_argument: batch.past} if batch.past is not None else {}
+        out = wrapper.model.generate(input_ids=batch.input_ids, attention_mask=batch.mask, generation_config=gen_cfg,
+                                     **cache)
+        new = out[:, batch.input_ids.shape[1] :].cpu()
         answers += [text.strip() for text in tok.batch_decode(new, skip_special_tokens=True)]
     return answers
 

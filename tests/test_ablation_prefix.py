@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from refusal_sae import prefix
 from refusal_sae.ablation import Ablator, Variant
 from refusal_sae.attribution import attribution_scores
 from refusal_sae.circuits import candidate_mask
@@ -30,7 +31,9 @@ from refusal_sae.directions import directional_ablation
 from refusal_sae.metric import RefusalMetric, refusal_scores
 from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.positions import common_prefix
+from refusal_sae.prefix import expand, prefix_cache
 from refusal_sae.sae import SAEConfig, SparseAutoencoder
+from refusal_sae.validity import generate_answers
 from tests.planted import (
     LAYERS,
     METRIC,
@@ -334,7 +337,7 @@ def assert_prefix_path_equals_plain(wrapper: ModelWrapper, prompts: list[str], b
     assert not torch.allclose(edited_plain, plain, atol=1e-3)  # the ablation moves the scores
 
     enc = wrapper.tokenize(prompts)
-    outside = wrapper.expand_prefix(wrapper.prefix_cache(enc["input_ids"][:1, :p]), len(prompts))
+    outside = expand(prefix_cache(wrapper, enc["input_ids"][:1, :p]), len(prompts))
     with directional_ablation(wrapper, direction):
         stale = metric.score(wrapper.last_token_logits(enc["input_ids"][:, p:], enc["attention_mask"], past=outside))
     assert not torch.allclose(stale, edited_plain, atol=1e-3)
@@ -362,17 +365,17 @@ def test_refusal_scores_fall_back_to_whole_prompts_once_with_a_notice(tiny_llama
     wrapper, prompts = tiny_llama, prompts_of(5, seed=4)
     metric = RefusalMetric.from_wrapper(wrapper, METRIC)
     plain = refusal_scores(wrapper, prompts, 2, metric, reuse_prefix=False)
-    original = wrapper.prefix_cache
+    original = prefix.prefix_cache
 
-    def no_cache(ids: torch.Tensor) -> None:
+    def no_cache(model: ModelWrapper, ids: torch.Tensor) -> None:
         raise NotImplementedError("no cache here")
 
     for broken, notice in ((no_cache, "cannot be continued (no cache here)"),
-                           (lambda ids: original(ids.flip(1)), "changes its logits")):  # another prefix's cache
+                           (lambda model, ids: original(model, ids.flip(1)), "changes its logits")):  # another prefix's
         monkeypatch.setattr(wrapper, "prefix_continues", None)
-        monkeypatch.setattr(wrapper, "prefix_cache", broken)
+        monkeypatch.setattr(prefix, "prefix_cache", broken)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="refusal_sae.model"):
+        with caplog.at_level(logging.WARNING, logger="refusal_sae.prefix"):
             for _ in range(2):
                 torch.testing.assert_close(refusal_scores(wrapper, prompts, 2, metric), plain)
         (record,) = caplog.records
@@ -431,3 +434,36 @@ def test_attribution_runs_the_shared_prefix_once_on_the_template_model(tmp_path:
     means = node_means(wrapper, saes, [s.prompt for s in splits["discovery"]], "positional", tmp_path / "cache")
     assert_attribution_reuses_the_prefix(wrapper, saes, means, [s.prompt for s in splits["evaluation"]][:7],
                                          monkeypatch)
+
+
+# --------------------------------------------------------------------------------------------------
+# generation: pads between the prefix and the rest, the prefix's keys and values once
+
+
+def assert_greedy_answers_reuse_the_prefix(wrapper: ModelWrapper) -> None:
+    """Batched greedy answers with the prefix's keys and values computed once equal those of whole prompts, and
+    each batch's first step ran only its rows after the prefix (left-padded to the longest)."""
+    prompts = prompts_of(7, seed=6)
+    ids = wrapper.encode(prompts)
+    p = common_prefix(ids)
+    assert p > 0 and len({len(row) for row in ids}) > 1  # a prefix to reuse, rows of several lengths
+    whole = generate_answers(wrapper, prompts, max_new_tokens=6, batch_size=3, reuse_prefix=False)
+    seen: list[int] = []  # positions block 0 runs, per forward pass
+    handle = wrapper._layers[0].register_forward_hook(lambda m, a, o: seen.append(
+        (o[0] if isinstance(o, (tuple, list)) else o).shape[1]))
+    try:
+        cached = generate_answers(wrapper, prompts, max_new_tokens=6, batch_size=3)
+    finally:
+        handle.remove()
+    assert cached == whole and any(cached)
+    assert wrapper.prefix_continues
+    firsts = [max(map(len, ids[i : i + 3])) - p for i in range(0, len(ids), 3)]
+    assert seen[0] == p and [n for n in seen if n > 1][-len(firsts):] == firsts
+
+
+def test_greedy_answers_run_the_shared_prefix_once_on_a_random_llama(tiny_llama: ModelWrapper) -> None:
+    assert_greedy_answers_reuse_the_prefix(tiny_llama)
+
+
+def test_greedy_answers_run_the_shared_prefix_once_on_a_random_qwen2(tiny_qwen2: ModelWrapper) -> None:
+    assert_greedy_answers_reuse_the_prefix(tiny_qwen2)

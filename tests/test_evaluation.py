@@ -229,7 +229,7 @@ def test_variants_run_only_the_positions_after_the_shared_prefix(template) -> No
     ablator.scores(prompts)
     assert ablator.reuses_prefix
     for batch in ablator.residuals(prompts):
-        assert all(h.shape[1] == batch.mask.shape[1] - scheme.prefix for h in batch.hidden.values())
+        assert all(h.shape[1] == batch.prompts.mask.shape[1] - scheme.prefix for h in batch.hidden.values())
     _, _, global_ablator = setup(template, "global")  # the prefix is edited with global means: whole prompts
     global_ablator.scores(prompts)
     assert not global_ablator.reuses_prefix
