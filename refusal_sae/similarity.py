@@ -51,17 +51,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 
 from refusal_sae.circuits import Circuit
 from refusal_sae.errors import UserError
-from refusal_sae.io import atomic_open, write_json
-from refusal_sae.plots import annotated_heatmap
 
 
 @dataclass
@@ -342,44 +337,7 @@ def analyse_similarity(
     }
 
 
-CMAP = colormaps["viridis"].with_extremes(bad="lightgray")
-"""Heatmap colours; undefined (None) similarities are grey."""
-
-
-def heatmap(result: Mapping[str, Any]) -> Figure:
-    """Node and edge Jaccard of the category circuits side by side; * marks p < significance."""
-    names = result["circuits"]
-    n = len(names)
-    level = result["config"]["significance"]
-    records = {(r["a"], r["b"]): r for r in result["pairs"]}
-    side = 1.5 + 0.55 * n
-    fig = Figure(figsize=(2 * side + 1.5, side), layout="constrained")
-    axes = fig.subplots(1, 2)
-    for ax, kind in zip(axes, ("node", "edge")):
-        values = np.array([[np.nan if v is None else v for v in row] for row in result[f"{kind}_jaccard"]])
-
-        def text(i: int, j: int) -> str:
-            record = records.get((names[i], names[j])) or records.get((names[j], names[i])) or {}
-            pv = record.get(f"{kind}_p_value")
-            star = "*" if pv is not None and pv < level else ""
-            return "n/a" if np.isnan(values[i, j]) else f"{values[i, j]:.2f}{star}"
-
-        texts = [[text(i, j) for j in range(n)] for i in range(n)]
-        image = annotated_heatmap(ax, values, texts, names, names, f"{kind} Jaccard (* p < {level})", vmin=0, vmax=1,
-                                  cmap=CMAP)
-    fig.colorbar(image, ax=axes, label="Jaccard")
-    fig.suptitle(f"Refusal circuits: {result['verdict']['label']}")
-    return fig
-
-
-def write_similarity(result: Mapping[str, Any], json_path: Path, png_path: Path) -> None:
-    """The result as JSON and its heatmap as PNG, each atomically."""
-    write_json(json_path, result)
-    with atomic_open(png_path, "wb") as f:
-        heatmap(result).savefig(f, format="png", dpi=120)
-
-
 __all__ = [
-    "Shape", "SimilarityConfig", "analyse_similarity", "candidate_pools", "circuit_shape", "compare", "heatmap",
-    "jaccard", "null_overlaps", "shared_core", "similarity_matrix", "verdict", "write_similarity",
+    "Shape", "SimilarityConfig", "analyse_similarity", "candidate_pools", "circuit_shape", "compare", "jaccard",
+    "null_overlaps", "shared_core", "similarity_matrix", "verdict",
 ]
