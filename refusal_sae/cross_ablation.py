@@ -35,7 +35,7 @@ from refusal_sae.errors import UserError
 from refusal_sae.evaluation import ALL_LAYERS, REACH, CircuitEvaluation, node_mask
 from refusal_sae.objective import objective
 from refusal_sae.stats import Effect, Interval, effect, interval, resample_weights, share, transfer_summary, transfers
-from refusal_sae.validate import bootstrap_resamples, fraction, non_negative_int, positive_int
+from refusal_sae.validate import positive_int, statistics_options
 
 FAITHFUL = str(REACH[-1])
 """The evaluation record's `reaches` key whose size is the default N."""
@@ -65,10 +65,8 @@ class CrossAblationConfig:
         if self.size is not None:
             positive_int("cross_ablation.size", self.size, 100)
         positive_int("cross_ablation.n_nodes", self.n_nodes, 100)
-        bootstrap_resamples("cross_ablation.bootstrap", self.bootstrap)
-        fraction("cross_ablation.confidence", self.confidence, 0.95)
         positive_int("cross_ablation.batch_size", self.batch_size, 8)
-        non_negative_int("cross_ablation.seed", self.seed, 0)
+        statistics_options("cross_ablation", self)
 
 
 # --------------------------------------------------------------------------------------------------

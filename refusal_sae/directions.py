@@ -86,7 +86,7 @@ from refusal_sae.stats import (
     transfer_summary,
     transfers,
 )
-from refusal_sae.validate import bootstrap_resamples, fraction, non_negative_int, positive_int
+from refusal_sae.validate import fraction, positive_int, statistics_options
 
 log = logging.getLogger(__name__)
 
@@ -132,20 +132,12 @@ class DirectionsConfig:
                             "or null for every cached layer")
         fraction("directions.selection_fraction", self.selection_fraction, 0.1)
         positive_int("directions.random_directions", self.random_directions, 20)
-        fraction("directions.significance", self.significance, 0.05)
+        statistics_options("directions", self)
         if 1 / (1 + self.random_directions) > self.significance:
             raise UserError(f"directions.random_directions: {self.random_directions} random directions cannot give "
                             f"p <= {self.significance} (the smallest p is 1/{1 + self.random_directions}); give at "
                             f"least {math.ceil(1 / self.significance) - 1}")
-        fraction("directions.modular_below", self.modular_below, 0.2)
-        fraction("directions.monolithic_above", self.monolithic_above, 0.5, include_one=True)
-        if self.modular_below >= self.monolithic_above:
-            raise UserError(f"directions.modular_below: {self.modular_below} is not below monolithic_above "
-                            f"{self.monolithic_above}; give e.g. 0.2 and 0.5")
-        bootstrap_resamples("directions.bootstrap", self.bootstrap)
-        fraction("directions.confidence", self.confidence, 0.95)
         positive_int("directions.batch_size", self.batch_size, 8)
-        non_negative_int("directions.seed", self.seed, 0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,14 +41,7 @@ from refusal_sae.circuits import Circuit, NodeScores, candidate_mask, ranked_nod
 from refusal_sae.errors import UserError
 from refusal_sae.objective import TARGETS, Objective, Target, objective
 from refusal_sae.stats import Band, Interval, band, interval, resample_weights
-from refusal_sae.validate import (
-    all_of,
-    bootstrap_resamples,
-    fraction,
-    non_negative_int,
-    one_of,
-    positive_int,
-)
+from refusal_sae.validate import all_of, fraction, non_negative_int, one_of, positive_int, statistics_options
 
 ErrorMode = Literal["keep", "nodes"]
 ERROR_MODES: tuple[str, ...] = ("keep", "nodes")
@@ -113,13 +106,11 @@ class EvaluationConfig:
         positive_int("evaluation.n_sizes", self.n_sizes, 12)
         non_negative_int("evaluation.random_circuits", self.random_circuits, 5)
         positive_int("evaluation.batch_size", self.batch_size, 8)
-        non_negative_int("evaluation.seed", self.seed, 0)
-        bootstrap_resamples("evaluation.bootstrap", self.bootstrap)
+        statistics_options("evaluation", self)
         for f in self.fractions:
             fraction("evaluation.fractions", f, 0.1, include_one=True)
         for n in self.sizes or []:
             positive_int("evaluation.sizes", n, 100)
-        fraction("evaluation.confidence", self.confidence, 0.95)
         fraction("evaluation.sanity_fraction", self.sanity_fraction, 0.1, include_one=True)
 
 

@@ -57,6 +57,7 @@ import numpy as np
 
 from refusal_sae.circuits import Circuit
 from refusal_sae.errors import UserError
+from refusal_sae.validate import fraction, positive_int, statistics_options
 
 
 @dataclass
@@ -77,19 +78,9 @@ class SimilarityConfig:
     """Seed of the random circuits; the same seed gives the same result."""
 
     def __post_init__(self) -> None:
-        if self.permutations < 1:
-            raise UserError(f"similarity.permutations: {self.permutations} must be >= 1 (1000 is usual)")
-        if not 0 < self.shared_fraction <= 1:
-            raise UserError(f"similarity.shared_fraction: {self.shared_fraction} is not a fraction in (0, 1]")
-        if not 0 <= self.modular_below < self.monolithic_above <= 1:
-            raise UserError(
-                f"similarity.modular_below / monolithic_above: {self.modular_below} / {self.monolithic_above} "
-                "must satisfy 0 <= modular_below < monolithic_above <= 1"
-            )
-        if not 0 < self.significance < 1:
-            raise UserError(f"similarity.significance: {self.significance} is not a p-value level in (0, 1)")
-        if self.seed < 0:
-            raise UserError(f"similarity.seed: {self.seed} must be >= 0")
+        positive_int("similarity.permutations", self.permutations, 1000)
+        fraction("similarity.shared_fraction", self.shared_fraction, 0.5, include_one=True)
+        statistics_options("similarity", self)
 
 
 def jaccard(a: set[Hashable], b: set[Hashable]) -> float:
