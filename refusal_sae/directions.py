@@ -80,6 +80,7 @@ from refusal_sae.stats import (
     band,
     effect,
     interval,
+    p_above,
     p_below,
     resample_weights,
     share,
@@ -377,7 +378,7 @@ def direction_verdict(categories: Sequence[str], cross: Sequence[Sequence[Effect
                                  "and below random directions), and a comparison needs two.")
     random_shares = np.mean([random[:, b] / own[b].change.value for b in tested], axis=0)
     mean, chance, moved = summary.mean_share, float(random_shares.mean()), summary.n_transfer
-    p = float((1 + np.count_nonzero(random_shares >= mean)) / (1 + len(random_shares)))
+    p = p_above(mean, random_shares)
     global_share = float(np.mean([global_row[b].change.value / own[b].change.value for b in tested]))
     if p > cfg.significance and mean > cfg.modular_below:
         label, why = "undetermined", "random directions remove as much"

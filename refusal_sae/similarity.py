@@ -57,6 +57,7 @@ import numpy as np
 
 from refusal_sae.circuits import Circuit
 from refusal_sae.errors import UserError
+from refusal_sae.stats import p_above
 from refusal_sae.validate import fraction, positive_int, statistics_options
 
 
@@ -239,7 +240,7 @@ def verdict(pairs: Sequence[Mapping[str, Any]], core_size: int, n_circuits: int,
     mean_p = None
     if null_jaccards and any(defined):
         null_means = np.nanmean(np.stack([n for n, d in zip(null_jaccards, defined) if d]), axis=0)
-        mean_p = float((1 + np.count_nonzero(null_means >= node - 1e-12)) / (1 + len(null_means)))
+        mean_p = p_above(node - 1e-12, null_means)
     if np.isnan(node):
         raise UserError("similarity: every category circuit is empty; lower circuits.threshold so circuits have nodes")
     if node >= cfg.monolithic_above:

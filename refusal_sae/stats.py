@@ -115,6 +115,12 @@ def p_below(value: float, random: np.ndarray) -> float:
     return float((1 + np.count_nonzero(random <= value)) / (1 + len(random)))
 
 
+def p_above(value: float, random: np.ndarray) -> float:
+    """(1 + #{random >= value}) / (1 + len(random)): how often a random control reaches `value` (a permutation
+    p-value, never 0)."""
+    return float((1 + np.count_nonzero(random >= value)) / (1 + len(random)))
+
+
 def transfers(ablation: Effect, significance: float | None = None) -> bool:
     """The ablation lowers the score: its change's interval lies below 0 and, given a `significance` (there are
     random controls), its p-value is at most that."""
@@ -149,5 +155,5 @@ def transfer_summary(matrix: Sequence[Sequence[Effect]], significance: float | N
     return TransferSummary(tested, pairs, int(moved), float(shares.mean()))
 
 
-__all__ = ["Band", "Effect", "Interval", "TransferSummary", "band", "effect", "interval", "p_below",
+__all__ = ["Band", "Effect", "Interval", "TransferSummary", "band", "effect", "interval", "p_above", "p_below",
            "resample_weights", "share", "transfer_summary", "transfers"]
