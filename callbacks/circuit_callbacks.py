@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import WandbLogger
 from refusal_sae.analysis import AnalysisConfig, AnalysisInputs, format_summary, run_analysis
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation
-from refusal_sae.layout import AnalysisLayout, RunLayout
+from refusal_sae.layout import AnalysisLayout, RunLayout, Summary
 from refusal_sae.positions import PositionScheme
 from refusal_sae.report import load_cards, node_card_table
 from refusal_sae.validate import positive_int
@@ -91,26 +91,26 @@ class CircuitAnalysisCallback(Callback):
         self.report(trainer, out, summary)
         log.info("%s", format_summary(summary))
 
-    def report(self, trainer: L.Trainer, out: AnalysisLayout, summary: dict[str, Any]) -> None:
+    def report(self, trainer: L.Trainer, out: AnalysisLayout, summary: Summary) -> None:
         metrics = {}
-        for method, m in summary["methods"].items():
-            for name, r in m["circuits"].items():
+        for method, m in summary.methods.items():
+            for name, r in m.circuits.items():
                 prefix = f"circuits/{method}/{name}"
-                metrics[f"{prefix}/span"] = r["span"].value
-                for key in ("cpr", "cmd"):
-                    if r[key] is not None:
-                        metrics[f"{prefix}/{key}"] = r[key].value
-                for level, n in r["reaches"].items():
+                metrics[f"{prefix}/span"] = r.span.value
+                for key, area in (("cpr", r.cpr), ("cmd", r.cmd)):
+                    if area is not None:
+                        metrics[f"{prefix}/{key}"] = area.value
+                for level, n in r.reaches.items():
                     if n is not None:
                         metrics[f"{prefix}/nodes_to_faithfulness_{level}"] = float(n)
-                metrics[f"{prefix}/sanity_passed"] = float(r["sanity_passed"])
+                metrics[f"{prefix}/sanity_passed"] = float(r.sanity_passed)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             if isinstance(logger, WandbLogger):
                 self._wandb(logger, trainer, out, summary)
 
     @staticmethod
-    def _wandb(logger: WandbLogger, trainer: L.Trainer, out: AnalysisLayout, summary: dict[str, Any]) -> None:
+    def _wandb(logger: WandbLogger, trainer: L.Trainer, out: AnalysisLayout, summary: Summary) -> None:
         """Per circuit a line plot of its all-layer curves, one table of every point, the PNGs, and the report's
         node cards as a table (a row per node, its top contexts as HTML: sortable by importance in any circuit)."""
         import wandb
@@ -121,7 +121,7 @@ class CircuitAnalysisCallback(Callback):
         columns = ["method", "circuit", "error_mode", "scope", "n_nodes", "fraction", "faithfulness", "faith_low",
                    "faith_high", "completeness", "random_faithfulness_mean"]
         rows, plots = [], {}
-        for method in summary["methods"]:
+        for method in summary.methods:
             results: list[CircuitEvaluation] = load_evaluation(out, discovery, method)
             for r in results:
                 for c in r.curves:

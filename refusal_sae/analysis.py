@@ -2,9 +2,10 @@
 -> report.
 
 Each stage is a plain function of the SAEs, the activation cache, the prompts and the model
-(`AnalysisInputs`) and of the previous stage's result, passed in memory; each writes its records
-through the run layout (`refusal_sae.layout`), from which a later process reads them back
-(`load_discovery`, `load_evaluation`) to run one stage alone on a finished run (`analyze`).
+(`AnalysisInputs`) and of the previous stage's result, passed in memory. A stage returns typed records; this
+module writes them through the run layout (`refusal_sae.layout`) and draws their figures (`refusal_sae.plots`),
+and a later process reads them back (`load_discovery`, `load_evaluation`) to run one stage alone on a finished
+run (`analyze`).
 
     discover    node means, per method and category the circuit and every node's score
     similarity  per method: do the category circuits share nodes more than chance? (monolithic/modular)
@@ -31,12 +32,7 @@ from tqdm.auto import tqdm
 from refusal_sae.ablation import Ablator
 from refusal_sae.activations import ActivationCache, PromptActivations
 from refusal_sae.circuits import ERROR, Circuit, NodeScores
-from refusal_sae.cross_ablation import (
-    CrossAblationConfig,
-    CrossAblationResult,
-    cross_ablation,
-    plot_cross_ablation,
-)
+from refusal_sae.cross_ablation import CrossAblationConfig, CrossAblationResult, cross_ablation
 from refusal_sae.data import PromptSample, Split
 from refusal_sae.directions import DirectionsConfig, DirectionsResult, run_directions
 from refusal_sae.discovery import DiscoveryConfig, DiscoveryInputs, discover, methods
@@ -49,19 +45,24 @@ from refusal_sae.evaluation import (
     evaluate_circuit,
 )
 from refusal_sae.features import NodeMeans, encode_prompts
-from refusal_sae.layout import AnalysisLayout, CircuitEntry, DiscoveryRecord, RunLayout
+from refusal_sae.layout import (
+    AnalysisLayout,
+    CircuitEntry,
+    CircuitSummary,
+    DirectionsSummary,
+    DiscoveryRecord,
+    MethodSummary,
+    RunLayout,
+    Summary,
+)
 from refusal_sae.metric import RefusalMetric, RefusalMetricConfig
 from refusal_sae.model import ModelWrapper
-from refusal_sae.plots import plot_curves
-from refusal_sae.positions import (
-    PLACEHOLDER_MESSAGES,
-    PositionMode,
-    PositionScheme,
-    template_scheme,
-)
+from refusal_sae.plots import plot_cross_ablation, plot_curves, plot_directions, plot_similarity
+from refusal_sae.positions import position_scheme
 from refusal_sae.report import build_report
 from refusal_sae.sae import SparseAutoencoder
 from refusal_sae.similarity import SimilarityConfig, analyse_similarity
+from refusal_sae.stats import Interval
 from refusal_sae.validity import (
     ValidityConfig,
     behavior_labels,
@@ -98,14 +99,6 @@ class Discovery:
     means: NodeMeans
     circuits: dict[str, list[tuple[Circuit, NodeScores]]]
     """Per method, every circuit with its node scores."""
-
-
-def position_scheme(wrapper: ModelWrapper, samples: Sequence[PromptSample], mode: PositionMode) -> PositionScheme:
-    """The shared template prefix and suffix of these prompts under the model's chat template."""
-    if mode == "global":
-        return PositionScheme("global", 0, 0)
-
-    return template_scheme(mode, wrapper.encode([s.prompt for s in samples]), wrapper.encode(PLACEHOLDER_MESSAGES))
 
 
 def _categories(samples: Sequence[PromptSample]) -> list[str]:
@@ -169,6 +162,7 @@ def run_similarity(discovery: Discovery, out: AnalysisLayout, cfg: SimilarityCon
         if sum(c.group == "all" for c in circuits) >= 2:
             results[method] = analyse_similarity(circuits, candidate_keys(discovery.means), cfg)
             out.method(method).write_similarity(results[method])
+            plot_similarity(results[method], out.method(method).similarity_png)
     return results
 
 
@@ -253,39 +247,37 @@ def run_cross_ablation(inputs: AnalysisInputs, discovery: Discovery,
 
 
 def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluation]],
-              similarity: Mapping[str, Mapping[str, Any]],
-              directions: DirectionsResult | None = None) -> dict[str, Any]:
+              similarity: Mapping[str, Mapping[str, Any]], directions: DirectionsResult | None = None) -> Summary:
     """Per method and circuit: F(M) - F(∅), the sizes reaching faithfulness 0.5 / 0.8, CPR, sanity; the
-    similarity verdict; and the refusal directions' verdict beside it. Written to `out`."""
-    summary: dict[str, Any] = {"directory": str(out.root), "methods": {}}
+    similarity verdict; and the refusal directions' verdict beside it."""
+    methods = {}
     for method, rs in results.items():
         verdict = similarity.get(method, {}).get("verdict", {})
         circuits = {}
         for r in rs:
             main = r.curves[0]
-            circuits[r.name] = {"F_M": r.F_M, "span": main.span, "error_mode": main.error_mode,
-                                "n_candidates": main.n_candidates, "reaches": main.reaches, "cpr": main.cpr,
-                                "cmd": main.cmd, "note": main.ratio_note or main.area_note,
-                                "sanity_passed": r.sanity.passed}
-        summary["methods"][method] = {"circuits": circuits, "verdict": verdict.get("label"),
-                                      "verdict_explanation": verdict.get("explanation")}
+            circuits[r.name] = CircuitSummary(r.F_M, main.span, main.error_mode, main.n_candidates, main.reaches,
+                                              main.cpr, main.cmd, main.ratio_note or main.area_note, r.sanity.passed)
+        methods[method] = MethodSummary(circuits, verdict.get("label"), verdict.get("explanation"))
+    if directions is None:
+        return Summary(str(out.root), methods)
+    v = directions.verdict
+    return Summary(str(out.root), methods, DirectionsSummary(
+        directions.selection.layer, directions.selection.position, v.label, v.mean_share, v.p_value,
+        v.global_share, v.explanation))
+
+
+def summary_tables(results: Mapping[str, Sequence[CircuitEvaluation]], directions: DirectionsResult | None) -> str:
+    """`summary.md`: the results table, and the refusal directions' table when the stage has run."""
     table = results_table(results)
-    if directions is not None:
-        v = directions.verdict
-        summary["directions"] = {"layer": directions.selection.layer, "position": directions.selection.position,
-                                 "verdict": v.label, "mean_share": v.mean_share, "p_value": v.p_value,
-                                 "global_share": v.global_share, "verdict_explanation": v.explanation}
-        table += "\n" + directions_table(directions)
-    out.write_summary(summary, table)
-    return summary
+    return table if directions is None else table + "\n" + directions_table(directions)
 
 
-def _ci(x: Any, none: str = "null") -> str:
-    """`value [low, high]` of an Interval (or its JSON dict, as `summary.json` holds it)."""
+def _ci(x: Interval | None, none: str = "null") -> str:
+    """`value [low, high]` of an interval."""
     if x is None:
         return none
-    value, low, high = (x["value"], x["low"], x["high"]) if isinstance(x, Mapping) else (x.value, x.low, x.high)
-    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+    return f"{x.value:.2f} [{x.low:.2f}, {x.high:.2f}]"
 
 
 def results_table(results: Mapping[str, Sequence[CircuitEvaluation]]) -> str:
@@ -344,20 +336,20 @@ def directions_table(result: DirectionsResult) -> str:
     return "\n".join([*lines, "", result.verdict.explanation, ""])
 
 
-def format_summary(summary: Mapping[str, Any]) -> str:
+def format_summary(summary: Summary) -> str:
     """A few lines per method: what there is to explain, when the circuit suffices, CPR, and the verdict."""
-    lines = [f"circuits in {summary['directory']}"]
-    for method, m in summary["methods"].items():
+    lines = [f"circuits in {summary.directory}"]
+    for method, m in summary.methods.items():
         lines.append(f"{method}: F(M)-F(empty) [95% CI] | nodes reaching faithfulness 0.5 / 0.8 of all | CPR | sanity")
-        for name, r in m["circuits"].items():
-            reach = " / ".join("-" if v is None else str(v) for v in r["reaches"].values())
-            line = (f"  {name:<24} {_ci(r['span'])} | {reach} of {r['n_candidates']} | {_ci(r['cpr'], 'n/a')} | "
-                    f"{'ok' if r['sanity_passed'] else 'FAILED'}")
-            lines.append(line + (f"  ({r['note']})" if r["note"] else ""))
-        if m.get("verdict_explanation"):
-            lines.append(f"  {m['verdict_explanation']}")
-    if summary.get("directions"):
-        lines.append(f"directions: {summary['directions']['verdict_explanation']}")
+        for name, r in m.circuits.items():
+            reach = " / ".join("-" if v is None else str(v) for v in r.reaches.values())
+            line = (f"  {name:<24} {_ci(r.span)} | {reach} of {r.n_candidates} | {_ci(r.cpr, 'n/a')} | "
+                    f"{'ok' if r.sanity_passed else 'FAILED'}")
+            lines.append(line + (f"  ({r.note})" if r.note else ""))
+        if m.verdict_explanation:
+            lines.append(f"  {m.verdict_explanation}")
+    if summary.directions is not None:
+        lines.append(f"directions: {summary.directions.verdict_explanation}")
     return "\n".join(lines)
 
 
@@ -386,7 +378,7 @@ class AnalysisConfig:
 
 
 def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfig,
-                 stages: Sequence[str] = STAGES, source: AnalysisLayout | None = None) -> dict[str, Any]:
+                 stages: Sequence[str] = STAGES, source: AnalysisLayout | None = None) -> Summary:
     """Run `stages` in order into `out`; a stage whose input stage is not run reads it from `source` (default
     `out`). `cross` and `directions` run when enabled in `cfg` or when first in `stages` (`analyze --stage
     cross`). Returns the summary (reading what exists when the summary is run alone)."""
@@ -414,17 +406,22 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
     if "directions" in stages and (cfg.directions.enabled or stages[0] == "directions"):
         wrapper = inputs.wrapper()
         every = [s for split in ("discovery", "evaluation") for s in inputs.splits.get(split, [])]
-        directions = run_directions(wrapper, inputs.cache, inputs.splits, position_scheme(wrapper, every, "positional"),
-                                    out, cfg.directions, cfg.metric)
+        directions, vectors = run_directions(wrapper, inputs.cache, inputs.splits,
+                                             position_scheme(wrapper, every, "positional"), cfg.directions, cfg.metric)
+        out.directions.write(directions, vectors.arrays, vectors.metadata)
+        plot_directions(directions, out.directions.png)
     else:
         directions = out.directions.read(DirectionsResult)
     summary = summarise(out, results, similarity, directions)
+    out.write_summary(summary, summary_tables(results, directions))
     if "report" in stages:
         for method, rs in results.items():  # the curves of an evaluation read from `source` are drawn here too
             if not out.method(method).curves_png.is_file():
                 plot_curves({method: rs}, out.method(method).curves_png)
-        build_report(out, inputs.run, inputs.saes, inputs.cache, inputs.splits, inputs.wrapper(), discovery.circuits,
-                     discovery.record, similarity, summary)
+        report = build_report(out, inputs.run, inputs.saes, inputs.cache, inputs.splits, inputs.wrapper(),
+                              discovery.circuits, discovery.record, similarity, summary)
+        out.write_report(report.page, {"cards": report.cards, "prompts": report.prompts})
+        log.info("report: %d node cards in %s", len(report.cards), out.report_html)
     return summary
 
 
@@ -437,5 +434,5 @@ def load_evaluation(out: AnalysisLayout, discovery: Discovery, method: str) -> l
 
 
 __all__ = ["STAGES", "AnalysisConfig", "AnalysisInputs", "Discovery", "candidate_keys", "format_summary",
-           "load_discovery", "load_evaluation", "position_scheme", "run_analysis", "run_discovery", "run_evaluation",
+           "load_discovery", "load_evaluation", "run_analysis", "run_discovery", "run_evaluation",
            "run_cross_ablation", "run_similarity", "summarise"]

@@ -23,24 +23,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from refusal_sae.ablation import Ablator
-from refusal_sae.bootstrap import Interval, interval, resample_weights
 from refusal_sae.circuits import Circuit, NodeScores, candidate_mask, ranked_nodes
 from refusal_sae.data import PromptSample
-from refusal_sae.directions import Effect, share
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import ALL_LAYERS, REACH, CircuitEvaluation, node_mask
-from refusal_sae.io import atomic_open
 from refusal_sae.objective import objective
-from refusal_sae.plots import annotated_heatmap
-from refusal_sae.similarity import CMAP
-from refusal_sae.validate import bootstrap_resamples, fraction, non_negative_int, positive_int
+from refusal_sae.stats import Effect, Interval, effect, interval, resample_weights, share, transfer_summary, transfers
+from refusal_sae.validate import positive_int, statistics_options
 
 FAITHFUL = str(REACH[-1])
 """The evaluation record's `reaches` key whose size is the default N."""
@@ -70,10 +65,8 @@ class CrossAblationConfig:
         if self.size is not None:
             positive_int("cross_ablation.size", self.size, 100)
         positive_int("cross_ablation.n_nodes", self.n_nodes, 100)
-        bootstrap_resamples("cross_ablation.bootstrap", self.bootstrap)
-        fraction("cross_ablation.confidence", self.confidence, 0.95)
         positive_int("cross_ablation.batch_size", self.batch_size, 8)
-        non_negative_int("cross_ablation.seed", self.seed, 0)
+        statistics_options("cross_ablation", self)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,7 +106,7 @@ class CrossAblationResult:
 
     def transfers(self, a: int, b: int) -> bool:
         """Whether ablating category a's circuit measurably lowers category b's F."""
-        return self.ablation[a][b].change.high < 0
+        return transfers(self.ablation[a][b])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,58 +168,24 @@ def cross_ablation(ablator: Ablator, samples: Sequence[PromptSample], refused: n
     F_M = []
     for b, (obj, w, part) in enumerate(zip(objectives, weights, bounds)):
         F_M.append(interval(obj.value(base[part]), w @ base[part], cfg.confidence))
-        measured = []
-        for edited in ablated:
-            change = edited[part] - base[part]
-            measured.append((Effect(interval(obj.value(edited[part]), w @ edited[part], cfg.confidence),
-                                    interval(obj.value(change), w @ change, cfg.confidence)), w @ change))
+        measured = [effect(base[part], edited[part], w, cfg.confidence, obj.value) for edited in ablated]
         own, own_resampled = measured[b]
         for a, (e, resampled) in enumerate(measured):
             e.share = share(own.change, own_resampled, e.change, resampled, cfg.confidence)
             matrix[a].append(e)
-    result = CrossAblationResult(method, target, asdict(cfg), categories, sources, [len(o.rows) for o in objectives],
-                                 F_M, matrix, [], 0, 0, None, "")
-    tested = [b for b in range(len(categories)) if result.transfers(b, b)]
-    pairs = [(a, b) for a in tested for b in tested if a != b]
-    result.testable = [categories[b] for b in tested]
-    result.n_pairs, result.n_transfer = len(pairs), sum(result.transfers(a, b) for a, b in pairs)
-    if len(tested) < 2:
-        result.explanation = (f"Circuit cross-ablation ({method}): {len(tested)} of {len(categories)} categories' own "
-                              "circuit measurably lowers their F when ablated, and a comparison needs two.")
-        return result
-    result.mean_share = float(np.mean([matrix[a][b].change.value / matrix[b][b].change.value for a, b in pairs]))
-    result.explanation = (f"Circuit cross-ablation ({method}): ablating one category's circuit removes on average "
-                          f"{result.mean_share:.0%} of another category's F drop under its own circuit, over the "
-                          f"{len(pairs)} ordered pairs of the {len(tested)} categories whose own circuit measurably "
-                          f"lowers their F; {result.n_transfer} of {len(pairs)} pairs lower F measurably.")
-    return result
+    summary = transfer_summary(matrix)
+    tested, pairs = summary.tested, summary.pairs
+    if summary.mean_share is None:
+        explanation = (f"Circuit cross-ablation ({method}): {len(tested)} of {len(categories)} categories' own "
+                       "circuit measurably lowers their F when ablated, and a comparison needs two.")
+    else:
+        explanation = (f"Circuit cross-ablation ({method}): ablating one category's circuit removes on average "
+                       f"{summary.mean_share:.0%} of another category's F drop under its own circuit, over the "
+                       f"{len(pairs)} ordered pairs of the {len(tested)} categories whose own circuit measurably "
+                       f"lowers their F; {summary.n_transfer} of {len(pairs)} pairs lower F measurably.")
+    return CrossAblationResult(method, target, asdict(cfg), categories, sources, [len(o.rows) for o in objectives],
+                               F_M, matrix, [categories[b] for b in tested], len(pairs), summary.n_transfer,
+                               summary.mean_share, explanation)
 
 
-# --------------------------------------------------------------------------------------------------
-# figure
-
-
-def plot_cross_ablation(result: CrossAblationResult, path: Path) -> None:
-    """Heatmap of share(A -> B) (rows: the category whose circuit is ablated, columns: the category whose F is
-    measured; * its change's interval lies below 0)."""
-    from matplotlib.figure import Figure
-
-    categories = result.categories
-    values = np.array([[np.nan if e.share is None else e.share.value for e in row] for row in result.ablation])
-    texts = [["n/a" if np.isnan(values[a, b]) else f"{values[a, b]:.2f}" + "*" * result.transfers(a, b)
-              for b in range(len(categories))] for a in range(len(categories))]
-    side = 2 + 0.55 * len(categories)
-    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
-    ax = fig.subplots()
-    labels = [f"{r.category} ({r.n_nodes})" for r in result.rows]
-    image = annotated_heatmap(ax, values, texts, labels, categories,
-                              f"{result.method}: share of each category's own-circuit F change\n(rows: circuit "
-                              "ablated, with its nodes; * change below 0)", vmin=0, vmax=1, cmap=CMAP, aspect="auto")
-    ax.set_xlabel(f"category whose held-out prompts' F ({result.target}) is measured")
-    fig.colorbar(image, ax=ax, label="share")
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-
-
-__all__ = ["AblatedCircuit", "CrossAblationConfig", "CrossAblationResult", "circuit_size", "cross_ablation",
-           "plot_cross_ablation"]
+__all__ = ["AblatedCircuit", "CrossAblationConfig", "CrossAblationResult", "circuit_size", "cross_ablation"]

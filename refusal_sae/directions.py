@@ -59,7 +59,6 @@ import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,19 +67,27 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from refusal_sae.activations import ActivationCache, PromptActivations
-from refusal_sae.bootstrap import Interval, interval, resample_weights
 from refusal_sae.data import PromptSample, Split
 from refusal_sae.errors import UserError
-from refusal_sae.evaluation import Band
-from refusal_sae.io import atomic_open
-from refusal_sae.layout import AnalysisLayout
 from refusal_sae.metric import RefusalMetric, RefusalMetricConfig, refusal_scores
 from refusal_sae.model import ModelWrapper
 from refusal_sae.objective import objective
-from refusal_sae.plots import annotated_heatmap
 from refusal_sae.positions import PositionScheme
-from refusal_sae.similarity import CMAP
-from refusal_sae.validate import bootstrap_resamples, fraction, non_negative_int, positive_int
+from refusal_sae.stats import (
+    Band,
+    Effect,
+    Interval,
+    band,
+    effect,
+    interval,
+    p_above,
+    p_below,
+    resample_weights,
+    share,
+    transfer_summary,
+    transfers,
+)
+from refusal_sae.validate import fraction, positive_int, statistics_options
 
 log = logging.getLogger(__name__)
 
@@ -126,20 +133,12 @@ class DirectionsConfig:
                             "or null for every cached layer")
         fraction("directions.selection_fraction", self.selection_fraction, 0.1)
         positive_int("directions.random_directions", self.random_directions, 20)
-        fraction("directions.significance", self.significance, 0.05)
+        statistics_options("directions", self)
         if 1 / (1 + self.random_directions) > self.significance:
             raise UserError(f"directions.random_directions: {self.random_directions} random directions cannot give "
                             f"p <= {self.significance} (the smallest p is 1/{1 + self.random_directions}); give at "
                             f"least {math.ceil(1 / self.significance) - 1}")
-        fraction("directions.modular_below", self.modular_below, 0.2)
-        fraction("directions.monolithic_above", self.monolithic_above, 0.5, include_one=True)
-        if self.modular_below >= self.monolithic_above:
-            raise UserError(f"directions.modular_below: {self.modular_below} is not below monolithic_above "
-                            f"{self.monolithic_above}; give e.g. 0.2 and 0.5")
-        bootstrap_resamples("directions.bootstrap", self.bootstrap)
-        fraction("directions.confidence", self.confidence, 0.95)
         positive_int("directions.batch_size", self.batch_size, 8)
-        non_negative_int("directions.seed", self.seed, 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,20 +167,6 @@ class Selection:
     n_safe: int
     candidates: list[Candidate]
     note: str | None
-
-
-@dataclass
-class Effect:
-    """One intervention on one category's held-out prompts (toxic for an ablation, safe for an addition)."""
-
-    score: Interval
-    """Mean refusal score with the intervention."""
-    change: Interval
-    """Mean change of each prompt's score from the model's."""
-    p_value: float | None = None
-    """Ablation: (1 + random directions lowering the score as much) / (1 + their number)."""
-    share: Interval | None = None
-    """Ablation: change / the category's own direction's change (null when that one's interval contains 0)."""
 
 
 @dataclass
@@ -241,6 +226,16 @@ class DirectionsResult:
     def transfers(self, a: int, b: int) -> bool:
         """Whether ablating direction `a` measurably lowers category `b`'s refusal, beyond the random directions."""
         return transfers(self.ablation[a][b], self.config["significance"])
+
+
+@dataclass
+class DirectionVectors:
+    """Every difference-of-means direction the stage computed: what the record's numbers come from."""
+
+    arrays: dict[str, np.ndarray]
+    """{`<name>.<layer>`: (positions, d_model)} for every direction name (global, categories) and candidate layer."""
+    metadata: dict[str, str]
+    """The candidate layers and positions, and the chosen layer and position."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,52 +362,23 @@ def select_site(wrapper: ModelWrapper, metric: RefusalMetric, directions: Mappin
 # effects and verdict
 
 
-def transfers(ablation: Effect, significance: float) -> bool:
-    """The ablation lowers the score: its change's interval lies below 0, and p <= significance."""
-    return ablation.change.high < 0 and ablation.p_value is not None and ablation.p_value <= significance
-
-
-def p_below(value: float, random: np.ndarray) -> float:
-    """(1 + #{random <= value}) / (1 + len(random)): how often a random direction lowers the score as much."""
-    return float((1 + np.count_nonzero(random <= value)) / (1 + len(random)))
-
-
-def effect(base: np.ndarray, edited: np.ndarray, weights: np.ndarray, confidence: float) -> tuple[Effect, np.ndarray]:
-    """The effect of an intervention on prompts scored `base` without and `edited` with it, and its resampled
-    mean changes (`weights`: one bootstrap resample's weights per row, each row summing to 1)."""
-    change = edited - base
-    resampled = weights @ change
-    return Effect(interval(float(edited.mean()), weights @ edited, confidence),
-                  interval(float(change.mean()), resampled, confidence)), resampled
-
-
-def share(own: Interval, own_resampled: np.ndarray, change: Interval, resampled: np.ndarray,
-          confidence: float) -> Interval | None:
-    """change / own per resample, or None when own's interval contains 0 (never a number divided by noise)."""
-    if not own.excludes_zero():
-        return None
-    return interval(change.value / own.value, resampled / own_resampled, confidence)
-
-
 def direction_verdict(categories: Sequence[str], cross: Sequence[Sequence[Effect]], global_row: Sequence[Effect],
                       random: np.ndarray, cfg: DirectionsConfig) -> DirectionsVerdict:
     """The label of the module docstring from the category rows of the ablation matrix (`cross[a][b]`: category
     a's direction on category b's prompts), the global direction's row, and the random directions' mean changes
     (K, categories)."""
     own = [cross[b][b] for b in range(len(categories))]
-    tested = [b for b in range(len(categories)) if transfers(own[b], cfg.significance)]
-    pairs = [(a, b) for a in tested for b in tested if a != b]
+    summary = transfer_summary(cross, cfg.significance)
+    tested, pairs = summary.tested, summary.pairs
     names = [categories[b] for b in tested]
-    if len(tested) < 2:
+    if summary.mean_share is None:
         return DirectionsVerdict("undetermined", names, 0, 0, None, None, None, None,
                                  f"Refusal directions: undetermined; {len(tested)} of {len(categories)} categories' "
                                  "own direction measurably lowers their held-out toxic prompts' refusal score (below 0 "
                                  "and below random directions), and a comparison needs two.")
-    shares = np.array([cross[a][b].change.value / own[b].change.value for a, b in pairs])
     random_shares = np.mean([random[:, b] / own[b].change.value for b in tested], axis=0)
-    mean, chance = float(shares.mean()), float(random_shares.mean())
-    p = float((1 + np.count_nonzero(random_shares >= mean)) / (1 + len(random_shares)))
-    moved = sum(transfers(cross[a][b], cfg.significance) for a, b in pairs)
+    mean, chance, moved = summary.mean_share, float(random_shares.mean()), summary.n_transfer
+    p = p_above(mean, random_shares)
     global_share = float(np.mean([global_row[b].change.value / own[b].change.value for b in tested]))
     if p > cfg.significance and mean > cfg.modular_below:
         label, why = "undetermined", "random directions remove as much"
@@ -431,14 +397,14 @@ def direction_verdict(categories: Sequence[str], cross: Sequence[Sequence[Effect
                    f"their refusal; random directions remove {chance:.0%} (p = {p:.3g}); {moved} of "
                    f"{len(pairs)} pairs transfer at p <= {cfg.significance}. The global direction removes "
                    f"{global_share:.0%} of a category's own-direction drop on average.")
-    return DirectionsVerdict(label, names, len(pairs), int(moved), mean, chance, p, global_share, explanation)
+    return DirectionsVerdict(label, names, len(pairs), moved, mean, chance, p, global_share, explanation)
 
 
 def run_directions(wrapper: ModelWrapper, cache: ActivationCache, splits: Mapping[Split, Sequence[PromptSample]],
-                   scheme: PositionScheme, out: AnalysisLayout, cfg: DirectionsConfig,
-                   metric_cfg: RefusalMetricConfig) -> DirectionsResult:
-    """The stage: directions, the choice of layer and position, effects, cross-category matrix and verdict;
-    written to `out.directions` (record, vectors, heatmaps)."""
+                   scheme: PositionScheme, cfg: DirectionsConfig, metric_cfg: RefusalMetricConfig
+                   ) -> tuple[DirectionsResult, DirectionVectors]:
+    """The stage: directions, the choice of layer and position, effects, cross-category matrix and verdict; and
+    every direction computed, to save beside the record."""
     if scheme.mode != "positional" or scheme.suffix == 0:
         raise UserError("directions: the prompts share no post-instruction template suffix to take refusal "
                         "directions at; use a chat model whose template ends every prompt the same way")
@@ -498,58 +464,24 @@ def run_directions(wrapper: ModelWrapper, cache: ActivationCache, splits: Mappin
             e.share = share(own.change, own_resampled, e.change, resampled, cfg.confidence)
             ablation[a].append(e)
             addition[a].append(effect(base["safe"][saf], added[names[a]][saf], w_safe, cfg.confidence)[0])
-        band = random_means[:, b]
         n_discovery = sums.counts[sums.categories.index(c)].sum(1)
         per_category.append(CategoryDirections(
             c, {LABELS[k]: int(n_discovery[k]) for k in (1, 0)}, len(tox), len(saf),
             float(vectors[c].norm()), cosine[0][b + 1],
             interval(float(base["toxic"][tox].mean()), w_tox @ base["toxic"][tox], cfg.confidence),
             interval(float(base["safe"][saf].mean()), w_safe @ base["safe"][saf], cfg.confidence),
-            Band(float(band.mean()), float(band.std()), float(band.min()), float(band.max())),
+            band(random_means[:, b]),
             transfers(own, cfg.significance)))
     verdict = direction_verdict(categories, ablation[1:], ablation[0], random_means, cfg)
     log.info("%s", verdict.explanation)
     result = DirectionsResult(asdict(cfg), asdict(metric_cfg), scheme.to_dict(), selection, names, categories, cosine,
                               ablation, addition, per_category, verdict)
     saved = {f"{name}.{layer}": v for name in names for layer, v in full[name].items()}
-    out.directions.write(result, saved, {"layers": ",".join(layers), "positions": ",".join(sums.positions),
-                                         "layer": selection.layer, "position": selection.position})
-    plot_directions(result, out.directions.png)
-    return result
+    return result, DirectionVectors(saved, {"layers": ",".join(layers), "positions": ",".join(sums.positions),
+                                            "layer": selection.layer, "position": selection.position})
 
 
-# --------------------------------------------------------------------------------------------------
-# figure
 
-
-def plot_directions(result: DirectionsResult, path: Path) -> None:
-    """Heatmaps: the share of each category's own-direction effect that each direction's ablation has (rows:
-    ablated, columns: measured; * transfers beyond random directions), and the directions' cosines."""
-    from matplotlib.figure import Figure
-
-    names, categories = result.names, result.categories
-    values = np.array([[np.nan if e.share is None else e.share.value for e in row] for row in result.ablation])
-    texts = [["n/a" if np.isnan(values[a, b]) else f"{values[a, b]:.2f}" + "*" * result.transfers(a, b)
-              for b in range(len(categories))] for a in range(len(names))]
-    cosine = np.array(result.cosine)
-    side = 1.5 + 0.55 * len(names)
-    fig = Figure(figsize=(2 * side + 2, side), layout="constrained")
-    left, right = fig.subplots(1, 2)
-    image = annotated_heatmap(left, values, texts, [f"{n} ablated" for n in names], categories,
-                              f"share of each category's own-direction effect\n(* transfers: p <= "
-                              f"{result.config['significance']})", vmin=0, vmax=1, cmap=CMAP, aspect="auto")
-    left.set_xlabel("category whose held-out toxic prompts are scored")
-    fig.colorbar(image, ax=left, label="share")
-    image = annotated_heatmap(right, cosine, [[f"{c:.2f}" for c in row] for row in cosine], names, names,
-                              "cosine of the directions", vmin=-1, vmax=1, cmap="RdBu_r")
-    fig.colorbar(image, ax=right, label="cosine")
-    fig.suptitle(f"Refusal directions at {result.selection.layer}, position {result.selection.position}: "
-                 f"{result.verdict.label}")
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-
-
-__all__ = ["GLOBAL", "Candidate", "CategoryDirections", "DirectionsConfig", "DirectionsResult", "DirectionsVerdict",
-           "Effect", "Selection", "SuffixSums", "activation_addition", "direction_verdict", "directional_ablation",
-           "effect", "p_below", "plot_directions", "run_directions", "scores", "select_site", "share", "suffix_sums",
-           "transfers"]
+__all__ = ["GLOBAL", "Candidate", "CategoryDirections", "DirectionVectors", "DirectionsConfig", "DirectionsResult",
+           "DirectionsVerdict", "Selection", "SuffixSums", "activation_addition", "direction_verdict",
+           "directional_ablation", "run_directions", "scores", "select_site", "suffix_sums"]

@@ -21,7 +21,7 @@ spec's variant) or nodes like latents ("nodes", Marks et al.), each its own curv
 edit one layer with that layer's own ranking. Random circuits with the circuit's nodes per layer and
 position class give a chance band at every size of the first error mode's all-layer curve.
 
-Every number has a 95% paired, stratified bootstrap interval over prompts (`refusal_sae.bootstrap`).
+Every number has a 95% paired, stratified bootstrap interval over prompts (`refusal_sae.stats`).
 A ratio is undefined (null, with the reason) when the interval of F(M) - F(∅) contains 0: nothing to
 explain, or not distinguishable from noise.
 """
@@ -37,18 +37,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from refusal_sae.ablation import Ablator, Variant
-from refusal_sae.bootstrap import Interval, interval, resample_weights
 from refusal_sae.circuits import Circuit, NodeScores, candidate_mask, ranked_nodes
 from refusal_sae.errors import UserError
 from refusal_sae.objective import TARGETS, Objective, Target, objective
-from refusal_sae.validate import (
-    all_of,
-    bootstrap_resamples,
-    fraction,
-    non_negative_int,
-    one_of,
-    positive_int,
-)
+from refusal_sae.stats import Band, Interval, band, interval, resample_weights
+from refusal_sae.validate import all_of, fraction, non_negative_int, one_of, positive_int, statistics_options
 
 ErrorMode = Literal["keep", "nodes"]
 ERROR_MODES: tuple[str, ...] = ("keep", "nodes")
@@ -113,28 +106,16 @@ class EvaluationConfig:
         positive_int("evaluation.n_sizes", self.n_sizes, 12)
         non_negative_int("evaluation.random_circuits", self.random_circuits, 5)
         positive_int("evaluation.batch_size", self.batch_size, 8)
-        non_negative_int("evaluation.seed", self.seed, 0)
-        bootstrap_resamples("evaluation.bootstrap", self.bootstrap)
+        statistics_options("evaluation", self)
         for f in self.fractions:
             fraction("evaluation.fractions", f, 0.1, include_one=True)
         for n in self.sizes or []:
             positive_int("evaluation.sizes", n, 100)
-        fraction("evaluation.confidence", self.confidence, 0.95)
         fraction("evaluation.sanity_fraction", self.sanity_fraction, 0.1, include_one=True)
 
 
 # --------------------------------------------------------------------------------------------------
 # records
-
-
-@dataclass
-class Band:
-    """Spread of a ratio over the random circuits of one size."""
-
-    mean: float
-    sd: float
-    min: float
-    max: float
 
 
 @dataclass
@@ -294,13 +275,6 @@ def _ratio(f: tuple[float, np.ndarray], empty: tuple[float, np.ndarray], model: 
         return (f[0] - empty[0]) / (model[0] - empty[0]), (f[1] - empty[1]) / (model[1] - empty[1])
 
 
-def _band(values: list[float]) -> Band | None:
-    if not values:
-        return None
-    v = np.array(values)
-    return Band(float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, float(v.min()), float(v.max()))
-
-
 def _areas(points: list[tuple[float, tuple[float, np.ndarray]]], confidence: float
            ) -> tuple[Interval | None, Interval | None, str | None]:
     """CPR and CMD from measured (fraction, faithfulness (value, resamples)) points; (0, 0) is the empty circuit."""
@@ -360,7 +334,7 @@ def _curve(run: _Run, scope: str, layers: list[str], mode: str, ranking: list[tu
         points.append(Point(n, n / n_total, per_layer, {p: c for p, c in per_position.items() if c},
                             [layer for layer, c in per_layer.items() if c == 0],
                             interval(*fc, cfg.confidence), interval(*fmc, cfg.confidence), faith, complete,
-                            _band(rand_f), _band(rand_c)))
+                            band(rand_f), band(rand_c)))
         if faith is not None:
             faith_points.append((n / n_total, faith_r))
     if defined:
@@ -457,7 +431,6 @@ __all__ = [
     "ALL_LAYERS",
     "ERROR_MODES",
     "RECORD_VERSION",
-    "Band",
     "CircuitEvaluation",
     "Curve",
     "EvaluationConfig",

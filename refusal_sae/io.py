@@ -1,8 +1,9 @@
-"""Atomic file output and directory locks: a reader never sees a torn write, and two runs never write one
-directory at once.
+"""Atomic file output, typed JSON and directory locks: a reader never sees a torn write, a record reads back as
+the dataclass it was written from, and two runs never write one directory at once.
 
 Everything the pipeline writes goes through `atomic_open`: data is written to a temporary file in the
 target directory, flushed to disk, then renamed over the target (rename is atomic on POSIX filesystems).
+Records are dataclasses written as key-sorted JSON (`to_json`, `write_json`) and read back typed (`from_json`).
 A run directory or activation cache being written is held with `hold_directory` / `directory_lock`.
 """
 
@@ -12,13 +13,19 @@ import atexit
 import contextlib
 import fcntl
 import hashlib
+import dataclasses
 import json
 import logging
+import math
 import os
 import secrets
-from collections.abc import Iterator
+import types
+import typing
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 from refusal_sae.errors import UserError
 
@@ -62,6 +69,53 @@ def write_json(path: str | Path, obj: Any) -> None:
     with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def to_json(obj: Any) -> Any:
+    """Dataclasses, numpy scalars and NaN (as null) to plain JSON values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if math.isnan(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def from_json(cls: Any, data: Any) -> Any:
+    """The inverse of `to_json` for a type `cls` (dataclasses, list/dict/Optional of them, plain values)."""
+    origin = typing.get_origin(cls)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(cls) if a is not type(None)]
+        if data is None:
+            return None
+        return from_json(options[0], data)
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        return cls(**{f.name: from_json(hints[f.name], data[f.name]) for f in dataclasses.fields(cls)
+                      if f.name in data})
+    if origin is list:
+        return [from_json(typing.get_args(cls)[0], v) for v in data]
+    if origin is dict:
+        return {k: from_json(typing.get_args(cls)[1], v) for k, v in data.items()}
+    if cls is float:
+        return float("nan") if data is None else float(data)
+    return data
+
+
+def read_json(path: Path, what: str, how: str) -> Any:
+    """The JSON record at `path`; a UserError naming it, `what` is missing and `how` to make it, when it is absent
+    or torn."""
+    if not path.is_file():
+        raise UserError(f"{path} not found: this analysis has no {what}; {how}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); {how}") from e
 
 
 def sha256_file(path: str | Path, block_size: int = 1 << 23) -> str:

@@ -25,8 +25,7 @@
                                                               in one page (refusal_sae.report)
         summary.json, summary.md                              the short summary; the results table
 
-Records are dataclasses written as key-sorted JSON (`to_json`) and read back typed (`from_json`); a
-circuit name `category/group` is stored as `category__group`. Nothing else in the package spells these
+Records are dataclasses written as key-sorted JSON and read back typed (`refusal_sae.io`); a circuit name `category/group` is stored as `category__group`. Nothing else in the package spells these
 names (a test checks).
 """
 
@@ -34,11 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
-import types
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,59 +46,10 @@ from safetensors.numpy import save
 from refusal_sae.circuits import Circuit, NodeScores
 from refusal_sae.errors import UserError
 from refusal_sae.features import NodeMeans
-from refusal_sae.io import atomic_open, write_json
-from refusal_sae.similarity import write_similarity
+from refusal_sae.io import atomic_open, from_json, read_json, to_json, write_json
+from refusal_sae.stats import Interval
 
 T = TypeVar("T")
-
-
-# --------------------------------------------------------------------------------------------------
-# typed JSON
-
-
-def to_json(obj: Any) -> Any:
-    """Dataclasses, numpy scalars and NaN (as null) to plain JSON values."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {str(k): to_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_json(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if math.isnan(obj) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def from_json(cls: Any, data: Any) -> Any:
-    """The inverse of `to_json` for a type `cls` (dataclasses, list/dict/Optional of them, plain values)."""
-    origin = typing.get_origin(cls)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(cls) if a is not type(None)]
-        if data is None:
-            return None
-        return from_json(options[0], data)
-    if dataclasses.is_dataclass(cls):
-        hints = typing.get_type_hints(cls)
-        return cls(**{f.name: from_json(hints[f.name], data[f.name]) for f in dataclasses.fields(cls)
-                      if f.name in data})
-    if origin is list:
-        return [from_json(typing.get_args(cls)[0], v) for v in data]
-    if origin is dict:
-        return {k: from_json(typing.get_args(cls)[1], v) for k, v in data.items()}
-    if cls is float:
-        return float("nan") if data is None else float(data)
-    return data
-
-
-def _read_json(path: Path, what: str, how: str) -> Any:
-    if not path.is_file():
-        raise UserError(f"{path} not found: this analysis has no {what}; {how}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise UserError(f"{path}: not valid JSON ({e}); {how}") from e
 
 
 def _stem(name: str) -> str:
@@ -137,6 +84,55 @@ class DiscoveryRecord:
     @property
     def methods(self) -> list[str]:
         return list(self.circuits)
+
+
+@dataclasses.dataclass
+class CircuitSummary:
+    """One circuit's evaluation in a line: its first all-layer curve."""
+
+    F_M: Interval
+    span: Interval
+    """F(M) - F(∅): what there is to explain."""
+    error_mode: str
+    n_candidates: int
+    reaches: dict[str, int | None]
+    """Smallest size whose faithfulness reaches 0.5 / 0.8 (None: not reached)."""
+    cpr: Interval | None
+    cmd: Interval | None
+    note: str | None
+    """Why ratios or areas are null, when they are."""
+    sanity_passed: bool
+
+
+@dataclasses.dataclass
+class MethodSummary:
+    circuits: dict[str, CircuitSummary]
+    verdict: str | None
+    """The similarity stage's label (None: not run)."""
+    verdict_explanation: str | None
+
+
+@dataclasses.dataclass
+class DirectionsSummary:
+    """The refusal directions' verdict (`refusal_sae.directions`)."""
+
+    layer: str
+    position: str
+    verdict: str
+    mean_share: float | None
+    p_value: float | None
+    global_share: float | None
+    verdict_explanation: str
+
+
+@dataclasses.dataclass
+class Summary:
+    """What the CLI prints and the callback logs: per method and circuit the evaluation's main numbers, the
+    similarity verdict, and the refusal directions' verdict."""
+
+    directory: str
+    methods: dict[str, MethodSummary]
+    directions: DirectionsSummary | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,7 +184,7 @@ class MethodLayout:
         return self.root / "similarity.png"
 
     def write_similarity(self, result: Mapping[str, Any]) -> None:
-        write_similarity(to_json(result), self.similarity_json, self.similarity_png)
+        write_json(self.similarity_json, to_json(result))
 
     def read_similarity(self) -> dict[str, Any] | None:
         return json.loads(self.similarity_json.read_text(encoding="utf-8")) if self.similarity_json.is_file() else None
@@ -277,7 +273,7 @@ class DirectionsLayout:
         """The stage's record; None when the stage has not run here."""
         if not self.record_json.is_file():
             return None
-        return from_json(cls, _read_json(self.record_json, "directions", "run analyze --stage directions again"))
+        return from_json(cls, read_json(self.record_json, "directions", "run analyze --stage directions again"))
 
     def read_vectors(self) -> dict[str, np.ndarray]:
         with safe_open(self.vectors, framework="numpy") as f:
@@ -313,7 +309,7 @@ class AnalysisLayout:
         write_json(self.root / "discovery.json", to_json(record))
 
     def read_discovery(self) -> DiscoveryRecord:
-        return from_json(DiscoveryRecord, _read_json(self.root / "discovery.json", "circuits",
+        return from_json(DiscoveryRecord, read_json(self.root / "discovery.json", "circuits",
                                                      "run the discover stage first"))
 
     def copy_discovery(self, source: AnalysisLayout) -> None:
@@ -346,7 +342,7 @@ class AnalysisLayout:
         """The results table (markdown)."""
         return self.root / "summary.md"
 
-    def write_summary(self, summary: dict[str, Any], table: str) -> None:
+    def write_summary(self, summary: Summary, table: str) -> None:
         """`summary.json`, and `summary.md`: the results table."""
         write_json(self.root / "summary.json", to_json(summary))
         with atomic_open(self.summary_md, "w", encoding="utf-8") as f:
@@ -364,13 +360,13 @@ class AnalysisLayout:
 
     def write_report(self, page: str, cards: Any) -> None:
         """The cards first, then the page that shows them."""
-        write_json(self.report_cards, cards)
+        write_json(self.report_cards, to_json(cards))
         with atomic_open(self.report_html, "w", encoding="utf-8") as f:
             f.write(page)
 
-    def read_summary(self) -> dict[str, Any] | None:
+    def read_summary(self) -> Summary | None:
         path = self.root / "summary.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return from_json(Summary, json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
 
 
 class RunLayout:
@@ -455,5 +451,5 @@ class RunLayout:
 
 LATEST = "latest"
 
-__all__ = ["AnalysisLayout", "CircuitEntry", "DirectionsLayout", "DiscoveryRecord", "MethodLayout", "RunLayout",
-           "from_json", "to_json"]
+__all__ = ["AnalysisLayout", "CircuitEntry", "CircuitSummary", "DirectionsLayout", "DirectionsSummary",
+           "DiscoveryRecord", "MethodLayout", "MethodSummary", "RunLayout", "Summary"]

@@ -1,19 +1,33 @@
-"""Faithfulness and completeness curves: one panel per circuit, intervals shaded, random circuits as a band; and
-the annotated heatmap panel the similarity and direction figures are made of."""
+"""Every figure of the analysis, drawn from a stage's record and written as a PNG where the run layout says:
+faithfulness and completeness curves (one panel per circuit, intervals shaded, random circuits as a band), the
+similarity heatmaps, the circuit cross-ablation matrix and the refusal directions' matrix, all made of one
+annotated heatmap panel."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
+from refusal_sae.cross_ablation import CrossAblationResult
+from refusal_sae.directions import DirectionsResult
 from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation, Curve
 from refusal_sae.io import atomic_open
+from refusal_sae.stats import Effect
 
 COLOURS = {"correlation": "tab:blue", "attribution": "tab:red", "magnitude": "tab:green"}
 MODE_STYLE = {"keep": "-", "nodes": ":"}
+CMAP = colormaps["viridis"].with_extremes(bad="lightgray")
+"""Heatmap colours of similarities and shares; undefined (None) ones are grey."""
+
+
+def _save(fig: Figure, path: Path, dpi: int) -> None:
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
 
 
 def _series(curve: Curve, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -31,8 +45,6 @@ def _series(curve: Curve, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
 def plot_curves(results: Mapping[str, Sequence[CircuitEvaluation]], path: Path) -> None:
     """Per circuit, for each method: faithfulness (solid) and completeness (dashed) of the all-layer curves
     with 95% intervals, the random circuits' faithfulness band (grey), per-layer faithfulness (thin)."""
-    from matplotlib.figure import Figure
-
     names = list(dict.fromkeys(r.name for rs in results.values() for r in rs))
     if not names:
         return
@@ -75,8 +87,7 @@ def plot_curves(results: Mapping[str, Sequence[CircuitEvaluation]], path: Path) 
     for ax in axes[len(names):]:
         ax.set_visible(False)
     axes[0].legend(fontsize=5)
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
+    _save(fig, path, 100)
 
 
 def annotated_heatmap(ax: Any, values: np.ndarray, texts: Sequence[Sequence[str]], rows: Sequence[str],
@@ -94,4 +105,79 @@ def annotated_heatmap(ax: Any, values: np.ndarray, texts: Sequence[Sequence[str]
     return image
 
 
-__all__ = ["annotated_heatmap", "plot_curves"]
+def plot_similarity(result: Mapping[str, Any], path: Path) -> None:
+    """Node and edge Jaccard of the category circuits side by side (`similarity.analyse_similarity`'s record);
+    * marks p < significance."""
+    names = result["circuits"]
+    n = len(names)
+    level = result["config"]["significance"]
+    records = {(r["a"], r["b"]): r for r in result["pairs"]}
+    side = 1.5 + 0.55 * n
+    fig = Figure(figsize=(2 * side + 1.5, side), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, kind in zip(axes, ("node", "edge")):
+        values = np.array([[np.nan if v is None else v for v in row] for row in result[f"{kind}_jaccard"]])
+
+        def text(i: int, j: int) -> str:
+            record = records.get((names[i], names[j])) or records.get((names[j], names[i])) or {}
+            pv = record.get(f"{kind}_p_value")
+            star = "*" if pv is not None and pv < level else ""
+            return "n/a" if np.isnan(values[i, j]) else f"{values[i, j]:.2f}{star}"
+
+        texts = [[text(i, j) for j in range(n)] for i in range(n)]
+        image = annotated_heatmap(ax, values, texts, names, names, f"{kind} Jaccard (* p < {level})", vmin=0, vmax=1,
+                                  cmap=CMAP)
+    fig.colorbar(image, ax=axes, label="Jaccard")
+    fig.suptitle(f"Refusal circuits: {result['verdict']['label']}")
+    _save(fig, path, 120)
+
+
+def _shares(ablation: Sequence[Sequence[Effect]], transfers: Callable[[int, int], bool]
+            ) -> tuple[np.ndarray, list[list[str]]]:
+    """The shares of an ablation matrix and their cell texts: "n/a" where undefined, * where the pair transfers."""
+    values = np.array([[np.nan if e.share is None else e.share.value for e in row] for row in ablation])
+    texts = [["n/a" if np.isnan(v) else f"{v:.2f}" + "*" * transfers(a, b) for b, v in enumerate(row)]
+             for a, row in enumerate(values)]
+    return values, texts
+
+
+def plot_cross_ablation(result: CrossAblationResult, path: Path) -> None:
+    """Heatmap of share(A -> B) (rows: the category whose circuit is ablated, columns: the category whose F is
+    measured; * its change's interval lies below 0)."""
+    categories = result.categories
+    values, texts = _shares(result.ablation, result.transfers)
+    side = 2 + 0.55 * len(categories)
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.subplots()
+    labels = [f"{r.category} ({r.n_nodes})" for r in result.rows]
+    image = annotated_heatmap(ax, values, texts, labels, categories,
+                              f"{result.method}: share of each category's own-circuit F change\n(rows: circuit "
+                              "ablated, with its nodes; * change below 0)", vmin=0, vmax=1, cmap=CMAP, aspect="auto")
+    ax.set_xlabel(f"category whose held-out prompts' F ({result.target}) is measured")
+    fig.colorbar(image, ax=ax, label="share")
+    _save(fig, path, 110)
+
+
+def plot_directions(result: DirectionsResult, path: Path) -> None:
+    """Heatmaps: the share of each category's own-direction effect that each direction's ablation has (rows:
+    ablated, columns: measured; * transfers beyond random directions), and the directions' cosines."""
+    names, categories = result.names, result.categories
+    values, texts = _shares(result.ablation, result.transfers)
+    cosine = np.array(result.cosine)
+    side = 1.5 + 0.55 * len(names)
+    fig = Figure(figsize=(2 * side + 2, side), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    image = annotated_heatmap(left, values, texts, [f"{n} ablated" for n in names], categories,
+                              f"share of each category's own-direction effect\n(* transfers: p <= "
+                              f"{result.config['significance']})", vmin=0, vmax=1, cmap=CMAP, aspect="auto")
+    left.set_xlabel("category whose held-out toxic prompts are scored")
+    fig.colorbar(image, ax=left, label="share")
+    image = annotated_heatmap(right, cosine, [[f"{c:.2f}" for c in row] for row in cosine], names, names,
+                              "cosine of the directions", vmin=-1, vmax=1, cmap="RdBu_r")
+    fig.colorbar(image, ax=right, label="cosine")
+    fig.suptitle(f"Refusal directions at {result.selection.layer}, position {result.selection.position}: "
+                 f"{result.verdict.label}")
+    _save(fig, path, 110)
+
+
+__all__ = ["CMAP", "annotated_heatmap", "plot_cross_ablation", "plot_curves", "plot_directions", "plot_similarity"]

@@ -22,11 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from refusal_sae.errors import UserError
+
+if TYPE_CHECKING:  # the model stack is not needed to sort positions into classes
+    from refusal_sae.data import PromptSample
+    from refusal_sae.model import ModelWrapper
 
 PositionMode = Literal["positional", "global"]
 POSITION_MODES: tuple[str, ...] = ("positional", "global")
@@ -122,5 +126,12 @@ PLACEHOLDER_MESSAGES = ("Tell me about the weather today.", "Why?")
 """Two user messages with nothing in common at either end: what they share is the template."""
 
 
+def position_scheme(wrapper: ModelWrapper, samples: Sequence[PromptSample], mode: PositionMode) -> PositionScheme:
+    """The shared template prefix and suffix of these prompts under the model's chat template."""
+    if mode == "global":
+        return PositionScheme("global", 0, 0)
+    return template_scheme(mode, wrapper.encode([s.prompt for s in samples]), wrapper.encode(PLACEHOLDER_MESSAGES))
+
+
 __all__ = ["ALL", "CONTENT", "PLACEHOLDER_MESSAGES", "POSITION_MODES", "PositionMode", "PositionScheme",
-           "common_prefix", "template_scheme"]
+           "common_prefix", "position_scheme", "template_scheme"]

@@ -16,7 +16,7 @@ sae_vis and Neuronpedia show the same as dashboards). Every node of every saved 
     directions      its decoder direction's cosine with each refusal direction at its layer and the chosen
                     suffix position, when the analysis has the directions stage (`refusal_sae.directions`)
 
-`build_report` writes the cards (`cards.json`) and `index.html`: per circuit a layered graph (columns:
+`build_report` makes the cards (written to `cards.json`) and `index.html`: per circuit a layered graph (columns:
 layer x position class; nodes sized by importance, coloured by signed score; edges by weight) whose nodes
 open their card, the curves, similarity and direction figures inlined, the results table and the metric's
 validity. The page needs no network: its script and style are this package's `report.js` / `report.css`,
@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -46,12 +45,11 @@ from refusal_sae.circuits import ERROR, Circuit, NodeScores
 from refusal_sae.data import PromptSample, Split
 from refusal_sae.directions import DirectionsResult
 from refusal_sae.errors import UserError
-from refusal_sae.layout import AnalysisLayout, DiscoveryRecord, RunLayout, from_json, to_json
+from refusal_sae.io import from_json, to_json
+from refusal_sae.layout import AnalysisLayout, DiscoveryRecord, RunLayout, Summary
 from refusal_sae.model import ModelWrapper
 from refusal_sae.positions import PositionScheme
 from refusal_sae.sae import SparseAutoencoder
-
-log = logging.getLogger(__name__)
 
 TOP_CONTEXTS = 8
 """Prompts shown per node."""
@@ -383,13 +381,13 @@ def render_html(title: str, data: Mapping[str, Any]) -> str:
 def report_data(out: AnalysisLayout, run: RunLayout, record: DiscoveryRecord,
                 circuits: Mapping[str, Sequence[tuple[Circuit, NodeScores]]], cards: Mapping[str, NodeCard],
                 prompts: Mapping[int, Mapping[str, Any]], similarity: Mapping[str, Mapping[str, Any]],
-                summary: Mapping[str, Any] | None, directions_position: str | None) -> dict[str, Any]:
+                summary: Summary | None, directions_position: str | None) -> dict[str, Any]:
     """Everything the page shows, as one JSON-able dict."""
     methods = []
     for method, items in circuits.items():
         layout = out.method(method)
         sim = similarity.get(method) or {}
-        evaluated = (summary or {}).get("methods", {}).get(method, {}).get("circuits", {})
+        evaluated = summary.methods[method].circuits if summary is not None and method in summary.methods else {}
         methods.append({
             "name": method,
             "circuits": [{"name": c.name, "category": c.category, "group": c.group, "threshold": c.threshold,
@@ -421,21 +419,28 @@ def report_data(out: AnalysisLayout, run: RunLayout, record: DiscoveryRecord,
     }
 
 
+@dataclass
+class Report:
+    """The report stage's output: the page, and the cards and prompts it shows (`load_cards` reads them back)."""
+
+    page: str
+    cards: dict[str, NodeCard]
+    prompts: dict[int, dict[str, Any]]
+
+
 def build_report(out: AnalysisLayout, run: RunLayout, saes: Mapping[str, SparseAutoencoder], cache: ActivationCache,
                  splits: Mapping[Split, Sequence[PromptSample]], wrapper: ModelWrapper,
                  circuits: Mapping[str, Sequence[tuple[Circuit, NodeScores]]], record: DiscoveryRecord,
-                 similarity: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any] | None) -> Path:
-    """Node cards and `index.html` for the analysis `out` (its circuits, scores, similarity, evaluation figures,
-    summary and refusal directions as written there); returns the page's path."""
+                 similarity: Mapping[str, Mapping[str, Any]], summary: Summary | None) -> Report:
+    """Node cards and the page for the analysis `out` (its circuits, scores, similarity, evaluation figures,
+    summary and refusal directions as written there)."""
     directions, position = refusal_directions(out)
     core = {m: (s.get("shared_core") or {}).get("nodes", []) for m, s in similarity.items()}
     cards = node_cards(circuits, record, saes, cache, wrapper, core, directions)
     samples = [(s, split) for split in SPLITS for s in splits.get(split, [])]  # the cache's prompt order
     prompts = prompt_texts(cards, samples, wrapper, cache)
     data = report_data(out, run, record, circuits, cards, prompts, similarity, summary, position)
-    out.write_report(render_html(f"refusal circuits: {out.name}", data), to_json({"cards": cards, "prompts": prompts}))
-    log.info("report: %d node cards in %s", len(cards), out.report_html)
-    return out.report_html
+    return Report(render_html(f"refusal circuits: {out.name}", data), cards, prompts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,7 +527,7 @@ def node_card_table(cards: Mapping[str, NodeCard], prompts: Mapping[int, Mapping
     return columns, rows
 
 
-__all__ = ["Context", "GroupStats", "NodeCard", "NodeScore", "TokenTable", "build_report", "check_inputs",
+__all__ = ["Context", "GroupStats", "NodeCard", "NodeScore", "Report", "TokenTable", "build_report", "check_inputs",
            "contexts_html", "encode_layer", "load_cards", "logit_lens", "markdown_tables", "node_card_table",
            "node_cards", "node_statistics", "prompt_texts", "refusal_directions", "render_html", "report_data",
            "token_table"]

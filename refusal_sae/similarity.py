@@ -51,17 +51,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 
 from refusal_sae.circuits import Circuit
 from refusal_sae.errors import UserError
-from refusal_sae.io import atomic_open, write_json
-from refusal_sae.plots import annotated_heatmap
+from refusal_sae.stats import p_above
+from refusal_sae.validate import fraction, positive_int, statistics_options
 
 
 @dataclass
@@ -82,19 +79,9 @@ class SimilarityConfig:
     """Seed of the random circuits; the same seed gives the same result."""
 
     def __post_init__(self) -> None:
-        if self.permutations < 1:
-            raise UserError(f"similarity.permutations: {self.permutations} must be >= 1 (1000 is usual)")
-        if not 0 < self.shared_fraction <= 1:
-            raise UserError(f"similarity.shared_fraction: {self.shared_fraction} is not a fraction in (0, 1]")
-        if not 0 <= self.modular_below < self.monolithic_above <= 1:
-            raise UserError(
-                f"similarity.modular_below / monolithic_above: {self.modular_below} / {self.monolithic_above} "
-                "must satisfy 0 <= modular_below < monolithic_above <= 1"
-            )
-        if not 0 < self.significance < 1:
-            raise UserError(f"similarity.significance: {self.significance} is not a p-value level in (0, 1)")
-        if self.seed < 0:
-            raise UserError(f"similarity.seed: {self.seed} must be >= 0")
+        positive_int("similarity.permutations", self.permutations, 1000)
+        fraction("similarity.shared_fraction", self.shared_fraction, 0.5, include_one=True)
+        statistics_options("similarity", self)
 
 
 def jaccard(a: set[Hashable], b: set[Hashable]) -> float:
@@ -253,7 +240,7 @@ def verdict(pairs: Sequence[Mapping[str, Any]], core_size: int, n_circuits: int,
     mean_p = None
     if null_jaccards and any(defined):
         null_means = np.nanmean(np.stack([n for n, d in zip(null_jaccards, defined) if d]), axis=0)
-        mean_p = float((1 + np.count_nonzero(null_means >= node - 1e-12)) / (1 + len(null_means)))
+        mean_p = p_above(node - 1e-12, null_means)
     if np.isnan(node):
         raise UserError("similarity: every category circuit is empty; lower circuits.threshold so circuits have nodes")
     if node >= cfg.monolithic_above:
@@ -342,44 +329,7 @@ def analyse_similarity(
     }
 
 
-CMAP = colormaps["viridis"].with_extremes(bad="lightgray")
-"""Heatmap colours; undefined (None) similarities are grey."""
-
-
-def heatmap(result: Mapping[str, Any]) -> Figure:
-    """Node and edge Jaccard of the category circuits side by side; * marks p < significance."""
-    names = result["circuits"]
-    n = len(names)
-    level = result["config"]["significance"]
-    records = {(r["a"], r["b"]): r for r in result["pairs"]}
-    side = 1.5 + 0.55 * n
-    fig = Figure(figsize=(2 * side + 1.5, side), layout="constrained")
-    axes = fig.subplots(1, 2)
-    for ax, kind in zip(axes, ("node", "edge")):
-        values = np.array([[np.nan if v is None else v for v in row] for row in result[f"{kind}_jaccard"]])
-
-        def text(i: int, j: int) -> str:
-            record = records.get((names[i], names[j])) or records.get((names[j], names[i])) or {}
-            pv = record.get(f"{kind}_p_value")
-            star = "*" if pv is not None and pv < level else ""
-            return "n/a" if np.isnan(values[i, j]) else f"{values[i, j]:.2f}{star}"
-
-        texts = [[text(i, j) for j in range(n)] for i in range(n)]
-        image = annotated_heatmap(ax, values, texts, names, names, f"{kind} Jaccard (* p < {level})", vmin=0, vmax=1,
-                                  cmap=CMAP)
-    fig.colorbar(image, ax=axes, label="Jaccard")
-    fig.suptitle(f"Refusal circuits: {result['verdict']['label']}")
-    return fig
-
-
-def write_similarity(result: Mapping[str, Any], json_path: Path, png_path: Path) -> None:
-    """The result as JSON and its heatmap as PNG, each atomically."""
-    write_json(json_path, result)
-    with atomic_open(png_path, "wb") as f:
-        heatmap(result).savefig(f, format="png", dpi=120)
-
-
 __all__ = [
-    "Shape", "SimilarityConfig", "analyse_similarity", "candidate_pools", "circuit_shape", "compare", "heatmap",
-    "jaccard", "null_overlaps", "shared_core", "similarity_matrix", "verdict", "write_similarity",
+    "Shape", "SimilarityConfig", "analyse_similarity", "candidate_pools", "circuit_shape", "compare", "jaccard",
+    "null_overlaps", "shared_core", "similarity_matrix", "verdict",
 ]

@@ -7,6 +7,7 @@ Every check raises `UserError`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from refusal_sae.errors import UserError
@@ -59,6 +60,29 @@ def bootstrap_resamples(option: str, value: object) -> None:
     if value < 100:
         raise UserError(f"{option}: {value!r} resamples are too few for a 95% interval; give at least 100 "
                         "(default 2000)")
+
+
+def statistics_options(section: str, cfg: object) -> None:
+    """The statistics options the config `cfg` of `section` has, each checked alike wherever it appears: `bootstrap`
+    resamples, interval `confidence`, `significance` level, the verdict thresholds `modular_below` <
+    `monolithic_above`, and `seed`."""
+    has = {f.name for f in dataclasses.fields(cfg)}
+    if "bootstrap" in has:
+        bootstrap_resamples(f"{section}.bootstrap", cfg.bootstrap)
+    if "confidence" in has:
+        fraction(f"{section}.confidence", cfg.confidence, 0.95)
+    if "significance" in has:
+        fraction(f"{section}.significance", cfg.significance, 0.05)
+    if "modular_below" in has:
+        below, above = cfg.modular_below, cfg.monolithic_above
+        if not _is_number(below) or not 0 <= below < 1:
+            raise UserError(f"{section}.modular_below: {below!r} is not a number in [0, 1); give e.g. 0.2")
+        fraction(f"{section}.monolithic_above", above, 0.5, include_one=True)
+        if below >= above:
+            raise UserError(f"{section}.modular_below: {below} is not below monolithic_above {above}; give e.g. 0.2 "
+                            "and 0.5")
+    if "seed" in has:
+        non_negative_int(f"{section}.seed", cfg.seed, 0)
 
 
 def one_of(option: str, value: object, choices: Sequence[object]) -> None:

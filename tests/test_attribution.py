@@ -23,7 +23,6 @@ import torch
 
 from refusal_sae.ablation import Ablator
 from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
-from refusal_sae.analysis import position_scheme
 from refusal_sae.attribution import attribution_edges, attribution_scores
 from refusal_sae.circuits import ERROR, Node, NodeScores, candidate_mask, node_name, ranked_nodes
 from refusal_sae.correlation import CorrelationConfig
@@ -33,6 +32,7 @@ from refusal_sae.features import NodeMeans, encode_prompts
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.objective import objective
+from refusal_sae.positions import position_scheme
 from tests.conftest import single_thread
 from tests.planted import (
     DECOY,

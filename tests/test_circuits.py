@@ -188,9 +188,9 @@ def test_analysis_stages_write_every_output(planted, tmp_path: Path) -> None:
     assert similarity["node_jaccard"][0][1] == 1.0  # both categories share exactly the planted circuit
     assert [r["category"] for r in similarity["safe_vs_toxic"]] == ["alpha", "beta"]
 
-    alpha = summary["methods"]["correlation"]["circuits"]["alpha"]
-    assert alpha["span"].excludes_zero() and alpha["sanity_passed"]
-    assert alpha["reaches"]["0.8"] is not None and alpha["cpr"].value > 0.9
+    alpha = summary.methods["correlation"].circuits["alpha"]
+    assert alpha.span.excludes_zero() and alpha.sanity_passed
+    assert alpha.reaches["0.8"] is not None and alpha.cpr.value > 0.9
     toxic = out.method("correlation").read_evaluation(CircuitEvaluation, "alpha/toxic")
     n_toxic = sum(s.refusal_label and s.category == "alpha" for s in planted[1]["evaluation"])
     assert toxic.n_prompts == toxic.n_positive == n_toxic  # judged on the toxic prompts only
@@ -243,8 +243,8 @@ def test_attribution_circuits_go_through_the_same_stages(planted, tmp_path: Path
         for j in PLANTED:
             assert (f"residuals_0/{j}@-1", f"residuals_1/{j}@-1") in circuit.edge_names()
     for method in ("correlation", "attribution"):
-        alpha = summary["methods"][method]["circuits"]["alpha"]
-        assert alpha["reaches"]["0.8"] is not None and alpha["cpr"].value > 0.5
+        alpha = summary.methods[method].circuits["alpha"]
+        assert alpha.reaches["0.8"] is not None and alpha.cpr.value > 0.5
     record = out.method("attribution").read_evaluation(CircuitEvaluation, "alpha")
     first_after_planted = min(p.n_nodes for p in record.curves[0].points if p.n_nodes >= 6)
     assert record.curves[0].reaches["0.8"] == first_after_planted  # the 6 planted "-1" nodes come first

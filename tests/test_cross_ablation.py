@@ -16,15 +16,12 @@ from refusal_sae.activations import (
     InferencePipeline,
     PromptActivations,
 )
-from refusal_sae.analysis import position_scheme
-from refusal_sae.bootstrap import Interval
 from refusal_sae.circuits import Circuit, NodeScores
 from refusal_sae.cross_ablation import (
     CrossAblationConfig,
     CrossAblationResult,
     circuit_size,
     cross_ablation,
-    plot_cross_ablation,
 )
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import (
@@ -35,9 +32,13 @@ from refusal_sae.evaluation import (
     Sanity,
 )
 from refusal_sae.features import encode_prompts
-from refusal_sae.layout import RunLayout, from_json, to_json
+from refusal_sae.io import from_json, to_json
+from refusal_sae.layout import RunLayout
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import ModelConfig, ModelWrapper
+from refusal_sae.plots import plot_cross_ablation
+from refusal_sae.positions import position_scheme
+from refusal_sae.stats import Interval
 from tests.conftest import single_thread
 from tests.planted import (
     D_MODEL,

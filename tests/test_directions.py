@@ -11,22 +11,23 @@ import pytest
 import torch
 
 from refusal_sae.activations import ActivationConfig, InferencePipeline
-from refusal_sae.analysis import AnalysisConfig, AnalysisInputs, format_summary, position_scheme, run_analysis
-from refusal_sae.bootstrap import resample_weights
+from refusal_sae.analysis import AnalysisConfig, AnalysisInputs, format_summary, run_analysis
 from refusal_sae.directions import (
     DirectionsConfig,
     DirectionsResult,
     directional_ablation,
-    effect,
     run_directions,
     scores,
 )
 from refusal_sae.errors import UserError
-from refusal_sae.layout import RunLayout, to_json
+from refusal_sae.io import to_json
+from refusal_sae.layout import RunLayout
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.objective import objective
+from refusal_sae.positions import position_scheme
 from refusal_sae.similarity import SimilarityConfig
+from refusal_sae.stats import effect, resample_weights
 from refusal_sae.validity import ValidityConfig
 from tests.conftest import single_thread
 from tests.planted import LAYERS, METRIC, UNUSED, category_triggers, exact_saes, make_category_model, planted_prompts
@@ -43,7 +44,8 @@ def build(root: Path, reads: dict[str, int], n_per_label: int = 256):
         cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=128), root / "cache").run(splits)
         scheme = position_scheme(wrapper, splits["discovery"] + splits["evaluation"], "positional")
         out = RunLayout(root / "run").analysis("directions")
-        result = run_directions(wrapper, cache, splits, scheme, out, FAST, METRIC)
+        result, vectors = run_directions(wrapper, cache, splits, scheme, FAST, METRIC)
+        out.directions.write(result, vectors.arrays, vectors.metadata)
     return wrapper, splits, cache, scheme, out, result
 
 
@@ -120,14 +122,14 @@ def test_bad_input_is_one_line_naming_it(modular, tmp_path: Path) -> None:
     wrapper, splits, cache, scheme, *_ = modular
     out = RunLayout(tmp_path).analysis("bad")
     with pytest.raises(UserError, match=r"directions.layers: \['residuals_7'\] not in the activation cache") as e:
-        run_directions(wrapper, cache, splits, scheme, out, DirectionsConfig(layers=["residuals_7"]), METRIC)
+        run_directions(wrapper, cache, splits, scheme, DirectionsConfig(layers=["residuals_7"]), METRIC)
     assert "\n" not in str(e.value)
     no_toxic = {"discovery": [s for s in splits["discovery"] if s.category != "beta" or not s.refusal_label],
                 "evaluation": splits["evaluation"]}
     collect = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=128), tmp_path / "cache")
     partial = collect.run(no_toxic)
     with pytest.raises(UserError, match="category 'beta' has no toxic prompts in the discovery split") as e:
-        run_directions(wrapper, partial, no_toxic, scheme, out, FAST, METRIC)
+        run_directions(wrapper, partial, no_toxic, scheme, FAST, METRIC)
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="directions.random_directions: 5 random directions cannot give p <= 0.05"):
         DirectionsConfig(random_directions=5)
@@ -143,12 +145,12 @@ def test_the_stage_runs_in_the_analysis_and_its_record_round_trips(modular, tmp_
                          directions=FAST)
     first = run.analysis("first")
     summary = run_analysis(inputs, first, cfg, ["discover", "similarity", "directions", "summary"])
-    assert "directions" not in summary and first.directions.read(DirectionsResult) is None  # off unless enabled
+    assert summary.directions is None and first.directions.read(DirectionsResult) is None  # off unless enabled
     second = run.analysis("second")
     summary = run_analysis(inputs, second, cfg, ["directions", "summary"], source=first)  # asked for by name
     result = second.directions.read(DirectionsResult)
     assert to_json(result) == json.loads(second.directions.record_json.read_text())
-    assert result.verdict.label == summary["directions"]["verdict"] == "modular"
+    assert result.verdict.label == summary.directions.verdict == "modular"
     assert result.categories == ["alpha", "beta"] and result.names == ["global", "alpha", "beta"]
     assert second.directions.png.read_bytes()[:4] == b"\x89PNG"
     assert set(second.directions.read_vectors()) == {f"{n}.{layer}" for n in result.names for layer in LAYERS}

@@ -11,8 +11,6 @@ import pytest
 
 from refusal_sae.ablation import Ablator
 from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
-from refusal_sae.analysis import position_scheme
-from refusal_sae.bootstrap import resample_weights
 from refusal_sae.circuits import Circuit, NodeScores
 from refusal_sae.correlation import CorrelationConfig, correlation_scores
 from refusal_sae.data import PromptSample
@@ -24,6 +22,8 @@ from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.objective import objective
 from refusal_sae.plots import plot_curves
+from refusal_sae.positions import position_scheme
+from refusal_sae.stats import resample_weights
 from tests.conftest import single_thread
 from tests.planted import LAYERS, METRIC, PLANTED, TEMPLATE, exact_saes, make_template_model, planted_prompts, vocabulary
 

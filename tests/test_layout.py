@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refusal_sae.bootstrap import Interval
 from refusal_sae.errors import UserError
-from refusal_sae.layout import RunLayout, from_json, to_json
+from refusal_sae.io import from_json, to_json
+from refusal_sae.layout import RunLayout
+from refusal_sae.stats import Interval
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("refusal_sae", "lightning_modules", "datamodules", "callbacks")

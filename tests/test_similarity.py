@@ -12,7 +12,9 @@ from scipy import stats
 
 from refusal_sae.circuits import ERROR, Circuit, Edge, Node, node_name
 from refusal_sae.errors import UserError
-from refusal_sae.similarity import SimilarityConfig, analyse_similarity, write_similarity
+from refusal_sae.io import write_json
+from refusal_sae.plots import plot_similarity
+from refusal_sae.similarity import SimilarityConfig, analyse_similarity
 
 LAYERS = ["residuals_0", "residuals_1", "residuals_2"]
 POSITIONS = ("content", "-1")
@@ -226,7 +228,8 @@ def test_empty_sets_have_no_jaccard_and_are_left_out_of_means() -> None:
 def test_write_similarity_files(tmp_path) -> None:
     circuits, _, _ = planted(5, 5, np.random.default_rng(0), categories=4)
     result = analyse_similarity(circuits, pool(200), SimilarityConfig(permutations=50))
-    write_similarity(result, tmp_path / "out" / "sim.json", tmp_path / "plots" / "sim.png")  # folders made
+    write_json(tmp_path / "out" / "sim.json", result)
+    plot_similarity(result, tmp_path / "plots" / "sim.png")  # folders made
     assert json.loads((tmp_path / "out" / "sim.json").read_text()) == json.loads(json.dumps(result))
     assert (tmp_path / "plots" / "sim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [

@@ -89,6 +89,26 @@ def test_the_packages_have_no_import_cycle() -> None:
     assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
 
 
+ANALYSIS_STAGES = {f"refusal_sae.{m}" for m in ("analysis", "discovery", "similarity", "evaluation", "cross_ablation",
+                                               "directions", "report", "plots")}
+
+
+def test_the_layout_imports_no_stage() -> None:
+    """The layout writes and reads records it is given: their types come from stats / io / circuit-level modules."""
+    graph = import_graph(ROOT, PACKAGES)
+    assert not graph["refusal_sae.layout"] & ANALYSIS_STAGES, graph["refusal_sae.layout"] & ANALYSIS_STAGES
+
+
+def test_the_ablation_matrices_share_their_statistics_not_each_other() -> None:
+    """Circuit cross-ablation and refusal directions take effects, shares and the transfer summary from stats; neither
+    reads the other, and directions no more than that (evaluation / similarity are other stages)."""
+    graph = import_graph(ROOT, PACKAGES)
+    assert "refusal_sae.stats" in graph["refusal_sae.cross_ablation"] & graph["refusal_sae.directions"]
+    assert not graph["refusal_sae.cross_ablation"] & {"refusal_sae.directions", "refusal_sae.similarity"}
+    assert not graph["refusal_sae.directions"] & {"refusal_sae.cross_ablation", "refusal_sae.evaluation",
+                                                  "refusal_sae.similarity"}
+
+
 def test_a_cycle_through_a_function_level_import_is_found(tmp_path: Path) -> None:
     package = tmp_path / "pkg"
     package.mkdir()

@@ -16,11 +16,10 @@ import torch
 
 from refusal_sae.ablation import Ablator, Keep, Variant
 from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
-from refusal_sae.analysis import position_scheme
 from refusal_sae.data import PromptSample
 from refusal_sae.features import NodeMeans, encode_prompts
 from refusal_sae.model import ModelWrapper
-from refusal_sae.positions import PositionMode
+from refusal_sae.positions import PositionMode, position_scheme
 from refusal_sae.sae import SparseAutoencoder
 
 
