@@ -20,14 +20,14 @@ from refusal_sae.activations import (
     InferencePipeline,
     PromptActivations,
 )
-from refusal_sae.analysis import position_scheme
 from refusal_sae.attribution import attribution_scores
 from refusal_sae.circuits import Circuit, NodeScores
 from refusal_sae.evaluation import EvaluationConfig, evaluate_circuit
 from refusal_sae.features import encode_prompts
-from refusal_sae.layout import to_json
+from refusal_sae.io import to_json
 from refusal_sae.metric import RefusalMetric, refusal_scores
 from refusal_sae.model import ModelConfig, ModelWrapper
+from refusal_sae.positions import position_scheme
 from tests.conftest import single_thread
 from tests.planted import (
     LAYERS,
