@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from refusal_sae.circuits import NodeIndex
 from refusal_sae.errors import UserError
 from refusal_sae.features import NodeMeans
 from refusal_sae.metric import RefusalMetric
@@ -105,6 +106,9 @@ class Ablator:
     def width(self, layer: str) -> int:
         return self.saes[layer].cfg.width
 
+    def node_index(self, layer: str) -> NodeIndex:
+        return NodeIndex.of(self.scheme, self.width(layer))
+
     # ---------------------------------------------------------------------------------------------
     # variants
 
@@ -123,12 +127,12 @@ class Ablator:
         term when error terms are kept) always stays, and so do the prefix classes.
         """
         out = {}
-        p = self.scheme.prefix
         for layer in layers or self.layers:
             mask = (kept[layer] if inside else ~kept[layer]) | ~candidates[layer]
             keep = self.keep_all(layer)
-            keep.features[p:] = mask[:, :-1]
-            keep.errors[p:] = mask[:, -1]
+            rows = self.node_index(layer).rows
+            keep.features[rows] = NodeIndex.latents(mask)
+            keep.errors[rows] = NodeIndex.errors(mask)
             out[layer] = keep
         return out
 
@@ -137,8 +141,9 @@ class Ablator:
         out = {}
         for layer in self.layers:
             keep = self.keep_all(layer)
-            keep.features[: self.scheme.prefix] = False
-            keep.errors[: self.scheme.prefix] = False
+            rows = self.node_index(layer).prefix_rows
+            keep.features[rows] = False
+            keep.errors[rows] = False
             out[layer] = keep
         return out
 
@@ -187,8 +192,9 @@ class Ablator:
         """(n,) float64 refusal scores of `prompts` under `variant` (None or all-keeping: the model)."""
         variant = {layer: k for layer, k in (variant or {}).items() if not k.everything}
         edits = {layer: self._edit(layer, k) for layer, k in variant.items()}
-        p = self.scheme.prefix
-        prefix_edited = any(not (k.features[:p].all() and k.errors[:p].all()) for k in variant.values())
+        rows = {layer: self.node_index(layer).prefix_rows for layer in variant}
+        prefix_edited = any(not (k.features[rows[layer]].all() and k.errors[rows[layer]].all())
+                            for layer, k in variant.items())
         start = next((layer for layer in self.layers if layer in edits), self.layers[-1])
         out = []
         try:

@@ -43,6 +43,7 @@ from refusal_sae.evaluation import (
     CircuitEvaluation,
     EvaluationConfig,
     evaluate_circuit,
+    faithful_sizes,
 )
 from refusal_sae.features import NodeMeans, encode_prompts
 from refusal_sae.layout import (
@@ -238,8 +239,8 @@ def run_cross_ablation(inputs: AnalysisInputs, discovery: Discovery,
     for method, items in discovery.circuits.items():
         if sum(c.group == "all" for c, _ in items) < 2:
             continue
-        evaluations = {r.name: r for r in results.get(method, [])}
-        found[method] = cross_ablation(ablator, evaluation, refused, items, evaluations, cfg, target)
+        sizes = faithful_sizes(results.get(method, []))
+        found[method] = cross_ablation(ablator, evaluation, refused, items, sizes, cfg, target)
         log.info("%s", found[method].explanation)
         out.method(method).write_cross_ablation(found[method])
         plot_cross_ablation(found[method], out.method(method).cross_ablation_png)

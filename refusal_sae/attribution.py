@@ -81,7 +81,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from refusal_sae.circuits import ERROR, Edge, Node, NodeScores
+from refusal_sae.circuits import ERROR, Edge, Node, NodeIndex, NodeScores
 from refusal_sae.errors import UserError
 from refusal_sae.features import NodeMeans
 from refusal_sae.metric import RefusalMetric
@@ -210,12 +210,12 @@ def _batches(wrapper: ModelWrapper, prompts: Sequence[str], batch_size: int, mea
     gradient is never needed: its keys and values are computed once, without gradient and outside the splice
     hooks (`SharedPrefix`), and every batch runs only the positions after it."""
     scheme = means.scheme
-    n_node, p = len(scheme.node_classes), scheme.prefix
-    for batch in SharedPrefix(wrapper, "attribution", p).batches(prompts, batch_size, scheme):
+    index = NodeIndex.of(scheme, 0)
+    for batch in SharedPrefix(wrapper, "attribution", scheme.prefix).batches(prompts, batch_size, scheme):
         classes = batch.run_classes
-        node = classes - p
+        node = index.node_class(classes)
         valid = (node >= 0) & batch.mask[:, batch.offset:].bool()
-        onehot = torch.nn.functional.one_hot(node.clamp(min=0), n_node).float() * valid[..., None]
+        onehot = torch.nn.functional.one_hot(node.clamp(min=0), index.classes).float() * valid[..., None]
         yield _Batch(batch, classes, onehot)
 
 
@@ -351,7 +351,7 @@ def attribution_scores(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencod
                     actual = sites[layer]
                 add(layer, sum_f / steps, sum_err / steps, actual.f_attached, actual.err_attached, batch)
 
-    signed = {layer: torch.cat([ie_f[layer], ie_err[layer][:, None]], 1).numpy() for layer in layers}
+    signed = {layer: NodeIndex.join(ie_f[layer].numpy(), ie_err[layer].numpy()) for layer in layers}
     return NodeScores("attribution", layers, means.scheme.node_classes, {k: np.abs(v) for k, v in signed.items()},
                       signed, None, len(prompts))
 

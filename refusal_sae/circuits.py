@@ -10,7 +10,7 @@ the method's threshold, and the evaluation's circuits of N nodes are the N best-
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,9 +20,65 @@ import numpy as np
 
 from refusal_sae.errors import UserError
 from refusal_sae.io import atomic_open, write_json
+from refusal_sae.positions import PositionScheme
 
 ERROR = -1
 """Feature index of a layer's SAE error node."""
+
+
+
+@dataclass(frozen=True)
+class NodeIndex:
+    """Where one SAE layer's nodes sit in a node array of shape (node classes, width + 1): row r is node class r,
+    column c < width latent c, the last column the layer's SAE error. Among the mean classes of a position
+    scheme (`refusal_sae.positions`), node class r is mean class `prefix + r`: the shared template prefix's
+    positions come first and hold no node."""
+
+    classes: int
+    width: int
+    prefix: int = 0
+
+    @classmethod
+    def of(cls, scheme: PositionScheme, width: int) -> NodeIndex:
+        return cls(len(scheme.node_classes), width, scheme.prefix)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.classes, self.width + 1
+
+    @property
+    def rows(self) -> slice:
+        """The node classes among the mean classes."""
+        return slice(self.prefix, self.prefix + self.classes)
+
+    @property
+    def prefix_rows(self) -> slice:
+        """The shared prefix's positions among the mean classes (no nodes)."""
+        return slice(0, self.prefix)
+
+    def feature(self, column: int) -> int:
+        """The `Node.feature` of a column: the latent, or ERROR for the last column."""
+        return ERROR if column == self.width else int(column)
+
+    def node_class(self, mean_class: Any) -> Any:
+        """Node class of mean-class indices (negative: a prefix position)."""
+        return mean_class - self.prefix
+
+    @staticmethod
+    def latents(nodes: np.ndarray) -> np.ndarray:
+        """(..., width) the latents' part of a node array (a view)."""
+        return nodes[..., :-1]
+
+    @staticmethod
+    def errors(nodes: np.ndarray) -> np.ndarray:
+        """(...,) the error nodes' part of a node array (a view)."""
+        return nodes[..., -1]
+
+    @staticmethod
+    def join(latents: np.ndarray, errors: np.ndarray) -> np.ndarray:
+        """A node array from its latents (classes, width) and errors (classes,)."""
+        return np.concatenate([latents, np.asarray(errors)[..., None]], axis=-1)
+
 
 Group = Literal["all", "toxic", "safe"]
 GROUPS: tuple[str, ...] = ("all", "toxic", "safe")
@@ -147,10 +203,10 @@ class NodeScores:
     n_prompts: int
 
     def node(self, layer: str, position: int, column: int) -> Node:
-        width = self.importance[layer].shape[1] - 1
+        index = NodeIndex(len(self.positions), self.importance[layer].shape[1] - 1)
         signed = None if self.signed is None else float(self.signed[layer][position, column])
         p = None if self.p_value is None else float(self.p_value[layer][position, column])
-        return Node(layer, ERROR if column == width else int(column), self.positions[position],
+        return Node(layer, index.feature(column), self.positions[position],
                     float(self.importance[layer][position, column]), signed, p)
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -162,7 +218,15 @@ class NodeScores:
 
 def candidate_mask(live: Mapping[str, np.ndarray], errors: bool) -> dict[str, np.ndarray]:
     """{layer: (node classes, width + 1)} which nodes are candidates: live latents, and error nodes if `errors`."""
-    return {layer: np.concatenate([m, np.full((len(m), 1), errors)], axis=1) for layer, m in live.items()}
+    return {layer: NodeIndex.join(m, np.full(len(m), errors)) for layer, m in live.items()}
+
+
+def node_mask(ranking: Sequence[tuple[str, int, int]], shapes: Mapping[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+    """{layer: (node classes, width + 1)} masks of the ranked nodes given (`ranked_nodes` entries)."""
+    out = {layer: np.zeros(shape, bool) for layer, shape in shapes.items()}
+    for layer, pos, col in ranking:
+        out[layer][pos, col] = True
+    return out
 
 
 def ranked_nodes(scores: NodeScores, candidates: Mapping[str, np.ndarray]) -> list[tuple[str, int, int]]:
@@ -204,5 +268,5 @@ def threshold_nodes(scores: NodeScores, candidates: Mapping[str, np.ndarray], th
     return out
 
 
-__all__ = ["ERROR", "GROUPS", "Circuit", "Edge", "Group", "Node", "NodeScores", "candidate_mask", "node_name",
-           "ranked_nodes", "threshold_nodes"]
+__all__ = ["ERROR", "GROUPS", "Circuit", "Edge", "Group", "Node", "NodeIndex", "NodeScores", "candidate_mask",
+           "node_mask", "node_name", "ranked_nodes", "threshold_nodes"]

@@ -29,16 +29,22 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from refusal_sae.ablation import Ablator
-from refusal_sae.circuits import Circuit, NodeScores, candidate_mask, ranked_nodes
+from refusal_sae.circuits import Circuit, NodeScores, candidate_mask, node_mask, ranked_nodes
 from refusal_sae.data import PromptSample
 from refusal_sae.errors import UserError
-from refusal_sae.evaluation import ALL_LAYERS, REACH, CircuitEvaluation, node_mask
 from refusal_sae.objective import objective
-from refusal_sae.stats import Effect, Interval, effect, interval, resample_weights, share, transfer_summary, transfers
+from refusal_sae.stats import (
+    FAITHFUL,
+    Effect,
+    Interval,
+    effect,
+    interval,
+    resample_weights,
+    share,
+    transfer_summary,
+    transfers,
+)
 from refusal_sae.validate import positive_int, statistics_options
-
-FAITHFUL = str(REACH[-1])
-"""The evaluation record's `reaches` key whose size is the default N."""
 
 
 @dataclass
@@ -113,25 +119,24 @@ class CrossAblationResult:
 # the matrix
 
 
-def circuit_size(evaluation: CircuitEvaluation | None, cfg: CrossAblationConfig) -> tuple[int, str]:
-    """N of one category's circuit and why (module docstring)."""
+def circuit_size(name: str, sizes: Mapping[str, int | None], cfg: CrossAblationConfig) -> tuple[int, str]:
+    """N of one category's circuit and why (module docstring); `sizes`: each evaluated circuit's smallest size
+    reaching faithfulness `FAITHFUL` (None: not reached), absent without a keep-mode evaluation record."""
     if cfg.size is not None:
         return cfg.size, "cross_ablation.size"
-    curve = next((c for c in evaluation.curves if c.scope == ALL_LAYERS and c.error_mode == "keep"), None) \
-        if evaluation is not None else None
-    if curve is None:
+    if name not in sizes:
         return cfg.n_nodes, "cross_ablation.n_nodes: no keep-mode evaluation record"
-    reached = curve.reaches.get(FAITHFUL)
+    reached = sizes[name]
     if reached is None:
         return cfg.n_nodes, f"cross_ablation.n_nodes: faithfulness {FAITHFUL} not reached"
     return reached, f"faithfulness {FAITHFUL} reached"
 
 
 def cross_ablation(ablator: Ablator, samples: Sequence[PromptSample], refused: np.ndarray | None,
-                   circuits: Sequence[tuple[Circuit, NodeScores]], evaluations: Mapping[str, CircuitEvaluation],
+                   circuits: Sequence[tuple[Circuit, NodeScores]], sizes: Mapping[str, int | None],
                    cfg: CrossAblationConfig, target: str) -> CrossAblationResult:
     """The matrix of one method's category circuits (group "all") on the held-out `samples` (`refused`: the
-    model's answers, for target behavior); `evaluations` by circuit name give the default sizes."""
+    model's answers, for target behavior); `sizes` by circuit name give the default sizes (`circuit_size`)."""
     items = sorted(((c, s) for c, s in circuits if c.group == "all"), key=lambda item: item[0].category)
     if not items:
         raise UserError("cross_ablation: no category circuits of group 'all' to ablate; run discovery with "
@@ -158,7 +163,7 @@ def cross_ablation(ablator: Ablator, samples: Sequence[PromptSample], refused: n
     ablated, sources = [], []
     for circuit, scores in tqdm(items, desc=f"cross-ablating {method} circuits", unit="circuit"):
         ranking = ranked_nodes(scores, candidates)
-        n, why = circuit_size(evaluations.get(circuit.name), cfg)
+        n, why = circuit_size(circuit.name, sizes, cfg)
         kept = node_mask(ranking[:n], shapes)
         ablated.append(ablator.scores(chosen, ablator.variant(kept, candidates, inside=False)))
         sources.append(AblatedCircuit(circuit.category, circuit.name, min(n, len(ranking)), why,

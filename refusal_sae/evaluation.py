@@ -28,6 +28,7 @@ explain, or not distinguishable from noise.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,10 +38,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from refusal_sae.ablation import Ablator, Variant
-from refusal_sae.circuits import Circuit, NodeScores, candidate_mask, ranked_nodes
+from refusal_sae.circuits import Circuit, NodeIndex, NodeScores, candidate_mask, node_mask, ranked_nodes
 from refusal_sae.errors import UserError
 from refusal_sae.objective import TARGETS, Objective, Target, objective
-from refusal_sae.stats import Band, Interval, band, interval, resample_weights
+from refusal_sae.stats import FAITHFUL, Band, Interval, band, interval, resample_weights
 from refusal_sae.validate import all_of, fraction, non_negative_int, one_of, positive_int, statistics_options
 
 ErrorMode = Literal["keep", "nodes"]
@@ -51,10 +52,10 @@ RECORD_VERSION = 2
 """Bumped when a record's meaning changes, so a rerun recomputes records written before (2: the random
 sanity check around the smallest faithful circuit)."""
 MIN_AREA_POINTS = 8
-REACH = (0.5, 0.8)
+REACH = (0.5, FAITHFUL)
 PREFIX_TOLERANCE = 0.05
 """Sanity: ablating the shared prefix may move no score by more than this (score units, log-odds)."""
-SANITY_FAITHFULNESS = 0.8
+SANITY_FAITHFULNESS = FAITHFUL
 """Sanity: the random check ablates latents outside the smallest circuit that reaches this faithfulness."""
 RANDOM_TOLERANCE = 0.25
 """Sanity: ablating a random share of the non-circuit latents moves the median score by less than this
@@ -193,6 +194,21 @@ class CircuitEvaluation:
     curves: list[Curve]
     sanity: Sanity
 
+    def faithful_size(self) -> int | None:
+        """The smallest size whose all-layer keep-mode faithfulness reaches `FAITHFUL` (None: not reached);
+        KeyError without such a curve."""
+        curve = next(c for c in self.curves if c.scope == ALL_LAYERS and c.error_mode == "keep")
+        return curve.reaches.get(str(FAITHFUL))
+
+
+def faithful_sizes(records: Sequence[CircuitEvaluation]) -> dict[str, int | None]:
+    """{circuit name: `faithful_size`} of the records that have an all-layer keep-mode curve."""
+    out = {}
+    for record in records:
+        with contextlib.suppress(StopIteration):
+            out[record.name] = record.faithful_size()
+    return out
+
 
 # --------------------------------------------------------------------------------------------------
 # sizes and masks
@@ -212,14 +228,6 @@ def curve_sizes(n_total: int, cfg: EvaluationConfig, where: str) -> list[int]:
     return sorted(n for n in sizes | {n_total} if 1 <= n <= n_total)
 
 
-def node_mask(ranking: Sequence[tuple[str, int, int]], shapes: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
-    """{layer: (node classes, width + 1)} masks of the ranked nodes given (`ranked_nodes` entries)."""
-    out = {layer: np.zeros(shape, bool) for layer, shape in shapes.items()}
-    for layer, pos, col in ranking:
-        out[layer][pos, col] = True
-    return out
-
-
 def random_mask(kept: dict[str, np.ndarray], candidates: dict[str, np.ndarray], rng: np.random.Generator
                 ) -> dict[str, np.ndarray]:
     """Random nodes with as many latents per layer and position class as `kept`, drawn from the candidate
@@ -227,11 +235,11 @@ def random_mask(kept: dict[str, np.ndarray], candidates: dict[str, np.ndarray], 
     out = {}
     for layer, m in kept.items():
         r = np.zeros_like(m)
-        r[:, -1] = m[:, -1]
+        NodeIndex.errors(r)[:] = NodeIndex.errors(m)
         for pos in range(len(m)):
-            k = int(m[pos, :-1].sum())
+            k = int(NodeIndex.latents(m[pos]).sum())
             if k:
-                pool = np.flatnonzero(candidates[layer][pos, :-1])
+                pool = np.flatnonzero(NodeIndex.latents(candidates[layer][pos]))
                 r[pos, rng.choice(pool, size=k, replace=False)] = True
         out[layer] = r
     return out
@@ -410,7 +418,7 @@ def _sanity(run: _Run, cfg: EvaluationConfig, main: Curve, ranking: Sequence[tup
         chosen = {}
         for layer, m in candidates.items():
             outside = m & ~kept[layer]
-            outside[:, -1] = False  # latents only
+            NodeIndex.errors(outside)[:] = False  # latents only
             flat = np.flatnonzero(outside)
             pick = rng.choice(flat, size=int(round(cfg.sanity_fraction * len(flat))), replace=False)
             chosen[layer] = np.zeros(m.size, bool)
@@ -438,6 +446,6 @@ __all__ = [
     "Sanity",
     "curve_sizes",
     "evaluate_circuit",
-    "node_mask",
+    "faithful_sizes",
     "random_mask",
 ]

@@ -30,6 +30,7 @@ from safetensors.numpy import save
 from tqdm.auto import tqdm
 
 from refusal_sae.activations import PromptActivations
+from refusal_sae.circuits import NodeIndex
 from refusal_sae.errors import UserError
 from refusal_sae.io import atomic_open
 from refusal_sae.positions import PositionScheme
@@ -52,7 +53,7 @@ class NodeMeans:
 
     def live(self, layer: str) -> np.ndarray:
         """(node classes, width) latents that fired on a discovery token of each node class."""
-        return self.features[layer][self.scheme.prefix :] > 0
+        return self.features[layer][NodeIndex.of(self.scheme, self.features[layer].shape[1]).rows] > 0
 
     def write(self, path: Path) -> None:
         """One safetensors file; the position scheme and layer order in its metadata."""
@@ -108,9 +109,10 @@ def encode_prompts(saes: Mapping[str, SparseAutoencoder], prompts: PromptActivat
     n = len(prompts)
     if n == 0:
         raise UserError("circuit discovery: the discovery split holds no prompts")
-    n_mean, n_prefix = len(scheme.mean_classes), scheme.prefix
-    n_node = n_mean - n_prefix
-    values = {layer: np.zeros((n, n_node, sae.cfg.width + 1), np.float32) for layer, sae in saes.items()}
+    n_mean = len(scheme.mean_classes)
+    index = {layer: NodeIndex.of(scheme, sae.cfg.width) for layer, sae in saes.items()}
+    rows = NodeIndex.of(scheme, 0).rows
+    values = {layer: np.zeros((n, *index[layer].shape), np.float32) for layer in saes}
     # per label (0 safe, 1 toxic): sums over tokens per mean class, and token counts
     f_sum = {layer: torch.zeros(2, n_mean, sae.cfg.width, dtype=torch.float64) for layer, sae in saes.items()}
     e_sum = {layer: torch.zeros(2, n_mean, sae.cfg.d_in, dtype=torch.float64) for layer, sae in saes.items()}
@@ -127,15 +129,15 @@ def encode_prompts(saes: Mapping[str, SparseAutoencoder], prompts: PromptActivat
         onehot = torch.nn.functional.one_hot(cls, n_mean).double()  # (tokens, mean classes)
         per_class = onehot.sum(0)
         counts[label] += per_class
-        node_onehot = onehot[:, n_prefix:] / per_class[n_prefix:]  # averaging weights per node class
+        node_onehot = onehot[:, rows] / per_class[rows]  # averaging weights per node class
         for layer, sae in saes.items():
             x = item["activations"][layer].float()
             f = sae.encode(x).double()
             err = x.double() - sae.decode(f.float()).double()
             f_sum[layer][label] += onehot.T @ f
             e_sum[layer][label] += onehot.T @ err
-            values[layer][i, :, :-1] = (node_onehot.T @ f).numpy()
-            values[layer][i, :, -1] = (node_onehot.T @ err.norm(dim=-1)).numpy()
+            NodeIndex.latents(values[layer][i])[:] = (node_onehot.T @ f).numpy()
+            NodeIndex.errors(values[layer][i])[:] = (node_onehot.T @ err.norm(dim=-1)).numpy()
     has = counts > 0
     if not has.any(0).all():
         raise UserError("circuit discovery: some position class has no discovery token; check the prompts")

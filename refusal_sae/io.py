@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
-import dataclasses
 import json
 import logging
 import math

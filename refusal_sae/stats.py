@@ -23,6 +23,9 @@ import numpy as np
 
 from refusal_sae.objective import Objective
 
+FAITHFUL = 0.8
+"""The faithfulness a circuit must reach to be called faithful (Marks et al.; MIB's common bar)."""
+
 
 @dataclass(frozen=True)
 class Interval:

@@ -30,6 +30,7 @@ from refusal_sae.evaluation import (
     CircuitEvaluation,
     Curve,
     Sanity,
+    faithful_sizes,
 )
 from refusal_sae.features import encode_prompts
 from refusal_sae.io import from_json, to_json
@@ -112,10 +113,11 @@ def test_the_default_size_is_where_the_category_reaches_faithfulness_0_8() -> No
         sanity = Sanity(None, None, None, None, True, True, [])
         return CircuitEvaluation("a", "a", "all", "m", "toxic", 1, 1, zero, curves, sanity)
 
-    assert circuit_size(record({"0.5": 4, "0.8": 7}), FAST) == (7, "faithfulness 0.8 reached")
-    assert circuit_size(record({"0.5": 4, "0.8": None}), FAST)[0] == 4
-    assert circuit_size(None, FAST)[0] == 4
-    assert circuit_size(record({"0.8": 7}), CrossAblationConfig(size=9))[0] == 9
+    sizes = faithful_sizes([record({"0.5": 4, "0.8": 7})])
+    assert sizes == {"a": 7} and circuit_size("a", sizes, FAST) == (7, "faithfulness 0.8 reached")
+    assert circuit_size("a", faithful_sizes([record({"0.5": 4, "0.8": None})]), FAST)[0] == 4
+    assert circuit_size("a", {}, FAST) == (4, "cross_ablation.n_nodes: no keep-mode evaluation record")
+    assert circuit_size("a", sizes, CrossAblationConfig(size=9))[0] == 9
 
 
 def test_a_later_stage_refuses_an_evaluation_record_of_another_version(tmp_path: Path) -> None:

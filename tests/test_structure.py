@@ -10,7 +10,6 @@ import types
 import typing
 from pathlib import Path
 
-
 from callbacks import CircuitAnalysisCallback
 from datamodules import ActivationDataModule
 from lightning_modules import SAEModule
@@ -100,13 +99,22 @@ def test_the_layout_imports_no_stage() -> None:
 
 
 def test_the_ablation_matrices_share_their_statistics_not_each_other() -> None:
-    """Circuit cross-ablation and refusal directions take effects, shares and the transfer summary from stats; neither
-    reads the other, and directions no more than that (evaluation / similarity are other stages)."""
+    """Circuit cross-ablation and refusal directions take effects, shares and the transfer summary from stats;
+    neither reads the other, nor the evaluation or similarity stages."""
     graph = import_graph(ROOT, PACKAGES)
     assert "refusal_sae.stats" in graph["refusal_sae.cross_ablation"] & graph["refusal_sae.directions"]
-    assert not graph["refusal_sae.cross_ablation"] & {"refusal_sae.directions", "refusal_sae.similarity"}
-    assert not graph["refusal_sae.directions"] & {"refusal_sae.cross_ablation", "refusal_sae.evaluation",
-                                                  "refusal_sae.similarity"}
+    others = {"refusal_sae.evaluation", "refusal_sae.similarity"}
+    assert not graph["refusal_sae.cross_ablation"] & {"refusal_sae.directions", *others}
+    assert not graph["refusal_sae.directions"] & {"refusal_sae.cross_ablation", *others}
+
+
+def test_only_the_prefix_engine_builds_a_prefix_cache() -> None:
+    """The shared prefix's keys and values are made in `refusal_sae.prefix` alone: no other module runs the decoder
+    with `use_cache=True` or copies a cache for a batch."""
+    for name, path in module_files(ROOT, PACKAGES).items():
+        text = path.read_text(encoding="utf-8")
+        builds = "use_cache=True" in text or "batch_repeat_interleave" in text
+        assert builds == (name == "refusal_sae.prefix"), name
 
 
 def test_a_cycle_through_a_function_level_import_is_found(tmp_path: Path) -> None:
