@@ -11,13 +11,11 @@ import pytest
 import torch
 from scipy import stats
 
-from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
 from refusal_sae.analysis import (
     AnalysisConfig,
     AnalysisInputs,
     format_summary,
     load_discovery,
-    position_scheme,
     run_analysis,
 )
 from refusal_sae.circuits import Circuit, candidate_mask, ranked_nodes
@@ -25,29 +23,13 @@ from refusal_sae.correlation import CorrelationConfig, pearson, pearson_p_values
 from refusal_sae.discovery import Correlation, DiscoveryConfig, DiscoveryInputs
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import CircuitEvaluation, EvaluationConfig
-from refusal_sae.features import encode_prompts
 from refusal_sae.layout import RunLayout
 from refusal_sae.validity import ValidityConfig
-from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.similarity import SimilarityConfig
-from tests.conftest import single_thread
-from tests.planted import LAYERS, METRIC, PLANTED, exact_saes, make_planted_model, planted_nodes, planted_prompts
+from tests.planted import LAYERS, METRIC, PLANTED, planted_nodes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES = ("content", "-2", "-1")
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("planted")
-    with single_thread():
-        wrapper = ModelWrapper(ModelConfig(name=str(make_planted_model(root / "model"))))
-        splits = planted_prompts(48)
-        cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=64), root / "cache").run(splits)
-        saes = exact_saes()
-        scheme = position_scheme(wrapper, splits["discovery"] + splits["evaluation"], "positional")
-        pf = encode_prompts(saes, PromptActivations(cache, ["discovery"]), scheme)
-    return wrapper, splits, saes, pf, cache
 
 
 def inputs(planted, labels=None) -> DiscoveryInputs:

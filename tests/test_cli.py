@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,30 +13,13 @@ import yaml
 import torch
 
 from refusal_sae.analysis import load_discovery, load_evaluation
-from refusal_sae.cli import CALLBACK, main
+from refusal_sae.cli import CALLBACK
 from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation, EvaluationConfig, curve_sizes
 from refusal_sae.layout import RunLayout
 from refusal_sae.sae_io import load_sae
 from tests.conftest import ROOT, write_csv
+from tests.run_cli import cli, cli_in_process, one_line_error
 from tests.tiny_model import DEFAULT_CONFIG, TINY_CALLBACKS, tiny_fit_options
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """The real command in a fresh interpreter (slow: imports Lightning each time, so used sparingly)."""
-    return subprocess.run(
-        [sys.executable, "-m", "refusal_sae", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-
-
-def cli_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
-    """`main(args)` in this process, with its exit status and output, as `cli` would report them."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, out, err)
 
 
 def test_fit_help_lists_data_model_trainer_and_callback_options() -> None:
@@ -272,14 +253,6 @@ def test_d_in_that_does_not_match_the_cache(
 ) -> None:
     error = one_line_error(cli_in_process(capsys, "fit", *tiny_args, "--run_dir", str(tmp_path), "--model.sae.d_in", "64"))
     assert "model.sae.d_in=64 but the activation cache" in error and "set model.sae.d_in: 32" in error
-
-
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[0]
 
 
 def test_unknown_config_key(tmp_path: Path) -> None:

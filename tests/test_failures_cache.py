@@ -28,9 +28,9 @@ from refusal_sae.data import PromptConfig, prepare_prompts
 from refusal_sae.errors import UserError
 from refusal_sae.io import LOCK_FILE, write_json
 from refusal_sae.model import ModelConfig, ModelWrapper
+from tests.collection import collect, run_child, tree
 from tests.conftest import ROOT
-from tests.test_activations import collect, run_child, splits, tiny_dir, tree  # noqa: F401 (fixtures)
-from tests.test_cli import one_line_error
+from tests.run_cli import one_line_error
 from tests.tiny_model import make_tiny_model, tiny_fit_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")

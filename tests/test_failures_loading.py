@@ -22,7 +22,7 @@ from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.sae import SAEConfig, SAEMeta, SparseAutoencoder
 from refusal_sae.sae_io import load_sae
 from tests.conftest import single_thread
-from tests.test_cli import cli_in_process, one_line_error
+from tests.run_cli import cli_in_process, one_line_error
 from tests.tiny_model import tiny_fit_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")

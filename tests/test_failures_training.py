@@ -23,7 +23,7 @@ import yaml
 
 from refusal_sae.layout import RunLayout
 from tests.conftest import ROOT
-from tests.test_cli import cli_in_process, one_line_error
+from tests.run_cli import cli_in_process, one_line_error
 from tests.tiny_model import tiny_fit_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -25,7 +25,6 @@ from refusal_sae.similarity import SimilarityConfig
 from refusal_sae.validity import ValidityConfig
 from tests.conftest import single_thread
 from tests.planted import LAYERS, METRIC, PLANTED, REFUSAL_WORD, exact_saes, vocabulary
-from tests.test_circuits import planted  # noqa: F401  (the module fixture: planted model, prompts, cache)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -35,8 +34,8 @@ CFG = AnalysisConfig(evaluation=EvaluationConfig(n_sizes=4, fractions=[0.1], ran
 
 
 @pytest.fixture(scope="module")
-def analysed(planted, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811 (the fixture, not the import)
-    """Every stage, the report included, on the planted model of `test_circuits`: (inputs, the analysis)."""
+def analysed(planted, tmp_path_factory: pytest.TempPathFactory):
+    """Every stage, the report included, on the planted model (conftest's `planted`): (inputs, the analysis)."""
     wrapper, splits, saes, _, cache = planted
     run = RunLayout(tmp_path_factory.mktemp("report"))
     inputs = AnalysisInputs(saes, cache, splits, lambda: wrapper, run, ValidityConfig(max_new_tokens=2))
