@@ -123,6 +123,7 @@ def test_foreign_directory_is_never_deleted(tiny_dir: Path, splits, tmp_path: Pa
     assert (tmp_path / "mine.txt").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_killed_collection_resumes_to_the_identical_cache(tmp_path: Path) -> None:
     """A subprocess is SIGKILLed part-way; the next run finishes, and the cache equals an uninterrupted one."""
     model_dir = make_tiny_model(tmp_path / "model", n_layers=3, d_model=256)
@@ -150,6 +151,7 @@ def test_killed_collection_resumes_to_the_identical_cache(tmp_path: Path) -> Non
     assert len(json.loads(manifest.read_text())["shards"]) == 20
 
 
+@pytest.mark.slow
 def test_full_disk_leaves_no_partial_shard(tiny_dir: Path, splits, tmp_path: Path) -> None:
     """A file-size limit makes writes fail like a full disk; complete shards stay, the next run resumes."""
     prompts = tmp_path / "data" / "prompts.csv"

@@ -156,6 +156,7 @@ def analysis_inputs(planted, run: Path) -> AnalysisInputs:
 FAST = EvaluationConfig(n_sizes=6, fractions=[0.01, 0.1, 0.5], random_circuits=2, bootstrap=200)
 
 
+@pytest.mark.slow
 def test_analysis_stages_write_every_output(planted, tmp_path: Path) -> None:
     run = RunLayout(tmp_path)
     cfg = AnalysisConfig(discovery=DiscoveryConfig(separate_safe_toxic=True), evaluation=FAST,
@@ -194,6 +195,7 @@ def test_evaluation_refuses_missing_saes_and_a_missing_discovery(planted, tmp_pa
         run_analysis(inputs_, run.analysis("c"), cfg, ["evaluate"], source=run.analysis("nowhere"))
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_finished_circuits_and_gives_the_same_records(planted, tmp_path: Path) -> None:
     run = RunLayout(tmp_path)
     cfg = AnalysisConfig(evaluation=FAST, similarity=SimilarityConfig(permutations=10), metric=METRIC,
@@ -210,6 +212,7 @@ def test_a_rerun_reuses_finished_circuits_and_gives_the_same_records(planted, tm
     assert again.read_bytes() == first  # same config and seed: the same record, byte for byte
 
 
+@pytest.mark.slow
 def test_attribution_circuits_go_through_the_same_stages(planted, tmp_path: Path) -> None:
     """Correlation and attribution side by side; attribution finds only the nodes the score reads."""
     run = RunLayout(tmp_path)

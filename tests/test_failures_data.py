@@ -187,6 +187,7 @@ def test_control_token_text_in_a_prompt_cannot_fake_a_turn(tiny_dir: Path) -> No
 # --- --seed_everything reaches the data seed ---------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("options", "data_seed"), [(["--seed_everything", "7"], 7),
                                                     (["--seed_everything", "7", "--data.prompts.seed", "5"], 5)])
 def test_seed_everything_on_the_command_line_is_the_default_configs_data_seed(

@@ -23,7 +23,7 @@ from tests.conftest import ROOT
 from tests.run_cli import cli_in_process, one_line_error
 from tests.tiny_model import DEFAULT_CONFIG, tiny_fit_options
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 LAYERS = ("residuals_0", "residuals_1")
 BATCH = 64  # tokens per batch and process
