@@ -1,4 +1,10 @@
-"""Shared fixtures: paths to the real OR-Bench subset and small CSV writers."""
+"""Shared fixtures and helpers: the real OR-Bench subset, small CSV writers, one-thread torch, and the models
+built in the test that several modules share (the tiny model with its 40 bundled prompts, the planted model with
+its activation cache).
+
+A module may define a fixture of the same name to use a model of its own (e.g. `test_model.tiny_dir`,
+`test_attribution.planted`); pytest then takes the module's.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
+from refusal_sae.analysis import position_scheme
+from refusal_sae.data import PromptConfig, prepare_prompts
+from refusal_sae.features import encode_prompts
+from refusal_sae.model import ModelConfig, ModelWrapper
+from tests.planted import LAYERS, exact_saes, make_planted_model, planted_prompts
+from tests.tiny_model import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ORBENCH_DIR = ROOT.parent / "shared" / "data" / "or-bench"
@@ -70,3 +84,32 @@ def single_thread() -> Iterator[None]:
 def one_thread():
     with single_thread():
         yield
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-layer tiny model (tests/tiny_model.py), written once per module."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"), n_layers=3)
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory: pytest.TempPathFactory):
+    """The discovery and evaluation splits of 40 bundled prompts (2 per category and label)."""
+    cfg = PromptConfig(balance="n_per_category", n_per_category=2, seed=0)
+    data = tmp_path_factory.mktemp("data")
+    return prepare_prompts(cfg, data / "prompts.csv", data / "data_report", data / "balanced_report")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory):
+    """The planted model of tests/planted.py on 48 prompts: (wrapper, splits, exact SAEs, the discovery prompts'
+    features, the activation cache)."""
+    root = tmp_path_factory.mktemp("planted")
+    with single_thread():
+        wrapper = ModelWrapper(ModelConfig(name=str(make_planted_model(root / "model"))))
+        splits = planted_prompts(48)
+        cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=64), root / "cache").run(splits)
+        saes = exact_saes()
+        scheme = position_scheme(wrapper, splits["discovery"] + splits["evaluation"], "positional")
+        pf = encode_prompts(saes, PromptActivations(cache, ["discovery"]), scheme)
+    return wrapper, splits, saes, pf, cache

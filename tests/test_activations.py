@@ -28,27 +28,11 @@ from refusal_sae.activations import (
 from refusal_sae.data import PromptConfig, prepare_prompts
 from refusal_sae.errors import UserError
 from refusal_sae.model import ModelConfig, ModelWrapper
+from tests.collection import CHILD, collect, run_child, tree
 from tests.conftest import ROOT
 from tests.tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"), n_layers=3)
-
-
-@pytest.fixture(scope="module")
-def splits(tmp_path_factory: pytest.TempPathFactory):
-    cfg = PromptConfig(balance="n_per_category", n_per_category=2, seed=0)  # 40 bundled prompts
-    data = tmp_path_factory.mktemp("data")
-    return prepare_prompts(cfg, data / "prompts.csv", data / "data_report", data / "balanced_report")
-
-
-def collect(model_dir: Path, cache_dir: Path, splits, **kwargs) -> ActivationCache:
-    cfg = ActivationConfig(**{"layers": [0, "residuals_2"], "shard_size": 16, "batch_size": 5, **kwargs})
-    return InferencePipeline(ModelWrapper(ModelConfig(name=str(model_dir))), cfg, cache_dir).run(splits)
 
 
 def test_cache_holds_every_real_token_with_its_metadata(tiny_dir: Path, splits, tmp_path: Path) -> None:
@@ -139,27 +123,7 @@ def test_foreign_directory_is_never_deleted(tiny_dir: Path, splits, tmp_path: Pa
     assert (tmp_path / "mine.txt").read_text() == "precious"
 
 
-CHILD = """
-import sys
-from refusal_sae.activations import ActivationConfig, InferencePipeline
-from refusal_sae.data import read_splits
-from refusal_sae.model import ModelConfig, ModelWrapper
-model_dir, prompts_csv, cache_dir = sys.argv[1:4]
-cfg = ActivationConfig(layers=[0, 1, 2], shard_size=4, batch_size=2)
-InferencePipeline(ModelWrapper(ModelConfig(name=model_dir)), cfg, cache_dir).run(read_splits(prompts_csv))
-"""
-
-
-def run_child(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", CHILD, *args], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def tree(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
+@pytest.mark.slow
 def test_killed_collection_resumes_to_the_identical_cache(tmp_path: Path) -> None:
     """A subprocess is SIGKILLed part-way; the next run finishes, and the cache equals an uninterrupted one."""
     model_dir = make_tiny_model(tmp_path / "model", n_layers=3, d_model=256)
@@ -187,6 +151,7 @@ def test_killed_collection_resumes_to_the_identical_cache(tmp_path: Path) -> Non
     assert len(json.loads(manifest.read_text())["shards"]) == 20
 
 
+@pytest.mark.slow
 def test_full_disk_leaves_no_partial_shard(tiny_dir: Path, splits, tmp_path: Path) -> None:
     """A file-size limit makes writes fail like a full disk; complete shards stay, the next run resumes."""
     prompts = tmp_path / "data" / "prompts.csv"

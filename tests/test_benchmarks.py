@@ -13,6 +13,8 @@ from benchmarks.__main__ import BENCHMARKS
 from benchmarks.__main__ import main as run_suite
 from refusal_sae import cpu_kernels
 
+pytestmark = pytest.mark.slow
+
 
 def test_quick_suite_writes_one_table_and_json_with_stable_keys(tmp_path: Path) -> None:
     threads = torch.get_num_threads()

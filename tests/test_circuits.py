@@ -11,13 +11,11 @@ import pytest
 import torch
 from scipy import stats
 
-from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
 from refusal_sae.analysis import (
     AnalysisConfig,
     AnalysisInputs,
     format_summary,
     load_discovery,
-    position_scheme,
     run_analysis,
 )
 from refusal_sae.circuits import Circuit, candidate_mask, ranked_nodes
@@ -25,29 +23,13 @@ from refusal_sae.correlation import CorrelationConfig, pearson, pearson_p_values
 from refusal_sae.discovery import Correlation, DiscoveryConfig, DiscoveryInputs
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import CircuitEvaluation, EvaluationConfig
-from refusal_sae.features import encode_prompts
 from refusal_sae.layout import RunLayout
 from refusal_sae.validity import ValidityConfig
-from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.similarity import SimilarityConfig
-from tests.conftest import single_thread
-from tests.planted import LAYERS, METRIC, PLANTED, exact_saes, make_planted_model, planted_nodes, planted_prompts
+from tests.planted import LAYERS, METRIC, PLANTED, planted_nodes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES = ("content", "-2", "-1")
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("planted")
-    with single_thread():
-        wrapper = ModelWrapper(ModelConfig(name=str(make_planted_model(root / "model"))))
-        splits = planted_prompts(48)
-        cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=64), root / "cache").run(splits)
-        saes = exact_saes()
-        scheme = position_scheme(wrapper, splits["discovery"] + splits["evaluation"], "positional")
-        pf = encode_prompts(saes, PromptActivations(cache, ["discovery"]), scheme)
-    return wrapper, splits, saes, pf, cache
 
 
 def inputs(planted, labels=None) -> DiscoveryInputs:
@@ -174,6 +156,7 @@ def analysis_inputs(planted, run: Path) -> AnalysisInputs:
 FAST = EvaluationConfig(n_sizes=6, fractions=[0.01, 0.1, 0.5], random_circuits=2, bootstrap=200)
 
 
+@pytest.mark.slow
 def test_analysis_stages_write_every_output(planted, tmp_path: Path) -> None:
     run = RunLayout(tmp_path)
     cfg = AnalysisConfig(discovery=DiscoveryConfig(separate_safe_toxic=True), evaluation=FAST,
@@ -212,6 +195,7 @@ def test_evaluation_refuses_missing_saes_and_a_missing_discovery(planted, tmp_pa
         run_analysis(inputs_, run.analysis("c"), cfg, ["evaluate"], source=run.analysis("nowhere"))
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_finished_circuits_and_gives_the_same_records(planted, tmp_path: Path) -> None:
     run = RunLayout(tmp_path)
     cfg = AnalysisConfig(evaluation=FAST, similarity=SimilarityConfig(permutations=10), metric=METRIC,
@@ -228,6 +212,7 @@ def test_a_rerun_reuses_finished_circuits_and_gives_the_same_records(planted, tm
     assert again.read_bytes() == first  # same config and seed: the same record, byte for byte
 
 
+@pytest.mark.slow
 def test_attribution_circuits_go_through_the_same_stages(planted, tmp_path: Path) -> None:
     """Correlation and attribution side by side; attribution finds only the nodes the score reads."""
     run = RunLayout(tmp_path)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,32 +13,16 @@ import yaml
 import torch
 
 from refusal_sae.analysis import load_discovery, load_evaluation
-from refusal_sae.cli import CALLBACK, main
+from refusal_sae.cli import CALLBACK
 from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation, EvaluationConfig, curve_sizes
 from refusal_sae.layout import RunLayout
 from refusal_sae.sae_io import load_sae
 from tests.conftest import ROOT, write_csv
+from tests.run_cli import cli, cli_in_process, one_line_error
 from tests.tiny_model import DEFAULT_CONFIG, TINY_CALLBACKS, tiny_fit_options
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """The real command in a fresh interpreter (slow: imports Lightning each time, so used sparingly)."""
-    return subprocess.run(
-        [sys.executable, "-m", "refusal_sae", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-
-
-def cli_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
-    """`main(args)` in this process, with its exit status and output, as `cli` would report them."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, out, err)
-
-
+@pytest.mark.slow
 def test_fit_help_lists_data_model_trainer_and_callback_options() -> None:
     result = cli("fit", "--help")
     assert result.returncode == 0, result.stderr
@@ -51,6 +33,7 @@ def test_fit_help_lists_data_model_trainer_and_callback_options() -> None:
     assert "'sample' (bundled)" in result.stdout
 
 
+@pytest.mark.slow
 def test_print_config_resolves_interpolation(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     config = tmp_path / "seeded.yaml"
     config.write_text(DEFAULT_CONFIG.read_text().replace("seed_everything: 0", "seed_everything: 11"))
@@ -91,6 +74,7 @@ def assert_curves_follow(record: CircuitEvaluation, cfg: EvaluationConfig, layer
         assert [p.n_nodes for p in curve.points] == curve_sizes(curve.n_candidates, cfg, record.name)
 
 
+@pytest.mark.slow
 def test_fit_runs_the_pipeline(tiny_run) -> None:
     result, tmp_path = tiny_run
     assert result.returncode == 0, result.stderr
@@ -125,6 +109,7 @@ def test_fit_runs_the_pipeline(tiny_run) -> None:
     assert "Refusal looks" in result.stdout and "violence" in result.stdout
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_the_same_saes(
     capsys: pytest.CaptureFixture[str], tiny_args: list[str], tmp_path: Path
 ) -> None:
@@ -141,6 +126,7 @@ def test_same_config_and_seed_give_the_same_saes(
         assert (tmp_path / "a" / output).read_bytes() == (tmp_path / "b" / output).read_bytes(), output
 
 
+@pytest.mark.slow
 def test_notebook_opens_a_finished_run(tiny_run, monkeypatch: pytest.MonkeyPatch) -> None:
     import nbclient
     import nbformat
@@ -167,6 +153,7 @@ def tree_hashes(root: Path) -> dict[str, str]:
             if p.is_file()}
 
 
+@pytest.mark.slow
 def test_analyze_evaluate_reproduces_the_fit_runs_records(capsys: pytest.CaptureFixture[str], tiny_run) -> None:
     """The evaluate stage alone, on the circuits the fit found and with the options it ran with, writes the
     same per-circuit records and per-prompt scores, byte for byte, into a new analysis."""
@@ -187,6 +174,7 @@ def test_analyze_evaluate_reproduces_the_fit_runs_records(capsys: pytest.Capture
     assert tree_hashes(fitted.root) == before
 
 
+@pytest.mark.slow
 def test_analyze_with_another_option_writes_other_records_and_leaves_the_run_alone(
     capsys: pytest.CaptureFixture[str], tiny_run
 ) -> None:
@@ -212,6 +200,7 @@ def test_analyze_with_another_option_writes_other_records_and_leaves_the_run_alo
         assert_curves_follow(record, cfg, discovery.means.layers)
 
 
+@pytest.mark.slow
 def test_analyze_directions_runs_the_stage_asked_for_by_name(capsys: pytest.CaptureFixture[str], tiny_run) -> None:
     """The refusal-direction stage is off in `fit` by default; `analyze --stage directions` runs it on the run."""
     result, run_dir = tiny_run
@@ -227,6 +216,7 @@ def test_analyze_directions_runs_the_stage_asked_for_by_name(capsys: pytest.Capt
     assert run.analysis("dirs").directions.png.is_file()
 
 
+@pytest.mark.slow
 def test_analyze_cross_ablates_each_category_circuit_at_its_evaluated_size(capsys: pytest.CaptureFixture[str],
                                                                            tiny_run) -> None:
     """`analyze --stage cross` on the fit's analysis: a matrix per method over every category, each circuit at
@@ -252,6 +242,7 @@ def test_analyze_cross_ablates_each_category_circuit_at_its_evaluated_size(capsy
             assert row["n_nodes"] == (3 if reached is None else reached), row
 
 
+@pytest.mark.slow
 def test_analyze_refuses_an_existing_name_and_a_directory_fit_did_not_write(
     capsys: pytest.CaptureFixture[str], tiny_run, tmp_path: Path
 ) -> None:
@@ -267,6 +258,7 @@ def test_analyze_refuses_an_existing_name_and_a_directory_fit_did_not_write(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_d_in_that_does_not_match_the_cache(
     capsys: pytest.CaptureFixture[str], tiny_args: list[str], tmp_path: Path
 ) -> None:
@@ -274,14 +266,7 @@ def test_d_in_that_does_not_match_the_cache(
     assert "model.sae.d_in=64 but the activation cache" in error and "set model.sae.d_in: 32" in error
 
 
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[0]
-
-
+@pytest.mark.slow
 def test_unknown_config_key(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("data:\n  prompts:\n    sorce: sample\n")
@@ -293,6 +278,7 @@ def test_bad_option_value(capsys: pytest.CaptureFixture[str]) -> None:
     assert '"data.prompts.balance"' in error and "some" in error
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
@@ -308,6 +294,7 @@ def test_bad_data_input_is_one_line(
     assert not (tmp_path / "data" / "prompts.csv").exists()
 
 
+@pytest.mark.slow
 def test_bad_csv_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     write_csv(tmp_path / "src" / "or-bench-toxic.csv", [{"prompt": "x", "topic": "hate"}], ("prompt", "topic"))
     result = cli_in_process(capsys, "fit", "--config", str(DEFAULT_CONFIG), "--run_dir", str(tmp_path / "run"),
@@ -315,6 +302,7 @@ def test_bad_csv_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     assert "or-bench-toxic.csv: missing column 'category' (columns found: prompt, topic)" in one_line_error(result)
 
 
+@pytest.mark.slow
 def test_compare_methods_config_composes_with_the_default(capsys: pytest.CaptureFixture[str]) -> None:
     result = cli_in_process(capsys, "fit", "--config", str(DEFAULT_CONFIG), "--config",
                             str(ROOT / "configs" / "compare-methods.yaml"), "--print_config")
@@ -325,6 +313,7 @@ def test_compare_methods_config_composes_with_the_default(capsys: pytest.Capture
     assert result.stdout.count("class_path: lightning_modules.RunDirCheckpoint") == 1
 
 
+@pytest.mark.slow
 def test_an_analysis_failure_keeps_the_last_epoch(tiny_args: list[str], tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """Sizes the circuits cannot have fail the analysis at the last epoch: the checkpoint of that epoch and

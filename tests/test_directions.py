@@ -85,6 +85,7 @@ def test_a_planted_direction_is_recovered_and_its_ablation_removes_the_refusal(s
         assert abs(category.safe.value) < 1e-4 and added.change.low > 1.0  # addition induces refusal
 
 
+@pytest.mark.slow
 def test_category_directions_give_a_block_diagonal_matrix_when_modular_and_a_full_one_when_shared(
         modular, shared) -> None:
     mod, sha = modular[-1], shared[-1]
@@ -104,6 +105,7 @@ def test_category_directions_give_a_block_diagonal_matrix_when_modular_and_a_ful
     assert "modular" in mod.verdict.explanation and "monolithic" in sha.verdict.explanation
 
 
+@pytest.mark.slow
 def test_ablating_a_direction_nothing_writes_changes_nothing(modular) -> None:
     wrapper, splits, *_ = modular
     prompts = [s.prompt for s in splits["evaluation"] if s.refusal_label]
@@ -118,6 +120,7 @@ def test_ablating_a_direction_nothing_writes_changes_nothing(modular) -> None:
     assert base.mean() > 1.0 and np.array_equal(scores(wrapper, prompts, metric, 8), base)  # hooks removed
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_naming_it(modular, tmp_path: Path) -> None:
     wrapper, splits, cache, scheme, *_ = modular
     out = RunLayout(tmp_path).analysis("bad")
@@ -137,6 +140,7 @@ def test_bad_input_is_one_line_naming_it(modular, tmp_path: Path) -> None:
         DirectionsConfig(modular_below=0.6)
 
 
+@pytest.mark.slow
 def test_the_stage_runs_in_the_analysis_and_its_record_round_trips(modular, tmp_path: Path) -> None:
     wrapper, splits, cache, *_ = modular
     run = RunLayout(tmp_path)

@@ -139,6 +139,7 @@ def test_cache_root_env(monkeypatch, tmp_path):
 # the user cache); afterwards loading takes seconds.
 
 
+@pytest.mark.slow
 @requires_embedded
 def test_embedded_model_loads_and_generates():
     import torch

@@ -28,9 +28,9 @@ from refusal_sae.data import PromptConfig, prepare_prompts
 from refusal_sae.errors import UserError
 from refusal_sae.io import LOCK_FILE, write_json
 from refusal_sae.model import ModelConfig, ModelWrapper
+from tests.collection import collect, run_child, tree
 from tests.conftest import ROOT
-from tests.test_activations import collect, run_child, splits, tiny_dir, tree  # noqa: F401 (fixtures)
-from tests.test_cli import one_line_error
+from tests.run_cli import one_line_error
 from tests.tiny_model import make_tiny_model, tiny_fit_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,6 +165,7 @@ def stop_once_locked(process: subprocess.Popen, lock: Path) -> None:
     process.send_signal(signal.SIGSTOP)
 
 
+@pytest.mark.slow
 def test_a_second_fit_on_a_busy_run_directory_stops_naming_the_other_process(tmp_path: Path) -> None:
     """Two real `fit` processes on one run directory: the second stops at once with one line naming the
     directory and the first one's pid. The first is then killed: its lock dies with it, and the next fit
@@ -190,6 +191,7 @@ def test_a_second_fit_on_a_busy_run_directory_stops_naming_the_other_process(tmp
     assert not (tmp_path / "run" / LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_two_collections_into_one_cache_directory(tiny_dir: Path, tmp_path: Path) -> None:
     """Two real processes collect into one cache (as two runs sharing data.activations.cache_dir would): the
     second stops naming the first; the first, resumed, finishes a cache whose every checksum holds."""
@@ -286,6 +288,7 @@ def test_a_layer_name_in_the_manifest_cannot_name_a_path(tiny_dir: Path, splits,
 # The compiled kernels
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
 def test_a_replaced_kernel_library_is_never_loaded(tmp_path: Path) -> None:
     """Someone who can write the kernel cache swaps the library for one that runs code when loaded: it is

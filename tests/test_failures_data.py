@@ -27,15 +27,10 @@ from refusal_sae.data import (
 from refusal_sae.errors import UserError
 from refusal_sae.model import ModelConfig, ModelWrapper
 from tests.conftest import write_csv
-from tests.test_cli import cli_in_process
-from tests.tiny_model import DEFAULT_CONFIG, make_tiny_model
+from tests.run_cli import cli_in_process
+from tests.tiny_model import DEFAULT_CONFIG
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"), n_layers=2)
 
 
 def rows(category: str, prompts: list[str]) -> list[dict[str, str]]:
@@ -192,6 +187,7 @@ def test_control_token_text_in_a_prompt_cannot_fake_a_turn(tiny_dir: Path) -> No
 # --- --seed_everything reaches the data seed ---------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("options", "data_seed"), [(["--seed_everything", "7"], 7),
                                                     (["--seed_everything", "7", "--data.prompts.seed", "5"], 5)])
 def test_seed_everything_on_the_command_line_is_the_default_configs_data_seed(

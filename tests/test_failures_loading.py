@@ -22,7 +22,7 @@ from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.sae import SAEConfig, SAEMeta, SparseAutoencoder
 from refusal_sae.sae_io import load_sae
 from tests.conftest import single_thread
-from tests.test_cli import cli_in_process, one_line_error
+from tests.run_cli import cli_in_process, one_line_error
 from tests.tiny_model import tiny_fit_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,6 +54,7 @@ def fit_error(capsys: pytest.CaptureFixture[str], options: list[str], run_dir: P
 # the model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "header"])
 def test_damaged_model_weights_name_the_file(capsys: pytest.CaptureFixture[str], tiny_options: list[str],
                                              model_copy: Path, tmp_path: Path, damage: str) -> None:
@@ -77,6 +78,7 @@ def test_a_missing_shard_of_a_sharded_model_is_named(model_copy: Path) -> None:
     assert f"{model_copy / 'model-00002-of-00002.safetensors'} not found" in str(e.value)
 
 
+@pytest.mark.slow
 def test_model_dir_without_config_json(capsys: pytest.CaptureFixture[str], tiny_options: list[str],
                                        model_copy: Path, tmp_path: Path) -> None:
     (model_copy / "config.json").unlink()
@@ -90,6 +92,7 @@ def test_config_json_without_model_type(model_copy: Path) -> None:
         ModelWrapper(ModelConfig(name=str(model_copy)))
 
 
+@pytest.mark.slow
 def test_a_file_named_gguf_that_is_not_one(capsys: pytest.CaptureFixture[str], tiny_options: list[str],
                                           model_copy: Path, tmp_path: Path) -> None:
     fake = model_copy / "model.gguf"
@@ -140,6 +143,7 @@ def run_copy(fitted: Path, tmp_path: Path) -> RunLayout:
     return RunLayout(shutil.copytree(fitted, tmp_path / "run", symlinks=True))
 
 
+@pytest.mark.slow
 def test_analyze_names_a_truncated_sae_file(capsys: pytest.CaptureFixture[str], run_copy: RunLayout) -> None:
     weights = run_copy.saes / "residuals_1" / "sae.safetensors"
     weights.write_bytes(weights.read_bytes()[:-16])
@@ -147,6 +151,7 @@ def test_analyze_names_a_truncated_sae_file(capsys: pytest.CaptureFixture[str], 
     assert f"{weights} is corrupted or truncated" in error
 
 
+@pytest.mark.slow
 def test_analyze_names_an_sae_config_with_a_null_size(capsys: pytest.CaptureFixture[str], run_copy: RunLayout) -> None:
     cfg = run_copy.saes / "residuals_0" / "cfg.json"
     cfg.write_text(json.dumps(json.loads(cfg.read_text()) | {"d_in": None}))
@@ -160,6 +165,7 @@ def test_analyze_names_an_sae_config_with_a_null_size(capsys: pytest.CaptureFixt
 # a rerun with fewer layers
 
 
+@pytest.mark.slow
 def test_overwrite_with_fewer_layers_leaves_only_the_new_saes(capsys: pytest.CaptureFixture[str],
                                                              tiny_options: list[str], run_copy: RunLayout) -> None:
     result = cli_in_process(capsys, "fit", *tiny_options, "--run_dir", str(run_copy.root),
@@ -173,6 +179,7 @@ def test_overwrite_with_fewer_layers_leaves_only_the_new_saes(capsys: pytest.Cap
     assert load_discovery(run_copy.analysis("again")).means.layers == ["residuals_1"]
 
 
+@pytest.mark.slow
 def test_analyze_takes_only_the_layers_fit_trained(capsys: pytest.CaptureFixture[str], tiny_options: list[str],
                                                    run_copy: RunLayout) -> None:
     """A rerun on the same cache that trains one of its two layers: its SAE is the only one left, and

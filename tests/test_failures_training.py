@@ -23,7 +23,7 @@ import yaml
 
 from refusal_sae.layout import RunLayout
 from tests.conftest import ROOT
-from tests.test_cli import cli_in_process, one_line_error
+from tests.run_cli import cli_in_process, one_line_error
 from tests.tiny_model import tiny_fit_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,6 +56,7 @@ def files_under(root: Path) -> list[str]:
 # ------------------------------------------------------------------------------------ case 1: batch size
 
 
+@pytest.mark.slow
 def test_fewer_tokens_than_one_batch_stop_before_the_first_step(
     capsys: pytest.CaptureFixture[str], tiny: list[str], tmp_path: Path
 ) -> None:
@@ -68,6 +69,7 @@ def test_fewer_tokens_than_one_batch_stop_before_the_first_step(
     assert not run.saes.exists() and not run.checkpoints.exists() and not run.analysis_root.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("option", "message"),
     [("--trainer.max_epochs", "trainer.max_epochs: 0 takes no optimiser step"),
@@ -91,6 +93,7 @@ def config_deriving_from_run_dir(run_dir: Path) -> Path:
     return config
 
 
+@pytest.mark.slow
 def test_run_dir_given_after_the_config_takes_every_path_the_config_derived_from_it(
     capsys: pytest.CaptureFixture[str], tiny: list[str], tmp_path: Path
 ) -> None:
@@ -123,6 +126,7 @@ def test_a_run_dir_a_later_config_would_override_is_refused(capsys: pytest.Captu
 # ------------------------------------------------------------------------------------ case 7: SIGTERM
 
 
+@pytest.mark.slow
 def test_sigterm_during_training_exits_143_keeping_the_checkpoint_to_resume_from(
     capsys: pytest.CaptureFixture[str], tiny: list[str], tmp_path: Path
 ) -> None:
@@ -177,6 +181,7 @@ def dangling_last(run_dir: Path) -> None:
     ],
     ids=["mistyped-run-dir", "no-checkpoint", "dangling-link", "missing-file"],
 )
+@pytest.mark.slow
 def test_a_checkpoint_to_resume_that_is_not_there_stops_before_any_work(
     capsys: pytest.CaptureFixture[str], tiny: list[str], tmp_path: Path, prepare: Callable[[Path], object] | None,
     ckpt_path: str, message: str
@@ -195,6 +200,7 @@ def test_a_checkpoint_to_resume_that_is_not_there_stops_before_any_work(
 # ------------------------------------------------------------------------------------ config and run_dir
 
 
+@pytest.mark.slow
 def test_a_yaml_syntax_error_names_the_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     config = tmp_path / "broken.yaml"
     config.write_text("run_dir: runs/x\ndata:\n  batch_size: [1, 2\n")
@@ -210,6 +216,7 @@ def test_analyze_names_a_config_file_with_a_yaml_syntax_error(capsys: pytest.Cap
     assert f'"{config}", line 3' in error and "<unicode string>" not in error
 
 
+@pytest.mark.slow
 def test_an_unknown_key_names_the_config_file_that_sets_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
     good.write_text("data:\n  prompts:\n    source: sample\n")
@@ -218,6 +225,7 @@ def test_an_unknown_key_names_the_config_file_that_sets_it(capsys: pytest.Captur
     assert error.startswith(f"error: {bad}: ") and "does not accept option 'data.prompts.sorce'" in error
 
 
+@pytest.mark.slow
 def test_a_broken_interpolation_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("data:\n  activations:\n    cache_dir: ${nowhere}/cache\n")
@@ -245,6 +253,7 @@ def read_only_dir(tmp_path: Path):
         subprocess.run(["umount", str(directory)], check=True)
 
 
+@pytest.mark.slow
 def test_a_read_only_run_dir_is_one_line_before_any_work(
     capsys: pytest.CaptureFixture[str], tiny: list[str], read_only_dir: Path
 ) -> None:
@@ -254,6 +263,7 @@ def test_a_read_only_run_dir_is_one_line_before_any_work(
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_a_run_dir_that_is_a_file_is_one_line_before_any_work(
     capsys: pytest.CaptureFixture[str], tiny: list[str], tmp_path: Path
 ) -> None:

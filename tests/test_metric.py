@@ -363,6 +363,7 @@ def test_config_fields_are_documented() -> None:
 # integration: the real embedded model
 
 
+@pytest.mark.slow
 @requires_embedded
 def test_embedded_model_scores_refusals_above_compliances(orbench_dir: Path) -> None:
     torch.set_num_threads(2)  # a 0.5B model: worth the second core (one_thread restores the count)

@@ -387,6 +387,7 @@ def test_config_fields_are_documented_cli_options() -> None:
 # integration: the real embedded model
 
 
+@pytest.mark.slow
 @requires_embedded
 def test_embedded_model_hooks_are_wired(orbench_dir: Path) -> None:
     from refusal_sae.embedded import GGUF_SHA256

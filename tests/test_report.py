@@ -25,7 +25,6 @@ from refusal_sae.similarity import SimilarityConfig
 from refusal_sae.validity import ValidityConfig
 from tests.conftest import single_thread
 from tests.planted import LAYERS, METRIC, PLANTED, REFUSAL_WORD, exact_saes, vocabulary
-from tests.test_circuits import planted  # noqa: F401  (the module fixture: planted model, prompts, cache)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -35,8 +34,8 @@ CFG = AnalysisConfig(evaluation=EvaluationConfig(n_sizes=4, fractions=[0.1], ran
 
 
 @pytest.fixture(scope="module")
-def analysed(planted, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811 (the fixture, not the import)
-    """Every stage, the report included, on the planted model of `test_circuits`: (inputs, the analysis)."""
+def analysed(planted, tmp_path_factory: pytest.TempPathFactory):
+    """Every stage, the report included, on the planted model (conftest's `planted`): (inputs, the analysis)."""
     wrapper, splits, saes, _, cache = planted
     run = RunLayout(tmp_path_factory.mktemp("report"))
     inputs = AnalysisInputs(saes, cache, splits, lambda: wrapper, run, ValidityConfig(max_new_tokens=2))
@@ -51,6 +50,7 @@ def cards_of(out) -> tuple[dict, dict]:
     return data["cards"], data["prompts"]
 
 
+@pytest.mark.slow
 def test_planted_latents_show_their_trigger_words_and_promote_the_refusal_token(analysed) -> None:
     _, out = analysed
     cards, prompts = cards_of(out)
@@ -82,6 +82,7 @@ def test_planted_latents_show_their_trigger_words_and_promote_the_refusal_token(
             assert all(v == pytest.approx(3 ** -0.5, abs=0.15) for v in card["cosines"].values())
 
 
+@pytest.mark.slow
 def test_an_error_node_card_gives_its_norm_where_the_sae_misses(analysed) -> None:
     """The exact SAE leaves no error; one whose decoder lost planted latent 0 misses it on the trigger tokens."""
     inputs, out = analysed
@@ -100,6 +101,7 @@ def test_an_error_node_card_gives_its_norm_where_the_sae_misses(analysed) -> Non
     assert not card.promoted and not card.cosines
 
 
+@pytest.mark.slow
 def test_the_card_table_has_a_row_per_node_and_highlights_the_trigger_words(analysed) -> None:
     """What the W&B table `circuits/node_cards` and the notebook show, read back from cards.json: a planted latent's
     row holds its importance, its toxic-only density and the refusal word first in its lens, and in each of its top
@@ -126,6 +128,7 @@ def test_the_card_table_has_a_row_per_node_and_highlights_the_trigger_words(anal
         load_cards(inputs.run.analysis("nowhere"))
 
 
+@pytest.mark.slow
 def test_missing_or_mismatched_inputs_are_one_line_naming_the_fix(analysed, tmp_path: Path) -> None:
     inputs, out = analysed
     discovery = load_discovery(out)
@@ -141,6 +144,7 @@ def test_missing_or_mismatched_inputs_are_one_line_naming_the_fix(analysed, tmp_
         run_analysis(inputs, run.analysis("b"), CFG, ["report", "summary"], source=run.analysis("nowhere"))
 
 
+@pytest.mark.slow
 def test_the_report_stage_alone_builds_the_page_from_another_analysis(analysed) -> None:
     inputs, out = analysed
     again = inputs.run.analysis("report_only")
@@ -189,6 +193,7 @@ def not_blank(png: bytes) -> bool:
     return pixels.std() > 0.05 and (pixels.mean(-1) < 0.5).mean() > 0.001  # varied, with dark ink somewhere
 
 
+@pytest.mark.slow
 def test_the_report_renders_every_node_and_opens_a_card(analysed, browser) -> None:
     from selenium.webdriver.common.by import By
 
@@ -213,6 +218,7 @@ def test_the_report_renders_every_node_and_opens_a_card(analysed, browser) -> No
     assert REFUSAL_WORD in card.text and "Top contexts" in card.text
 
 
+@pytest.mark.slow
 def test_a_circuit_of_500_nodes_renders_and_responds(analysed, browser, tmp_path: Path) -> None:
     """The planted run's page data with one circuit grown to 500 nodes (each with a card)."""
     from selenium.webdriver.common.by import By

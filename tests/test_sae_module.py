@@ -107,6 +107,7 @@ def fvu(sae: SparseAutoencoder, x: torch.Tensor) -> float:
         return sae.eval()(x).fvu.item()
 
 
+@pytest.mark.slow
 def test_trains_one_sae_per_layer_and_logs_every_metric(tmp_path) -> None:
     L.seed_everything(0)
     sae_module = module()
@@ -157,6 +158,7 @@ class DtypeProbe(Callback):
         self.grad_dtypes |= {p.grad.dtype for p in pl_module.parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_keeps_fp32_parameters_and_learns(tmp_path) -> None:
     data = DataLoader(SparseMixture(LAYERS, n=1024), batch_size=64, shuffle=False)
     runs = {}
@@ -250,6 +252,7 @@ class ResumeProbe(Callback):
             self.b_dec_first_step = {layer: sae.b_dec.detach().clone() for layer, sae in pl_module.saes.items()}
 
 
+@pytest.mark.slow
 def test_resume_restores_everything_and_ends_where_an_uninterrupted_run_does(tmp_path) -> None:
     L.seed_everything(0)
     straight = module(sae=SAEConfig(d_in=16, num_latents=64, k=4, dead_tokens_threshold=256))

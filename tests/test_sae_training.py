@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 from refusal_sae.layout import RunLayout
 from refusal_sae.sae_io import load_sae
 from tests.conftest import ROOT
-from tests.test_cli import cli_in_process, one_line_error
+from tests.run_cli import cli_in_process, one_line_error
 from tests.tiny_model import DEFAULT_CONFIG, tiny_fit_options
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 LAYERS = ("residuals_0", "residuals_1")
 BATCH = 64  # tokens per batch and process
