@@ -24,8 +24,8 @@ from refusal_sae.discovery import Correlation, DiscoveryConfig, DiscoveryInputs
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import CircuitEvaluation, EvaluationConfig
 from refusal_sae.layout import RunLayout
-from refusal_sae.validity import ValidityConfig
 from refusal_sae.similarity import SimilarityConfig
+from refusal_sae.validity import ValidityConfig
 from tests.planted import LAYERS, METRIC, PLANTED, planted_nodes
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 import torch
+import yaml
 
 from refusal_sae.analysis import load_discovery, load_evaluation
 from refusal_sae.cli import CALLBACK

@@ -123,7 +123,6 @@ def test_ablating_a_direction_nothing_writes_changes_nothing(modular) -> None:
 @pytest.mark.slow
 def test_bad_input_is_one_line_naming_it(modular, tmp_path: Path) -> None:
     wrapper, splits, cache, scheme, *_ = modular
-    out = RunLayout(tmp_path).analysis("bad")
     with pytest.raises(UserError, match=r"directions.layers: \['residuals_7'\] not in the activation cache") as e:
         run_directions(wrapper, cache, splits, scheme, DirectionsConfig(layers=["residuals_7"]), METRIC)
     assert "\n" not in str(e.value)

@@ -25,7 +25,16 @@ from refusal_sae.plots import plot_curves
 from refusal_sae.positions import position_scheme
 from refusal_sae.stats import resample_weights
 from tests.conftest import single_thread
-from tests.planted import LAYERS, METRIC, PLANTED, TEMPLATE, exact_saes, make_template_model, planted_prompts, vocabulary
+from tests.planted import (
+    LAYERS,
+    METRIC,
+    PLANTED,
+    TEMPLATE,
+    exact_saes,
+    make_template_model,
+    planted_prompts,
+    vocabulary,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
