@@ -25,6 +25,7 @@ evaluation's prefix sanity check compares this path with whole prompts under an 
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -89,7 +90,6 @@ class Ablator:
         self._mean_f = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in means.features.items()}
         self._mean_e = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in means.errors.items()}
         self._cache: OrderedDict[tuple[str, ...], list[_Batch]] = OrderedDict()
-        self._classes: Tensor | None = None
         self._prefix = SharedPrefix(wrapper, "evaluation", means.scheme.prefix)
         self.n_forward = 0
         """Variant batches run so far (for progress and benchmarks)."""
@@ -150,18 +150,19 @@ class Ablator:
     # ---------------------------------------------------------------------------------------------
     # forward passes
 
-    def _edit(self, layer: str, keep: Keep) -> Callable[..., Tensor]:
+    def edit(self, layer: str, keep: Keep) -> Callable[..., Tensor]:
+        """`edit(hidden, classes, f=None)`: the residual `hidden` (batch, seq, d) after `layer`, each position of
+        mean class `classes` (batch, seq), with the nodes `keep` does not keep mean-ablated there."""
         sae, mean_f, mean_e = self.saes[layer], self._mean_f[layer], self._mean_e[layer]
         device = mean_f.device
         keep_f = torch.as_tensor(keep.features, device=device)
         keep_e = torch.as_tensor(keep.errors, device=device)
         ablate_error = not bool(keep.errors.all())
 
-        def edit(hidden: Tensor, f: Tensor | None = None) -> Tensor:
+        def edit(hidden: Tensor, classes: Tensor, f: Tensor | None = None) -> Tensor:
             # decode(patched) + error = x + (patched - f) W_dec (the decoder is affine): one matmul, and
             # a token whose nodes are all kept comes back exactly as it went in. `f`: encode(hidden), when
             # the caller has it (the unedited first layer's, the same in every variant)
-            classes = self._classes
             x = hidden.float()
             f = sae.encode(x) if f is None else f
             out = x + torch.where(keep_f[classes], 0.0, mean_f[classes] - f) @ sae.W_dec
@@ -191,32 +192,33 @@ class Ablator:
     def scores(self, prompts: Sequence[str], variant: Variant | None = None) -> np.ndarray:
         """(n,) float64 refusal scores of `prompts` under `variant` (None or all-keeping: the model)."""
         variant = {layer: k for layer, k in (variant or {}).items() if not k.everything}
-        edits = {layer: self._edit(layer, k) for layer, k in variant.items()}
+        edits = {layer: self.edit(layer, k) for layer, k in variant.items()}
         rows = {layer: self.node_index(layer).prefix_rows for layer in variant}
         prefix_edited = any(not (k.features[rows[layer]].all() and k.errors[rows[layer]].all())
                             for layer, k in variant.items())
         start = next((layer for layer in self.layers if layer in edits), self.layers[-1])
         out = []
-        try:
-            for cached in self.residuals(prompts):
-                batch = cached.prompts
-                if prefix_edited and batch.past is not None:  # the prefix itself is edited: run it too
-                    self._classes = batch.classes
-                    with self.wrapper.edit_residuals(edits):
-                        logits = self.wrapper.last_token_logits(batch.input_ids, batch.mask)
-                else:
-                    self._classes = batch.run_classes
-                    later = {layer: e for layer, e in edits.items() if layer != start}
-                    h = cached.hidden[start]
-                    if start in edits:
-                        h = edits[start](h, self.saes[start].densify(*cached.features(start, self.saes[start])))
-                    with self.wrapper.edit_residuals(later):
-                        logits = self.wrapper.suffix_last_token_logits(h, batch.mask, start, past=batch.past)
-                out.append(self.metric.score(logits).double().cpu())
-                self.n_forward += 1
-        finally:
-            self._classes = None
+        for cached in self.residuals(prompts):
+            batch = cached.prompts
+            if prefix_edited and batch.past is not None:  # the prefix itself is edited: run it too
+                with self.wrapper.edit_residuals(at(edits, batch.classes)):
+                    logits = self.wrapper.last_token_logits(batch.input_ids, batch.mask)
+            else:
+                classes = batch.run_classes
+                later = {layer: e for layer, e in edits.items() if layer != start}
+                h = cached.hidden[start]
+                if start in edits:
+                    h = edits[start](h, classes, self.saes[start].densify(*cached.features(start, self.saes[start])))
+                with self.wrapper.edit_residuals(at(later, classes)):
+                    logits = self.wrapper.suffix_last_token_logits(h, batch.mask, start, past=batch.past)
+            out.append(self.metric.score(logits).double().cpu())
+            self.n_forward += 1
         return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def at(edits: Mapping[str, Callable[..., Tensor]], classes: Tensor) -> dict[str, Callable[[Tensor], Tensor]]:
+    """`Ablator.edit`s bound to the mean classes of the positions a forward pass runs (`edit_residuals`' hooks)."""
+    return {layer: functools.partial(e, classes=classes) for layer, e in edits.items()}
 
 
 @dataclass

@@ -528,6 +528,14 @@ class ModelWrapper:
             self._decoder.layers = original
         return self._head_at_last(output, attention_mask)
 
+    def final_hidden(self, input_ids: Tensor, attention_mask: Tensor, past: Any = None) -> Tensor:
+        """(batch, positions that run, d_model) the base model's output (after the final norm), for the head at
+        chosen positions (`unembed`); autograd as the caller set it. `past` as for `last_token_logits`."""
+        input_ids, attention_mask = self._inputs(input_ids, attention_mask)
+        output = self._decoder(input_ids=input_ids, attention_mask=attention_mask,
+                               **self._continuation(past, input_ids))
+        return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
     @property
     def decoder(self) -> nn.Module:
         """The module whose forward runs the decoder blocks (the base model without the head)."""
@@ -558,9 +566,9 @@ class ModelWrapper:
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (attention_mask.bool() * positions).argmax(dim=1)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self._unembed(hidden[rows, last])
+        return self.unembed(hidden[rows, last])
 
-    def _unembed(self, hidden: Tensor) -> Tensor:
+    def unembed(self, hidden: Tensor) -> Tensor:
         """float32 logits of final-norm outputs `hidden` (..., d_model): the head, softcapped as the CausalLM does."""
         logits = self.model.get_output_embeddings()(hidden)
         text_config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else None
@@ -576,7 +584,7 @@ class ModelWrapper:
         its latent pushes the next-token prediction towards and away from (the logit lens)."""
         hidden = torch.as_tensor(vectors).to(self.device, self.dtype)
         norm = getattr(self._decoder, "norm", None)
-        return self._unembed(norm(hidden) if norm is not None else hidden)
+        return self.unembed(norm(hidden) if norm is not None else hidden)
 
 
 __all__ = ["LAYER_PREFIX", "ModelConfig", "ModelWrapper", "first_line"]

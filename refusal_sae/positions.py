@@ -66,6 +66,12 @@ class PositionScheme:
         """Every class with its own ablation mean: the prefix positions (never nodes), then node classes."""
         return [f"p{i}" for i in range(self.prefix)] + self.node_classes
 
+    @property
+    def generated(self) -> int:
+        """The mean class of a generated token: the generation position's, "-1" (the last class; "content" without
+        a suffix, "all" with `global`), where the model decided how to answer."""
+        return len(self.mean_classes) - 1
+
     def classes(self, length: int) -> np.ndarray:
         """(length,) mean-class index of each position of a prompt of `length` tokens."""
         if self.mode == "global":

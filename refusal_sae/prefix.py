@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -96,7 +97,7 @@ class PromptBatch:
     offset: int
     """P with `past`, else 0: where the positions that run start."""
     classes: Tensor | None = None
-    """(batch, seq) mean-class index of every position (right layout, given a position scheme)."""
+    """(batch, seq) mean-class index of every position, given a position scheme (pads: the last class)."""
 
     @property
     def run_ids(self) -> Tensor:
@@ -131,25 +132,34 @@ class SharedPrefix:
         return self.cache is not None
 
     def batches(self, prompts: Sequence[str], batch_size: int, scheme: PositionScheme | None = None,
-                layout: Layout = "right") -> Iterator[PromptBatch]:
+                layout: Layout = "right", continuations: Sequence[Sequence[int]] | None = None
+                ) -> Iterator[PromptBatch]:
         """`prompts` in batches of `batch_size`, each with its copy of the prefix's keys and values (made lazily:
-        a caller whose hooks change between batches gets the cache of the hooks active at the first)."""
+        a caller whose hooks change between batches gets the cache of the hooks active at the first).
+        `continuations`: token ids appended to each prompt (e.g. an answer; right layout), of the scheme's
+        `generated` class."""
         positive_int("batch_size", batch_size, 8)
         ids = self.wrapper.encode(prompts)
+        prompt_lengths = [len(row) for row in ids]
+        if continuations is not None:
+            if layout != "right" or len(continuations) != len(ids):
+                raise ValueError("continuations: one per prompt, right layout only")
+            ids = [row + list(more) for row, more in zip(ids, continuations)]
         length = self._length(ids)
         for start in range(0, len(ids), batch_size):
             rows = slice(start, min(start + batch_size, len(ids)))
             right = self.wrapper.pad(ids[rows], "right")
             input_ids = right["input_ids"].to(self.wrapper.device)
             mask = right["attention_mask"].to(self.wrapper.device)
-            classes = None
-            if scheme is not None:
-                classes = torch.as_tensor(scheme.batch_classes(mask.sum(1).tolist(), mask.shape[1]),
-                                          device=self.wrapper.device)
             past = self._past(input_ids, mask, length)
             offset = length if past is not None else 0
             if layout == "generation":
                 input_ids, mask = self._generation_layout(ids[rows], offset)
+            classes = None
+            if scheme is not None:
+                classes = torch.as_tensor(_classes(scheme, prompt_lengths[rows], [len(row) for row in ids[rows]],
+                                                   input_ids.shape[1], offset if layout == "generation" else None),
+                                          device=self.wrapper.device)
             yield PromptBatch(rows, input_ids, mask, past, offset, classes)
 
     def _length(self, ids: list[list[int]]) -> int:
@@ -194,6 +204,21 @@ class SharedPrefix:
             ids = torch.cat([prefix, ids], 1)
             mask = torch.cat([torch.ones_like(prefix), mask], 1)
         return ids.to(self.wrapper.device), mask.to(self.wrapper.device)
+
+
+def _classes(scheme: PositionScheme, prompts: Sequence[int], rows: Sequence[int], width: int,
+             pads_after: int | None) -> np.ndarray:
+    """(batch, width) mean classes of a batch's rows, `prompts` tokens of prompt then the rest of `rows` tokens
+    generated: right-padded, or (`pads_after` = P) with the pads between the first P tokens and the rest."""
+    out = np.full((len(rows), width), len(scheme.mean_classes) - 1, np.int64)
+    for row, (n, total) in enumerate(zip(prompts, rows)):
+        classes = np.concatenate([scheme.classes(n), np.full(total - n, scheme.generated, np.int64)])
+        if pads_after is None:
+            out[row, :total] = classes
+        else:
+            out[row, :pads_after] = classes[:pads_after]
+            out[row, width - (total - pads_after):] = classes[pads_after:]
+    return out
 
 
 __all__ = ["Layout", "PromptBatch", "SharedPrefix", "continuation_matches", "expand", "prefix_cache"]

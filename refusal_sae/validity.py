@@ -1,7 +1,7 @@
 """Does the refusal score predict what the model does? Greedy answers, refusal string matching, AUC.
 
 Validity report
-    `validity_report` greedy-generates a short answer per prompt (left padding, so a batch generates
+    `validity_report` greedy-generates a short answer per prompt (`refusal_sae.generation`: a batch generates
     exactly what each prompt alone would), labels it a refusal when it contains one of the refusal
     phrases (case-insensitive substring match, curly apostrophes normalised), and reports how well the
     score (`refusal_sae.metric`) separates refused from answered prompts: ROC AUC (Mann-Whitney U with
@@ -27,16 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from refusal_sae.data import PromptSample
 from refusal_sae.errors import UserError
+from refusal_sae.generation import generate
 from refusal_sae.io import write_json
-from refusal_sae.metric import RefusalMetric, RefusalMetricConfig, as_prompt_list, prompt_log_probs, resolve_metric
+from refusal_sae.metric import RefusalMetric, RefusalMetricConfig, prompt_log_probs, resolve_metric
 from refusal_sae.model import ModelWrapper
-from refusal_sae.prefix import SharedPrefix
 from refusal_sae.validate import positive_int
 
 log = logging.getLogger(__name__)
@@ -92,45 +90,13 @@ class ValidityConfig:
 
 
 
-@torch.no_grad()
 def generate_answers(
     wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int = 24, batch_size: int = 8,
     reuse_prefix: bool = True
 ) -> list[str]:
-    """Greedy answers (decoded, special tokens dropped, stripped) of at most `max_new_tokens` tokens.
-
-    Every row's new tokens follow its own last prompt token (`refusal_sae.prefix`'s generation layout: pads
-    between the shared template prefix, whose keys and values are computed once, and the rest), so a batch
-    gives what each prompt would alone. Decoding is plain greedy whatever the model's generation config says
-    (no sampling, no repetition penalty); it stops at the model's eos token(s). `reuse_prefix=False` runs whole
-    prompts (plain left padding).
-    """
-    from transformers import GenerationConfig
-
-    positive_int("max_new_tokens", max_new_tokens, 24)
-    positive_int("batch_size", batch_size, 8)
-    prompts = as_prompt_list(prompts)
-    tok = wrapper.tokenizer
-    eos = wrapper.model.generation_config.eos_token_id
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        eos_token_id=eos if eos is not None else tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    answers: list[str] = []
-    batches = SharedPrefix(wrapper, "generation", reuse=reuse_prefix).batches(prompts, batch_size, layout="generation")
-    for batch in tqdm(batches, total=-(-len(prompts) // batch_size), desc="generating answers", unit="batch",
-                      leave=False):
-        cache = {wrapper.cache_argument: batch.past} if batch.past is not None else {}
-        out = wrapper.model.generate(input_ids=batch.input_ids, attention_mask=batch.mask, generation_config=gen_cfg,
-                                     **cache)
-        new = out[:, batch.input_ids.shape[1] :].cpu()
-        answers += [text.strip() for text in tok.batch_decode(new, skip_special_tokens=True)]
-    return answers
+    """Greedy answers (decoded, special tokens dropped, stripped) of at most `max_new_tokens` tokens, batched
+    (`refusal_sae.generation.generate`: a batch gives what each prompt would alone)."""
+    return generate(wrapper, prompts, max_new_tokens, batch_size, reuse_prefix=reuse_prefix).texts
 
 
 
