@@ -173,6 +173,23 @@ class Ablator:
 
         return edit
 
+    def scale(self, layer: str, nodes: np.ndarray, strength: float) -> Callable[..., Tensor]:
+        """`edit(hidden, classes)` like `edit`, but the latents of `nodes` ((node classes, width + 1) bool; error
+        nodes ignored) multiplied by `strength` where they fire (steering: 0 zero-ablates them, 1 changes
+        nothing, above 1 amplifies)."""
+        sae = self.saes[layer]
+        index = self.node_index(layer)
+        chosen = np.zeros((len(self.scheme.mean_classes), index.width), bool)
+        chosen[index.rows] = NodeIndex.latents(nodes)
+        chosen_t = torch.as_tensor(chosen, device=self.wrapper.device)
+
+        def edit(hidden: Tensor, classes: Tensor) -> Tensor:
+            x = hidden.float()
+            f = sae.encode(x)
+            return (x + torch.where(chosen_t[classes], (strength - 1.0) * f, 0.0) @ sae.W_dec).to(hidden.dtype)
+
+        return edit
+
     @torch.no_grad()
     def residuals(self, prompts: Sequence[str]) -> list[_Batch]:
         """Per batch of `prompts`: masks, classes and the unedited residual at every SAE layer (after the
