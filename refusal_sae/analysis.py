@@ -31,11 +31,12 @@ from tqdm.auto import tqdm
 
 from refusal_sae.ablation import Ablator
 from refusal_sae.activations import ActivationCache, PromptActivations
-from refusal_sae.circuits import ERROR, Circuit, NodeScores
+from refusal_sae.circuits import ERROR, Circuit, NodeScores, circuit_size
 from refusal_sae.cross_ablation import CrossAblationConfig, CrossAblationResult, cross_ablation
 from refusal_sae.data import PromptSample, Split
-from refusal_sae.directions import DirectionsConfig, DirectionsResult, run_directions
+from refusal_sae.directions import GLOBAL, DirectionsConfig, DirectionsResult, run_directions
 from refusal_sae.discovery import DiscoveryConfig, DiscoveryInputs, discover, methods
+from refusal_sae.editing import CategoryEdits, EditingConfig, GlobalDirection, edit_category, edits_table
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import (
     ALL_LAYERS,
@@ -356,7 +357,7 @@ def format_summary(summary: Summary) -> str:
 
 
 
-STAGES = ("discover", "similarity", "evaluate", "cross", "directions", "summary", "report")
+STAGES = ("discover", "similarity", "evaluate", "cross", "directions", "edit", "summary", "report")
 
 
 @dataclass
@@ -372,6 +373,8 @@ class AnalysisConfig:
     """Refusal directions per category without SAEs (Arditi et al.): a second opinion on the similarity verdict."""
     metric: RefusalMetricConfig = field(default_factory=RefusalMetricConfig)
     """The refusal score F is built from (attribution differentiates it, evaluation measures it)."""
+    editing: EditingConfig = field(default_factory=EditingConfig)
+    """Circuits and the refusal direction judged by the answers they change (greedy generation under edits)."""
     validity: ValidityConfig = field(default_factory=ValidityConfig)
     """Greedy generation for behaviour labels and the validity report."""
     validity_report: bool = True
@@ -413,8 +416,12 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
         plot_directions(directions, out.directions.png)
     else:
         directions = out.directions.read(DirectionsResult)
+    edits = {}
+    if "edit" in stages and (cfg.editing.enabled or stages[0] == "edit"):
+        edits = run_edits(inputs, discovery, results, out, source, cfg.editing, cfg.metric,
+                          cfg.validity.refusal_phrases)
     summary = summarise(out, results, similarity, directions)
-    out.write_summary(summary, summary_tables(results, directions))
+    out.write_summary(summary, summary_tables(results, directions) + ("\n" + edits_table(edits) if edits else ""))
     if "report" in stages:
         for method, rs in results.items():  # the curves of an evaluation read from `source` are drawn here too
             if not out.method(method).curves_png.is_file():
@@ -424,6 +431,54 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
         out.write_report(report.page, {"cards": report.cards, "prompts": report.prompts})
         log.info("report: %d node cards in %s", len(report.cards), out.report_html)
     return summary
+
+
+def global_direction(*places: AnalysisLayout) -> GlobalDirection | None:
+    """The refusal-directions stage's global direction at its chosen layer and position, from the first of
+    `places` where that stage has run; None where it has run nowhere."""
+    for place in places:
+        record = place.directions.read(DirectionsResult)
+        if record is None:
+            continue
+        meta = place.directions.read_vector_metadata()
+        positions = meta["positions"].split(",")
+        layer = record.selection.layer
+        vector = place.directions.read_vectors()[f"{GLOBAL}.{layer}"][positions.index(record.selection.position)]
+        return GlobalDirection(layer, vector)
+    return None
+
+
+def run_edits(inputs: AnalysisInputs, discovery: Discovery, results: Mapping[str, Sequence[CircuitEvaluation]],
+              out: AnalysisLayout, source: AnalysisLayout, cfg: EditingConfig, metric: RefusalMetricConfig,
+              phrases: Sequence[str]) -> dict[str, list[CategoryEdits]]:
+    """Per method, every category circuit (group all) edited on its category's held-out prompts, judged by the
+    answers (`refusal_sae.editing`); each record written as soon as it is done."""
+    items = {m: [(c, s) for c, s in found if c.group == "all"] for m, found in discovery.circuits.items()}
+    items = {m: found for m, found in items.items() if found}
+    if not items:
+        raise UserError("edit: the source analysis has no category circuits of group 'all'; run discovery with "
+                        "discovery.groups including all")
+    known = {c.category for found in items.values() for c, _ in found}
+    unknown = sorted(set(cfg.categories or []) - known)
+    if unknown:
+        raise UserError(f"editing.categories: {unknown} have no circuit here; use some of {sorted(known)}")
+    ablator = _ablator(inputs, discovery, metric, cfg.batch_size)
+    direction = global_direction(out, source) if cfg.directions else None
+    if cfg.directions and direction is None:
+        log.info("edit: no refusal-directions stage in this analysis or its source; the direction edits are left out")
+    evaluation = list(inputs.splits["evaluation"])
+    found: dict[str, list[CategoryEdits]] = {}
+    for method, circuits in items.items():
+        sizes = faithful_sizes(results.get(method, []))
+        found[method] = []
+        for circuit, scores in circuits:
+            if cfg.categories and circuit.category not in cfg.categories:
+                continue
+            size = circuit_size(circuit.name, sizes, cfg.n_nodes, "editing")
+            record = edit_category(ablator, circuit, scores, evaluation, size, direction, cfg, phrases)
+            out.method(method).write_edits(record)
+            found[method].append(record)
+    return found
 
 
 def load_evaluation(out: AnalysisLayout, discovery: Discovery, method: str) -> list[CircuitEvaluation]:
@@ -436,4 +491,4 @@ def load_evaluation(out: AnalysisLayout, discovery: Discovery, method: str) -> l
 
 __all__ = ["STAGES", "AnalysisConfig", "AnalysisInputs", "Discovery", "candidate_keys", "format_summary",
            "load_discovery", "load_evaluation", "run_analysis", "run_discovery", "run_evaluation",
-           "run_cross_ablation", "run_similarity", "summarise"]
+           "run_cross_ablation", "run_edits", "run_similarity", "summarise"]

@@ -21,6 +21,7 @@ import numpy as np
 from refusal_sae.errors import UserError
 from refusal_sae.io import atomic_open, write_json
 from refusal_sae.positions import PositionScheme
+from refusal_sae.stats import FAITHFUL
 
 ERROR = -1
 """Feature index of a layer's SAE error node."""
@@ -229,6 +230,38 @@ def node_mask(ranking: Sequence[tuple[str, int, int]], shapes: Mapping[str, tupl
     return out
 
 
+def random_mask(kept: dict[str, np.ndarray], candidates: dict[str, np.ndarray], rng: np.random.Generator
+                ) -> dict[str, np.ndarray]:
+    """Random nodes with as many latents per layer and position class as `kept`, drawn from the candidate
+    latents there, and the same error nodes."""
+    out = {}
+    for layer, m in kept.items():
+        r = np.zeros_like(m)
+        NodeIndex.errors(r)[:] = NodeIndex.errors(m)
+        for pos in range(len(m)):
+            k = int(NodeIndex.latents(m[pos]).sum())
+            if k:
+                pool = np.flatnonzero(NodeIndex.latents(candidates[layer][pos]))
+                r[pos, rng.choice(pool, size=k, replace=False)] = True
+        out[layer] = r
+    return out
+
+
+def circuit_size(name: str, faithful: Mapping[str, int | None], fallback: int, section: str,
+                 fixed: int | None = None) -> tuple[int, str]:
+    """The size a later stage (`section`) takes circuit `name` at, and why: `fixed` when given, else the smallest
+    size reaching faithfulness `FAITHFUL` (`faithful`: by circuit name, None where not reached, absent without a
+    keep-mode evaluation record), else `fallback`."""
+    if fixed is not None:
+        return fixed, f"{section}.size"
+    if name not in faithful:
+        return fallback, f"{section}.n_nodes: no keep-mode evaluation record"
+    reached = faithful[name]
+    if reached is None:
+        return fallback, f"{section}.n_nodes: faithfulness {FAITHFUL} not reached"
+    return reached, f"faithfulness {FAITHFUL} reached"
+
+
 def ranked_nodes(scores: NodeScores, candidates: Mapping[str, np.ndarray]) -> list[tuple[str, int, int]]:
     """Every candidate node as (layer, class, column), most important first; ties in (layer, class, column)
     order, so the ranking does not depend on anything but the scores."""
@@ -269,4 +302,4 @@ def threshold_nodes(scores: NodeScores, candidates: Mapping[str, np.ndarray], th
 
 
 __all__ = ["ERROR", "GROUPS", "Circuit", "Edge", "Group", "Node", "NodeIndex", "NodeScores", "candidate_mask",
-           "node_mask", "node_name", "ranked_nodes", "threshold_nodes"]
+           "circuit_size", "node_mask", "node_name", "random_mask", "ranked_nodes", "threshold_nodes"]

@@ -29,12 +29,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from refusal_sae.ablation import Ablator
-from refusal_sae.circuits import Circuit, NodeScores, candidate_mask, node_mask, ranked_nodes
+from refusal_sae.circuits import Circuit, NodeScores, candidate_mask, circuit_size, node_mask, ranked_nodes
 from refusal_sae.data import PromptSample
 from refusal_sae.errors import UserError
 from refusal_sae.objective import objective
 from refusal_sae.stats import (
-    FAITHFUL,
     Effect,
     Interval,
     effect,
@@ -119,19 +118,6 @@ class CrossAblationResult:
 # the matrix
 
 
-def circuit_size(name: str, sizes: Mapping[str, int | None], cfg: CrossAblationConfig) -> tuple[int, str]:
-    """N of one category's circuit and why (module docstring); `sizes`: each evaluated circuit's smallest size
-    reaching faithfulness `FAITHFUL` (None: not reached), absent without a keep-mode evaluation record."""
-    if cfg.size is not None:
-        return cfg.size, "cross_ablation.size"
-    if name not in sizes:
-        return cfg.n_nodes, "cross_ablation.n_nodes: no keep-mode evaluation record"
-    reached = sizes[name]
-    if reached is None:
-        return cfg.n_nodes, f"cross_ablation.n_nodes: faithfulness {FAITHFUL} not reached"
-    return reached, f"faithfulness {FAITHFUL} reached"
-
-
 def cross_ablation(ablator: Ablator, samples: Sequence[PromptSample], refused: np.ndarray | None,
                    circuits: Sequence[tuple[Circuit, NodeScores]], sizes: Mapping[str, int | None],
                    cfg: CrossAblationConfig, target: str) -> CrossAblationResult:
@@ -163,7 +149,7 @@ def cross_ablation(ablator: Ablator, samples: Sequence[PromptSample], refused: n
     ablated, sources = [], []
     for circuit, scores in tqdm(items, desc=f"cross-ablating {method} circuits", unit="circuit"):
         ranking = ranked_nodes(scores, candidates)
-        n, why = circuit_size(circuit.name, sizes, cfg)
+        n, why = circuit_size(circuit.name, sizes, cfg.n_nodes, "cross_ablation", cfg.size)
         kept = node_mask(ranking[:n], shapes)
         ablated.append(ablator.scores(chosen, ablator.variant(kept, candidates, inside=False)))
         sources.append(AblatedCircuit(circuit.category, circuit.name, min(n, len(ranking)), why,
@@ -193,4 +179,4 @@ def cross_ablation(ablator: Ablator, samples: Sequence[PromptSample], refused: n
                                summary.mean_share, explanation)
 
 
-__all__ = ["AblatedCircuit", "CrossAblationConfig", "CrossAblationResult", "circuit_size", "cross_ablation"]
+__all__ = ["AblatedCircuit", "CrossAblationConfig", "CrossAblationResult", "cross_ablation"]

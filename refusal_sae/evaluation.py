@@ -38,7 +38,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from refusal_sae.ablation import Ablator, Variant
-from refusal_sae.circuits import Circuit, NodeIndex, NodeScores, candidate_mask, node_mask, ranked_nodes
+from refusal_sae.circuits import (
+    Circuit,
+    NodeIndex,
+    NodeScores,
+    candidate_mask,
+    node_mask,
+    random_mask,
+    ranked_nodes,
+)
 from refusal_sae.errors import UserError
 from refusal_sae.objective import TARGETS, Objective, Target, objective
 from refusal_sae.stats import FAITHFUL, Band, Interval, band, interval, resample_weights
@@ -226,23 +234,6 @@ def curve_sizes(n_total: int, cfg: EvaluationConfig, where: str) -> list[int]:
         sizes = {int(round(x)) for x in np.geomspace(1, n_total, cfg.n_sizes)} if n_total else set()
         sizes |= {max(1, int(round(f * n_total))) for f in cfg.fractions}
     return sorted(n for n in sizes | {n_total} if 1 <= n <= n_total)
-
-
-def random_mask(kept: dict[str, np.ndarray], candidates: dict[str, np.ndarray], rng: np.random.Generator
-                ) -> dict[str, np.ndarray]:
-    """Random nodes with as many latents per layer and position class as `kept`, drawn from the candidate
-    latents there, and the same error nodes."""
-    out = {}
-    for layer, m in kept.items():
-        r = np.zeros_like(m)
-        NodeIndex.errors(r)[:] = NodeIndex.errors(m)
-        for pos in range(len(m)):
-            k = int(NodeIndex.latents(m[pos]).sum())
-            if k:
-                pool = np.flatnonzero(NodeIndex.latents(candidates[layer][pos]))
-                r[pos, rng.choice(pool, size=k, replace=False)] = True
-        out[layer] = r
-    return out
 
 
 def _rng(seed: int, name: str, stream: int) -> np.random.Generator:
@@ -447,5 +438,4 @@ __all__ = [
     "curve_sizes",
     "evaluate_circuit",
     "faithful_sizes",
-    "random_mask",
 ]

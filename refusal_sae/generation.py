@@ -128,7 +128,9 @@ def generate(wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int 
     texts: list[str] = []
     tokens: list[list[int]] = []
     with _hooked(wrapper, edits, state):
-        batches = SharedPrefix(wrapper, "generation", reuse=reuse_prefix).batches(
+        # node edits never touch the template prefix, and only it: a longer shared start would run unedited
+        length = scheme.prefix if edits else None
+        batches = SharedPrefix(wrapper, "generation", length, reuse=reuse_prefix).batches(
             prompts, batch_size, scheme if edits else None, layout="generation")
         for batch in tqdm(batches, total=-(-len(prompts) // batch_size), desc=desc, unit="batch", leave=False):
             state.prompt = batch.run_classes if edits else None
@@ -157,7 +159,7 @@ def answer_log_likelihood(wrapper: ModelWrapper, prompts: Sequence[str], answers
     if edits and scheme is None:
         raise ValueError("node edits need the position scheme their classes come from")
     out = np.full(len(prompts), np.nan)
-    engine = SharedPrefix(wrapper, "answer likelihood")
+    engine = SharedPrefix(wrapper, "answer likelihood", scheme.prefix if edits else None)
     state = _Positions(generated=scheme.generated if scheme is not None else 0, edit_generated=edit_generated)
     for batch in engine.batches(prompts, batch_size, scheme if edits else None, continuations=answers):
         lengths = [len(a) for a in answers[batch.rows]]

@@ -242,6 +242,19 @@ class MethodLayout:
     def write_cross_ablation(self, record: Any) -> None:
         write_json(self.cross_ablation_json, to_json(record))
 
+    def edits_json(self, name: str) -> Path:
+        """One circuit's edit-stage record: refusal rates, coherence and every answer under each edit."""
+        return self.root / "editing" / f"{_stem(name)}.json"
+
+    def write_edits(self, record: Any) -> None:
+        write_json(self.edits_json(record.circuit), to_json(record))
+
+    def read_edits(self, cls: type[T], name: str) -> T | None:
+        path = self.edits_json(name)
+        if not path.is_file():
+            return None
+        return from_json(cls, read_json(path, "edit-stage record", "run analyze --stage edit again"))
+
 
 class DirectionsLayout:
     """The refusal-direction stage's files (`refusal_sae.directions`) in an analysis directory."""
@@ -278,6 +291,11 @@ class DirectionsLayout:
     def read_vectors(self) -> dict[str, np.ndarray]:
         with safe_open(self.vectors, framework="numpy") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
+
+    def read_vector_metadata(self) -> dict[str, str]:
+        """The candidate layers and positions, and the chosen layer and position, of `read_vectors`."""
+        with safe_open(self.vectors, framework="numpy") as f:
+            return dict(f.metadata() or {})
 
 
 class AnalysisLayout:

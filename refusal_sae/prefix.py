@@ -145,7 +145,7 @@ class SharedPrefix:
             if layout != "right" or len(continuations) != len(ids):
                 raise ValueError("continuations: one per prompt, right layout only")
             ids = [row + list(more) for row, more in zip(ids, continuations)]
-        length = self._length(ids)
+        length = self._length(ids, prompt_lengths)
         for start in range(0, len(ids), batch_size):
             rows = slice(start, min(start + batch_size, len(ids)))
             right = self.wrapper.pad(ids[rows], "right")
@@ -162,11 +162,11 @@ class SharedPrefix:
                                           device=self.wrapper.device)
             yield PromptBatch(rows, input_ids, mask, past, offset, classes)
 
-    def _length(self, ids: list[list[int]]) -> int:
+    def _length(self, ids: list[list[int]], prompt_lengths: list[int]) -> int:
         if not self.reuse or not ids:
             return 0
-        if self.length is None:  # at least one token after the prefix, where the last-token logits are read
-            self.length = min(common_prefix(ids), min(map(len, ids)) - 1)
+        if self.length is None:  # at least one prompt token after the prefix: the last one's logits are read
+            self.length = min(common_prefix(ids), min(prompt_lengths) - 1)
         return self.length
 
     def _past(self, input_ids: Tensor, mask: Tensor, length: int) -> Any:

@@ -16,6 +16,7 @@ testable categories, the mean share(A -> B) = change(A -> B) / change(B -> B) is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,18 @@ class Interval:
 
     def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
+
+
+def wilson(k: int, n: int, confidence: float) -> Interval:
+    """k successes of n (n > 0) as a rate with its Wilson score interval (sound at 0/n and n/n, where a
+    percentile bootstrap collapses to a point)."""
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
 
 
 def resample_weights(obj: Objective, n_resamples: int, rng: np.random.Generator) -> np.ndarray:

@@ -28,6 +28,7 @@ from refusal_sae.ablation import Ablator, Variant
 from refusal_sae.attribution import attribution_scores
 from refusal_sae.circuits import candidate_mask
 from refusal_sae.directions import directional_ablation
+from refusal_sae.generation import answer_log_likelihood, generate
 from refusal_sae.metric import RefusalMetric, refusal_scores
 from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.positions import common_prefix
@@ -467,3 +468,30 @@ def test_greedy_answers_run_the_shared_prefix_once_on_a_random_llama(tiny_llama:
 
 def test_greedy_answers_run_the_shared_prefix_once_on_a_random_qwen2(tiny_qwen2: ModelWrapper) -> None:
     assert_greedy_answers_reuse_the_prefix(tiny_qwen2)
+
+
+def test_node_edits_in_generation_cover_every_position_after_the_template(tiny_llama: ModelWrapper,
+                                                                          tmp_path: Path) -> None:
+    """Under a node edit only the template prefix may run once: one prompt alone shares its whole start with
+    itself, and its content must still be edited. Batched, single and whole-prompt answers and likelihoods agree
+    with every content latent of a random Llama's SAEs mean-ablated."""
+    wrapper = tiny_llama
+    saes = random_saes(wrapper, ["residuals_1", "residuals_2"], seed=5)
+    means = node_means(wrapper, saes, prompts_of(12, seed=7), "positional", tmp_path)
+    abl = Ablator(wrapper, saes, means, RefusalMetric.from_wrapper(wrapper, METRIC), 4)
+    content = {layer: np.zeros((len(means.scheme.node_classes), saes[layer].cfg.width + 1), bool) for layer in saes}
+    for m in content.values():
+        m[means.scheme.node_classes.index("content"), :-1] = True
+    nodes = candidate_mask({layer: np.ones_like(m[:, :-1]) for layer, m in content.items()}, errors=False)
+    edits = {layer: abl.edit(layer, keep) for layer, keep in abl.variant(content, nodes, inside=False).items()}
+    prompts = prompts_of(4, seed=8)
+    plain = generate(wrapper, prompts, 4, 4).tokens
+    edited = generate(wrapper, prompts, 4, 4, scheme=means.scheme, edits=edits)
+    alone = [generate(wrapper, [p], 4, 1, scheme=means.scheme, edits=edits).tokens[0] for p in prompts]
+    whole = generate(wrapper, prompts, 4, 4, scheme=means.scheme, edits=edits, reuse_prefix=False)
+    assert edited.tokens == alone == whole.tokens and edited.tokens != plain
+    batched = answer_log_likelihood(wrapper, prompts, plain, 4, scheme=means.scheme, edits=edits)
+    single = [answer_log_likelihood(wrapper, [p], [a], 1, scheme=means.scheme, edits=edits)[0]
+              for p, a in zip(prompts, plain)]
+    np.testing.assert_allclose(single, batched, rtol=1e-4)
+    assert not np.allclose(batched, answer_log_likelihood(wrapper, prompts, plain, 4), rtol=1e-3)

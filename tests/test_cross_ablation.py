@@ -16,11 +16,10 @@ from refusal_sae.activations import (
     InferencePipeline,
     PromptActivations,
 )
-from refusal_sae.circuits import Circuit, NodeScores
+from refusal_sae.circuits import Circuit, NodeScores, circuit_size
 from refusal_sae.cross_ablation import (
     CrossAblationConfig,
     CrossAblationResult,
-    circuit_size,
     cross_ablation,
 )
 from refusal_sae.errors import UserError
@@ -114,10 +113,11 @@ def test_the_default_size_is_where_the_category_reaches_faithfulness_0_8() -> No
         return CircuitEvaluation("a", "a", "all", "m", "toxic", 1, 1, zero, curves, sanity)
 
     sizes = faithful_sizes([record({"0.5": 4, "0.8": 7})])
-    assert sizes == {"a": 7} and circuit_size("a", sizes, FAST) == (7, "faithfulness 0.8 reached")
-    assert circuit_size("a", faithful_sizes([record({"0.5": 4, "0.8": None})]), FAST)[0] == 4
-    assert circuit_size("a", {}, FAST) == (4, "cross_ablation.n_nodes: no keep-mode evaluation record")
-    assert circuit_size("a", sizes, CrossAblationConfig(size=9))[0] == 9
+    args = FAST.n_nodes, "cross_ablation"
+    assert sizes == {"a": 7} and circuit_size("a", sizes, *args) == (7, "faithfulness 0.8 reached")
+    assert circuit_size("a", faithful_sizes([record({"0.5": 4, "0.8": None})]), *args)[0] == 4
+    assert circuit_size("a", {}, *args) == (4, "cross_ablation.n_nodes: no keep-mode evaluation record")
+    assert circuit_size("a", sizes, *args, CrossAblationConfig(size=9).size)[0] == 9
 
 
 def test_a_later_stage_refuses_an_evaluation_record_of_another_version(tmp_path: Path) -> None:

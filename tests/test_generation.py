@@ -17,8 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from refusal_sae.ablation import Ablator
 from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
-from refusal_sae.circuits import candidate_mask
-from refusal_sae.evaluation import random_mask
+from refusal_sae.circuits import candidate_mask, random_mask
 from refusal_sae.features import encode_prompts
 from refusal_sae.generation import answer_log_likelihood, generate
 from refusal_sae.metric import RefusalMetric
@@ -138,6 +137,7 @@ def test_edited_batches_equal_one_prompt_at_a_time_and_whole_prompts(setup) -> N
     prompts = toxic[:3] + safe[:3]
     edits = under(ablator, ablator.variant(planted_mask(ablator), all_latents(ablator), inside=False))
     batched = generate(wrapper, prompts, NEW, 4, scheme=scheme, edits=edits)
+    # one prompt shares its whole start with itself: the prefix run once must still be the template's only
     alone = [generate(wrapper, [p], NEW, 1, scheme=scheme, edits=edits).tokens[0] for p in prompts]
     whole = generate(wrapper, prompts, NEW, 4, scheme=scheme, edits=edits, reuse_prefix=False)
     assert batched.tokens == alone == whole.tokens
@@ -161,3 +161,7 @@ def test_answer_likelihood_is_teacher_forcing_and_sees_the_edit(setup) -> None:
     assert (everywhere[:2] < prompt_only[:2]).all() and (prompt_only[:2] < plain[:2]).all()
     np.testing.assert_allclose(everywhere[2:], plain[2:], atol=1e-5)
     assert np.isnan(answer_log_likelihood(wrapper, prompts[:1], [[]], 1))[0]
+    for i in range(2):  # one prompt at a time (its whole start shared with itself), one answer token
+        one = answer_log_likelihood(wrapper, prompts[i : i + 1], [answers[i][:1]], 1, scheme=scheme, edits=edits)
+        whole = answer_log_likelihood(wrapper, prompts, [a[:1] for a in answers], 4, scheme=scheme, edits=edits)
+        assert one[0] == pytest.approx(whole[i], abs=1e-5)
