@@ -10,7 +10,7 @@ refusal match (`refusal_sae.validity.is_refusal`), and reports the refusal rate 
     ablate C<n>           the circuit's n best nodes mean-ablated (every other candidate kept)
     keep C<n>             every candidate latent outside the circuit mean-ablated
     random<r> C<n>        `random_circuits` random circuits of the same shape (latents per layer and position
-                          class, drawn outside the circuit) mean-ablated
+                          class, drawn from the candidates there as the evaluation's random band is) ablated
     scale<s> C<n>         the circuit's latents multiplied by s where they fire (steering; 0 zero-ablates)
     direction ablated     the refusal-directions stage's global direction projected out at every layer and
                           position (Arditi et al.), when that stage has run in the source analysis
@@ -166,9 +166,8 @@ def circuit_edits(ablator: Ablator, scores: NodeScores, size: int, cfg: EditingC
 
     yield f"ablate C{n}", n, edits(ablator.variant(kept, candidates, inside=False))
     yield f"keep C{n}", n, edits(ablator.variant(kept, candidates))
-    outside = {layer: candidates[layer] & ~kept[layer] for layer in candidates}
     for r in range(cfg.random_circuits):
-        random = random_mask(kept, outside, rng)
+        random = random_mask(kept, candidates, rng)
         yield f"random{r} C{n}", n, edits(ablator.variant(random, candidates, inside=False))
     for s in cfg.strengths:
         yield f"scale{s:g} C{n}", n, {layer: ablator.scale(layer, kept[layer], s) for layer in ablator.layers

@@ -14,7 +14,8 @@ import yaml
 
 from refusal_sae.analysis import load_discovery, load_evaluation
 from refusal_sae.cli import CALLBACK
-from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation, EvaluationConfig, curve_sizes
+from refusal_sae.editing import CategoryEdits
+from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation, EvaluationConfig, curve_sizes, faithful_sizes
 from refusal_sae.layout import RunLayout
 from refusal_sae.sae_io import load_sae
 from tests.conftest import ROOT, write_csv
@@ -327,3 +328,40 @@ def test_an_analysis_failure_keeps_the_last_epoch(tiny_args: list[str], tmp_path
     last = torch.load(run.checkpoints / "last.ckpt", weights_only=True)
     assert last["epoch"] == 1  # the second (last) epoch, 0-based
     assert not run.latest.root.exists()  # no analysis was completed
+
+
+@pytest.mark.slow
+def test_analyze_edit_judges_each_circuit_by_its_answers(capsys: pytest.CaptureFixture[str], tiny_run) -> None:
+    """`analyze --stage edit` writes per category circuit the answers and refusal rates under every edit, with
+    the circuit at its evaluated size; bad options are one line naming the option."""
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    run = RunLayout(run_dir)
+    fitted = run.epoch(2)
+    options = ["--source", fitted.root.name, "--analysis.editing.categories", "[deception, illegal]",
+               "--analysis.editing.random_circuits", "1", "--analysis.editing.max_new_tokens", "3",
+               "--analysis.editing.strengths", "[0.0]", "--analysis.editing.bootstrap", "100"]
+    done = cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "edit", "--name", "edit", *options)
+    assert done.returncode == 0, done.stderr
+    discovery = load_discovery(run.analysis("edit"))
+    for method in discovery.circuits:
+        sizes = faithful_sizes(load_evaluation(fitted, discovery, method))
+        for category in ("deception", "illegal"):
+            record = run.analysis("edit").method(method).read_edits(CategoryEdits, category)
+            n = sizes.get(category) or 30
+            assert [o.edit for o in record.outcomes][:5] == ["model", f"ablate C{record.size}", f"keep C{record.size}",
+                                                             f"random0 C{record.size}", f"scale0 C{record.size}"]
+            assert record.size == n or record.size_reason.startswith("editing.n_nodes")
+            for o in record.outcomes:
+                assert len(o.answers) == len(record.prompts) == o.toxic.n + o.hard.n
+                assert o.toxic.n == record.n_toxic
+    assert "refusal rate of the answers under each edit" in run.analysis("edit").summary_md.read_text()
+    for option, value, name in (("categories", "[nowhere]", "editing.categories"),
+                                ("strengths", "[strong]", "strengths"),
+                                ("max_new_tokens", "0", "editing.max_new_tokens"),
+                                ("sizes", "[100000]", "editing.sizes")):
+        error = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "edit",
+                                              "--source", fitted.root.name, f"--analysis.editing.{option}", value,
+                                              "--analysis.editing.categories", value if option == "categories"
+                                              else "[deception]"))
+        assert name in error, error
