@@ -1,6 +1,7 @@
 """Every benchmark in one run, on this machine (a GPU when torch sees one): one table, one JSON.
 
-    python -m benchmarks [--quick] [--only collection,sae,memory,ablation,metric,attribution,generation,end_to_end]
+    python -m benchmarks [--quick] [--only collection,sae,memory,ablation,metric,attribution,generation,editing,
+                         end_to_end]
                          [--out runs/benchmarks]
 
   collection   activation collection (hooks + cache) vs a plain output_hidden_states loop  bench_collection
@@ -10,6 +11,7 @@
   metric       refusal scores with the shared prefix run once per call vs whole prompts    bench_metric
   attribution  attribution patching with the shared prefix run once vs whole prompts       bench_attribution
   generation   greedy answers, batched vs one prompt per generate call (tokens/s)          bench_generation
+  editing      greedy answers under a circuit's ablation vs unedited, per new token         bench_editing
   end_to_end   `fit --config configs/default.yaml` vs one plain forward pass of its prompts bench_end_to_end
                (and the report stage alone on that run, vs the same pass)
 
@@ -37,6 +39,7 @@ from benchmarks import (
     bench_ablation,
     bench_attribution,
     bench_collection,
+    bench_editing,
     bench_end_to_end,
     bench_generation,
     bench_metric,
@@ -59,6 +62,7 @@ BENCHMARKS: dict[str, tuple[Any, list[str]]] = {
     "metric": (bench_metric, []),
     "attribution": (bench_attribution, []),
     "generation": (bench_generation, []),
+    "editing": (bench_editing, []),
     "end_to_end": (bench_end_to_end, []),
 }
 
@@ -126,6 +130,12 @@ def _generation(r: dict) -> list[Row]:
                  side["batched"], "one prompt per generate call", side["single"])]
 
 
+def _editing(r: dict) -> list[Row]:
+    side = {row["side"]: row["seconds_per_token"] for row in r["rows"]}
+    return [_row("generation under an edit", f"s/new token ({r['prompts']} prompts)",
+                 f"{r['nodes']} nodes ablated, every token", side["edited"], "unedited", side["unedited"])]
+
+
 def _end_to_end(r: dict) -> list[Row]:
     fit, forward = r["rows"]
     return [_row("end to end", f"s ({r['prompts']} prompts)", "fit, default config", fit["seconds"],
@@ -136,7 +146,8 @@ def _end_to_end(r: dict) -> list[Row]:
 
 SUMMARIES: dict[str, Callable[[dict], list[Row]]] = {
     "collection": _collection, "sae": _sae, "memory": _memory, "ablation": _ablation, "metric": _metric,
-    "attribution": _attribution, "generation": _generation, "end_to_end": _end_to_end,
+    "attribution": _attribution, "generation": _generation, "editing": _editing,
+    "end_to_end": _end_to_end,
 }
 
 

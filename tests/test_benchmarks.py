@@ -30,7 +30,7 @@ def test_quick_suite_writes_one_table_and_json_with_stable_keys(tmp_path: Path) 
     assert [r["benchmark"] for r in suite["rows"]] == [
         "activation collection", *["SAE training step"] * (3 if kernels else 2), "SAE quality", "streaming memory",
         *["ablation variants"] * 3, "ablation setup", "refusal scores", "refusal scores, direction ablated",
-        "attribution patching", "greedy generation", "end to end", "report"]
+        "attribution patching", "greedy generation", "generation under an edit", "end to end", "report"]
     for row in suite["rows"]:
         assert set(row) == {"benchmark", "measure", "a", "a_value", "b", "b_value", "a/b"}
         assert row["a_value"] > 0 and row["b_value"] > 0 and math.isclose(row["a/b"], row["a_value"] / row["b_value"])
@@ -45,6 +45,7 @@ def test_quick_suite_writes_one_table_and_json_with_stable_keys(tmp_path: Path) 
     attribution = results["attribution"]
     assert attribution["scores_equal"] and attribution["max_relative_score_difference"] < 1e-3
     assert results["generation"]["same_answers"] == results["generation"]["prompts"]
+    assert results["editing"]["nodes"] > 0 and [r["side"] for r in results["editing"]["rows"]] == ["edited", "unedited"]
     metric = results["metric"]
     assert metric["scores_equal"] and metric["prefix_reused"] and metric["shared_prefix_tokens"] > 0
     assert [r["side"] for r in metric["rows"]] == ["plain, prefix", "plain, whole", "direction ablated, prefix",
