@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from refusal_sae.analysis import AnalysisConfig, AnalysisInputs, format_summary, run_analysis
+from refusal_sae.editing import MODEL, CategoryEdits
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation
 from refusal_sae.layout import AnalysisLayout, RunLayout, Summary
@@ -104,6 +105,14 @@ class CircuitAnalysisCallback(Callback):
                     if n is not None:
                         metrics[f"{prefix}/nodes_to_faithfulness_{level}"] = float(n)
                 metrics[f"{prefix}/sanity_passed"] = float(r.sanity_passed)
+        for method, categories in summary.answers.items():
+            for category, rows in categories.items():
+                for a in rows:
+                    prefix = f"answers/{method}/{category}/{a.edit}"
+                    if a.toxic_n:
+                        metrics[f"{prefix}/toxic_refusal_rate"] = a.toxic_refused / a.toxic_n
+                    if a.hard_n:
+                        metrics[f"{prefix}/hard_refusal_rate"] = a.hard_refused / a.hard_n
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             if isinstance(logger, WandbLogger):
@@ -144,6 +153,21 @@ class CircuitAnalysisCallback(Callback):
         columns, rows = node_card_table(cards, prompts, PositionScheme(**discovery.record.scheme),
                                         lambda fragment: wandb.Html(fragment, inject=False))  # its styles are inline
         logger.log_table("circuits/node_cards", columns=columns, data=rows, step=trainer.global_step)
+        rows = []
+        for method, categories in summary.answers.items():  # every answer under every edit beside the unedited one
+            for circuit in categories:
+                record = out.method(method).read_edits(CategoryEdits, circuit)
+                if record is None:
+                    continue
+                plain = record.outcome(MODEL).answers
+                for o in record.outcomes:
+                    for i, (prompt, answer) in enumerate(zip(record.prompts, o.answers)):
+                        rows.append([method, record.category, o.edit, "toxic" if i < record.n_toxic else "hard", prompt,
+                                     plain[i], answer])
+        if rows:
+            logger.log_table("circuits/answers", columns=["method", "category", "edit", "prompt_type", "prompt",
+                                                          "unedited_answer", "answer"],
+                             data=rows, step=trainer.global_step)
         # as Lightning's WandbLogger logs: W&B's own step counter has run past global_step by now (one
         # increment per log call), and W&B drops data logged at an explicit step behind it
         logger.experiment.log({**plots, "trainer/global_step": trainer.global_step})

@@ -49,6 +49,7 @@ from refusal_sae.evaluation import (
 from refusal_sae.features import NodeMeans, encode_prompts
 from refusal_sae.layout import (
     AnalysisLayout,
+    AnswersSummary,
     CircuitEntry,
     CircuitSummary,
     DirectionsSummary,
@@ -249,9 +250,10 @@ def run_cross_ablation(inputs: AnalysisInputs, discovery: Discovery,
 
 
 def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluation]],
-              similarity: Mapping[str, Mapping[str, Any]], directions: DirectionsResult | None = None) -> Summary:
+              similarity: Mapping[str, Mapping[str, Any]], directions: DirectionsResult | None = None,
+              edits: Mapping[str, Sequence[CategoryEdits]] | None = None) -> Summary:
     """Per method and circuit: F(M) - F(∅), the sizes reaching faithfulness 0.5 / 0.8, CPR, sanity; the
-    similarity verdict; and the refusal directions' verdict beside it."""
+    similarity verdict; the refusal directions' verdict beside it; and what each edit did to the answers."""
     methods = {}
     for method, rs in results.items():
         verdict = similarity.get(method, {}).get("verdict", {})
@@ -261,12 +263,15 @@ def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluat
             circuits[r.name] = CircuitSummary(r.F_M, main.span, main.error_mode, main.n_candidates, main.reaches,
                                               main.cpr, main.cmd, main.ratio_note or main.area_note, r.sanity.passed)
         methods[method] = MethodSummary(circuits, verdict.get("label"), verdict.get("explanation"))
+    answers = {method: {r.circuit: [AnswersSummary(o.edit, o.toxic.refused, o.toxic.n, o.hard.refused, o.hard.n,
+                                                    o.coherence_change) for o in r.outcomes] for r in records}
+               for method, records in (edits or {}).items()}
     if directions is None:
-        return Summary(str(out.root), methods)
+        return Summary(str(out.root), methods, answers=answers)
     v = directions.verdict
     return Summary(str(out.root), methods, DirectionsSummary(
         directions.selection.layer, directions.selection.position, v.label, v.mean_share, v.p_value,
-        v.global_share, v.explanation))
+        v.global_share, v.explanation), answers)
 
 
 def summary_tables(results: Mapping[str, Sequence[CircuitEvaluation]], directions: DirectionsResult | None) -> str:
@@ -352,7 +357,21 @@ def format_summary(summary: Summary) -> str:
             lines.append(f"  {m.verdict_explanation}")
     if summary.directions is not None:
         lines.append(f"directions: {summary.directions.verdict_explanation}")
+    for method, categories in summary.answers.items():
+        lines.append(f"{method}: refused answers under each edit (toxic, hard; random circuits: their range)")
+        for category, rows in categories.items():
+            lines.append(f"  {category:<24} " + " | ".join(_answers(rows)))
     return "\n".join(lines)
+
+
+def _answers(rows: Sequence[AnswersSummary]) -> list[str]:
+    """`edit t/n, h/m` per edit, the random circuits as one `random lo-hi/n, lo-hi/m`."""
+    random = [r for r in rows if r.edit.startswith("random")]
+    out = [f"{r.edit} {r.toxic_refused}/{r.toxic_n}, {r.hard_refused}/{r.hard_n}" for r in rows if r not in random]
+    if random:
+        t, h = [r.toxic_refused for r in random], [r.hard_refused for r in random]
+        out.insert(3, f"random {min(t)}-{max(t)}/{random[0].toxic_n}, {min(h)}-{max(h)}/{random[0].hard_n}")
+    return out
 
 
 
@@ -420,7 +439,7 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
     if "edit" in stages and (cfg.editing.enabled or stages[0] == "edit"):
         edits = run_edits(inputs, discovery, results, out, source, cfg.editing, cfg.metric,
                           cfg.validity.refusal_phrases)
-    summary = summarise(out, results, similarity, directions)
+    summary = summarise(out, results, similarity, directions, edits)
     out.write_summary(summary, summary_tables(results, directions) + ("\n" + edits_table(edits) if edits else ""))
     if "report" in stages:
         for method, rs in results.items():  # the curves of an evaluation read from `source` are drawn here too

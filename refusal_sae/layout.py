@@ -126,13 +126,27 @@ class DirectionsSummary:
 
 
 @dataclasses.dataclass
+class AnswersSummary:
+    """What one edit did to a category's greedy answers (`refusal_sae.editing`)."""
+
+    edit: str
+    toxic_refused: int
+    toxic_n: int
+    hard_refused: int
+    hard_n: int
+    coherence_change: Interval | None
+
+
+@dataclasses.dataclass
 class Summary:
     """What the CLI prints and the callback logs: per method and circuit the evaluation's main numbers, the
-    similarity verdict, and the refusal directions' verdict."""
+    similarity verdict, the refusal directions' verdict, and what the edits did to the answers."""
 
     directory: str
     methods: dict[str, MethodSummary]
     directions: DirectionsSummary | None = None
+    answers: dict[str, dict[str, list[AnswersSummary]]] = dataclasses.field(default_factory=dict)
+    """{method: {circuit (a category's): each edit's refusals}} where the edit stage ran."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from refusal_sae.layout import RunLayout
 from refusal_sae.sae_io import load_sae
 from tests.conftest import ROOT
 from tests.run_cli import cli_in_process, one_line_error
-from tests.tiny_model import DEFAULT_CONFIG, tiny_fit_options
+from tests.tiny_model import DEFAULT_CONFIG, TINY_CALLBACKS, tiny_fit_options
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
@@ -45,6 +45,12 @@ def test_ddp_ranks_end_identical_with_global_dead_latent_counts_and_w_and_b_offl
     config.write_text(DEFAULT_CONFIG.read_text().replace("run_dir: runs/default", f"run_dir: {tmp_path}"))
     args = [a for a in tiny if a not in ("--trainer.logger", "false")]
     args[args.index(str(DEFAULT_CONFIG))] = str(config)
+    # the edit stage on too, on one category: its refusal rates as metrics, every answer in a table
+    callbacks = tmp_path / "callbacks.yaml"
+    callbacks.write_text(TINY_CALLBACKS.replace("          validity:", "          editing: {enabled: true, categories: "
+                                                "[violence], random_circuits: 1, max_new_tokens: 2, bootstrap: 100}\n"
+                                                "          validity:"))
+    args[args.index("--config", args.index(str(config)) + 1) + 1] = str(callbacks)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env["WANDB_MODE"] = "online"  # the config's `offline: true` must win: no account, no network here
     env["WANDB_DATA_DIR"] = str(tmp_path / "wandb_data")  # where W&B stages artifacts' files (default: in $HOME)
@@ -81,7 +87,8 @@ def test_ddp_ranks_end_identical_with_global_dead_latent_counts_and_w_and_b_offl
     for key in ("sae/residuals_0/fvu", "sae/residuals_1/fvu_epoch", "sae/residuals_1/dead_fraction",
                 "sae/residuals_0/cos_sim", "circuits/correlation/violence/span",
                 "circuits/correlation/hate/sanity_passed", "circuits/correlation/violence/faithfulness",
-                "circuits/correlation/curves", "circuits/correlation/similarity", "circuits/points"):
+                "circuits/correlation/curves", "circuits/correlation/similarity", "circuits/points",
+                "answers/correlation/violence/model/toxic_refusal_rate", "circuits/answers"):
         assert key.encode() in history, key
     # the report's node cards as a table, a row per card, each with its top contexts as an HTML file (highlighted
     # tokens) in the table's artifact
