@@ -150,14 +150,18 @@ class Ablator:
     # ---------------------------------------------------------------------------------------------
     # forward passes
 
-    def edit(self, layer: str, keep: Keep) -> Callable[..., Tensor]:
+    def edit(self, layer: str, keep: Keep, values: tuple[Tensor, Tensor] | None = None) -> Callable[..., Tensor]:
         """`edit(hidden, classes, f=None)`: the residual `hidden` (batch, seq, d) after `layer`, each position of
-        mean class `classes` (batch, seq), with the nodes `keep` does not keep mean-ablated there."""
+        mean class `classes` (batch, seq), with the nodes `keep` does not keep set to their mean there, or to
+        `values` ((latents, errors) tables indexed by `classes` as the means are, e.g. `prompt_values`)."""
         sae, mean_f, mean_e = self.saes[layer], self._mean_f[layer], self._mean_e[layer]
+        if values is not None:
+            mean_f, mean_e = values
         device = mean_f.device
         keep_f = torch.as_tensor(keep.features, device=device)
         keep_e = torch.as_tensor(keep.errors, device=device)
         ablate_error = not bool(keep.errors.all())
+        per_prompt = values is not None  # classes c + i * C: prompt i's class c; which nodes stay depends on c
 
         def edit(hidden: Tensor, classes: Tensor, f: Tensor | None = None) -> Tensor:
             # decode(patched) + error = x + (patched - f) W_dec (the decoder is affine): one matmul, and
@@ -165,10 +169,11 @@ class Ablator:
             # the caller has it (the unedited first layer's, the same in every variant)
             x = hidden.float()
             f = sae.encode(x) if f is None else f
-            out = x + torch.where(keep_f[classes], 0.0, mean_f[classes] - f) @ sae.W_dec
+            kept = classes % len(keep_f) if per_prompt else classes
+            out = x + torch.where(keep_f[kept], 0.0, mean_f[classes] - f) @ sae.W_dec
             if ablate_error:  # the error term x - decode(f) replaced by its mean where ablated
                 swap = mean_e[classes] - (x - sae.decode(f))
-                out = out + torch.where(keep_e[classes][..., None], 0.0, swap)
+                out = out + torch.where(keep_e[kept][..., None], 0.0, swap)
             return out.to(hidden.dtype)
 
         return edit
@@ -189,6 +194,32 @@ class Ablator:
             return (x + torch.where(chosen_t[classes], (strength - 1.0) * f, 0.0) @ sae.W_dec).to(hidden.dtype)
 
         return edit
+
+    @torch.no_grad()
+    def prompt_values(self, prompts: Sequence[str]) -> dict[str, tuple[Tensor, Tensor]]:
+        """{layer: (latents (n * C, width), errors (n * C, d_in))}: each prompt's node values per mean class (its
+        mean over the prompt's tokens of that class; row i * C + c), the values counterfactual patching sets nodes
+        to: class c of prompt i is `classes + i * C` (`refusal_sae.generation`'s `class_offsets`). A class the
+        prompt has no token of (the prefix, when its keys and values are reused) holds the node means."""
+        n_class = len(self.scheme.mean_classes)
+        out = {}
+        for layer in self.layers:
+            sae, parts_f, parts_e = self.saes[layer], [], []
+            for cached in self.residuals(prompts):
+                batch = cached.prompts
+                x = cached.hidden[layer].float()
+                f = sae.encode(x)
+                err = x - sae.decode(f)
+                real = batch.mask[:, batch.offset:].bool()
+                onehot = torch.nn.functional.one_hot(batch.run_classes, n_class).float() * real[..., None]
+                counts = onehot.sum(1)[..., None]  # (batch, C, 1)
+                have = counts > 0
+                parts_f.append(torch.where(have, torch.einsum("bsc,bsw->bcw", onehot, f) / counts.clamp(min=1),
+                                           self._mean_f[layer]))
+                parts_e.append(torch.where(have, torch.einsum("bsc,bsd->bcd", onehot, err) / counts.clamp(min=1),
+                                           self._mean_e[layer]))
+            out[layer] = (torch.cat(parts_f).flatten(0, 1), torch.cat(parts_e).flatten(0, 1))
+        return out
 
     @torch.no_grad()
     def residuals(self, prompts: Sequence[str]) -> list[_Batch]:

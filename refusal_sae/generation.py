@@ -59,7 +59,7 @@ class _Positions:
 
     prompt: Tensor | None = None
     generated_at: Tensor | None = None
-    generated: int = 0
+    generated: Tensor | int = 0
     edit_generated: bool = False
     passes: int = 0
 
@@ -87,7 +87,7 @@ def _hooked(wrapper: ModelWrapper, edits: Mapping[str, NodeEdit], state: _Positi
                 return torch.where(state.generated_at[..., None], hidden, out)
             if not state.edit_generated:
                 return hidden
-            return edit(hidden, torch.full(hidden.shape[:2], state.generated, device=hidden.device))
+            return edit(hidden, torch.as_tensor(state.generated, device=hidden.device).expand(hidden.shape[:2]))
 
         return hook
 
@@ -102,9 +102,11 @@ def _hooked(wrapper: ModelWrapper, edits: Mapping[str, NodeEdit], state: _Positi
 @torch.no_grad()
 def generate(wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int = 24, batch_size: int = 8, *,
              scheme: PositionScheme | None = None, edits: Mapping[str, NodeEdit] | None = None,
-             edit_generated: bool = False, reuse_prefix: bool = True, desc: str = "generating answers") -> Answers:
+             edit_generated: bool = False, class_offsets: Sequence[int] | None = None, reuse_prefix: bool = True,
+             desc: str = "generating answers") -> Answers:
     """Greedy answers of at most `max_new_tokens` tokens, under the node `edits` ({layer: edit}, which need the
-    position `scheme`) and whatever hooks the caller has active.
+    position `scheme`) and whatever hooks the caller has active. `class_offsets`: per prompt, added to its
+    positions' classes (edits whose values are per prompt: `Ablator.prompt_values`).
 
     Every row's new tokens follow its own last prompt token (the prefix engine's generation layout: pads between
     the shared template prefix and the rest), so a batch gives what each prompt would alone. It stops at the
@@ -133,8 +135,9 @@ def generate(wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int 
         batches = SharedPrefix(wrapper, "generation", length, reuse=reuse_prefix).batches(
             prompts, batch_size, scheme if edits else None, layout="generation")
         for batch in tqdm(batches, total=-(-len(prompts) // batch_size), desc=desc, unit="batch", leave=False):
-            state.prompt = batch.run_classes if edits else None
             state.passes = 0
+            if edits:
+                _bind_classes(state, batch.run_classes, scheme, class_offsets, batch.rows)
             cache = {wrapper.cache_argument: batch.past} if batch.past is not None else {}
             out = wrapper.model.generate(input_ids=batch.input_ids, attention_mask=batch.mask,
                                          generation_config=gen_cfg, **cache)
@@ -150,10 +153,11 @@ def generate(wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int 
 @torch.no_grad()
 def answer_log_likelihood(wrapper: ModelWrapper, prompts: Sequence[str], answers: Sequence[Sequence[int]],
                           batch_size: int = 8, *, scheme: PositionScheme | None = None,
-                          edits: Mapping[str, NodeEdit] | None = None, edit_generated: bool = False) -> np.ndarray:
+                          edits: Mapping[str, NodeEdit] | None = None, edit_generated: bool = False,
+                          class_offsets: Sequence[int] | None = None) -> np.ndarray:
     """(n,) mean log-probability per token of each prompt's given `answer` tokens (teacher forcing), under the
     node `edits` (the answer's positions edited as generated tokens are, see `generate`) and the caller's
-    hooks; NaN for an empty answer."""
+    hooks; NaN for an empty answer. `class_offsets` as for `generate`."""
     positive_int("batch_size", batch_size, 8)
     edits = dict(edits or {})
     if edits and scheme is None:
@@ -164,7 +168,7 @@ def answer_log_likelihood(wrapper: ModelWrapper, prompts: Sequence[str], answers
     for batch in engine.batches(prompts, batch_size, scheme if edits else None, continuations=answers):
         lengths = [len(a) for a in answers[batch.rows]]
         if edits:
-            state.prompt = batch.run_classes
+            _bind_classes(state, batch.run_classes, scheme, class_offsets, batch.rows)
             state.generated_at = torch.zeros_like(batch.run_ids, dtype=torch.bool)
             for i, end in enumerate((batch.mask.sum(1) - batch.offset).tolist()):
                 state.generated_at[i, end - lengths[i] : end] = True
@@ -182,6 +186,16 @@ def answer_log_likelihood(wrapper: ModelWrapper, prompts: Sequence[str], answers
             logp = torch.log_softmax(logits, -1).gather(-1, target[:, None])
             out[batch.rows.start + i] = float(logp.mean())
     return out
+
+
+def _bind_classes(state: _Positions, classes: Tensor, scheme: PositionScheme, offsets: Sequence[int] | None,
+                  rows: slice) -> None:
+    """The classes the hooks use for this batch: the prompt pass's and the generated tokens', each row's shifted
+    by its offset."""
+    shift = (torch.as_tensor(list(offsets[rows]), device=classes.device)[:, None] if offsets is not None
+             else torch.zeros((len(classes), 1), dtype=classes.dtype, device=classes.device))
+    state.prompt = classes + shift
+    state.generated = scheme.generated + shift
 
 
 __all__ = ["Answers", "NodeEdit", "answer_log_likelihood", "generate"]

@@ -165,3 +165,31 @@ def test_answer_likelihood_is_teacher_forcing_and_sees_the_edit(setup) -> None:
         one = answer_log_likelihood(wrapper, prompts[i : i + 1], [answers[i][:1]], 1, scheme=scheme, edits=edits)
         whole = answer_log_likelihood(wrapper, prompts, [a[:1] for a in answers], 4, scheme=scheme, edits=edits)
         assert one[0] == pytest.approx(whole[i], abs=1e-5)
+
+
+def test_counterfactual_values_are_each_prompts_class_means_and_patch_its_answer(setup, tmp_path: Path) -> None:
+    """`prompt_values` holds each prompt's node values per class (what discovery's per-prompt node values are);
+    patched into a toxic prompt, the planted circuit's values of a safe prompt remove the refusal at every token
+    and those of another toxic prompt keep it."""
+    wrapper, scheme, ablator, toxic, safe = setup
+    prompts = toxic[:2] + safe[:2]
+    values = ablator.prompt_values(prompts)
+    n_class = len(scheme.mean_classes)
+    samples = {s.prompt: s for s in planted_prompts(12, categories=("alpha",))["evaluation"]}
+    cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=64), tmp_path / "cache").run(
+        {"discovery": [samples[p] for p in prompts]})
+    features = encode_prompts(exact_saes(), PromptActivations(cache, ["discovery"]), scheme)
+    assert list(features.prompt_index) == list(range(len(prompts)))
+    for layer in LAYERS:  # the node classes' latents: discovery's per-prompt node values
+        table = values[layer][0].reshape(len(prompts), n_class, -1)[:, scheme.prefix:]
+        np.testing.assert_allclose(table.numpy(), features.values[layer][..., :-1], atol=1e-5)
+
+    circuit = planted_mask(ablator)
+    variant = ablator.variant(circuit, all_latents(ablator), inside=False)
+    donors = {"safe": [2, 3, 2], "toxic": [1, 0, 1]}  # a donor prompt's row of `values` for each edited prompt
+    for donor, rows in donors.items():
+        edits = {layer: ablator.edit(layer, keep, values[layer]) for layer, keep in variant.items()}
+        got = generate(wrapper, toxic[:3], NEW, 3, scheme=scheme, edits=edits, edit_generated=True,
+                       class_offsets=[r * n_class for r in rows])
+        want = [COMPLIANCE_WORD] * NEW if donor == "safe" else [REFUSAL_WORD] * NEW
+        assert all(words(wrapper, t) == want for t in got.tokens), donor
