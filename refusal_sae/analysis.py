@@ -365,12 +365,22 @@ def format_summary(summary: Summary) -> str:
 
 
 def _answers(rows: Sequence[AnswersSummary]) -> list[str]:
-    """`edit t/n, h/m` per edit, the random circuits as one `random lo-hi/n, lo-hi/m`."""
-    random = [r for r in rows if r.edit.startswith("random")]
-    out = [f"{r.edit} {r.toxic_refused}/{r.toxic_n}, {r.hard_refused}/{r.hard_n}" for r in rows if r not in random]
-    if random:
-        t, h = [r.toxic_refused for r in random], [r.hard_refused for r in random]
-        out.insert(3, f"random {min(t)}-{max(t)}/{random[0].toxic_n}, {min(h)}-{max(h)}/{random[0].hard_n}")
+    """`edit t/n, h/m` per edit, the random circuits of each kind of values as one `random lo-hi/n, lo-hi/m` where
+    the first of them stood."""
+    out: list[str] = []
+    randoms: dict[str, list[AnswersSummary]] = {}
+    for r in rows:
+        if r.edit.startswith("random"):
+            cf = " cf" if r.edit.endswith(" cf") else ""
+            if cf not in randoms:
+                out.append(f"random{cf}")  # its place, filled in below
+            randoms.setdefault(cf, []).append(r)
+        else:
+            out.append(f"{r.edit} {r.toxic_refused}/{r.toxic_n}, {r.hard_refused}/{r.hard_n}")
+    for cf, group in randoms.items():
+        t, h = [r.toxic_refused for r in group], [r.hard_refused for r in group]
+        out[out.index(f"random{cf}")] = (f"random{cf} {min(t)}-{max(t)}/{group[0].toxic_n}, "
+                                         f"{min(h)}-{max(h)}/{group[0].hard_n}")
     return out
 
 
@@ -485,7 +495,7 @@ def run_edits(inputs: AnalysisInputs, discovery: Discovery, results: Mapping[str
     direction = global_direction(out, source) if cfg.directions else None
     if cfg.directions and direction is None:
         log.info("edit: no refusal-directions stage in this analysis or its source; the direction edits are left out")
-    evaluation = list(inputs.splits["evaluation"])
+    evaluation, discovery_split = list(inputs.splits["evaluation"]), list(inputs.splits["discovery"])
     found: dict[str, list[CategoryEdits]] = {}
     for method, circuits in items.items():
         sizes = faithful_sizes(results.get(method, []))
@@ -494,7 +504,8 @@ def run_edits(inputs: AnalysisInputs, discovery: Discovery, results: Mapping[str
             if cfg.categories and circuit.category not in cfg.categories:
                 continue
             size = circuit_size(circuit.name, sizes, cfg.n_nodes, "editing")
-            record = edit_category(ablator, circuit, scores, evaluation, size, direction, cfg, phrases)
+            record = edit_category(ablator, circuit, scores, evaluation, discovery_split, size, direction, cfg,
+                                   phrases)
             out.method(method).write_edits(record)
             found[method].append(record)
     return found

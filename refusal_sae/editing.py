@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from refusal_sae.ablation import Ablator
@@ -45,10 +46,11 @@ from refusal_sae.errors import UserError
 from refusal_sae.generation import NodeEdit, answer_log_likelihood, generate
 from refusal_sae.objective import objective
 from refusal_sae.stats import Interval, interval, resample_weights, wilson
-from refusal_sae.validate import non_negative_int, positive_int, statistics_options
+from refusal_sae.validate import all_of, non_negative_int, positive_int, statistics_options
 from refusal_sae.validity import DEFAULT_REFUSAL_PHRASES, is_refusal
 
 MODEL = "model"
+VALUES: tuple[str, ...] = ("mean", "counterfactual")
 
 
 @dataclass
@@ -69,6 +71,10 @@ class EditingConfig:
     """The size where a circuit has no evaluation record or never reaches faithfulness 0.8."""
     random_circuits: int = 5
     """Random circuits of each edited circuit's shape, ablated: the chance level of 'ablate'."""
+    values: list[str] = field(default_factory=lambda: list(VALUES))
+    """What an ablated node is set to: 'mean' (its mean over the discovery prompts, as the evaluation does) and/or
+    'counterfactual' (its value on a matched prompt the model answers: a safe discovery prompt of the category,
+    the closest in length, whose greedy answer is no refusal)."""
     strengths: list[float] = field(default_factory=lambda: [0.0, 2.0])
     """Steering: the circuit's latents multiplied by each strength where they fire."""
     directions: bool = True
@@ -94,6 +100,7 @@ class EditingConfig:
         for s in self.strengths:
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not np.isfinite(s):
                 raise UserError(f"editing.strengths: {s!r} is not a number; give e.g. [0.0, 2.0]")
+        all_of("editing.values", self.values, VALUES)
         statistics_options("editing", self)
 
 
@@ -136,6 +143,10 @@ class CategoryEdits:
     n_toxic: int
     coherence_on: str
     """Which prompts coherence is measured on: 'safe_80k', 'answered hard prompts' or 'none'."""
+    counterfactual: str
+    """Where the counterfactual values come from, or why there are none."""
+    donors: list[str]
+    """Each prompt's matched prompt (whose values counterfactual edits patch in), in `prompts` order; empty without."""
     outcomes: list[EditOutcome]
 
     def outcome(self, edit: str) -> EditOutcome:
@@ -150,9 +161,12 @@ class GlobalDirection:
     vector: np.ndarray
 
 
-def circuit_edits(ablator: Ablator, scores: NodeScores, size: int, cfg: EditingConfig, rng: np.random.Generator
+def circuit_edits(ablator: Ablator, scores: NodeScores, size: int, cfg: EditingConfig, rng: np.random.Generator,
+                  donors: Mapping[str, tuple[Tensor, Tensor]] | None = None
                   ) -> Iterator[tuple[str, int, dict[str, NodeEdit]]]:
-    """(name, nodes edited, node edits) of one circuit at one size: ablated, kept, random, scaled."""
+    """(name, nodes edited, node edits) of one circuit at one size: ablated, kept, random (to the node means),
+    scaled; and with `donors` (`Ablator.prompt_values` of the matched prompts) ablated, kept and random again
+    with the counterfactual values (names ending in ' cf')."""
     candidates = candidate_mask({layer: ablator.means.live(layer) for layer in ablator.layers}, errors=False)
     ranking = ranked_nodes(scores, candidates)
     if size in cfg.sizes and size > len(ranking):
@@ -161,23 +175,30 @@ def circuit_edits(ablator: Ablator, scores: NodeScores, size: int, cfg: EditingC
     n = min(size, len(ranking))
     kept = node_mask(ranking[:n], {layer: m.shape for layer, m in candidates.items()})
 
-    def edits(variant) -> dict[str, NodeEdit]:
-        return {layer: ablator.edit(layer, k) for layer, k in variant.items() if not k.everything}
+    randoms = [random_mask(kept, candidates, rng) for _ in range(cfg.random_circuits)]
+    for values in ("mean", "counterfactual"):
+        if values not in cfg.values or (values == "counterfactual" and donors is None):
+            continue
+        suffix = " cf" if values == "counterfactual" else ""
 
-    yield f"ablate C{n}", n, edits(ablator.variant(kept, candidates, inside=False))
-    yield f"keep C{n}", n, edits(ablator.variant(kept, candidates))
-    for r in range(cfg.random_circuits):
-        random = random_mask(kept, candidates, rng)
-        yield f"random{r} C{n}", n, edits(ablator.variant(random, candidates, inside=False))
+        def edits(variant) -> dict[str, NodeEdit]:
+            return {layer: ablator.edit(layer, k, donors[layer] if suffix else None)
+                    for layer, k in variant.items() if not k.everything}
+
+        yield f"ablate C{n}{suffix}", n, edits(ablator.variant(kept, candidates, inside=False))
+        yield f"keep C{n}{suffix}", n, edits(ablator.variant(kept, candidates))
+        for r, random in enumerate(randoms):
+            yield f"random{r} C{n}{suffix}", n, edits(ablator.variant(random, candidates, inside=False))
     for s in cfg.strengths:
         yield f"scale{s:g} C{n}", n, {layer: ablator.scale(layer, kept[layer], s) for layer in ablator.layers
                                       if kept[layer].any()}
 
 
 def edit_category(ablator: Ablator, circuit: Circuit, scores: NodeScores, samples: Sequence[PromptSample],
-                  size: tuple[int, str], direction: GlobalDirection | None, cfg: EditingConfig,
-                  phrases: Sequence[str] = DEFAULT_REFUSAL_PHRASES) -> CategoryEdits:
-    """Every edit of one category's circuit on its held-out `samples` (see the module docstring)."""
+                  discovery: Sequence[PromptSample], size: tuple[int, str], direction: GlobalDirection | None,
+                  cfg: EditingConfig, phrases: Sequence[str] = DEFAULT_REFUSAL_PHRASES) -> CategoryEdits:
+    """Every edit of one category's circuit on its held-out `samples` (see the module docstring); counterfactual
+    values from the category's safe `discovery` prompts the model answers."""
     wrapper, scheme = ablator.wrapper, ablator.scheme
     mine = [s for s in samples if s.category == circuit.category]
     toxic = [s.prompt for s in mine if s.refusal_label]
@@ -189,11 +210,12 @@ def edit_category(ablator: Ablator, circuit: Circuit, scores: NodeScores, sample
     prompts = toxic + hard
     rng = np.random.default_rng([cfg.seed, zlib.crc32(circuit.name.encode())])
 
-    def answer(edits: Mapping[str, NodeEdit], context: contextlib.AbstractContextManager | None = None
-               ) -> list[str]:
+    def answer(edits: Mapping[str, NodeEdit], context: contextlib.AbstractContextManager | None = None,
+               offsets: Sequence[int] | None = None) -> list[str]:
         with context if context is not None else contextlib.nullcontext():
             return generate(wrapper, prompts, cfg.max_new_tokens, cfg.batch_size, scheme=scheme, edits=edits,
-                            edit_generated=cfg.edit_generated, desc=f"answers of {circuit.category}").texts
+                            edit_generated=cfg.edit_generated, class_offsets=offsets,
+                            desc=f"answers of {circuit.category}").texts
 
     base = generate(wrapper, prompts + plain, cfg.max_new_tokens, cfg.batch_size)
     coherence_on, reference, tokens = "none", [], []
@@ -207,13 +229,13 @@ def edit_category(ablator: Ablator, circuit: Circuit, scores: NodeScores, sample
     weights = (resample_weights(objective("toxic", "all", np.ones(len(reference), bool)), cfg.bootstrap, rng)
                if reference else None)
 
-    def likelihood(edits: Mapping[str, NodeEdit], context: contextlib.AbstractContextManager | None = None
-                   ) -> np.ndarray | None:
+    def likelihood(edits: Mapping[str, NodeEdit], context: contextlib.AbstractContextManager | None = None,
+                   offsets: Sequence[int] | None = None) -> np.ndarray | None:
         if not reference:
             return None
         with context if context is not None else contextlib.nullcontext():
             return answer_log_likelihood(wrapper, reference, tokens, cfg.batch_size, scheme=scheme, edits=edits,
-                                         edit_generated=cfg.edit_generated)
+                                         edit_generated=cfg.edit_generated, class_offsets=offsets)
 
     unedited = likelihood({})
 
@@ -228,18 +250,49 @@ def edit_category(ablator: Ablator, circuit: Circuit, scores: NodeScores, sample
         return EditOutcome(name, n, _rate(refused[: len(toxic)], cfg.confidence),
                            _rate(refused[len(toxic):], cfg.confidence), coherence, change, texts)
 
+    donors, matched, offsets, note = None, [], [], "not asked for (editing.values)"
+    if "counterfactual" in cfg.values:
+        donors, matched, offsets, note = _donors(ablator, circuit.category, discovery, prompts + reference, cfg,
+                                                 phrases)
+
     outcomes = [outcome(MODEL, None, base.texts[: len(prompts)], unedited)]
     sizes = sorted({size[0], *cfg.sizes})
-    steps = [(name, n, e) for s in sizes for name, n, e in circuit_edits(ablator, scores, s, cfg, rng)]
+    steps = [(name, n, e) for s in sizes for name, n, e in circuit_edits(ablator, scores, s, cfg, rng, donors)]
     for name, n, edits in tqdm(steps, desc=f"editing {circuit.category}", unit="edit", leave=False):
-        outcomes.append(outcome(name, n, answer(edits), likelihood(edits)))
+        cf = offsets if name.endswith(" cf") else None  # each prompt's classes shifted to its donor's rows
+        outcomes.append(outcome(name, n, answer(edits, offsets=cf and cf[: len(prompts)]),
+                                likelihood(edits, offsets=cf and cf[len(prompts):])))
     if direction is not None and cfg.directions:
         vector = torch.from_numpy(np.asarray(direction.vector, dtype=np.float32))
         for name, context in (("direction ablated", lambda: directional_ablation(wrapper, vector)),
                               ("direction added", lambda: activation_addition(wrapper, direction.layer, vector))):
             outcomes.append(outcome(name, None, answer({}, context()), likelihood({}, context())))
     return CategoryEdits(circuit.category, circuit.method, circuit.name, size[0], size[1], cfg.edit_generated,
-                         cfg.max_new_tokens, prompts, len(toxic), coherence_on, outcomes)
+                         cfg.max_new_tokens, prompts, len(toxic), coherence_on, note, matched[: len(prompts)],
+                         outcomes)
+
+
+def _donors(ablator: Ablator, category: str, discovery: Sequence[PromptSample], prompts: Sequence[str],
+            cfg: EditingConfig, phrases: Sequence[str]
+            ) -> tuple[dict[str, tuple[Tensor, Tensor]] | None, list[str], list[int], str]:
+    """(`Ablator.prompt_values` of the donor prompts, each of `prompts`' donor, the class offset that selects its
+    rows there, a note): the donors are the
+    category's safe discovery prompts whose greedy answer is no refusal; each prompt gets the one closest in
+    length (fewest tokens apart, the first such), so its content positions line up best."""
+    pool = [s.prompt for s in discovery if s.category == category and not s.refusal_label]
+    texts = generate(ablator.wrapper, pool, cfg.max_new_tokens, cfg.batch_size, desc=f"donors of {category}").texts
+    answered = [p for p, t in zip(pool, texts) if not is_refusal(t, phrases)]
+    if not answered:
+        return None, [], [], (f"none of the {len(pool)} safe discovery prompts of {category!r} is answered: no "
+                              "counterfactual values")
+    lengths = [len(ids) for ids in ablator.wrapper.encode(answered)]
+    matched = []
+    for n in map(len, ablator.wrapper.encode(list(prompts))):
+        matched.append(answered[int(np.argmin([abs(m - n) for m in lengths]))])
+    used = sorted(set(matched), key=answered.index)
+    offsets = [used.index(m) * len(ablator.scheme.mean_classes) for m in matched]
+    return ablator.prompt_values(used), matched, offsets, (f"{len(used)} of the {len(answered)} answered safe discovery prompts of {category!r} "
+                             f"(of {len(pool)}), matched by length")
 
 
 def _rate(refused: Sequence[bool], confidence: float) -> Rate:

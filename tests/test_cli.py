@@ -349,8 +349,11 @@ def test_analyze_edit_judges_each_circuit_by_its_answers(capsys: pytest.CaptureF
         for category in ("deception", "illegal"):
             record = run.analysis("edit").method(method).read_edits(CategoryEdits, category)
             n = sizes.get(category) or 30
-            assert [o.edit for o in record.outcomes][:5] == ["model", f"ablate C{record.size}", f"keep C{record.size}",
-                                                             f"random0 C{record.size}", f"scale0 C{record.size}"]
+            c = f"C{record.size}"
+            assert [o.edit for o in record.outcomes] == ["model", f"ablate {c}", f"keep {c}", f"random0 {c}",
+                                                         f"ablate {c} cf", f"keep {c} cf", f"random0 {c} cf",
+                                                         f"scale0 {c}"]
+            assert len(record.donors) == len(record.prompts) and "matched by length" in record.counterfactual
             assert record.size == n or record.size_reason.startswith("editing.n_nodes")
             for o in record.outcomes:
                 assert len(o.answers) == len(record.prompts) == o.toxic.n + o.hard.n
