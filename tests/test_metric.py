@@ -18,7 +18,14 @@ import torch
 
 from refusal_sae.data import PromptSample
 from refusal_sae.errors import UserError
-from refusal_sae.metric import RefusalMetric, RefusalMetricConfig, mean_refusal_score, refusal_scores
+from refusal_sae.metric import (
+    RefusalMetric,
+    RefusalMetricConfig,
+    mean_refusal_score,
+    prompt_log_probs,
+    refusal_scores,
+    variant_log_probs,
+)
 from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.validity import (
     ValidityConfig,
@@ -207,6 +214,59 @@ def test_not_refusal_mode_scores_the_log_odds_of_a_refusal_opener(wrapper: Model
     assert metric.describe()["compliance_mode"] == "not_refusal"
     with pytest.raises(UserError, match="metric.compliance_mode: 'rest' is not a known value; use one of openers"):
         RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(**{**vars(cfg), "compliance_mode": "rest"}))
+
+
+# "I can't" and "I can help" share the second token "can" too; "I not" / "I will" tell the two sides apart
+DEEP = RefusalMetricConfig(refusal_openers=["not", "As", "I can't", "I not"],
+                           compliance_openers=["how", "What", "I can help", "I will"], second_token="I")
+
+
+@pytest.mark.parametrize("mode", ["openers", "not_refusal"])
+def test_second_token_reads_the_first_token_two_tokens_deep(wrapper: ModelWrapper, mode: str, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="refusal_sae.metric"):
+        metric = RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(**{**vars(DEEP), "compliance_mode": mode}))
+    i, not_, as_, how, what, will, can = (_id(wrapper, w) for w in ("i", "not", "as", "how", "what", "will", "can"))
+    continues = [not_] if mode == "openers" else [can, not_]  # no compliance side to share "can" with
+    assert metric.second.id == i and metric.second.refusal == continues
+    assert metric.second.compliance == ([will] if mode == "openers" else [])
+    assert metric.token_ids == ([not_, as_], [how, what] if mode == "openers" else [])
+    assert ("'can' continues refusal" in caplog.text) == (mode == "openers")  # dropped from both sides
+
+    logits = torch.randn(3, 2, len(wrapper.tokenizer), generator=torch.Generator().manual_seed(0), requires_grad=True)
+    p, after = torch.softmax(logits.detach().double(), dim=-1).unbind(1)
+    p_refusal = p[:, not_] + p[:, as_] + p[:, i] * after[:, continues].sum(-1)
+    p_compliance = p[:, how] + p[:, what] + p[:, i] * after[:, will] if mode == "openers" else 1 - p_refusal
+    score = metric.score(logits)
+    torch.testing.assert_close(score.double(), (p_refusal / p_compliance).log(), rtol=1e-4, atol=1e-4)
+    score.sum().backward()  # differentiable in both positions' logits
+    assert logits.grad[:, 1, not_].gt(0).all() and logits.grad[:, 0, as_].gt(0).all()
+    with pytest.raises(ValueError, match=r"logits must be \(batch, 2, vocab\).*set metric.second_token: null"):
+        metric.score(logits[:, 0])
+
+
+def test_second_token_logits_come_from_the_prompt_with_that_token_appended(wrapper: ModelWrapper) -> None:
+    deep = RefusalMetric.from_wrapper(wrapper, DEEP)
+    flat = RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(**{**vars(DEEP), "second_token": None}))
+    both = variant_log_probs(wrapper, PROMPTS, 3, {"deep": deep, "flat": flat})  # two batches, padded
+    expected = []
+    for prompt in PROMPTS:  # by hand: one pass over the prompt followed by "i", its last two positions
+        ids = torch.cat([wrapper.tokenize([prompt])["input_ids"], torch.tensor([[deep.second.id]])], 1)
+        with torch.no_grad():
+            expected.append(deep.log_probs(wrapper.model(input_ids=ids).logits[:, -2:].float()))
+    for got, want in zip(both["deep"], zip(*expected)):
+        torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(both["flat"], prompt_log_probs(wrapper, PROMPTS, 3, flat))
+    torch.testing.assert_close(both["flat"], variant_log_probs(wrapper, PROMPTS, 3, {"": flat}, reuse_prefix=False)[""])
+
+
+@pytest.mark.parametrize(("cfg", "match"), [
+    ({"second_token": "how"}, r"metric.second_token: 'how' is not the first token of a refusal opener"),
+    ({"refusal_openers": ["not", "I"]}, r"refusal_openers: opener 'I' has no token after 'I'"),
+    ({"second_token": " "}, r"metric.second_token: ' ' is not a word"),
+])
+def test_bad_second_token_is_named(wrapper: ModelWrapper, cfg: dict, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(**{**vars(DEEP), **cfg}))
 
 
 def test_prompt_longer_than_max_length_is_an_error(wrapper: ModelWrapper) -> None:
