@@ -29,6 +29,8 @@ from refusal_sae.metric import (
 from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.validity import (
     ValidityConfig,
+    auc_by_category,
+    auc_table_markdown,
     generate_answers,
     is_refusal,
     roc_auc,
@@ -383,6 +385,14 @@ def test_validity_report(wrapper: ModelWrapper, tmp_path: Path) -> None:
         roc_auc([r["p_refusal_set"] for r in report["prompts"]], refused)
     )
     assert report["metric"]["refusal"][0]["token"] == "not"
+    # the variants: "openers" is the run's own metric here, log P(refusal set) its refusal side
+    overall = report["auc_by_category"]["overall"]
+    assert overall["n"] == 4 and overall["refused"] == sum(refused) and list(report["auc_by_category"]) == ["privacy", "overall"]
+    assert overall["auc"]["openers"]["auc"] == report["auc_score_vs_refusal"]
+    assert overall["auc"]["log_p_refusal"]["auc"] == report["auc_refusal_logprob_vs_refusal"]
+    assert [r["variant_scores"]["openers"] for r in report["prompts"]] == pytest.approx(scores, abs=1e-5)
+    assert set(report["metric_variants"]) == {"openers", "not_refusal"}  # no refusal opener starts with "I" here
+    assert "'I' is not the first token of a refusal opener" in report["metric_variant_errors"]["two_token"]
 
     path = tmp_path / "out" / "metric_validity.json"
     write_validity_report(report, path)
@@ -393,6 +403,36 @@ def test_validity_report(wrapper: ModelWrapper, tmp_path: Path) -> None:
                                                                              keep_answers=False))
     assert none_refused["auc_score_vs_refusal"] is None and "prompts" not in none_refused
     json.dumps(none_refused, allow_nan=False)
+
+
+def test_auc_by_category_with_bootstrap_intervals() -> None:
+    rng = np.random.default_rng(1)
+    categories = ["a"] * 12 + ["b"] * 10 + ["c"] * 6
+    refused = np.array([True, False] * 14)
+    noise = rng.normal(size=28)
+    scores = {"perfect": refused * 1.0, "reversed": refused * -1.0, "noise": noise}
+    out = auc_by_category(categories, refused, scores, bootstrap=200, seed=3)
+    assert list(out) == ["a", "b", "c", "overall"]
+    assert out["b"]["n"] == 10 and out["b"]["refused"] == 5 and out["overall"]["n"] == 28
+    for group in out:  # a resample keeps both classes or is left out: perfect stays perfect
+        assert out[group]["auc"]["perfect"] == {"auc": 1.0, "low": 1.0, "high": 1.0}
+        assert out[group]["auc"]["reversed"] == {"auc": 0.0, "low": 0.0, "high": 0.0}
+    rows = np.array(categories) == "a"
+    a = out["a"]["auc"]["noise"]
+    assert a["auc"] == pytest.approx(roc_auc(noise[rows], refused[rows])) and a["low"] < a["auc"] < a["high"]
+    assert out["overall"]["auc"]["noise"]["auc"] == pytest.approx(roc_auc(noise, refused))
+    assert auc_by_category(categories, refused, scores, bootstrap=200, seed=3) == out  # the seed fixes it
+    assert auc_by_category(categories, refused, scores, bootstrap=200, seed=4)["a"]["auc"]["noise"] != a
+    # a category with one class only: null AUC, null interval
+    lone = auc_by_category(["x", "x", "y", "y"], [True, True, True, False], {"s": [1, 2, 3, 4]}, bootstrap=100)
+    assert lone["x"]["auc"]["s"] == {"auc": None, "low": None, "high": None} and lone["y"]["auc"]["s"]["auc"] == 0.0
+
+    table = auc_table_markdown(out).splitlines()
+    assert table[0] == "| category | refused | perfect | reversed | noise |"
+    assert table[2].startswith("| a | 6 of 12 | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] | ")
+    assert table[-1].startswith("| overall | 14 of 28 |") and len(table) == 6
+    with pytest.raises(ValueError, match="3 categories, 2 labels"):
+        auc_by_category(["a", "a", "b"], [True, False], {"s": [1, 2]})
 
 
 def test_validity_report_rejects_bad_input(wrapper: ModelWrapper) -> None:
