@@ -188,6 +188,14 @@ def is_refusal(answer: str, phrases: Sequence[str] = DEFAULT_REFUSAL_PHRASES) ->
     return any(_normalise(p) in text for p in phrases)
 
 
+def precision_recall(predicted: Sequence[bool], actual: Sequence[bool]) -> tuple[float, float]:
+    """(precision, recall) of `predicted` refusals against `actual` ones (NaN where undefined)."""
+    p = np.asarray(predicted, dtype=bool)
+    a = np.asarray(actual, dtype=bool)
+    hits = int((p & a).sum())
+    return (hits / p.sum() if p.any() else math.nan), (hits / a.sum() if a.any() else math.nan)
+
+
 def roc_auc(scores: Sequence[float] | np.ndarray | Tensor, labels: Sequence[bool] | np.ndarray | Tensor) -> float:
     """ROC AUC of `scores` for the binary `labels` (True/1 = positive), by the Mann-Whitney U statistic.
 
@@ -431,6 +439,7 @@ __all__ = [
     "generate_answers",
     "is_refusal",
     "metric_variants",
+    "precision_recall",
     "roc_auc",
     "validity_report",
     "write_validity_report",

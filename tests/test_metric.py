@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from refusal_sae.validity import (
     auc_table_markdown,
     generate_answers,
     is_refusal,
+    precision_recall,
     roc_auc,
     validity_report,
     write_validity_report,
@@ -433,6 +435,27 @@ def test_auc_by_category_with_bootstrap_intervals() -> None:
     assert table[-1].startswith("| overall | 14 of 28 |") and len(table) == 6
     with pytest.raises(ValueError, match="3 categories, 2 labels"):
         auc_by_category(["a", "a", "b"], [True, False], {"s": [1, 2]})
+
+
+AUDIT = Path(__file__).resolve().parents[1] / "docs" / "audit"
+
+
+def test_audit_numbers_match_the_labels() -> None:
+    """docs/audit/README.md's precision / recall table is what the committed labels and the current phrases give."""
+    records = [json.loads(line) for line in (AUDIT / "labels.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 160 and all("prompt" not in r for r in records)  # OR-Bench's text stays out
+    assert {(r["source"], r["category"]) for r in records} == {
+        (f, c) for f in ("or-bench-toxic.csv", "or-bench-hard-1k.csv") for c in {r["category"] for r in records}
+    } and len({r["category"] for r in records}) == 10
+    rows = re.findall(r"^\| (development|held-out) \| (\d+) \| (\d+) \| (before|after) \| ([\d.]+) \| ([\d.]+) \|$",
+                      (AUDIT / "README.md").read_text(encoding="utf-8"), re.MULTILINE)
+    assert len(rows) == 4
+    for half, n, refusals, phrases, precision, recall in rows:
+        part = [r for r in records if r["half"] == half]
+        actual = [r["label"] == "refusal" for r in part]
+        said = [r["string_match"] if phrases == "before" else is_refusal(r["answer"]) for r in part]
+        assert (len(part), sum(actual)) == (int(n), int(refusals))
+        assert [f"{x:.3f}" for x in precision_recall(said, actual)] == [precision, recall], (half, phrases)
 
 
 def test_validity_report_rejects_bad_input(wrapper: ModelWrapper) -> None:
