@@ -18,7 +18,9 @@ Definition
     "There are several ..."), which no opener list covers: then P(C) is tiny and the "openers" score is
     inflated although the model is about to answer. Measured on the embedded model (10 toxic + 10 hard
     OR-Bench prompts, 24-token greedy answers), the AUC of the score for "the answer is a refusal" was
-    0.77 with "openers" and 0.93 with "not_refusal".
+    0.77 with "openers" and 0.93 with "not_refusal"; on 160 answers labelled by hand (docs/audit), 0.82 and
+    0.95 (README, "Which score tracks the model's refusals"). The default stays "openers" until the README's
+    results are rerun with "not_refusal".
 
 Openers to token ids
     Openers are configured as strings. Each one is encoded the way it would appear as the FIRST
