@@ -18,7 +18,9 @@ Definition
     "There are several ..."), which no opener list covers: then P(C) is tiny and the "openers" score is
     inflated although the model is about to answer. Measured on the embedded model (10 toxic + 10 hard
     OR-Bench prompts, 24-token greedy answers), the AUC of the score for "the answer is a refusal" was
-    0.77 with "openers" and 0.93 with "not_refusal".
+    0.77 with "openers" and 0.93 with "not_refusal"; on 160 answers labelled by hand (docs/audit), 0.82 and
+    0.95 (README, "Which score tracks the model's refusals"). The default stays "openers" until the README's
+    results are rerun with "not_refusal".
 
 Openers to token ids
     Openers are configured as strings. Each one is encoded the way it would appear as the FIRST
@@ -42,10 +44,24 @@ Shared first tokens
     * "refusal" / "compliance": kept in that set only, for a model whose shared token is known to lead
       mostly one way (Llama-2-chat's "I" is nearly always "I cannot ..." / "I apologize ...").
 
-    Scoring two tokens deep is deliberately not done: it would need a second forward pass per shared
-    token, and circuit discovery wants a metric of a single forward pass. The defaults below share no
-    first token on the embedded Qwen2.5 (checked; for Llama-2 expected, not checked offline), so the
-    "I" of "I cannot" counts as refusal.
+    The defaults below share no first token on the embedded Qwen2.5 (checked; for Llama-2 expected, not
+    checked offline), so the "I" of "I cannot" counts as refusal, whatever follows it ("I'd be happy").
+
+Two tokens deep (`second_token`)
+    With `second_token: "I"`, that first token s is read two tokens deep: its probability counts as refusal
+    only as far as the next token continues a refusal opener starting with s (R2: " cannot", "'m", " apologize"
+    ... for "I"), and as compliance as far as it continues a compliance opener starting with s (C2):
+
+        P(refusal) = P(R without s) + P(s) P(R2 | s)
+        P(compliance) = P(C without s) + P(s) P(C2 | s)          (openers)
+                      = 1 - P(refusal)                           (not_refusal)
+
+    P(. | s) is the next-token distribution after the prompt followed by s. Attention is causal, so ONE
+    forward pass over the prompt with s appended gives both distributions: its second-to-last position is
+    the generation position itself. `score` therefore takes (batch, 2, vocab) logits, those two positions.
+    Only one such token can be appended per pass, hence one `second_token`. A second token on both sides
+    (Qwen's " can" of "I can't" and "I can help") is dropped from both, with a warning. Circuits read
+    (batch, vocab) logits at the generation position, so they need the one-token modes (an error says so).
 
 Prompt length
     The score must be read at the generation position, which truncation would cut off, so a prompt
@@ -54,9 +70,10 @@ Prompt length
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -118,10 +135,14 @@ class RefusalMetricConfig:
     """A first token of both a refusal and a compliance opener: 'drop' it from both sets, or keep it in 'refusal' or 'compliance' only (always warned)."""
     compliance_mode: ComplianceMode = "openers"
     """'openers': the compliance side is the compliance openers' first tokens; 'not_refusal': every token outside the refusal set (score = log-odds of a refusal opener; compliance_openers unused)."""
+    second_token: str | None = None
+    """A first token read two tokens deep (e.g. 'I'): it counts as refusal or compliance by the token after it (logits at two positions; see 'Two tokens deep'); null: one token deep."""
 
     def __post_init__(self) -> None:
         one_of("metric.shared_first_tokens", self.shared_first_tokens, SHARED_POLICIES)
         one_of("metric.compliance_mode", self.compliance_mode, COMPLIANCE_MODES)
+        if self.second_token is not None and (not isinstance(self.second_token, str) or not self.second_token.strip()):
+            raise UserError(f"metric.second_token: {self.second_token!r} is not a word; give e.g. 'I', or null")
         sides = {"refusal_openers": self.refusal_openers}
         if self.compliance_mode == "openers":
             sides["compliance_openers"] = self.compliance_openers
@@ -153,6 +174,16 @@ class OpenerToken:
         return {"id": self.id, "token": self.token, "openers": list(self.openers)}
 
 
+@dataclass(frozen=True)
+class SecondToken:
+    """The first token read two tokens deep, and the tokens after it that continue a refusal or a compliance."""
+
+    id: int
+    token: str
+    refusal: list[int]
+    compliance: list[int]
+
+
 class RefusalMetric:
     """Refusal score = log P(refusal first tokens) - log P(compliance first tokens), from logits.
 
@@ -162,7 +193,8 @@ class RefusalMetric:
 
     Attributes: `cfg`, `refusal` and `compliance` (lists of `OpenerToken`, in opener order), `shared`
     (the first tokens found on both sides, as `(OpenerToken of refusal, OpenerToken of compliance)`),
-    `token_ids` (refusal ids, compliance ids; compliance empty with compliance_mode 'not_refusal').
+    `token_ids` (refusal ids, compliance ids; compliance empty with compliance_mode 'not_refusal'), `second`
+    (a `SecondToken` with `second_token`, else None).
     """
 
     def __init__(self, tokenizer: Any, cfg: RefusalMetricConfig | None = None, chat_template: str | None = None):
@@ -172,6 +204,7 @@ class RefusalMetric:
         refusal = self._first_tokens(cfg.refusal_openers, "refusal_openers")
         complement = cfg.compliance_mode == "not_refusal"
         compliance = {} if complement else self._first_tokens(cfg.compliance_openers, "compliance_openers")
+        self.second = self._second_level(refusal, compliance) if cfg.second_token is not None else None
 
         shared_ids = [i for i in refusal if i in compliance]
         self.shared = [(refusal[i], compliance[i]) for i in shared_ids]
@@ -192,8 +225,9 @@ class RefusalMetric:
                     del refusal[i]
                 if cfg.shared_first_tokens != "compliance":
                     del compliance[i]
-        for name, side in (("refusal_openers", refusal), ("compliance_openers", compliance)):
-            if not side and not (complement and name == "compliance_openers"):
+        deep = (self.second.refusal, self.second.compliance) if self.second else ([], [])
+        for name, side, after in (("refusal_openers", refusal, deep[0]), ("compliance_openers", compliance, deep[1])):
+            if not side and not after and not (complement and name == "compliance_openers"):
                 raise UserError(
                     f"{name}: no first token left after removing those shared with the other side "
                     f"(shared_first_tokens={cfg.shared_first_tokens!r}); add openers that start with a different word"
@@ -203,8 +237,8 @@ class RefusalMetric:
         self._ids = (
             torch.tensor([t.id for t in self.refusal], dtype=torch.long),
             torch.tensor([t.id for t in self.compliance], dtype=torch.long),
-        )
-        self._max_id = int(torch.cat(self._ids).max())
+        )  # without the second_token's id, which `log_probs` reads two tokens deep
+        self._max_id = max([*refusal, *compliance, *([self.second.id, *deep[0], *deep[1]] if self.second else [])])
 
     @classmethod
     def from_wrapper(cls, wrapper: ModelWrapper, cfg: RefusalMetricConfig | None = None) -> RefusalMetric:
@@ -230,17 +264,47 @@ class RefusalMetric:
         )
         return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _first_token_id(self, text: str) -> int | None:
-        """The first token `text` produces as the start of a generated answer (None if it produces none)."""
+    def _answer_tokens(self, text: str) -> list[int]:
+        """The tokens `text` produces as the start of a generated answer."""
         tok = self.tokenizer
         if self._prefix_ids is not None:
             full = list(tok(self._prefix_text + text, add_special_tokens=False)["input_ids"])
             n = len(self._prefix_ids)
             if full[:n] == self._prefix_ids:
-                return full[n] if len(full) > n else None
+                return full[n:]
             # the opener merged with the end of the template; fall back to encoding it alone
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    def _first_token_id(self, text: str) -> int | None:
+        """The first token `text` produces as the start of a generated answer (None if it produces none)."""
+        ids = self._answer_tokens(text)
         return ids[0] if ids else None
+
+    def _second_level(self, refusal: dict[int, OpenerToken], compliance: dict[int, OpenerToken]) -> SecondToken:
+        """Take `cfg.second_token`'s id out of both first-token sets and map its openers to their second tokens."""
+        word = str(self.cfg.second_token)
+        sid = self._first_token_id(word)
+        if sid is None or sid not in refusal:
+            known = sorted({t.token for t in refusal.values()})
+            raise UserError(f"metric.second_token: {word!r} is not the first token of a refusal opener "
+                            f"(those are {known}); give one of them, or null")
+        sides = []
+        for name, first in (("refusal_openers", refusal), ("compliance_openers", compliance)):
+            after: dict[int, list[str]] = {}
+            for opener in first.pop(sid).openers if sid in first else ():
+                ids = self._answer_tokens(opener)
+                if len(ids) < 2 or ids[0] != sid:
+                    raise UserError(f"{name}: opener {opener!r} has no token after {word!r} to read; "
+                                    "remove it or give the words that follow")
+                after.setdefault(ids[1], []).append(opener)
+            sides.append(after)
+        both = sorted(set(sides[0]) & set(sides[1]))
+        if both:
+            log.warning("refusal metric: second token(s) after %r on both sides, dropped from both: %s", word,
+                        "; ".join(f"{self.tokenizer.convert_ids_to_tokens(i)!r} continues refusal {sides[0][i]} "
+                                  f"and compliance {sides[1][i]}" for i in both))
+        refusal_after, compliance_after = ([i for i in side if i not in both] for side in sides)
+        return SecondToken(sid, str(self.tokenizer.convert_ids_to_tokens(sid)), refusal_after, compliance_after)
 
     def _first_tokens(self, openers: Sequence[str], name: str) -> dict[int, OpenerToken]:
         """{first token id: OpenerToken} of `openers` (checked as lists of non-empty strings by the config)."""
@@ -284,10 +348,21 @@ class RefusalMetric:
         """(refusal token ids, compliance token ids), deduplicated, in opener order."""
         return self._ids[0].tolist(), self._ids[1].tolist()
 
+    @property
+    def positions(self) -> int:
+        """How many positions' logits `score` reads: 2 with `second_token`, else 1."""
+        return 1 if self.second is None else 2
+
     def _check(self, logits: Tensor) -> None:
-        if logits.ndim != 2:
+        if self.second is not None and (logits.ndim != 3 or logits.shape[1] != 2):
+            raise ValueError(
+                f"this refusal metric reads two positions (second_token {self.cfg.second_token!r}): logits must be "
+                f"(batch, 2, vocab), at the generation position and after the appended token, got shape "
+                f"{tuple(logits.shape)}; circuits and ablations read one position, so set metric.second_token: null"
+            )
+        if self.second is None and logits.ndim != 2:
             raise ValueError(f"logits must be (batch, vocab), got shape {tuple(logits.shape)}")
-        if logits.shape[1] <= self._max_id:
+        if logits.shape[-1] <= self._max_id:
             raise UserError(
                 f"refusal metric: logits have {logits.shape[1]} vocabulary entries but opener token id "
                 f"{self._max_id} was asked for; build the metric with the model's own tokenizer"
@@ -300,13 +375,17 @@ class RefusalMetric:
         """
         self._check(logits)
         logp = torch.log_softmax(logits.float(), dim=-1)
-        refusal, compliance = (ids.to(logits.device) for ids in self._ids)
-        log_r = torch.logsumexp(logp[:, refusal], dim=-1)
-        if self.cfg.compliance_mode == "not_refusal":
-            in_refusal = torch.zeros(logp.shape[-1], dtype=torch.bool, device=logp.device)
-            in_refusal[refusal] = True
-            return log_r, torch.logsumexp(logp.masked_fill(in_refusal, -math.inf), dim=-1)
-        return log_r, torch.logsumexp(logp[:, compliance], dim=-1)
+        refusal, compliance = self._ids
+        complement = self.cfg.compliance_mode == "not_refusal"
+        if self.second is None:
+            return _mass(logp, refusal), _outside(logp, refusal) if complement else _mass(logp, compliance)
+        first, after = logp[:, 0], logp[:, 1]
+        s = first[:, self.second.id]
+        log_r = torch.logaddexp(_mass(first, refusal), s + _mass(after, self.second.refusal))
+        if complement:
+            outside = _outside(first, [*refusal.tolist(), self.second.id])
+            return log_r, torch.logaddexp(outside, s + _outside(after, self.second.refusal))
+        return log_r, torch.logaddexp(_mass(first, compliance), s + _mass(after, self.second.compliance))
 
     def score(self, logits: Tensor) -> Tensor:
         """(batch,) refusal score log P(R) - log P(C) from (batch, vocab) next-token logits; differentiable."""
@@ -326,7 +405,27 @@ class RefusalMetric:
                 for r, c in self.shared
             ],
             "space_variants": self.cfg.space_variants,
+            "second_token": None if self.second is None else {
+                "id": self.second.id, "token": self.second.token,
+                "refusal": self.tokenizer.convert_ids_to_tokens(self.second.refusal),
+                "compliance": self.tokenizer.convert_ids_to_tokens(self.second.compliance),
+            },
         }
+
+
+def _mass(logp: Tensor, ids: Tensor | Sequence[int]) -> Tensor:
+    """(batch,) log of the probability mass of `ids` under (batch, vocab) log-probs; -inf for no ids."""
+    ids = torch.as_tensor(ids, dtype=torch.long, device=logp.device)
+    if not len(ids):
+        return logp.new_full(logp.shape[:1], -math.inf)
+    return torch.logsumexp(logp[:, ids], dim=-1)
+
+
+def _outside(logp: Tensor, ids: Tensor | Sequence[int]) -> Tensor:
+    """(batch,) log of the probability mass of every token but `ids`."""
+    inside = torch.zeros(logp.shape[-1], dtype=torch.bool, device=logp.device)
+    inside[torch.as_tensor(ids, dtype=torch.long, device=logp.device)] = True
+    return torch.logsumexp(logp.masked_fill(inside, -math.inf), dim=-1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,14 +450,45 @@ def prompt_log_probs(
     across calls, since the caller's hooks may differ. A model whose cache cannot be continued (checked once
     per wrapper, with a one-line notice) and `reuse_prefix=False` run whole prompts.
     """
-    refusal, compliance = [], []
+    return variant_log_probs(wrapper, prompts, batch_size, {"": metric}, reuse_prefix)[""]
+
+
+def variant_log_probs(
+    wrapper: ModelWrapper, prompts: Sequence[str], batch_size: int, metrics: Mapping[str, RefusalMetric],
+    reuse_prefix: bool = True,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """`prompt_log_probs` of several metrics of one tokenizer, from one run of the prompts.
+
+    A metric with `second_token` also needs the logits after that token appended to each prompt: one more
+    forward pass per batch and distinct second token (from a copy of the prefix cache, which a pass extends).
+    """
+    out: dict[str, tuple[list[Tensor], list[Tensor]]] = {name: ([], []) for name in metrics}
+    appended = sorted({m.second.id for m in metrics.values() if m.second is not None})
     for batch in SharedPrefix(wrapper, "refusal metric", reuse=reuse_prefix).batches(prompts, batch_size):
-        r, c = metric.log_probs(wrapper.last_token_logits(batch.run_ids, batch.mask, past=batch.past))
-        refusal.append(r.cpu())
-        compliance.append(c.cpu())
-    if not refusal:
-        return torch.zeros(0), torch.zeros(0)
-    return torch.cat(refusal), torch.cat(compliance)
+        pasts = {i: copy.deepcopy(batch.past) for i in appended}
+        logits = {None: wrapper.last_token_logits(batch.run_ids, batch.mask, past=batch.past)}
+        for i in appended:
+            after = wrapper.last_token_logits(*append_token(batch.run_ids, batch.mask, i), past=pasts[i])
+            logits[i] = torch.stack([logits[None], after], 1)
+        for name, metric in metrics.items():
+            r, c = metric.log_probs(logits[None if metric.second is None else metric.second.id])
+            out[name][0].append(r.cpu())
+            out[name][1].append(c.cpu())
+    return {name: (torch.cat(r), torch.cat(c)) if r else (torch.zeros(0), torch.zeros(0))
+            for name, (r, c) in out.items()}
+
+
+def append_token(run_ids: Tensor, mask: Tensor, token: int) -> tuple[Tensor, Tensor]:
+    """Right-padded `run_ids` (the positions that run) and the whole prompt's `mask`, with `token` after each
+    row's last real token: its logits are then the next-token distribution after that token."""
+    offset = mask.shape[1] - run_ids.shape[1]
+    ends = mask.sum(1)  # each row's first free position (right padding)
+    rows = torch.arange(len(run_ids), device=run_ids.device)
+    ids = torch.cat([run_ids, run_ids.new_zeros(len(run_ids), 1)], 1)  # the new column is masked where unused
+    grown = torch.cat([mask, mask.new_zeros(len(mask), 1)], 1)
+    ids[rows, ends - offset] = token
+    grown[rows, ends] = 1
+    return ids, grown
 
 
 def refusal_scores(
@@ -409,4 +539,5 @@ __all__ = [
     "prompt_log_probs",
     "refusal_scores",
     "resolve_metric",
+    "variant_log_probs",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,22 @@ import torch
 
 from refusal_sae.data import PromptSample
 from refusal_sae.errors import UserError
-from refusal_sae.metric import RefusalMetric, RefusalMetricConfig, mean_refusal_score, refusal_scores
+from refusal_sae.metric import (
+    RefusalMetric,
+    RefusalMetricConfig,
+    mean_refusal_score,
+    prompt_log_probs,
+    refusal_scores,
+    variant_log_probs,
+)
 from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.validity import (
     ValidityConfig,
+    auc_by_category,
+    auc_table_markdown,
     generate_answers,
     is_refusal,
+    precision_recall,
     roc_auc,
     validity_report,
     write_validity_report,
@@ -209,6 +220,59 @@ def test_not_refusal_mode_scores_the_log_odds_of_a_refusal_opener(wrapper: Model
         RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(**{**vars(cfg), "compliance_mode": "rest"}))
 
 
+# "I can't" and "I can help" share the second token "can" too; "I not" / "I will" tell the two sides apart
+DEEP = RefusalMetricConfig(refusal_openers=["not", "As", "I can't", "I not"],
+                           compliance_openers=["how", "What", "I can help", "I will"], second_token="I")
+
+
+@pytest.mark.parametrize("mode", ["openers", "not_refusal"])
+def test_second_token_reads_the_first_token_two_tokens_deep(wrapper: ModelWrapper, mode: str, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="refusal_sae.metric"):
+        metric = RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(**{**vars(DEEP), "compliance_mode": mode}))
+    i, not_, as_, how, what, will, can = (_id(wrapper, w) for w in ("i", "not", "as", "how", "what", "will", "can"))
+    continues = [not_] if mode == "openers" else [can, not_]  # no compliance side to share "can" with
+    assert metric.second.id == i and metric.second.refusal == continues
+    assert metric.second.compliance == ([will] if mode == "openers" else [])
+    assert metric.token_ids == ([not_, as_], [how, what] if mode == "openers" else [])
+    assert ("'can' continues refusal" in caplog.text) == (mode == "openers")  # dropped from both sides
+
+    logits = torch.randn(3, 2, len(wrapper.tokenizer), generator=torch.Generator().manual_seed(0), requires_grad=True)
+    p, after = torch.softmax(logits.detach().double(), dim=-1).unbind(1)
+    p_refusal = p[:, not_] + p[:, as_] + p[:, i] * after[:, continues].sum(-1)
+    p_compliance = p[:, how] + p[:, what] + p[:, i] * after[:, will] if mode == "openers" else 1 - p_refusal
+    score = metric.score(logits)
+    torch.testing.assert_close(score.double(), (p_refusal / p_compliance).log(), rtol=1e-4, atol=1e-4)
+    score.sum().backward()  # differentiable in both positions' logits
+    assert logits.grad[:, 1, not_].gt(0).all() and logits.grad[:, 0, as_].gt(0).all()
+    with pytest.raises(ValueError, match=r"logits must be \(batch, 2, vocab\).*set metric.second_token: null"):
+        metric.score(logits[:, 0])
+
+
+def test_second_token_logits_come_from_the_prompt_with_that_token_appended(wrapper: ModelWrapper) -> None:
+    deep = RefusalMetric.from_wrapper(wrapper, DEEP)
+    flat = RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(**{**vars(DEEP), "second_token": None}))
+    both = variant_log_probs(wrapper, PROMPTS, 3, {"deep": deep, "flat": flat})  # two batches, padded
+    expected = []
+    for prompt in PROMPTS:  # by hand: one pass over the prompt followed by "i", its last two positions
+        ids = torch.cat([wrapper.tokenize([prompt])["input_ids"], torch.tensor([[deep.second.id]])], 1)
+        with torch.no_grad():
+            expected.append(deep.log_probs(wrapper.model(input_ids=ids).logits[:, -2:].float()))
+    for got, want in zip(both["deep"], zip(*expected)):
+        torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(both["flat"], prompt_log_probs(wrapper, PROMPTS, 3, flat))
+    torch.testing.assert_close(both["flat"], variant_log_probs(wrapper, PROMPTS, 3, {"": flat}, reuse_prefix=False)[""])
+
+
+@pytest.mark.parametrize(("cfg", "match"), [
+    ({"second_token": "how"}, r"metric.second_token: 'how' is not the first token of a refusal opener"),
+    ({"refusal_openers": ["not", "I"]}, r"refusal_openers: opener 'I' has no token after 'I'"),
+    ({"second_token": " "}, r"metric.second_token: ' ' is not a word"),
+])
+def test_bad_second_token_is_named(wrapper: ModelWrapper, cfg: dict, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(**{**vars(DEEP), **cfg}))
+
+
 def test_prompt_longer_than_max_length_is_an_error(wrapper: ModelWrapper) -> None:
     short = ModelWrapper(ModelConfig(name=wrapper.cfg.name, max_length=8))
     with pytest.raises(UserError, match=r"data.model.max_length: 1 of 2 prompts are longer than 8 tokens"):
@@ -323,6 +387,14 @@ def test_validity_report(wrapper: ModelWrapper, tmp_path: Path) -> None:
         roc_auc([r["p_refusal_set"] for r in report["prompts"]], refused)
     )
     assert report["metric"]["refusal"][0]["token"] == "not"
+    # the variants: "openers" is the run's own metric here, log P(refusal set) its refusal side
+    overall = report["auc_by_category"]["overall"]
+    assert overall["n"] == 4 and overall["refused"] == sum(refused) and list(report["auc_by_category"]) == ["privacy", "overall"]
+    assert overall["auc"]["openers"]["auc"] == report["auc_score_vs_refusal"]
+    assert overall["auc"]["log_p_refusal"]["auc"] == report["auc_refusal_logprob_vs_refusal"]
+    assert [r["variant_scores"]["openers"] for r in report["prompts"]] == pytest.approx(scores, abs=1e-5)
+    assert set(report["metric_variants"]) == {"openers", "not_refusal"}  # no refusal opener starts with "I" here
+    assert "'I' is not the first token of a refusal opener" in report["metric_variant_errors"]["two_token"]
 
     path = tmp_path / "out" / "metric_validity.json"
     write_validity_report(report, path)
@@ -333,6 +405,57 @@ def test_validity_report(wrapper: ModelWrapper, tmp_path: Path) -> None:
                                                                              keep_answers=False))
     assert none_refused["auc_score_vs_refusal"] is None and "prompts" not in none_refused
     json.dumps(none_refused, allow_nan=False)
+
+
+def test_auc_by_category_with_bootstrap_intervals() -> None:
+    rng = np.random.default_rng(1)
+    categories = ["a"] * 12 + ["b"] * 10 + ["c"] * 6
+    refused = np.array([True, False] * 14)
+    noise = rng.normal(size=28)
+    scores = {"perfect": refused * 1.0, "reversed": refused * -1.0, "noise": noise}
+    out = auc_by_category(categories, refused, scores, bootstrap=200, seed=3)
+    assert list(out) == ["a", "b", "c", "overall"]
+    assert out["b"]["n"] == 10 and out["b"]["refused"] == 5 and out["overall"]["n"] == 28
+    for group in out:  # a resample keeps both classes or is left out: perfect stays perfect
+        assert out[group]["auc"]["perfect"] == {"auc": 1.0, "low": 1.0, "high": 1.0}
+        assert out[group]["auc"]["reversed"] == {"auc": 0.0, "low": 0.0, "high": 0.0}
+    rows = np.array(categories) == "a"
+    a = out["a"]["auc"]["noise"]
+    assert a["auc"] == pytest.approx(roc_auc(noise[rows], refused[rows])) and a["low"] < a["auc"] < a["high"]
+    assert out["overall"]["auc"]["noise"]["auc"] == pytest.approx(roc_auc(noise, refused))
+    assert auc_by_category(categories, refused, scores, bootstrap=200, seed=3) == out  # the seed fixes it
+    assert auc_by_category(categories, refused, scores, bootstrap=200, seed=4)["a"]["auc"]["noise"] != a
+    # a category with one class only: null AUC, null interval
+    lone = auc_by_category(["x", "x", "y", "y"], [True, True, True, False], {"s": [1, 2, 3, 4]}, bootstrap=100)
+    assert lone["x"]["auc"]["s"] == {"auc": None, "low": None, "high": None} and lone["y"]["auc"]["s"]["auc"] == 0.0
+
+    table = auc_table_markdown(out).splitlines()
+    assert table[0] == "| category | refused | perfect | reversed | noise |"
+    assert table[2].startswith("| a | 6 of 12 | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] | ")
+    assert table[-1].startswith("| overall | 14 of 28 |") and len(table) == 6
+    with pytest.raises(ValueError, match="3 categories, 2 labels"):
+        auc_by_category(["a", "a", "b"], [True, False], {"s": [1, 2]})
+
+
+AUDIT = Path(__file__).resolve().parents[1] / "docs" / "audit"
+
+
+def test_audit_numbers_match_the_labels() -> None:
+    """docs/audit/README.md's precision / recall table is what the committed labels and the current phrases give."""
+    records = [json.loads(line) for line in (AUDIT / "labels.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 160 and all("prompt" not in r for r in records)  # OR-Bench's text stays out
+    assert {(r["source"], r["category"]) for r in records} == {
+        (f, c) for f in ("or-bench-toxic.csv", "or-bench-hard-1k.csv") for c in {r["category"] for r in records}
+    } and len({r["category"] for r in records}) == 10
+    rows = re.findall(r"^\| (development|held-out) \| (\d+) \| (\d+) \| (before|after) \| ([\d.]+) \| ([\d.]+) \|$",
+                      (AUDIT / "README.md").read_text(encoding="utf-8"), re.MULTILINE)
+    assert len(rows) == 4
+    for half, n, refusals, phrases, precision, recall in rows:
+        part = [r for r in records if r["half"] == half]
+        actual = [r["label"] == "refusal" for r in part]
+        said = [r["string_match"] if phrases == "before" else is_refusal(r["answer"]) for r in part]
+        assert (len(part), sum(actual)) == (int(n), int(refusals))
+        assert [f"{x:.3f}" for x in precision_recall(said, actual)] == [precision, recall], (half, phrases)
 
 
 def test_validity_report_rejects_bad_input(wrapper: ModelWrapper) -> None:
