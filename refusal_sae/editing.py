@@ -276,9 +276,9 @@ def _donors(ablator: Ablator, category: str, discovery: Sequence[PromptSample], 
             cfg: EditingConfig, phrases: Sequence[str]
             ) -> tuple[dict[str, tuple[Tensor, Tensor]] | None, list[str], list[int], str]:
     """(`Ablator.prompt_values` of the donor prompts, each of `prompts`' donor, the class offset that selects its
-    rows there, a note): the donors are the
-    category's safe discovery prompts whose greedy answer is no refusal; each prompt gets the one closest in
-    length (fewest tokens apart, the first such), so its content positions line up best."""
+    rows there, a note): the donors are the category's safe discovery prompts whose greedy answer is no refusal;
+    each prompt gets the one closest in length (fewest tokens apart, the first such), so its content positions
+    line up best."""
     pool = [s.prompt for s in discovery if s.category == category and not s.refusal_label]
     texts = generate(ablator.wrapper, pool, cfg.max_new_tokens, cfg.batch_size, desc=f"donors of {category}").texts
     answered = [p for p, t in zip(pool, texts) if not is_refusal(t, phrases)]
@@ -291,8 +291,9 @@ def _donors(ablator: Ablator, category: str, discovery: Sequence[PromptSample], 
         matched.append(answered[int(np.argmin([abs(m - n) for m in lengths]))])
     used = sorted(set(matched), key=answered.index)
     offsets = [used.index(m) * len(ablator.scheme.mean_classes) for m in matched]
-    return ablator.prompt_values(used), matched, offsets, (f"{len(used)} of the {len(answered)} answered safe discovery prompts of {category!r} "
-                             f"(of {len(pool)}), matched by length")
+    note = f"{len(used)} of the {len(answered)} answered safe discovery prompts of {category!r} (of {len(pool)}), " \
+           "matched by length"
+    return ablator.prompt_values(used), matched, offsets, note
 
 
 def _rate(refused: Sequence[bool], confidence: float) -> Rate:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from refusal_sae.metric import as_prompt_list
 from refusal_sae.model import ModelWrapper
 from refusal_sae.positions import PositionScheme
 from refusal_sae.prefix import SharedPrefix
@@ -116,17 +117,15 @@ def generate(wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int 
 
     positive_int("max_new_tokens", max_new_tokens, 24)
     positive_int("batch_size", batch_size, 8)
-    edits = dict(edits or {})
-    if edits and scheme is None:
-        raise ValueError("node edits need the position scheme their classes come from")
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    edits = _node_edits(edits, scheme)
+    prompts = as_prompt_list(prompts)
     tok = wrapper.tokenizer
     eos = wrapper.model.generation_config.eos_token_id
     eos = eos if eos is not None else tok.eos_token_id
     stops = set(eos if isinstance(eos, list) else [eos])
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
                                no_repeat_ngram_size=0, eos_token_id=eos, pad_token_id=tok.pad_token_id)
-    state = _Positions(generated=scheme.generated if scheme is not None else 0, edit_generated=edit_generated)
+    state = _Positions(edit_generated=edit_generated)
     texts: list[str] = []
     tokens: list[list[int]] = []
     with _hooked(wrapper, edits, state):
@@ -159,33 +158,38 @@ def answer_log_likelihood(wrapper: ModelWrapper, prompts: Sequence[str], answers
     node `edits` (the answer's positions edited as generated tokens are, see `generate`) and the caller's
     hooks; NaN for an empty answer. `class_offsets` as for `generate`."""
     positive_int("batch_size", batch_size, 8)
-    edits = dict(edits or {})
-    if edits and scheme is None:
-        raise ValueError("node edits need the position scheme their classes come from")
+    edits = _node_edits(edits, scheme)
     out = np.full(len(prompts), np.nan)
     engine = SharedPrefix(wrapper, "answer likelihood", scheme.prefix if edits else None)
-    state = _Positions(generated=scheme.generated if scheme is not None else 0, edit_generated=edit_generated)
+    state = _Positions(edit_generated=edit_generated)
     for batch in engine.batches(prompts, batch_size, scheme if edits else None, continuations=answers):
         lengths = [len(a) for a in answers[batch.rows]]
+        ends = (batch.mask.sum(1) - batch.offset).tolist()  # each row's length in the positions that run
         if edits:
             _bind_classes(state, batch.run_classes, scheme, class_offsets, batch.rows)
             state.generated_at = torch.zeros_like(batch.run_ids, dtype=torch.bool)
-            for i, end in enumerate((batch.mask.sum(1) - batch.offset).tolist()):
+            for i, end in enumerate(ends):
                 state.generated_at[i, end - lengths[i] : end] = True
         state.passes = 0
         with _hooked(wrapper, edits, state):
             hidden = wrapper.final_hidden(batch.run_ids, batch.mask, past=batch.past)
         state.prompt = None
-        ends = batch.mask.sum(1) - batch.offset  # each row's length in the positions that ran
-        for i, n in enumerate(lengths):
+        for i, (n, end) in enumerate(zip(lengths, ends)):
             if n == 0:
                 continue
-            end = int(ends[i])
             logits = wrapper.unembed(hidden[i, end - n - 1 : end - 1])  # positions that predict the answer
             target = batch.run_ids[i, end - n : end]
             logp = torch.log_softmax(logits, -1).gather(-1, target[:, None])
             out[batch.rows.start + i] = float(logp.mean())
     return out
+
+
+def _node_edits(edits: Mapping[str, NodeEdit] | None, scheme: PositionScheme | None) -> dict[str, NodeEdit]:
+    """`edits` as a dict; node edits need the position scheme their classes come from."""
+    edits = dict(edits or {})
+    if edits and scheme is None:
+        raise ValueError("node edits need the position scheme their classes come from")
+    return edits
 
 
 def _bind_classes(state: _Positions, classes: Tensor, scheme: PositionScheme, offsets: Sequence[int] | None,

@@ -70,7 +70,6 @@ Prompt length
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -460,15 +459,14 @@ def variant_log_probs(
     """`prompt_log_probs` of several metrics of one tokenizer, from one run of the prompts.
 
     A metric with `second_token` also needs the logits after that token appended to each prompt: one more
-    forward pass per batch and distinct second token (from a copy of the prefix cache, which a pass extends).
+    forward pass per batch and distinct second token (each pass continues its own copy of the prefix cache).
     """
     out: dict[str, tuple[list[Tensor], list[Tensor]]] = {name: ([], []) for name in metrics}
     appended = sorted({m.second.id for m in metrics.values() if m.second is not None})
     for batch in SharedPrefix(wrapper, "refusal metric", reuse=reuse_prefix).batches(prompts, batch_size):
-        pasts = {i: copy.deepcopy(batch.past) for i in appended}
         logits = {None: wrapper.last_token_logits(batch.run_ids, batch.mask, past=batch.past)}
         for i in appended:
-            after = wrapper.last_token_logits(*append_token(batch.run_ids, batch.mask, i), past=pasts[i])
+            after = wrapper.last_token_logits(*append_token(batch.run_ids, batch.mask, i), past=batch.past)
             logits[i] = torch.stack([logits[None], after], 1)
         for name, metric in metrics.items():
             r, c = metric.log_probs(logits[None if metric.second is None else metric.second.id])
