@@ -24,7 +24,6 @@ import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -39,7 +38,6 @@ from refusal_sae.discovery import DiscoveryConfig, DiscoveryInputs, discover, me
 from refusal_sae.editing import CategoryEdits, EditingConfig, GlobalDirection, edit_category, edits_table
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import (
-    ALL_LAYERS,
     RECORD_VERSION,
     CircuitEvaluation,
     EvaluationConfig,
@@ -64,7 +62,7 @@ from refusal_sae.plots import plot_cross_ablation, plot_curves, plot_directions,
 from refusal_sae.positions import position_scheme
 from refusal_sae.report import build_report
 from refusal_sae.sae import SparseAutoencoder
-from refusal_sae.similarity import SimilarityConfig, analyse_similarity
+from refusal_sae.similarity import Similarity, SimilarityConfig, analyse_similarity
 from refusal_sae.stats import Interval
 from refusal_sae.validity import (
     ValidityConfig,
@@ -157,7 +155,7 @@ def candidate_keys(means: NodeMeans) -> dict[str, list[tuple[int, str]]]:
     return out
 
 
-def run_similarity(discovery: Discovery, out: AnalysisLayout, cfg: SimilarityConfig) -> dict[str, dict[str, Any]]:
+def run_similarity(discovery: Discovery, out: AnalysisLayout, cfg: SimilarityConfig) -> dict[str, Similarity]:
     """Per method with two or more category circuits: the similarity analysis (written to `out`)."""
     results = {}
     for method, items in discovery.circuits.items():
@@ -250,19 +248,19 @@ def run_cross_ablation(inputs: AnalysisInputs, discovery: Discovery,
 
 
 def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluation]],
-              similarity: Mapping[str, Mapping[str, Any]], directions: DirectionsResult | None = None,
+              similarity: Mapping[str, Similarity], directions: DirectionsResult | None = None,
               edits: Mapping[str, Sequence[CategoryEdits]] | None = None) -> Summary:
     """Per method and circuit: F(M) - F(∅), the sizes reaching faithfulness 0.5 / 0.8, CPR, sanity; the
     similarity verdict; the refusal directions' verdict beside it; and what each edit did to the answers."""
     methods = {}
     for method, rs in results.items():
-        verdict = similarity.get(method, {}).get("verdict", {})
+        verdict = similarity[method].verdict if method in similarity else None
         circuits = {}
         for r in rs:
             main = r.curves[0]
             circuits[r.name] = CircuitSummary(r.F_M, main.span, main.error_mode, main.n_candidates, main.reaches,
                                               main.cpr, main.cmd, main.ratio_note or main.area_note, r.sanity.passed)
-        methods[method] = MethodSummary(circuits, verdict.get("label"), verdict.get("explanation"))
+        methods[method] = MethodSummary(circuits, verdict and verdict.label, verdict and verdict.explanation)
     answers = {method: {r.circuit: [AnswersSummary(o.edit, o.toxic.refused, o.toxic.n, o.hard.refused, o.hard.n,
                                                     o.coherence_change) for o in r.outcomes] for r in records}
                for method, records in (edits or {}).items()}
@@ -314,7 +312,7 @@ def results_table(results: Mapping[str, Sequence[CircuitEvaluation]]) -> str:
                 band = point.random_faithfulness
                 there = _ci(point.faithfulness) + ("" if band is None else f" ({band.mean:.2f} ± {band.sd:.2f})")
                 complete = _ci(point.completeness)
-            cprs = [_ci(next((c.cpr for c in r.curves if c.error_mode == m and c.scope == ALL_LAYERS), None))
+            cprs = [_ci(next((c.cpr for c in r.curves if c.error_mode == m and c.all_layers), None))
                     for m in modes]
             sanity = ("ok" if r.sanity.passed else "FAILED") + "".join(f"; {n}" for n in r.sanity.notes)
             if r.sanity.random_relative_change is not None:
@@ -429,7 +427,7 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
         if source.root != out.root:
             out.copy_discovery(source)
     similarity = run_similarity(discovery, out, cfg.similarity) if "similarity" in stages else {
-        m: s for m in discovery.circuits if (s := source.method(m).read_similarity()) is not None}
+        m: s for m in discovery.circuits if (s := source.method(m).read_similarity(Similarity)) is not None}
     if "evaluate" in stages:
         results = run_evaluation(inputs, discovery, out, cfg.evaluation, cfg.metric)
     else:

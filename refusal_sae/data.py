@@ -30,6 +30,7 @@ import numpy as np
 
 from refusal_sae.errors import UserError
 from refusal_sae.io import atomic_open, write_json
+from refusal_sae.plots import plot_category_counts
 from refusal_sae.validate import all_of, fraction, one_of, positive_int
 
 log = logging.getLogger(__name__)
@@ -265,30 +266,6 @@ def write_report(stem: str | Path, report: dict[str, Any]) -> None:
     stem = Path(stem)
     write_json(stem.with_name(stem.name + ".json"), report)
     plot_category_counts(report, stem.with_name(stem.name + ".png"))
-
-
-def plot_category_counts(report: dict[str, Any], path: Path) -> None:
-    """Grouped bars: prompts per category, one bar per dataset_type present."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    categories = list(report["per_category"])
-    types = [t for t in DATASET_TYPES if report["per_dataset_type"][t]]
-    x = np.arange(len(categories))
-    width = 0.8 / max(len(types), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(categories) + 2), 4))
-    for i, t in enumerate(types):
-        ax.bar(x + i * width, [report["per_category"][c][t] for c in categories], width, label=t)
-    ax.set_xticks(x + width * (len(types) - 1) / 2, categories, rotation=30, ha="right")
-    ax.set_ylabel("prompts")
-    ax.set_title(f"OR-Bench prompts per category ({report['n_samples']} total)")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
 
 
 BalanceStrategy = Literal["use_all", "n_per_category"]

@@ -163,6 +163,11 @@ class Curve:
     reaches: dict[str, int | None]
     """Smallest size whose faithfulness reaches 0.5 / 0.8 (None: not reached)."""
 
+    @property
+    def all_layers(self) -> bool:
+        """Every SAE layer edited at once (not one layer's curve)."""
+        return self.scope == ALL_LAYERS
+
 
 @dataclass
 class Sanity:
@@ -205,7 +210,7 @@ class CircuitEvaluation:
     def faithful_size(self) -> int | None:
         """The smallest size whose all-layer keep-mode faithfulness reaches `FAITHFUL` (None: not reached);
         KeyError without such a curve."""
-        curve = next(c for c in self.curves if c.scope == ALL_LAYERS and c.error_mode == "keep")
+        curve = next(c for c in self.curves if c.all_layers and c.error_mode == "keep")
         return curve.reaches.get(str(FAITHFUL))
 
 

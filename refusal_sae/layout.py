@@ -197,11 +197,14 @@ class MethodLayout:
     def similarity_png(self) -> Path:
         return self.root / "similarity.png"
 
-    def write_similarity(self, result: Mapping[str, Any]) -> None:
+    def write_similarity(self, result: Any) -> None:
         write_json(self.similarity_json, to_json(result))
 
-    def read_similarity(self) -> dict[str, Any] | None:
-        return json.loads(self.similarity_json.read_text(encoding="utf-8")) if self.similarity_json.is_file() else None
+    def read_similarity(self, cls: type[T]) -> T | None:
+        """The similarity record as `cls` (`similarity.Similarity`); None when the stage did not run."""
+        if not self.similarity_json.is_file():
+            return None
+        return from_json(cls, read_json(self.similarity_json, "similarity", "run analyze --stage similarity again"))
 
     def evaluation_paths(self, name: str) -> tuple[Path, Path]:
         stem = _stem(name)

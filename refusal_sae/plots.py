@@ -1,5 +1,5 @@
-"""Every figure of the analysis, drawn from a stage's record and written as a PNG where the run layout says:
-faithfulness and completeness curves (one panel per circuit, intervals shaded, random circuits as a band), the
+"""Every figure, drawn from a stage's record and written as a PNG where the run layout says: the prompts per
+category (data report), faithfulness and completeness curves (one panel per circuit, intervals shaded, random circuits as a band), the
 similarity heatmaps, the circuit cross-ablation matrix and the refusal directions' matrix, all made of one
 annotated heatmap panel."""
 
@@ -7,17 +7,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from refusal_sae.cross_ablation import CrossAblationResult
-from refusal_sae.directions import DirectionsResult
-from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation, Curve
 from refusal_sae.io import atomic_open
-from refusal_sae.stats import Effect
+
+if TYPE_CHECKING:  # records are read, never built, here: the data stage draws without importing the analysis
+    from refusal_sae.cross_ablation import CrossAblationResult
+    from refusal_sae.directions import DirectionsResult
+    from refusal_sae.evaluation import CircuitEvaluation, Curve
+    from refusal_sae.similarity import Similarity
+    from refusal_sae.stats import Effect
 
 COLOURS = {"correlation": "tab:blue", "attribution": "tab:red", "magnitude": "tab:green"}
 MODE_STYLE = {"keep": "-", "nodes": ":"}
@@ -60,7 +63,7 @@ def plot_curves(results: Mapping[str, Sequence[CircuitEvaluation]], path: Path) 
             colour = COLOURS.get(r.method, "tab:purple")
             for curve in r.curves:
                 style = MODE_STYLE.get(curve.error_mode, "-")
-                if curve.scope != ALL_LAYERS:
+                if not curve.all_layers:
                     x, v, _, _ = _series(curve, "faithfulness")
                     ax.plot(x, v, style, color=colour, lw=0.7, alpha=0.5)
                     continue
@@ -105,22 +108,22 @@ def annotated_heatmap(ax: Any, values: np.ndarray, texts: Sequence[Sequence[str]
     return image
 
 
-def plot_similarity(result: Mapping[str, Any], path: Path) -> None:
+def plot_similarity(result: Similarity, path: Path) -> None:
     """Node and edge Jaccard of the category circuits side by side (`similarity.analyse_similarity`'s record);
     * marks p < significance."""
-    names = result["circuits"]
+    names = result.circuits
     n = len(names)
-    level = result["config"]["significance"]
-    records = {(r["a"], r["b"]): r for r in result["pairs"]}
+    level = result.config.significance
+    records = {(r.a, r.b): r for r in result.pairs}
     side = 1.5 + 0.55 * n
     fig = Figure(figsize=(2 * side + 1.5, side), layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, kind in zip(axes, ("node", "edge")):
-        values = np.array([[np.nan if v is None else v for v in row] for row in result[f"{kind}_jaccard"]])
+        values = np.array([[np.nan if v is None else v for v in row] for row in getattr(result, f"{kind}_jaccard")])
 
         def text(i: int, j: int) -> str:
-            record = records.get((names[i], names[j])) or records.get((names[j], names[i])) or {}
-            pv = record.get(f"{kind}_p_value")
+            record = records.get((names[i], names[j])) or records.get((names[j], names[i]))
+            pv = getattr(record, f"{kind}_p_value") if record else None
             star = "*" if pv is not None and pv < level else ""
             return "n/a" if np.isnan(values[i, j]) else f"{values[i, j]:.2f}{star}"
 
@@ -128,7 +131,7 @@ def plot_similarity(result: Mapping[str, Any], path: Path) -> None:
         image = annotated_heatmap(ax, values, texts, names, names, f"{kind} Jaccard (* p < {level})", vmin=0, vmax=1,
                                   cmap=CMAP)
     fig.colorbar(image, ax=axes, label="Jaccard")
-    fig.suptitle(f"Refusal circuits: {result['verdict']['label']}")
+    fig.suptitle(f"Refusal circuits: {result.verdict.label}")
     _save(fig, path, 120)
 
 
@@ -180,4 +183,23 @@ def plot_directions(result: DirectionsResult, path: Path) -> None:
     _save(fig, path, 110)
 
 
-__all__ = ["CMAP", "annotated_heatmap", "plot_cross_ablation", "plot_curves", "plot_directions", "plot_similarity"]
+def plot_category_counts(report: Mapping[str, Any], path: Path) -> None:
+    """Grouped bars of a data report (`data.DataAnalyzer.report`): prompts per category, one bar per dataset type
+    present."""
+    categories = list(report["per_category"])
+    types = [t for t, n in report["per_dataset_type"].items() if n]
+    x = np.arange(len(categories))
+    width = 0.8 / max(len(types), 1)
+    fig = Figure(figsize=(max(6.0, 0.8 * len(categories) + 2), 4), layout="constrained")
+    ax = fig.subplots()
+    for i, t in enumerate(types):
+        ax.bar(x + i * width, [report["per_category"][c][t] for c in categories], width, label=t)
+    ax.set_xticks(x + width * (len(types) - 1) / 2, categories, rotation=30, ha="right")
+    ax.set_ylabel("prompts")
+    ax.set_title(f"OR-Bench prompts per category ({report['n_samples']} total)")
+    ax.legend()
+    _save(fig, path, 120)
+
+
+__all__ = ["CMAP", "annotated_heatmap", "plot_category_counts", "plot_cross_ablation", "plot_curves", "plot_directions",
+           "plot_similarity"]

@@ -50,6 +50,7 @@ from refusal_sae.layout import AnalysisLayout, DiscoveryRecord, RunLayout, Summa
 from refusal_sae.model import ModelWrapper
 from refusal_sae.positions import PositionScheme
 from refusal_sae.sae import SparseAutoencoder
+from refusal_sae.similarity import Similarity
 
 TOP_CONTEXTS = 8
 """Prompts shown per node."""
@@ -380,13 +381,13 @@ def render_html(title: str, data: Mapping[str, Any]) -> str:
 
 def report_data(out: AnalysisLayout, run: RunLayout, record: DiscoveryRecord,
                 circuits: Mapping[str, Sequence[tuple[Circuit, NodeScores]]], cards: Mapping[str, NodeCard],
-                prompts: Mapping[int, Mapping[str, Any]], similarity: Mapping[str, Mapping[str, Any]],
+                prompts: Mapping[int, Mapping[str, Any]], similarity: Mapping[str, Similarity],
                 summary: Summary | None, directions_position: str | None) -> dict[str, Any]:
     """Everything the page shows, as one JSON-able dict."""
     methods = []
     for method, items in circuits.items():
         layout = out.method(method)
-        sim = similarity.get(method) or {}
+        sim = similarity.get(method)
         evaluated = summary.methods[method].circuits if summary is not None and method in summary.methods else {}
         methods.append({
             "name": method,
@@ -398,8 +399,8 @@ def report_data(out: AnalysisLayout, run: RunLayout, record: DiscoveryRecord,
                           "edges": [[e.source, e.target, e.score] for e in c.edges]} for c, _ in items],
             "curves": _image(layout.curves_png),
             "similarity_png": _image(layout.similarity_png),
-            "verdict": (sim.get("verdict") or {}).get("explanation"),
-            "shared_core": (sim.get("shared_core") or {}).get("nodes", []),
+            "verdict": sim.verdict.explanation if sim else None,
+            "shared_core": sim.shared_core.nodes if sim else [],
         })
     directions = out.directions.read(DirectionsResult)
     validity = json.loads(run.validity.read_text(encoding="utf-8")) if run.validity.is_file() else None
@@ -431,11 +432,11 @@ class Report:
 def build_report(out: AnalysisLayout, run: RunLayout, saes: Mapping[str, SparseAutoencoder], cache: ActivationCache,
                  splits: Mapping[Split, Sequence[PromptSample]], wrapper: ModelWrapper,
                  circuits: Mapping[str, Sequence[tuple[Circuit, NodeScores]]], record: DiscoveryRecord,
-                 similarity: Mapping[str, Mapping[str, Any]], summary: Summary | None) -> Report:
+                 similarity: Mapping[str, Similarity], summary: Summary | None) -> Report:
     """Node cards and the page for the analysis `out` (its circuits, scores, similarity, evaluation figures,
     summary and refusal directions as written there)."""
     directions, position = refusal_directions(out)
-    core = {m: (s.get("shared_core") or {}).get("nodes", []) for m, s in similarity.items()}
+    core = {m: s.shared_core.nodes for m, s in similarity.items()}
     cards = node_cards(circuits, record, saes, cache, wrapper, core, directions)
     samples = [(s, split) for split in SPLITS for s in splits.get(split, [])]  # the cache's prompt order
     prompts = prompt_texts(cards, samples, wrapper, cache)

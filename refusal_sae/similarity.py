@@ -50,8 +50,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -160,13 +159,39 @@ def _p_value_and_null_mean(
     return (1 + at_least) / (1 + len(null_shared)), float(np.mean(null_shared / null_union))
 
 
+@dataclass
+class Overlap:
+    """Node and edge overlap of two circuits, each against the permutation null (None: undefined, both empty)."""
+
+    a: str
+    b: str
+    node_jaccard: float | None
+    node_shared: int
+    node_union: int
+    node_p_value: float | None
+    null_node_jaccard: float | None
+    """Mean node Jaccard of the random circuit pairs of the same shapes."""
+    edge_jaccard: float | None
+    edge_shared: int
+    edge_union: int
+    edge_p_value: float | None
+    null_edge_jaccard: float | None
+
+
+@dataclass
+class CategoryOverlap(Overlap):
+    """A category's toxic circuit against its safe one."""
+
+    category: str = ""
+
+
 def compare(
     a: Circuit, b: Circuit, shapes: Mapping[str, Shape], pool_sizes: np.ndarray, cfg: SimilarityConfig,
     rng: np.random.Generator, null_jaccards: list[np.ndarray] | None = None,
-) -> dict[str, Any]:
+) -> Overlap:
     """Node and edge Jaccard of two circuits, with p-values and null means from the permutation null; the
     pair's (permutations,) null node Jaccards are appended to `null_jaccards` (for the mean's null)."""
-    record: dict[str, Any] = {"a": a.name, "b": b.name}
+    fields: dict[str, float | int | None] = {}
     null_nodes, null_edges = null_overlaps(shapes[a.name], shapes[b.name], pool_sizes, cfg.permutations, rng)
     if null_jaccards is not None:
         union = len(a.node_names()) + len(b.node_names()) - null_nodes
@@ -178,27 +203,47 @@ def compare(
     ):
         shared, union = len(sa & sb), len(sa | sb)
         p, null_mean = _p_value_and_null_mean(shared, union, null_shared, len(sa) + len(sb) - null_shared)
-        record |= {
+        fields |= {
             f"{kind}_jaccard": _num(jaccard(sa, sb)), f"{kind}_shared": shared, f"{kind}_union": union,
             f"{kind}_p_value": _num(p), f"null_{kind}_jaccard": _num(null_mean),
         }
-    return record
+    return Overlap(a=a.name, b=b.name, **fields)  # type: ignore[arg-type]
 
 
-def similarity_matrix(circuits: Sequence[Circuit], pairs: Sequence[Mapping[str, Any]], kind: str) -> list[list]:
+def similarity_matrix(circuits: Sequence[Circuit], pairs: Sequence[Overlap], kind: str
+                      ) -> list[list[float | None]]:
     """Symmetric matrix of `<kind>_jaccard` from the pair records; the diagonal is each circuit with itself."""
     names = [c.name for c in circuits]
     where = {name: i for i, name in enumerate(names)}
     sets = [c.node_names() if kind == "node" else c.edge_names() for c in circuits]
-    matrix: list[list] = [[_num(jaccard(s, s)) if i == j else None for j in range(len(names))]
+    matrix: list[list[float | None]] = [[_num(jaccard(s, s)) if i == j else None for j in range(len(names))]
                           for i, s in enumerate(sets)]
     for r in pairs:
-        i, j = where[r["a"]], where[r["b"]]
-        matrix[i][j] = matrix[j][i] = r[f"{kind}_jaccard"]
+        i, j = where[r.a], where[r.b]
+        matrix[i][j] = matrix[j][i] = getattr(r, f"{kind}_jaccard")
     return matrix
 
 
-def shared_core(circuits: Sequence[Circuit], shared_fraction: float) -> dict[str, Any]:
+@dataclass
+class SharedCore:
+    """The nodes most category circuits share, and those only one holds."""
+
+    min_circuits: int
+    """Circuits a node must be in to be in the core."""
+    nodes: list[str]
+    counts: dict[str, int]
+    """Circuits each core node is in."""
+    size: int
+    core_fraction: dict[str, float | None]
+    """Per category: the fraction of its circuit's nodes in the core (None: an empty circuit)."""
+    specific: dict[str, list[str]]
+    """Per category: the nodes in its circuit alone."""
+    specific_counts: dict[str, int]
+    circuit_count_histogram: list[int]
+    """Entry m - 1: the nodes in exactly m circuits."""
+
+
+def shared_core(circuits: Sequence[Circuit], shared_fraction: float) -> SharedCore:
     """Nodes in >= shared_fraction of the circuits (the core) and in exactly one (category-specific)."""
     n = len(circuits)
     counts = Counter(name for c in circuits for name in c.node_names())
@@ -206,37 +251,54 @@ def shared_core(circuits: Sequence[Circuit], shared_fraction: float) -> dict[str
     core = sorted((name for name, k in counts.items() if k / n >= shared_fraction), key=order.__getitem__)
     specific = {c.category: sorted((x for x in c.node_names() if counts[x] == 1), key=order.__getitem__)
                 for c in circuits}
-    return {
-        "min_circuits": min(k for k in range(1, n + 1) if k / n >= shared_fraction),
-        "nodes": core,
-        "counts": {name: counts[name] for name in core},
-        "size": len(core),
-        "core_fraction": {c.category: len(c.node_names() & set(core)) / len(c.node_names()) if c.nodes else None
-                          for c in circuits},
-        "specific": specific,
-        "specific_counts": {category: len(names) for category, names in specific.items()},
-        "circuit_count_histogram": [sum(1 for k in counts.values() if k == m) for m in range(1, n + 1)],
-    }
+    return SharedCore(
+        min_circuits=min(k for k in range(1, n + 1) if k / n >= shared_fraction),
+        nodes=core,
+        counts={name: counts[name] for name in core},
+        size=len(core),
+        core_fraction={c.category: len(c.node_names() & set(core)) / len(c.node_names()) if c.nodes else None
+                       for c in circuits},
+        specific=specific,
+        specific_counts={category: len(names) for category, names in specific.items()},
+        circuit_count_histogram=[sum(1 for k in counts.values() if k == m) for m in range(1, n + 1)],
+    )
 
 
-def _significant(pairs: Sequence[Mapping[str, Any]], kind: str, level: float) -> tuple[int, int]:
+def _significant(pairs: Sequence[Overlap], kind: str, level: float) -> tuple[int, int]:
     """(pairs with p < level, pairs with a p-value) for node or edge similarity."""
-    ps = [r[f"{kind}_p_value"] for r in pairs if r[f"{kind}_p_value"] is not None]
+    ps = [p for r in pairs if (p := getattr(r, f"{kind}_p_value")) is not None]
     return sum(p < level for p in ps), len(ps)
 
 
-def _mean(pairs: Sequence[Mapping[str, Any]], key: str) -> float:
+def _mean(pairs: Sequence[Overlap], key: str) -> float:
     """Mean of a pair-record field over the pairs where it is defined; NaN when none is."""
-    values = [r[key] for r in pairs if r[key] is not None]
+    values = [v for r in pairs if (v := getattr(r, key)) is not None]
     return float(np.mean(values)) if values else float("nan")
 
 
-def verdict(pairs: Sequence[Mapping[str, Any]], core_size: int, n_circuits: int, cfg: SimilarityConfig,
-            null_jaccards: Sequence[np.ndarray] = ()) -> dict:
+@dataclass
+class Verdict:
+    """Monolithic, hybrid or modular, with the numbers it rests on."""
+
+    label: str
+    mean_node_jaccard: float
+    mean_node_jaccard_p_value: float | None
+    """The mean against the means of the same pairs of random circuits (one per permutation)."""
+    mean_edge_jaccard: float | None
+    mean_null_node_jaccard: float | None
+    mean_null_edge_jaccard: float | None
+    significant_node_fraction: float | None
+    significant_edge_fraction: float | None
+    n_pairs: int
+    explanation: str
+
+
+def verdict(pairs: Sequence[Overlap], core_size: int, n_circuits: int, cfg: SimilarityConfig,
+            null_jaccards: Sequence[np.ndarray] = ()) -> Verdict:
     """monolithic / hybrid / modular from the mean pairwise node Jaccard, with the null as context: the
     p-value of the mean against the means of the same pairs of random circuits (one per permutation)."""
     node, null = _mean(pairs, "node_jaccard"), _mean(pairs, "null_node_jaccard")
-    defined = [r["node_jaccard"] is not None for r in pairs]
+    defined = [r.node_jaccard is not None for r in pairs]
     mean_p = None
     if null_jaccards and any(defined):
         null_means = np.nanmean(np.stack([n for n, d in zip(null_jaccards, defined) if d]), axis=0)
@@ -259,18 +321,18 @@ def verdict(pairs: Sequence[Mapping[str, Any]], core_size: int, n_circuits: int,
                    f"{node:.2f} (chance {null:.2f}{chance}; {node_sig} of {len(pairs)} pairs above chance at "
                    f"p < {cfg.significance}), {why}. The circuits are those at the discovery threshold; the "
                    "verdict depends on it.")
-    return {
-        "label": label,
-        "mean_node_jaccard": node,
-        "mean_node_jaccard_p_value": mean_p,
-        "mean_edge_jaccard": _num(_mean(pairs, "edge_jaccard")),
-        "mean_null_node_jaccard": _num(null),
-        "mean_null_edge_jaccard": _num(_mean(pairs, "null_edge_jaccard")),
-        "significant_node_fraction": node_sig / node_tested if node_tested else None,
-        "significant_edge_fraction": edge_sig / edge_tested if edge_tested else None,
-        "n_pairs": len(pairs),
-        "explanation": explanation,
-    }
+    return Verdict(
+        label=label,
+        mean_node_jaccard=node,
+        mean_node_jaccard_p_value=mean_p,
+        mean_edge_jaccard=_num(_mean(pairs, "edge_jaccard")),
+        mean_null_node_jaccard=_num(null),
+        mean_null_edge_jaccard=_num(_mean(pairs, "null_edge_jaccard")),
+        significant_node_fraction=node_sig / node_tested if node_tested else None,
+        significant_edge_fraction=edge_sig / edge_tested if edge_tested else None,
+        n_pairs=len(pairs),
+        explanation=explanation,
+    )
 
 
 def _check(circuits: Sequence[Circuit]) -> list[Circuit]:
@@ -290,9 +352,29 @@ def _check(circuits: Sequence[Circuit]) -> list[Circuit]:
     return categories
 
 
+@dataclass
+class Similarity:
+    """The similarity stage's record: `<analysis>/<method>/similarity.json`."""
+
+    config: SimilarityConfig
+    layers: list[str]
+    candidates: dict[str, int]
+    """Candidate nodes per layer: the pool random circuits are drawn from."""
+    circuits: list[str]
+    """The category circuits compared, in matrix order."""
+    sizes: dict[str, dict[str, int]]
+    """Per circuit: its "nodes" and "edges"."""
+    node_jaccard: list[list[float | None]]
+    edge_jaccard: list[list[float | None]]
+    pairs: list[Overlap]
+    shared_core: SharedCore
+    safe_vs_toxic: list[CategoryOverlap]
+    verdict: Verdict
+
+
 def analyse_similarity(
     circuits: Sequence[Circuit], candidates: Mapping[str, Iterable[tuple[int, str]]], cfg: SimilarityConfig
-) -> dict[str, Any]:
+) -> Similarity:
     """Compare the category circuits (and each category's toxic and safe circuits) against the null.
 
     `candidates` maps every layer to the (feature, position) keys of the nodes a circuit could have
@@ -309,27 +391,28 @@ def analyse_similarity(
              for i, a in enumerate(categories) for b in categories[i + 1:]]
     by_group = {(c.category, c.group): c for c in circuits}
     safe_vs_toxic = [
-        {"category": c.category, **compare(by_group[c.category, "toxic"], by_group[c.category, "safe"],
-                                           shapes, pool_sizes, cfg, rng)}
+        CategoryOverlap(**vars(compare(by_group[c.category, "toxic"], by_group[c.category, "safe"],
+                                       shapes, pool_sizes, cfg, rng)), category=c.category)
         for c in categories if (c.category, "toxic") in by_group and (c.category, "safe") in by_group
     ]
     core = shared_core(categories, cfg.shared_fraction)
-    return {
-        "config": asdict(cfg),
-        "layers": list(layers),
-        "candidates": {layer: int(n) for layer, n in zip(layers, pool_sizes)},
-        "circuits": [c.name for c in categories],
-        "sizes": {c.name: {"nodes": len(c.node_names()), "edges": len(c.edge_names())} for c in circuits},
-        "node_jaccard": similarity_matrix(categories, pairs, "node"),
-        "edge_jaccard": similarity_matrix(categories, pairs, "edge"),
-        "pairs": pairs,
-        "shared_core": core,
-        "safe_vs_toxic": safe_vs_toxic,
-        "verdict": verdict(pairs, core["size"], len(categories), cfg, nulls),
-    }
+    return Similarity(
+        config=cfg,
+        layers=list(layers),
+        candidates={layer: int(n) for layer, n in zip(layers, pool_sizes)},
+        circuits=[c.name for c in categories],
+        sizes={c.name: {"nodes": len(c.node_names()), "edges": len(c.edge_names())} for c in circuits},
+        node_jaccard=similarity_matrix(categories, pairs, "node"),
+        edge_jaccard=similarity_matrix(categories, pairs, "edge"),
+        pairs=pairs,
+        shared_core=core,
+        safe_vs_toxic=safe_vs_toxic,
+        verdict=verdict(pairs, core.size, len(categories), cfg, nulls),
+    )
 
 
 __all__ = [
-    "Shape", "SimilarityConfig", "analyse_similarity", "candidate_pools", "circuit_shape", "compare", "jaccard",
+    "CategoryOverlap", "Overlap", "Shape", "SharedCore", "Similarity", "SimilarityConfig", "Verdict",
+    "analyse_similarity", "candidate_pools", "circuit_shape", "compare", "jaccard",
     "null_overlaps", "shared_core", "similarity_matrix", "verdict",
 ]

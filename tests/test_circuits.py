@@ -24,7 +24,7 @@ from refusal_sae.discovery import Correlation, DiscoveryConfig, DiscoveryInputs
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import CircuitEvaluation, EvaluationConfig
 from refusal_sae.layout import RunLayout
-from refusal_sae.similarity import SimilarityConfig
+from refusal_sae.similarity import Similarity, SimilarityConfig
 from refusal_sae.validity import ValidityConfig
 from tests.planted import LAYERS, METRIC, PLANTED, planted_nodes
 
@@ -167,9 +167,9 @@ def test_analysis_stages_write_every_output(planted, tmp_path: Path) -> None:
     names = [c.name for c, _ in discovery.circuits["correlation"]]
     assert names == ["alpha", "alpha/toxic", "alpha/safe", "beta", "beta/toxic", "beta/safe"]
     assert discovery.record.scheme == {"mode": "positional", "prefix": 2, "suffix": 2}
-    similarity = out.method("correlation").read_similarity()
-    assert similarity["node_jaccard"][0][1] == 1.0  # both categories share exactly the planted circuit
-    assert [r["category"] for r in similarity["safe_vs_toxic"]] == ["alpha", "beta"]
+    similarity = out.method("correlation").read_similarity(Similarity)
+    assert similarity.node_jaccard[0][1] == 1.0  # both categories share exactly the planted circuit
+    assert [r.category for r in similarity.safe_vs_toxic] == ["alpha", "beta"]
 
     alpha = summary.methods["correlation"].circuits["alpha"]
     assert alpha.span.excludes_zero() and alpha.sanity_passed

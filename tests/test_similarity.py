@@ -12,9 +12,9 @@ from scipy import stats
 
 from refusal_sae.circuits import ERROR, Circuit, Edge, Node, node_name
 from refusal_sae.errors import UserError
-from refusal_sae.io import write_json
+from refusal_sae.io import from_json, to_json, write_json
 from refusal_sae.plots import plot_similarity
-from refusal_sae.similarity import SimilarityConfig, analyse_similarity
+from refusal_sae.similarity import Similarity, SimilarityConfig, analyse_similarity
 
 LAYERS = ["residuals_0", "residuals_1", "residuals_2"]
 POSITIONS = ("content", "-1")
@@ -60,17 +60,17 @@ def test_jaccard_of_nodes_and_edges_is_the_set_ratio() -> None:
     a, b = make_circuit("a", fa, ea), make_circuit("b", fb, eb)
     result = analyse_similarity([a, b], pool(20), SimilarityConfig(permutations=50))
     na, nb = names(fa), names(fb)
-    pair = result["pairs"][0]
+    pair = result.pairs[0]
     assert na & nb == {"residuals_0/2@-1", "residuals_1/4@-1", "residuals_1/5@content", "residuals_2/7@-1"}
-    assert pair["node_jaccard"] == pytest.approx(len(na & nb) / len(na | nb))
-    assert pair["edge_jaccard"] == pytest.approx(len(ea & eb) / len(ea | eb))
-    assert (pair["node_shared"], pair["node_union"]) == (len(na & nb), len(na | nb))
+    assert pair.node_jaccard == pytest.approx(len(na & nb) / len(na | nb))
+    assert pair.edge_jaccard == pytest.approx(len(ea & eb) / len(ea | eb))
+    assert (pair.node_shared, pair.node_union) == (len(na & nb), len(na | nb))
     for kind in ("node", "edge"):
-        m = result[f"{kind}_jaccard"]
+        m = getattr(result, f"{kind}_jaccard")
         assert m[0][0] == m[1][1] == 1.0
-        assert m[0][1] == m[1][0] == pair[f"{kind}_jaccard"]
-    assert result["sizes"] == {"a": {"nodes": len(na), "edges": len(ea)}, "b": {"nodes": len(nb), "edges": len(eb)}}
-    assert result["candidates"] == {layer: 42 for layer in LAYERS}  # 20 features + the error node, at 2 classes
+        assert m[0][1] == m[1][0] == getattr(pair, f"{kind}_jaccard")
+    assert result.sizes == {"a": {"nodes": len(na), "edges": len(ea)}, "b": {"nodes": len(nb), "edges": len(eb)}}
+    assert result.candidates == {layer: 42 for layer in LAYERS}  # 20 features + the error node, at 2 classes
 
 
 def test_identical_circuits_are_one_and_significant() -> None:
@@ -78,22 +78,22 @@ def test_identical_circuits_are_one_and_significant() -> None:
     e = [("residuals_0/1@-1", "residuals_1/4@-1"), ("residuals_1/5@-1", "residuals_2/6@-1")]
     cfg = SimilarityConfig(permutations=200)
     result = analyse_similarity([make_circuit("a", f, e), make_circuit("b", f, e)], pool(100), cfg)
-    pair = result["pairs"][0]
-    assert pair["node_jaccard"] == pair["edge_jaccard"] == 1.0
-    assert pair["node_p_value"] == pytest.approx(1 / (1 + cfg.permutations))  # no random pair is identical
-    assert pair["edge_p_value"] < cfg.significance
-    assert result["verdict"]["significant_node_fraction"] == 1.0
+    pair = result.pairs[0]
+    assert pair.node_jaccard == pair.edge_jaccard == 1.0
+    assert pair.node_p_value == pytest.approx(1 / (1 + cfg.permutations))  # no random pair is identical
+    assert pair.edge_p_value < cfg.significance
+    assert result.verdict.significant_node_fraction == 1.0
 
 
 def test_disjoint_circuits_are_zero_and_not_significant() -> None:
     fa = {"residuals_0": [1, 2], "residuals_1": [3], "residuals_2": [4, 5]}
     fb = {"residuals_0": [6, 7], "residuals_1": [8], "residuals_2": [9, 10]}
     result = analyse_similarity([make_circuit("a", fa), make_circuit("b", fb)], pool(15), SimilarityConfig())
-    pair = result["pairs"][0]
-    assert pair["node_jaccard"] == 0.0
-    assert pair["node_p_value"] == 1.0  # every random pair overlaps at least as much as 0
-    assert result["verdict"]["significant_node_fraction"] == 0.0
-    assert result["verdict"]["label"] == "modular"
+    pair = result.pairs[0]
+    assert pair.node_jaccard == 0.0
+    assert pair.node_p_value == 1.0  # every random pair overlaps at least as much as 0
+    assert result.verdict.significant_node_fraction == 0.0
+    assert result.verdict.label == "modular"
 
 
 def planted(core_size: int, specific: int, rng: np.random.Generator, categories: int = 5, width: int = 200):
@@ -117,16 +117,16 @@ def test_planted_core_is_recovered_and_the_verdict_follows_the_overlap() -> None
     for core_size in (2, 12, 40):
         circuits, core, spec = planted(core_size, 10, rng)
         result = analyse_similarity(circuits, pool(200), SimilarityConfig(permutations=100))
-        shared = result["shared_core"]
-        assert set(shared["nodes"]) == core and shared["size"] == core_size
-        assert all(shared["counts"][n] == len(circuits) for n in core)
-        assert {k: set(v) for k, v in shared["specific"].items()} == spec
-        assert shared["specific_counts"] == {k: len(v) for k, v in spec.items()}
+        shared = result.shared_core
+        assert set(shared.nodes) == core and shared.size == core_size
+        assert all(shared.counts[n] == len(circuits) for n in core)
+        assert {k: set(v) for k, v in shared.specific.items()} == spec
+        assert shared.specific_counts == {k: len(v) for k, v in spec.items()}
         sets = [c.node_names() for c in circuits]
         per_pair = [len(a & b) / len(a | b) for i, a in enumerate(sets) for b in sets[i + 1:]]
-        assert result["verdict"]["mean_node_jaccard"] == pytest.approx(np.mean(per_pair))
-        labels.append(result["verdict"]["label"])
-        assert result["verdict"]["explanation"].startswith(f"Refusal looks {labels[-1]}: the 5 category circuits")
+        assert result.verdict.mean_node_jaccard == pytest.approx(np.mean(per_pair))
+        labels.append(result.verdict.label)
+        assert result.verdict.explanation.startswith(f"Refusal looks {labels[-1]}: the 5 category circuits")
     assert labels == ["modular", "hybrid", "monolithic"]
 
 
@@ -135,7 +135,7 @@ def test_node_null_mean_is_the_hypergeometric_expectation() -> None:
     a = make_circuit("a", {"l": range(k1)}, layers=["l"])
     b = make_circuit("b", {"l": range(30, 30 + k2)}, layers=["l"])
     cfg = SimilarityConfig(permutations=20000)
-    null = analyse_similarity([a, b], pool(n - 1, ["l"], [LAST]), cfg)["pairs"][0]["null_node_jaccard"]  # + error
+    null = analyse_similarity([a, b], pool(n - 1, ["l"], [LAST]), cfg).pairs[0].null_node_jaccard  # + error
     shared = np.arange(min(k1, k2) + 1)
     exact = np.sum(stats.hypergeom.pmf(shared, n, k1, k2) * shared / (k1 + k2 - shared))
     expected_shared = k1 * k2 / n
@@ -158,7 +158,7 @@ def test_null_matches_explicitly_drawn_random_circuits() -> None:
 
     cfg = SimilarityConfig(permutations=20000)
     a, b = make_circuit("a", fa, edges(fa, m_a)), make_circuit("b", fb, edges(fb, m_b))
-    pair = analyse_similarity([a, b], pool(width), cfg)["pairs"][0]
+    pair = analyse_similarity([a, b], pool(width), cfg).pairs[0]
 
     rng = np.random.default_rng(7)
     cand = pool(width)["residuals_0"]  # every (feature, position) key, error nodes included
@@ -178,7 +178,7 @@ def test_null_matches_explicitly_drawn_random_circuits() -> None:
         edge_j.append(len(ea & eb) / len(ea | eb))
     for kind, sample in (("node", node_j), ("edge", edge_j)):
         tolerance = 4 * np.std(sample) * np.sqrt(1 / len(sample) + 1 / cfg.permutations)
-        assert pair[f"null_{kind}_jaccard"] == pytest.approx(np.mean(sample), abs=tolerance)
+        assert getattr(pair, f"null_{kind}_jaccard") == pytest.approx(np.mean(sample), abs=tolerance)
 
 
 def test_same_seed_same_result_other_seed_other_null() -> None:
@@ -186,9 +186,9 @@ def test_same_seed_same_result_other_seed_other_null() -> None:
     first = analyse_similarity(circuits, pool(200), SimilarityConfig(permutations=200, seed=4))
     again = analyse_similarity(circuits, pool(200), SimilarityConfig(permutations=200, seed=4))
     other = analyse_similarity(circuits, pool(200), SimilarityConfig(permutations=200, seed=5))
-    assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
-    assert [p["null_node_jaccard"] for p in first["pairs"]] != [p["null_node_jaccard"] for p in other["pairs"]]
-    assert first["node_jaccard"] == other["node_jaccard"]
+    assert json.dumps(to_json(first), sort_keys=True) == json.dumps(to_json(again), sort_keys=True)
+    assert [p.null_node_jaccard for p in first.pairs] != [p.null_node_jaccard for p in other.pairs]
+    assert first.node_jaccard == other.node_jaccard
 
 
 def test_safe_vs_toxic_per_category() -> None:
@@ -202,12 +202,12 @@ def test_safe_vs_toxic_per_category() -> None:
         make_circuit("b", toxic_f, group="toxic"),  # no safe circuit for b: no comparison
     ]
     result = analyse_similarity(circuits, pool(50), SimilarityConfig(permutations=100))
-    assert result["circuits"] == ["a", "b"]
-    (row,) = result["safe_vs_toxic"]
+    assert result.circuits == ["a", "b"]
+    (row,) = result.safe_vs_toxic
     t, s = names(toxic_f), names(safe_f)
-    assert (row["category"], row["a"], row["b"]) == ("a", "a/toxic", "a/safe")
-    assert row["node_jaccard"] == pytest.approx(len(t & s) / len(t | s))
-    assert 0 < row["node_p_value"] <= 1
+    assert (row.category, row.a, row.b) == ("a", "a/toxic", "a/safe")
+    assert row.node_jaccard == pytest.approx(len(t & s) / len(t | s))
+    assert 0 < row.node_p_value <= 1
 
 
 def test_empty_sets_have_no_jaccard_and_are_left_out_of_means() -> None:
@@ -217,20 +217,20 @@ def test_empty_sets_have_no_jaccard_and_are_left_out_of_means() -> None:
         make_circuit("empty", {}),
     ]
     result = analyse_similarity(circuits, pool(10), SimilarityConfig(permutations=50))
-    assert result["edge_jaccard"][0][1] is None and result["pairs"][0]["edge_p_value"] is None
-    assert result["node_jaccard"][2][2] is None  # an empty circuit with itself
-    assert result["node_jaccard"][0][2] == 0.0  # empty vs non-empty: nothing shared
-    assert result["verdict"]["mean_edge_jaccard"] is None
-    assert result["verdict"]["mean_node_jaccard"] == pytest.approx((1 / 4 + 0 + 0) / 3)
-    assert result["shared_core"]["core_fraction"]["empty"] is None
+    assert result.edge_jaccard[0][1] is None and result.pairs[0].edge_p_value is None
+    assert result.node_jaccard[2][2] is None  # an empty circuit with itself
+    assert result.node_jaccard[0][2] == 0.0  # empty vs non-empty: nothing shared
+    assert result.verdict.mean_edge_jaccard is None
+    assert result.verdict.mean_node_jaccard == pytest.approx((1 / 4 + 0 + 0) / 3)
+    assert result.shared_core.core_fraction["empty"] is None
 
 
 def test_write_similarity_files(tmp_path) -> None:
     circuits, _, _ = planted(5, 5, np.random.default_rng(0), categories=4)
     result = analyse_similarity(circuits, pool(200), SimilarityConfig(permutations=50))
-    write_json(tmp_path / "out" / "sim.json", result)
+    write_json(tmp_path / "out" / "sim.json", to_json(result))
     plot_similarity(result, tmp_path / "plots" / "sim.png")  # folders made
-    assert json.loads((tmp_path / "out" / "sim.json").read_text()) == json.loads(json.dumps(result))
+    assert from_json(Similarity, json.loads((tmp_path / "out" / "sim.json").read_text())) == result  # typed
     assert (tmp_path / "plots" / "sim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
         "out", "out/sim.json", "plots", "plots/sim.png"]  # nothing else, no temporary file left

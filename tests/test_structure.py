@@ -34,16 +34,26 @@ def module_files(root: Path, packages: typing.Sequence[str]) -> dict[str, Path]:
     return modules
 
 
+def _runtime_nodes(tree: ast.AST) -> typing.Iterator[ast.AST]:
+    """Every node of `tree` but those under `if TYPE_CHECKING:` (imports made for type hints only)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            yield from (n for child in node.orelse for n in (child, *_runtime_nodes(child)))
+            continue
+        yield node
+        yield from _runtime_nodes(node)
+
+
 def import_graph(root: Path, packages: typing.Sequence[str]) -> dict[str, set[str]]:
-    """{module: the modules of `packages` it imports}, from every import statement of its source, at module
-    level or inside a function; `from package import name` counts as importing `package.name` where that is a
-    module and `package` otherwise."""
+    """{module: the modules of `packages` it imports at run time}, from every import statement of its source, at
+    module level or inside a function, but not under `if TYPE_CHECKING:`; `from package import name` counts as
+    importing `package.name` where that is a module and `package` otherwise."""
     modules = module_files(root, packages)
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         targets = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             if isinstance(node, ast.Import):
                 targets.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
@@ -98,6 +108,15 @@ def test_the_layout_imports_no_stage() -> None:
     assert not graph["refusal_sae.layout"] & ANALYSIS_STAGES, graph["refusal_sae.layout"] & ANALYSIS_STAGES
 
 
+def test_the_figures_read_records_and_import_no_stage() -> None:
+    """`plots` draws every figure, the data stage's included, from records it is given: at run time it imports no
+    stage, so the data stage draws its report without importing the analysis."""
+    graph = import_graph(ROOT, PACKAGES)
+    assert not graph["refusal_sae.plots"] & ANALYSIS_STAGES, graph["refusal_sae.plots"] & ANALYSIS_STAGES
+    assert "refusal_sae.plots" in graph["refusal_sae.data"]
+    assert not graph["refusal_sae.data"] & (ANALYSIS_STAGES - {"refusal_sae.plots"})
+
+
 def test_the_ablation_matrices_share_their_statistics_not_each_other() -> None:
     """Circuit cross-ablation and refusal directions take effects, shares and the transfer summary from stats;
     neither reads the other, nor the evaluation or similarity stages."""
@@ -125,8 +144,11 @@ def test_a_cycle_through_a_function_level_import_is_found(tmp_path: Path) -> Non
     (package / "b.py").write_text("def f():\n    from . import c\n")
     (package / "c.py").write_text("import pkg.a\n")
     (package / "d.py").write_text("from pkg.a import something\n")
+    (package / "e.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pkg.a\n"
+                                  "else:\n    import pkg.b\n")
     graph = import_graph(tmp_path, ["pkg"])
     assert graph["pkg.d"] == {"pkg.a"}
+    assert graph["pkg.e"] == {"pkg.b"}  # a type-checking import is no run-time edge
     assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]
     (package / "c.py").write_text("import pkg\n")
     assert find_cycle(import_graph(tmp_path, ["pkg"])) is None
