@@ -35,7 +35,15 @@ from refusal_sae.cross_ablation import CrossAblationConfig, CrossAblationResult,
 from refusal_sae.data import PromptSample, Split
 from refusal_sae.directions import GLOBAL, DirectionsConfig, DirectionsResult, run_directions
 from refusal_sae.discovery import DiscoveryConfig, DiscoveryInputs, discover, methods
-from refusal_sae.editing import CategoryEdits, EditingConfig, GlobalDirection, edit_category, edits_table
+from refusal_sae.editing import (
+    CategoryEdits,
+    EditingConfig,
+    GlobalDirection,
+    circuit_answers,
+    direction_answers,
+    edit_category,
+    edits_table,
+)
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import (
     RECORD_VERSION,
@@ -272,10 +280,17 @@ def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluat
         v.global_share, v.explanation), answers)
 
 
-def summary_tables(results: Mapping[str, Sequence[CircuitEvaluation]], directions: DirectionsResult | None) -> str:
-    """`summary.md`: the results table, and the refusal directions' table when the stage has run."""
-    table = results_table(results)
-    return table if directions is None else table + "\n" + directions_table(directions)
+def summary_tables(results: Mapping[str, Sequence[CircuitEvaluation]], directions: DirectionsResult | None,
+                   edits: Mapping[str, Sequence[CategoryEdits]] | None = None) -> str:
+    """`summary.md`: the results table, the refusal directions' table when the stage has run, and the answers under
+    every edit when the edit stage has; the first two say beside F what their edits did to the answers."""
+    edits = edits or {}
+    by_circuit = {(m, r.circuit): r for m, records in edits.items() for r in records}
+    table = results_table(results, by_circuit)
+    if directions is not None:
+        by_category = {r.category: r for records in edits.values() for r in records}
+        table += "\n" + directions_table(directions, by_category)
+    return table + ("\n" + edits_table(edits) if edits else "")
 
 
 def _ci(x: Interval | None, none: str = "null") -> str:
@@ -285,17 +300,21 @@ def _ci(x: Interval | None, none: str = "null") -> str:
     return f"{x.value:.2f} [{x.low:.2f}, {x.high:.2f}]"
 
 
-def results_table(results: Mapping[str, Sequence[CircuitEvaluation]]) -> str:
+def results_table(results: Mapping[str, Sequence[CircuitEvaluation]],
+                  edits: Mapping[tuple[str, str], CategoryEdits] | None = None) -> str:
     """A markdown table per method: per circuit what there is to explain, where faithfulness reaches 0.5 and
     0.8 (nodes, share of all candidates), faithfulness and completeness there with the random band, CPR of
-    each error mode, and the sanity checks. Every number with its 95% interval."""
+    each error mode, and the sanity checks. Every number with its 95% interval. With `edits` ((method, circuit)
+    -> its edit-stage record), a last column says what ablating and keeping the circuit did to the answers."""
     lines = []
     for method, rs in results.items():
         modes = list(dict.fromkeys(c.error_mode for r in rs for c in r.curves))
+        answers = edits is not None and any((method, r.name) in edits for r in rs)
         lines += [f"**{method}** (error terms {modes[0]}; CPR per error mode)", "",
                   "| circuit | prompts (+/-) | F(M) - F(∅) | faithfulness 0.5 at | 0.8 at | faithfulness there "
-                  "(random) | completeness there | " + " | ".join(f"CPR ({m})" for m in modes) + " | sanity |",
-                  "|" + "---|" * (8 + len(modes))]
+                  "(random) | completeness there | " + " | ".join(f"CPR ({m})" for m in modes) + " | sanity |"
+                  + (" answers refused (toxic, hard) |" if answers else ""),
+                  "|" + "---|" * (8 + len(modes) + answers)]
         for r in rs:
             main = r.curves[0]
             n = main.n_candidates
@@ -320,24 +339,29 @@ def results_table(results: Mapping[str, Sequence[CircuitEvaluation]]) -> str:
                            f"median change {r.sanity.random_relative_change:.0%} of the span)")
             sanity = sanity.replace("|", "\\|")
             lines.append(f"| {r.name} | {r.n_prompts} ({r.n_positive}/{r.n_prompts - r.n_positive}) | {_ci(main.span)} | "
-                         f"{at('0.5')} | {at('0.8')} | {there} | {complete} | {' | '.join(cprs)} | {sanity} |")
+                         f"{at('0.5')} | {at('0.8')} | {there} | {complete} | {' | '.join(cprs)} | {sanity} |"
+                         + (f" {circuit_answers((edits or {}).get((method, r.name)))} |" if answers else ""))
         lines.append("")
     return "\n".join(lines)
 
 
-def directions_table(result: DirectionsResult) -> str:
+def directions_table(result: DirectionsResult, edits: Mapping[str, CategoryEdits] | None = None) -> str:
     """A markdown table: per category its held-out toxic prompts' refusal score, with the global and with its own
     direction ablated, the share of its own direction's drop the global one has, the random directions' drop,
-    and its safe prompts' score with its own direction added; then the verdict."""
+    and its safe prompts' score with its own direction added; then the verdict. With `edits` (category -> an
+    edit-stage record), a last column says what ablating and adding the global direction did to the answers."""
+    answers = bool(edits) and any(r.category in edits for r in result.per_category)
     lines = [f"**refusal directions** (difference of means at {result.selection.layer}, position "
              f"{result.selection.position}; refusal score of the held-out prompts)", "",
              "| category | prompts (toxic/safe) | toxic score | global ablated | own ablated | global share | random "
-             "ablated: change | safe score | own added |", "|" + "---|" * 9]
+             "ablated: change | safe score | own added |" + (" answers refused (toxic, hard) |" if answers else ""),
+             "|" + "---|" * (9 + answers)]
     for b, r in enumerate(result.per_category):
         own, band = 1 + b, r.random_change  # row 0 is the global direction, then the categories in order
         lines.append(f"| {r.category} | {r.n_toxic}/{r.n_safe} | {_ci(r.toxic)} | {_ci(result.ablation[0][b].score)} | "
                      f"{_ci(result.ablation[own][b].score)} | {_ci(result.ablation[0][b].share)} | "
-                     f"{band.mean:.2f} ± {band.sd:.2f} | {_ci(r.safe)} | {_ci(result.addition[own][b].score)} |")
+                     f"{band.mean:.2f} ± {band.sd:.2f} | {_ci(r.safe)} | {_ci(result.addition[own][b].score)} |"
+                     + (f" {direction_answers((edits or {}).get(r.category))} |" if answers else ""))
     return "\n".join([*lines, "", result.verdict.explanation, ""])
 
 
@@ -443,18 +467,19 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
         plot_directions(directions, out.directions.png)
     else:
         directions = out.directions.read(DirectionsResult)
-    edits = {}
     if "edit" in stages and (cfg.editing.enabled or stages[0] == "edit"):
         edits = run_edits(inputs, discovery, results, out, source, cfg.editing, cfg.metric,
                           cfg.validity.refusal_phrases)
+    else:
+        edits = load_edits(source, discovery)
     summary = summarise(out, results, similarity, directions, edits)
-    out.write_summary(summary, summary_tables(results, directions) + ("\n" + edits_table(edits) if edits else ""))
+    out.write_summary(summary, summary_tables(results, directions, edits))
     if "report" in stages:
         for method, rs in results.items():  # the curves of an evaluation read from `source` are drawn here too
             if not out.method(method).curves_png.is_file():
                 plot_curves({method: rs}, out.method(method).curves_png)
         report = build_report(out, inputs.run, inputs.saes, inputs.cache, inputs.splits, inputs.wrapper(),
-                              discovery.circuits, discovery.record, similarity, summary)
+                              discovery.circuits, discovery.record, similarity, summary, edits)
         out.write_report(report.page, {"cards": report.cards, "prompts": report.prompts})
         log.info("report: %d node cards in %s", len(report.cards), out.report_html)
     return summary
@@ -509,6 +534,13 @@ def run_edits(inputs: AnalysisInputs, discovery: Discovery, results: Mapping[str
     return found
 
 
+def load_edits(out: AnalysisLayout, discovery: Discovery) -> dict[str, list[CategoryEdits]]:
+    """The edit-stage records of the circuits that have one in `out`, per method (methods without any left out)."""
+    found = {m: [r for c, _ in items if (r := out.method(m).read_edits(CategoryEdits, c.name)) is not None]
+             for m, items in discovery.circuits.items()}
+    return {m: records for m, records in found.items() if records}
+
+
 def load_evaluation(out: AnalysisLayout, discovery: Discovery, method: str) -> list[CircuitEvaluation]:
     """The evaluation records of one method's circuits that exist in `out`."""
     layout = out.method(method)
@@ -518,5 +550,5 @@ def load_evaluation(out: AnalysisLayout, discovery: Discovery, method: str) -> l
 
 
 __all__ = ["STAGES", "AnalysisConfig", "AnalysisInputs", "Discovery", "candidate_keys", "format_summary",
-           "load_discovery", "load_evaluation", "run_analysis", "run_discovery", "run_evaluation",
+           "load_discovery", "load_edits", "load_evaluation", "run_analysis", "run_discovery", "run_evaluation",
            "run_cross_ablation", "run_edits", "run_similarity", "summarise"]

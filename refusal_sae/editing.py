@@ -316,6 +316,33 @@ def edits_table(results: Mapping[str, Sequence[CategoryEdits]]) -> str:
     return "\n".join(lines)
 
 
+def answers_cell(record: CategoryEdits | None, edits: Sequence[str]) -> str:
+    """A table cell saying what `edits` (those the record holds) did to the answers, beside the unedited model:
+    `unedited t/n, h/m; <edit> t/n, h/m (coherence ±x.xx)`, toxic then hard prompts refused; '-' without a record."""
+    if record is None:
+        return "-"
+    cells = []
+    for o in record.outcomes:
+        if o.edit == MODEL or o.edit in edits:
+            coherence = "" if o.coherence_change is None else f" (coherence {o.coherence_change.value:+.2f})"
+            name = "unedited" if o.edit == MODEL else o.edit
+            cells.append(f"{name} {o.toxic.refused}/{o.toxic.n}, {o.hard.refused}/{o.hard.n}{coherence}")
+    return "; ".join(cells)
+
+
+def circuit_answers(record: CategoryEdits | None) -> str:
+    """`answers_cell` of the circuit's own edits at its edited size: ablated and kept, mean and counterfactual."""
+    if record is None:
+        return "-"
+    n = record.size
+    return answers_cell(record, [f"ablate C{n}", f"ablate C{n} cf", f"keep C{n}", f"keep C{n} cf"])
+
+
+def direction_answers(record: CategoryEdits | None) -> str:
+    """`answers_cell` of the refusal direction's edits (ablated at every layer, added at its layer)."""
+    return answers_cell(record, ["direction ablated", "direction added"])
+
+
 def _fmt(rate: Rate) -> str:
     if rate.rate is None:
         return "n/a"
@@ -326,5 +353,5 @@ def _fmt_ci(x: Interval | None) -> str:
     return "n/a" if x is None else f"{x.value:+.3f} [{x.low:+.3f}, {x.high:+.3f}]"
 
 
-__all__ = ["MODEL", "CategoryEdits", "EditOutcome", "EditingConfig", "GlobalDirection", "Rate", "circuit_edits",
-           "edit_category", "edits_table"]
+__all__ = ["MODEL", "CategoryEdits", "EditOutcome", "EditingConfig", "GlobalDirection", "Rate", "answers_cell",
+           "circuit_answers", "circuit_edits", "direction_answers", "edit_category", "edits_table"]

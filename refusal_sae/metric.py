@@ -13,14 +13,13 @@ Definition
     opener. It is a plain differentiable function of the logits (usable for attribution patching).
     F(set of prompts) is the mean score over the set (`mean_refusal_score`).
 
-    With `compliance_mode: not_refusal`, C is every token outside R, so the score is the plain log-odds
+    With `compliance_mode: not_refusal` (the default), C is every token outside R, so the score is the plain log-odds
     log P(R) - log(1 - P(R)). Models often comply by starting with the answer itself ("Creating a ...",
     "There are several ..."), which no opener list covers: then P(C) is tiny and the "openers" score is
     inflated although the model is about to answer. Measured on the embedded model (10 toxic + 10 hard
     OR-Bench prompts, 24-token greedy answers), the AUC of the score for "the answer is a refusal" was
     0.77 with "openers" and 0.93 with "not_refusal"; on 160 answers labelled by hand (docs/audit), 0.82 and
-    0.95 (README, "Which score tracks the model's refusals"). The default stays "openers" until the README's
-    results are rerun with "not_refusal".
+    0.95 (README, "Which score tracks the model's refusals"). So "not_refusal" is the default.
 
 Openers to token ids
     Openers are configured as strings. Each one is encoded the way it would appear as the FIRST
@@ -132,8 +131,8 @@ class RefusalMetricConfig:
     """Also count the first token of each opener preceded by a space (sentencepiece '▁Sure' after Llama-2's '[/INST]')."""
     shared_first_tokens: SharedFirstTokens = "drop"
     """A first token of both a refusal and a compliance opener: 'drop' it from both sets, or keep it in 'refusal' or 'compliance' only (always warned)."""
-    compliance_mode: ComplianceMode = "openers"
-    """'openers': the compliance side is the compliance openers' first tokens; 'not_refusal': every token outside the refusal set (score = log-odds of a refusal opener; compliance_openers unused)."""
+    compliance_mode: ComplianceMode = "not_refusal"
+    """'not_refusal' (the best measured): every token outside the refusal set is compliance (score = log-odds of a refusal opener; compliance_openers unused); 'openers': the compliance side is the compliance openers' first tokens."""
     second_token: str | None = None
     """A first token read two tokens deep (e.g. 'I'): it counts as refusal or compliance by the token after it (logits at two positions; see 'Two tokens deep'); null: one token deep."""
 

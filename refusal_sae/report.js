@@ -205,6 +205,40 @@
     return svg;
   }
 
+  // ---------------------------------------------------------------- answers under edits (the edit stage)
+  function rate(r) {
+    return r.rate === null ? "n/a" : `${r.refused}/${r.n} (${interval(r.rate)})`;
+  }
+
+  function answersBlock(records) {
+    const block = el("div", { class: "answers" });
+    block.appendChild(el("h3", {}, "What the model says under each edit"));
+    block.appendChild(el("p", { class: "note" }, "Greedy answers of the held-out toxic and hard prompts; refused: " +
+      "the validity report's string match, 95% Wilson interval; coherence: change of the log-likelihood per token " +
+      "of the unedited answers. Pick an edit to read its answers beside the unedited ones."));
+    records.forEach((r) => {
+      const details = el("details", { "data-category": r.category });
+      details.appendChild(el("summary", {}, `${r.category}: circuit ${r.circuit}, ${r.size} nodes (${r.size_reason})` +
+        (r.edit_generated ? ", generated tokens edited too" : ", prompt positions edited")));
+      details.appendChild(table(["edit", "toxic refused", "hard refused", "coherence change"], r.outcomes.map((o) =>
+        [o.edit, rate(o.toxic), rate(o.hard), interval(o.coherence_change)])));
+      const select = el("select");
+      r.outcomes.forEach((o, i) => { if (i > 0) select.appendChild(el("option", { value: String(i) }, o.edit)); });
+      details.appendChild(select);
+      const holder = el("div");
+      const show = () => {
+        const edited = r.outcomes[Number(select.value)], base = r.outcomes[0];
+        holder.replaceChildren(table(["prompt", "set", base.edit, edited.edit], r.prompts.map((p, i) =>
+          [p, i < r.n_toxic ? "toxic" : "hard", base.answers[i], edited.answers[i]])));
+      };
+      select.addEventListener("change", show);
+      if (r.outcomes.length > 1) show();
+      details.appendChild(holder);
+      block.appendChild(details);
+    });
+    return block;
+  }
+
   // ---------------------------------------------------------------- sections
   data.methods.forEach((m, mi) => {
     const section = el("section", { "data-method": m.name });
@@ -247,6 +281,7 @@
     }
     figure(section, "Faithfulness and completeness against circuit size", m.curves);
     figure(section, "Similarity of the category circuits", m.similarity_png);
+    if (m.answers.length) section.appendChild(answersBlock(m.answers));
     main.appendChild(section);
   });
   if (data.comparison || data.directions || data.summary_html || data.validity) {

@@ -44,6 +44,7 @@ from refusal_sae.activations import SPLITS, ActivationCache
 from refusal_sae.circuits import ERROR, Circuit, NodeScores
 from refusal_sae.data import PromptSample, Split
 from refusal_sae.directions import DirectionsResult
+from refusal_sae.editing import CategoryEdits
 from refusal_sae.errors import UserError
 from refusal_sae.io import from_json, to_json
 from refusal_sae.layout import AnalysisLayout, DiscoveryRecord, RunLayout, Summary
@@ -382,8 +383,10 @@ def render_html(title: str, data: Mapping[str, Any]) -> str:
 def report_data(out: AnalysisLayout, run: RunLayout, record: DiscoveryRecord,
                 circuits: Mapping[str, Sequence[tuple[Circuit, NodeScores]]], cards: Mapping[str, NodeCard],
                 prompts: Mapping[int, Mapping[str, Any]], similarity: Mapping[str, Similarity],
-                summary: Summary | None, directions_position: str | None) -> dict[str, Any]:
+                summary: Summary | None, directions_position: str | None,
+                edits: Mapping[str, Sequence[CategoryEdits]] | None = None) -> dict[str, Any]:
     """Everything the page shows, as one JSON-able dict."""
+    edits = edits or {}
     methods = []
     for method, items in circuits.items():
         layout = out.method(method)
@@ -401,6 +404,7 @@ def report_data(out: AnalysisLayout, run: RunLayout, record: DiscoveryRecord,
             "similarity_png": _image(layout.similarity_png),
             "verdict": sim.verdict.explanation if sim else None,
             "shared_core": sim.shared_core.nodes if sim else [],
+            "answers": to_json(edits.get(method, [])),
         })
     directions = out.directions.read(DirectionsResult)
     validity = json.loads(run.validity.read_text(encoding="utf-8")) if run.validity.is_file() else None
@@ -432,15 +436,16 @@ class Report:
 def build_report(out: AnalysisLayout, run: RunLayout, saes: Mapping[str, SparseAutoencoder], cache: ActivationCache,
                  splits: Mapping[Split, Sequence[PromptSample]], wrapper: ModelWrapper,
                  circuits: Mapping[str, Sequence[tuple[Circuit, NodeScores]]], record: DiscoveryRecord,
-                 similarity: Mapping[str, Similarity], summary: Summary | None) -> Report:
+                 similarity: Mapping[str, Similarity], summary: Summary | None,
+                 edits: Mapping[str, Sequence[CategoryEdits]] | None = None) -> Report:
     """Node cards and the page for the analysis `out` (its circuits, scores, similarity, evaluation figures,
-    summary and refusal directions as written there)."""
+    summary and refusal directions as written there, and the answers under each edit)."""
     directions, position = refusal_directions(out)
     core = {m: s.shared_core.nodes for m, s in similarity.items()}
     cards = node_cards(circuits, record, saes, cache, wrapper, core, directions)
     samples = [(s, split) for split in SPLITS for s in splits.get(split, [])]  # the cache's prompt order
     prompts = prompt_texts(cards, samples, wrapper, cache)
-    data = report_data(out, run, record, circuits, cards, prompts, similarity, summary, position)
+    data = report_data(out, run, record, circuits, cards, prompts, similarity, summary, position, edits)
     return Report(render_html(f"refusal circuits: {out.name}", data), cards, prompts)
 
 

@@ -37,7 +37,9 @@ PLANTED = [0, 1, 2]  # basis directions that drive the score; latent j is +b_j
 MASSIVE, STRENGTH, GAIN = 8.0, 2.0, 6.0
 REFUSAL_WORD, COMPLIANCE_WORD = "not", "how"
 METRIC = RefusalMetricConfig(refusal_openers=[REFUSAL_WORD], compliance_openers=[COMPLIANCE_WORD],
-                             space_variants=False)
+                             space_variants=False, compliance_mode="openers")
+"""The head writes the refusal minus the compliance logit, which the 'openers' score reads exactly (the default
+'not_refusal' would read it through the softmax over the whole vocabulary)."""
 
 
 def basis() -> torch.Tensor:

@@ -50,8 +50,10 @@ PROMPTS = [
     "hi",
     "What are some ways to write a story about a crime?",
 ]
-# words of the tiny vocabulary; "I can't" and "I can help" share the first token "i"
-TINY = RefusalMetricConfig(refusal_openers=["not", "As", "I can't"], compliance_openers=["how", "What", "I can help"])
+# words of the tiny vocabulary; "I can't" and "I can help" share the first token "i". These tests are about the
+# compliance openers, so they use compliance_mode 'openers' (the default 'not_refusal' does not read them)
+TINY = RefusalMetricConfig(refusal_openers=["not", "As", "I can't"], compliance_openers=["how", "What", "I can help"],
+                           compliance_mode="openers")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,7 @@ def _id(wrapper: ModelWrapper, word: str) -> int:
 
 
 def test_openers_map_to_their_first_token_ids(wrapper: ModelWrapper, caplog) -> None:
-    cfg = RefusalMetricConfig(refusal_openers=["not", "As well", "as", "NOT"], compliance_openers=["how", "What about"])
+    cfg = RefusalMetricConfig(refusal_openers=["not", "As well", "as", "NOT"], compliance_openers=["how", "What about"], compliance_mode="openers")
     with caplog.at_level(logging.WARNING, logger="refusal_sae.metric"):
         metric = RefusalMetric.from_wrapper(wrapper, cfg)
     assert not caplog.records  # nothing shared
@@ -106,7 +108,7 @@ def test_shared_first_token_can_be_kept_on_one_side(wrapper: ModelWrapper, side:
 
 
 def test_a_set_emptied_by_sharing_is_an_error(wrapper: ModelWrapper) -> None:
-    cfg = RefusalMetricConfig(refusal_openers=["I cannot"], compliance_openers=["I can", "how"])
+    cfg = RefusalMetricConfig(refusal_openers=["I cannot"], compliance_openers=["I can", "how"], compliance_mode="openers")
     with pytest.raises(UserError, match="refusal_openers: no first token left"):
         RefusalMetric.from_wrapper(wrapper, cfg)
 
@@ -129,9 +131,9 @@ def test_bad_opener_is_named(wrapper: ModelWrapper, field: str, opener: str, mat
 
 def test_opener_list_must_not_be_empty(wrapper: ModelWrapper) -> None:
     with pytest.raises(UserError, match=r"refusal_openers: \[\] is not a non-empty list"):
-        RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(refusal_openers=[], compliance_openers=["how"]))
+        RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(refusal_openers=[], compliance_openers=["how"], compliance_mode="openers"))
     with pytest.raises(UserError, match=r"compliance_openers: 'how' is not a non-empty list"):
-        RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(refusal_openers=["not"], compliance_openers="how"))
+        RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(refusal_openers=["not"], compliance_openers="how", compliance_mode="openers"))
 
 
 def test_unknown_shared_policy(wrapper: ModelWrapper) -> None:
@@ -154,18 +156,18 @@ def test_openers_are_encoded_as_the_first_generated_token() -> None:
     )
     template = "{{ bos_token }}{% for m in messages %} {{ m['content'] }} [/INST]{% endfor %}"
 
-    metric = RefusalMetric(tok, RefusalMetricConfig(refusal_openers=["Sorry"], compliance_openers=["Sure"]), template)
+    metric = RefusalMetric(tok, RefusalMetricConfig(refusal_openers=["Sorry"], compliance_openers=["Sure"], compliance_mode="openers"), template)
     assert [t.token for t in metric.refusal] == ["▁Sorry"]  # "Sorry" alone is unknown, " Sorry" is not
     assert [t.token for t in metric.compliance] == ["Sure", "▁Sure"]
     assert metric.compliance[1].openers == (" Sure",)
 
-    exact = RefusalMetricConfig(refusal_openers=[" Sorry"], compliance_openers=["Sure"], space_variants=False)
+    exact = RefusalMetricConfig(refusal_openers=[" Sorry"], compliance_openers=["Sure"], space_variants=False, compliance_mode="openers")
     assert RefusalMetric(tok, exact, template).token_ids == ([vocab["▁Sorry"]], [vocab["Sure"]])
     with pytest.raises(UserError, match="opener 'Sorry' starts with the unknown token"):
         RefusalMetric(tok, RefusalMetricConfig(refusal_openers=["Sorry"], compliance_openers=["Sure"],
                                                space_variants=False), template)
     with pytest.raises(UserError, match="opener 'Nope' starts with the unknown token"):
-        RefusalMetric(tok, RefusalMetricConfig(refusal_openers=["Nope"], compliance_openers=["Sure"]), template)
+        RefusalMetric(tok, RefusalMetricConfig(refusal_openers=["Nope"], compliance_openers=["Sure"], compliance_mode="openers"), template)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,7 +196,7 @@ def test_score_is_log_prob_of_refusal_set_minus_compliance_set(wrapper: ModelWra
 
 
 def test_score_on_logits_and_its_gradient(wrapper: ModelWrapper) -> None:
-    metric = RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(refusal_openers=["not"], compliance_openers=["how"]))
+    metric = RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(refusal_openers=["not"], compliance_openers=["how"], compliance_mode="openers"))
     vocab = len(wrapper.tokenizer)
     logits = torch.zeros(2, vocab, requires_grad=True)
     with torch.no_grad():
@@ -387,12 +389,12 @@ def test_validity_report(wrapper: ModelWrapper, tmp_path: Path) -> None:
         roc_auc([r["p_refusal_set"] for r in report["prompts"]], refused)
     )
     assert report["metric"]["refusal"][0]["token"] == "not"
-    # the variants: "openers" is the run's own metric here, log P(refusal set) its refusal side
+    # the variants: "not_refusal" (the default) is the run's own metric here, log P(refusal set) its refusal side
     overall = report["auc_by_category"]["overall"]
     assert overall["n"] == 4 and overall["refused"] == sum(refused) and list(report["auc_by_category"]) == ["privacy", "overall"]
-    assert overall["auc"]["openers"]["auc"] == report["auc_score_vs_refusal"]
+    assert overall["auc"]["not_refusal"]["auc"] == report["auc_score_vs_refusal"]
     assert overall["auc"]["log_p_refusal"]["auc"] == report["auc_refusal_logprob_vs_refusal"]
-    assert [r["variant_scores"]["openers"] for r in report["prompts"]] == pytest.approx(scores, abs=1e-5)
+    assert [r["variant_scores"]["not_refusal"] for r in report["prompts"]] == pytest.approx(scores, abs=1e-5)
     assert set(report["metric_variants"]) == {"openers", "not_refusal"}  # no refusal opener starts with "I" here
     assert "'I' is not the first token of a refusal opener" in report["metric_variant_errors"]["two_token"]
 
@@ -493,7 +495,7 @@ def test_embedded_model_scores_refusals_above_compliances(orbench_dir: Path) -> 
     w = ModelWrapper(ModelConfig(name="embedded"))
     metric = RefusalMetric.from_wrapper(w)
     assert [t.token for t in metric.refusal][:2] == ["I", "ĠI"] and not metric.shared
-    digit = RefusalMetric.from_wrapper(w, RefusalMetricConfig(refusal_openers=["1."], compliance_openers=["Sure"]))
+    digit = RefusalMetric.from_wrapper(w, RefusalMetricConfig(refusal_openers=["1."], compliance_openers=["Sure"], compliance_mode="openers"))
     assert [t.token for t in digit.refusal] == ["1"]  # " 1." starts with a bare "Ġ": that variant is skipped
     prompts = first_prompts(orbench_dir / "or-bench-toxic.csv", 2) + first_prompts(orbench_dir / "or-bench-hard-1k.csv", 2)
     scores = refusal_scores(w, prompts, batch_size=4, metric=metric)

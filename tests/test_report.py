@@ -15,6 +15,7 @@ import torch
 from refusal_sae.analysis import AnalysisConfig, AnalysisInputs, load_discovery, run_analysis
 from refusal_sae.circuits import ERROR, Circuit, Node
 from refusal_sae.directions import DirectionsConfig
+from refusal_sae.editing import CategoryEdits, EditingConfig
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import EvaluationConfig
 from refusal_sae.layout import RunLayout
@@ -30,7 +31,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CFG = AnalysisConfig(evaluation=EvaluationConfig(n_sizes=4, fractions=[0.1], random_circuits=2, bootstrap=100),
                      similarity=SimilarityConfig(permutations=20), metric=METRIC, validity_report=False,
-                     directions=DirectionsConfig(enabled=True, bootstrap=100))
+                     directions=DirectionsConfig(enabled=True, bootstrap=100),
+                     editing=EditingConfig(enabled=True, max_new_tokens=2, random_circuits=1, strengths=[0.0],
+                                           bootstrap=100))
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +219,28 @@ def test_the_report_renders_every_node_and_opens_a_card(analysed, browser) -> No
     fired = contexts[0].find_elements(By.CSS_SELECTOR, ".tok[title]")  # the highlighted tokens of the top context
     assert word in [t.text for t in fired] and word in set(vocabulary()[0])
     assert REFUSAL_WORD in card.text and "Top contexts" in card.text
+
+
+@pytest.mark.slow
+def test_the_report_shows_each_edits_answers_beside_the_unedited_ones(analysed, browser) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    _, out = analysed
+    open_page(browser, out.report_html)
+    record = out.method("correlation").read_edits(CategoryEdits, "alpha")
+    block = browser.find_element(By.CSS_SELECTOR, 'section[data-method="correlation"] details[data-category="alpha"]')
+    block.find_element(By.TAG_NAME, "summary").click()
+    rows = block.find_elements(By.CSS_SELECTOR, "table")[0].find_elements(By.TAG_NAME, "tr")[1:]
+    assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows] == [o.edit for o in record.outcomes]
+    last = len(record.outcomes) - 1
+    Select(block.find_element(By.TAG_NAME, "select")).select_by_value(str(last))
+    answers = block.find_elements(By.CSS_SELECTOR, "table")[1].find_elements(By.TAG_NAME, "tr")
+    assert [c.text for c in answers[0].find_elements(By.TAG_NAME, "th")][2:] == ["model", record.outcomes[last].edit]
+    shown = [[c.get_attribute("textContent") for c in r.find_elements(By.TAG_NAME, "td")] for r in answers[1:]]
+    assert [s[0] for s in shown] == record.prompts
+    assert [s[2] for s in shown] == record.outcome("model").answers
+    assert [s[3] for s in shown] == record.outcomes[last].answers
 
 
 @pytest.mark.slow
