@@ -14,7 +14,7 @@ import yaml
 
 from refusal_sae.analysis import load_discovery, load_evaluation
 from refusal_sae.cli import CALLBACK
-from refusal_sae.editing import CategoryEdits, circuit_answers
+from refusal_sae.editing import CategoryEdits, circuit_answers, edits_table
 from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation, EvaluationConfig, curve_sizes, faithful_sizes
 from refusal_sae.layout import RunLayout
 from refusal_sae.sae_io import load_sae
@@ -361,7 +361,7 @@ def test_analyze_edit_judges_each_circuit_by_its_answers(capsys: pytest.CaptureF
     summary = run.analysis("edit").summary_md.read_text()
     assert "refusal rate of the answers under each edit" in summary
     # beside F, the results table says what ablating and keeping each circuit did to the answers; a later
-    # summary of the analysis reads the records back and says the same
+    # summary taking this analysis as its source reads the records back
     record = run.analysis("edit").method(method).read_edits(CategoryEdits, "illegal")
     cell = circuit_answers(record)
     assert cell.startswith(f"unedited {record.outcome('model').toxic.refused}/{record.n_toxic}, ")
@@ -370,7 +370,7 @@ def test_analyze_edit_judges_each_circuit_by_its_answers(capsys: pytest.CaptureF
     again = cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "summary", "--source", "edit",
                            "--name", "again")
     assert again.returncode == 0, again.stderr
-    assert f"| {cell} |" in run.analysis("again").summary_md.read_text()
+    assert edits_table({method: [record]}).split("\n", 4)[4] in run.analysis("again").summary_md.read_text()
     for option, value, name in (("categories", "[nowhere]", "editing.categories"),
                                 ("strengths", "[strong]", "strengths"),
                                 ("max_new_tokens", "0", "editing.max_new_tokens"),
