@@ -368,9 +368,9 @@ def test_analyze_edit_judges_each_circuit_by_its_answers(capsys: pytest.CaptureF
     assert f"ablate C{record.size} " in cell and f"keep C{record.size} cf " in cell
     assert f"| {cell} |" in summary
     again = cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "summary", "--source", "edit",
-                           "--name", "again")
+                           "--name", "summary_of_edit")
     assert again.returncode == 0, again.stderr
-    assert edits_table({method: [record]}).split("\n", 4)[4] in run.analysis("again").summary_md.read_text()
+    assert edits_table({method: [record]}).split("\n", 4)[4] in run.analysis("summary_of_edit").summary_md.read_text()
     for option, value, name in (("categories", "[nowhere]", "editing.categories"),
                                 ("strengths", "[strong]", "strengths"),
                                 ("max_new_tokens", "0", "editing.max_new_tokens"),
