@@ -297,7 +297,7 @@ def _ci(x: Interval | None, none: str = "null") -> str:
     """`value [low, high]` of an interval."""
     if x is None:
         return none
-    return f"{x.value:.2f} [{x.low:.2f}, {x.high:.2f}]"
+    return x.format()
 
 
 def results_table(results: Mapping[str, Sequence[CircuitEvaluation]],

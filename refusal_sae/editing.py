@@ -346,11 +346,11 @@ def direction_answers(record: CategoryEdits | None) -> str:
 def _fmt(rate: Rate) -> str:
     if rate.rate is None:
         return "n/a"
-    return f"{rate.refused}/{rate.n} ({rate.rate.value:.0%} [{rate.rate.low:.0%}, {rate.rate.high:.0%}])"
+    return f"{rate.refused}/{rate.n} ({rate.rate.format('.0%')})"
 
 
 def _fmt_ci(x: Interval | None) -> str:
-    return "n/a" if x is None else f"{x.value:+.3f} [{x.low:+.3f}, {x.high:+.3f}]"
+    return "n/a" if x is None else x.format("+.3f")
 
 
 __all__ = ["MODEL", "CategoryEdits", "EditOutcome", "EditingConfig", "GlobalDirection", "Rate", "answers_cell",

@@ -308,7 +308,7 @@ def _curve(run: _Run, scope: str, layers: list[str], mode: str, ranking: list[tu
     span = interval(model[0] - empty[0], model[1] - empty[1], cfg.confidence)
     defined = span.excludes_zero()
     note = None if defined else (
-        f"F(M) - F(∅) = {span.value:.4g} [{span.low:.4g}, {span.high:.4g}]: its interval contains 0, so "
+        f"F(M) - F(∅) = {span.format('.4g')}: its interval contains 0, so "
         "faithfulness and completeness are undefined")
     n_total = len(ranking)
     points, faith_points = [], []

@@ -39,6 +39,10 @@ class Interval:
     def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
 
+    def format(self, spec: str = ".2f") -> str:
+        """`value [low, high]`, each number formatted by `spec` (".2f", "+.3f", ".0%", ...)."""
+        return f"{self.value:{spec}} [{self.low:{spec}}, {self.high:{spec}}]"
+
 
 def wilson(k: int, n: int, confidence: float) -> Interval:
     """k successes of n (n > 0) as a rate with its Wilson score interval (sound at 0/n and n/n, where a
