@@ -11,7 +11,7 @@ for the evaluation's circuits of N nodes. Methods share one interface (`Discover
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 import numpy as np
@@ -89,6 +89,12 @@ class DiscoveryInputs:
         if group != "all":
             mask &= self.features.labels == (group == "toxic")
         return np.flatnonzero(mask)
+
+    def subset(self, mask: np.ndarray) -> DiscoveryInputs:
+        """The same inputs on the rows where `mask` holds (the node means stay those of all discovery prompts)."""
+        return replace(self, features=self.features.subset(mask),
+                                   samples=[s for s, keep in zip(self.samples, mask) if keep], labels=self.labels[mask],
+                                   refused=None if self.refused is None else self.refused[mask])
 
     def candidates(self) -> dict[str, np.ndarray]:
         """Live latents and error nodes: what a circuit may hold."""

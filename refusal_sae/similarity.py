@@ -132,12 +132,18 @@ def circuit_shape(circuit: Circuit, pools: Mapping[str, set[tuple[int, str]]]) -
     return Shape(nodes, edges)
 
 
+def shared_counts(a: np.ndarray, b: np.ndarray, pool_sizes: np.ndarray, draws: int, rng: np.random.Generator
+                  ) -> np.ndarray:
+    """(draws, pools) nodes shared by two independent uniform random subsets of each pool, of sizes `a` and `b`:
+    Hypergeometric(good = a, bad = pool - a, draws = b) per pool."""
+    return rng.hypergeometric(a, pool_sizes - a, b, size=(draws, len(pool_sizes)))
+
+
 def null_overlaps(
     a: Shape, b: Shape, pool_sizes: np.ndarray, permutations: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """(permutations,) shared node and shared edge counts of random circuits shaped like `a` and `b`."""
-    size = (permutations, len(pool_sizes))
-    shared = rng.hypergeometric(a.nodes, pool_sizes - a.nodes, b.nodes, size=size)
+    shared = shared_counts(a.nodes, b.nodes, pool_sizes, permutations, rng)
     joined = shared[:, :-1] * shared[:, 1:]
     pairs_a, pairs_b = a.nodes[:-1] * a.nodes[1:], b.nodes[:-1] * b.nodes[1:]
     hit = rng.hypergeometric(joined, pairs_a - joined, a.edges)
@@ -414,5 +420,5 @@ def analyse_similarity(
 __all__ = [
     "CategoryOverlap", "Overlap", "Shape", "SharedCore", "Similarity", "SimilarityConfig", "Verdict",
     "analyse_similarity", "candidate_pools", "circuit_shape", "compare", "jaccard",
-    "null_overlaps", "shared_core", "similarity_matrix", "verdict",
+    "null_overlaps", "shared_core", "shared_counts", "similarity_matrix", "verdict",
 ]

@@ -1,0 +1,152 @@
+"""The split-half noise ceiling (`refusal_sae.ceiling`) on the category model (tests/planted.py): both discovery
+methods call the model whose categories read one refusal direction monolithic and the one whose categories read
+their own directions modular; the ceiling and the matched null each decide a verdict the raw Jaccard gets wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
+from refusal_sae.attribution import AttributionConfig
+from refusal_sae.ceiling import Ceiling, CeilingConfig, half_split, null_jaccard, split_half_ceiling, strata
+from refusal_sae.correlation import CorrelationConfig
+from refusal_sae.discovery import Attribution, Correlation, DiscoveryInputs
+from refusal_sae.errors import UserError
+from refusal_sae.features import encode_prompts
+from refusal_sae.metric import RefusalMetric
+from refusal_sae.model import ModelConfig, ModelWrapper
+from refusal_sae.positions import position_scheme
+from refusal_sae.similarity import SimilarityConfig
+from tests.conftest import single_thread
+from tests.planted import LAYERS, METRIC, category_triggers, exact_saes, make_category_model, planted_prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SIZES = [1, 2, 4, 8, 16, 48]
+CATEGORIES = ["alpha", "beta"]
+
+
+def inputs(root: Path, reads: dict[str, int]) -> DiscoveryInputs:
+    """The discovery inputs of the category model: 64 prompts per label and category, half of them discovery."""
+    with single_thread():
+        wrapper = ModelWrapper(ModelConfig(name=str(make_category_model(root / "model", reads))))
+        splits = planted_prompts(64, triggers=category_triggers(), same_length=True)
+        cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=128), root / "cache").run(splits)
+        scheme = position_scheme(wrapper, splits["discovery"] + splits["evaluation"], "positional")
+        saes = exact_saes()
+        pf = encode_prompts(saes, PromptActivations(cache, ["discovery"]), scheme)
+    samples = [splits["discovery"][i] for i in pf.prompt_index]
+    return DiscoveryInputs(pf, samples, pf.labels, None, saes, lambda: wrapper,
+                           RefusalMetric.from_wrapper(wrapper, METRIC), "toxic")
+
+
+def ceilings(root: Path, reads: dict[str, int]) -> dict[str, Ceiling]:
+    inp = inputs(root, reads)
+    cfg = CeilingConfig(splits=10, sizes=SIZES, null_draws=400)
+    with single_thread():
+        return {m.name: split_half_ceiling(m, inp, CATEGORIES, cfg)
+                for m in (Correlation(CorrelationConfig()), Attribution(AttributionConfig(batch_size=32)))}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Ceiling]:
+    """Both categories' trigger words write b_0, which the head reads: one refusal mechanism."""
+    return ceilings(tmp_path_factory.mktemp("shared"), {"alpha": 0, "beta": 0})
+
+
+@pytest.fixture(scope="module")
+def modular(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Ceiling]:
+    """alpha's trigger words write b_0, beta's b_1: a refusal direction per category."""
+    return ceilings(tmp_path_factory.mktemp("modular"), {"alpha": 0, "beta": 1})
+
+
+def at(ceiling: Ceiling, n: int):
+    return next(s for s in ceiling.sizes if s.n_nodes == n)
+
+
+@pytest.mark.slow
+def test_both_methods_call_the_shared_model_monolithic_and_the_modular_one_modular(shared, modular) -> None:
+    for method in ("correlation", "attribution"):
+        assert shared[method].verdict == "monolithic", shared[method].reason
+        assert modular[method].verdict == "modular", modular[method].reason
+        for c in (shared[method], modular[method]):
+            assert c.half_prompts == {"alpha": [33, 35], "beta": [29, 31]}  # floor(n / 2) per label in half A
+            assert c.at == next(s.n_nodes for s in c.sizes if s.verdict != "unmeasurable")
+    # the size the verdict is taken at is where the halves first agree: one node for attribution (the planted
+    # latent), four for correlation (the planted latent at two layers and two positions, tied within a half)
+    assert (shared["attribution"].at, shared["correlation"].at) == (1, 4)
+
+
+@pytest.mark.slow
+def test_the_ceiling_makes_a_partial_overlap_of_one_mechanism_monolithic(shared) -> None:
+    # 16 correlation nodes: two halves of one category share only a quarter of their nodes (the planted ones; the
+    # rest are ranked by noise), and the categories share as much; a raw Jaccard of 0.25 is "hybrid" by the
+    # uncalibrated rule, but it is the ceiling itself
+    s = at(shared["correlation"], 16)
+    raw = SimilarityConfig()
+    assert s.pairs[0].between.value < raw.monolithic_above
+    assert all(r.within.value < 0.5 and r.reproducible for r in s.categories)
+    assert s.verdict == "monolithic" and s.relative.low >= 0.75
+
+
+@pytest.mark.slow
+def test_the_matched_null_keeps_chance_overlap_from_reading_as_shared(modular) -> None:
+    # 48 correlation nodes of the modular model: most of each circuit is noise, and the categories' circuits
+    # share what random sets of their shapes share; as a fraction of the halves' agreement that raw overlap is
+    # more than half, but above the null it is nothing
+    s = at(modular["correlation"], 48)
+    p = s.pairs[0]
+    within = [r.within.value for r in s.categories]
+    assert p.between.value / np.sqrt(within[0] * within[1]) > 0.4
+    assert p.between.value - p.null < 0.03
+    assert s.relative is not None and s.relative.low < 0 < s.relative.high
+    assert s.verdict == "undecided"
+
+
+def test_half_split_halves_every_cell_and_refuses_a_cell_of_one() -> None:
+    rng = np.random.default_rng(0)
+    categories = np.array(["a"] * 7 + ["b"] * 4)
+    labels = np.array([True] * 4 + [False] * 3 + [True, False, True, False])
+    half = half_split(categories, labels, rng)
+    for c, label, n in (("a", True, 4), ("a", False, 3), ("b", True, 2), ("b", False, 2)):
+        cell = (categories == c) & (labels == label)
+        assert half[cell].sum() == n // 2
+    with pytest.raises(UserError, match="category 'b' has 1 safe discovery prompt"):
+        half_split(np.array(["b", "b", "b"]), np.array([True, True, False]), rng)
+
+
+def test_the_null_matches_frequency_and_its_mean_is_that_of_real_random_sets() -> None:
+    rng = np.random.default_rng(1)
+    # one layer, one class, 40 latents + the error node; latents 0-9 fire on every prompt, the rest on 1 in 10
+    values = {"l": np.zeros((100, 1, 41))}
+    values["l"][:, 0, :10] = 1.0
+    values["l"][::10, 0, 10:] = 1.0
+    values["l"][:, 0, 40] = 1.0
+    candidates = {"l": np.ones((1, 41), bool)}
+    st = strata(values, candidates, bins=2)
+    assert len(st.sizes) == 3 and sorted(st.sizes.tolist()) == [1, 10, 30]
+    frequent = st.of["l"][0, 0]
+    assert (st.of["l"][0, :10] == frequent).all() and (st.of["l"][0, 10:40] != frequent).all()
+    # two 6-node sets of frequent latents: random sets of their shape are drawn from the 10 frequent ones
+    a = frozenset(("l", 0, c) for c in range(6))
+    b = frozenset(("l", 0, c) for c in range(4, 10))
+    expected = null_jaccard(st.counts(a), st.counts(b), st.sizes, 20_000, rng)
+    draws = []
+    for _ in range(20_000):
+        x, y = set(rng.choice(10, 6, replace=False)), set(rng.choice(10, 6, replace=False))
+        draws.append(len(x & y) / len(x | y))
+    assert expected == pytest.approx(np.mean(draws), abs=0.01)
+    # a uniform null over all 40 latents would call far less overlap chance
+    uniform = null_jaccard(np.array([6]), np.array([6]), np.array([40]), 20_000, rng)
+    assert uniform < expected / 3
+
+
+def test_bad_options_name_the_option() -> None:
+    with pytest.raises(UserError, match="ceiling.sizes"):
+        CeilingConfig(sizes=[])
+    with pytest.raises(UserError, match="ceiling.splits"):
+        CeilingConfig(splits=0)
+    with pytest.raises(UserError, match="ceiling.modular_below"):
+        CeilingConfig(modular_below=0.8, monolithic_above=0.75)
