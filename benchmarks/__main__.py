@@ -18,7 +18,7 @@
 Each row of the table is one comparison: side a, side b, and a/b. Timings are medians over repeats
 after a warm-up (see each module's docstring for its protocol; `python -m benchmarks.bench_sae --help`
 etc. run one with other settings). Writes `<out>/results.json` (machine, versions, the rows, and each
-benchmark's full result) and `<out>/results.md` (the table as the README shows it). On 2 quiet CPU cores
+benchmark's full result) and `<out>/results.md` (the table as docs/benchmarks.md shows it). On 2 quiet CPU cores
 the ablation, metric, attribution and generation benchmarks take 14 minutes together, the end-to-end one 7.
 `--quick` runs every benchmark on tiny models and shapes in a minute or two: CI runs it so the suite cannot
 rot; its timings mean nothing.

@@ -78,7 +78,7 @@ class EvaluationConfig:
     """F: toxic (mean score of the category's held-out toxic prompts: the refusal itself), contrast (toxic
     minus safe mean score) or behavior (refused minus answered; needs greedy answers). toxic is the
     default because on OR-Bench its F(M) - F(∅) excludes 0 in 9 of 10 categories, the contrast's in 3
-    (README, "What F measures"); it also runs half the prompts."""
+    (docs/orbench-results.md, "What F measures"); it also runs half the prompts."""
     error_modes: list[ErrorMode] = field(default_factory=lambda: ["keep", "nodes"])
     """keep: SAE error terms are never ablated (the spec's variant); nodes: they are nodes like latents
     (Marks et al.). The first mode also gets the per-layer curves and the sanity checks."""

@@ -19,7 +19,7 @@ Definition
     inflated although the model is about to answer. Measured on the embedded model (10 toxic + 10 hard
     OR-Bench prompts, 24-token greedy answers), the AUC of the score for "the answer is a refusal" was
     0.77 with "openers" and 0.93 with "not_refusal"; on 160 answers labelled by hand (docs/audit), 0.82 and
-    0.95 (README, "Which score tracks the model's refusals"). So "not_refusal" is the default.
+    0.95 (docs/orbench-results.md, "Which score tracks the model's refusals"). So "not_refusal" is the default.
 
 Openers to token ids
     Openers are configured as strings. Each one is encoded the way it would appear as the FIRST

@@ -1,4 +1,5 @@
-"""The project's shape: no import cycle between its modules, and a README row for every option the CLI takes."""
+"""The project's shape: no import cycle between its modules, a row in docs/configuration.md for every option the CLI
+takes, and no broken relative link in README.md or docs/."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import inspect
 import re
 import types
 import typing
+import urllib.parse
 from pathlib import Path
 
 from callbacks import CircuitAnalysisCallback
@@ -183,25 +185,124 @@ def cli_options(cls: type, prefix: str) -> list[str]:
     return options
 
 
-def readme_options() -> set[str]:
-    """The options of the README's configuration reference: rows that start with "| `option`"."""
-    return set(re.findall(r"^\| `([^`]+)`", (ROOT / "README.md").read_text(encoding="utf-8"), re.MULTILINE))
+CONFIGURATION = ROOT / "docs" / "configuration.md"
 
 
-def undocumented(options: typing.Iterable[str]) -> list[str]:
-    return sorted(set(options) - readme_options())
+def documented_options(reference: Path = CONFIGURATION) -> set[str]:
+    """The options of the configuration reference (docs/configuration.md): rows that start with "| `option`"."""
+    return set(re.findall(r"^\| `([^`]+)`", reference.read_text(encoding="utf-8"), re.MULTILINE))
 
 
-def test_every_training_option_has_a_readme_row() -> None:
+def undocumented(options: typing.Iterable[str], reference: Path = CONFIGURATION) -> list[str]:
+    return sorted(set(options) - documented_options(reference))
+
+
+def test_an_option_without_a_documentation_row_is_found(tmp_path: Path) -> None:
+    reference = tmp_path / "configuration.md"
+    reference.write_text("| option | default | meaning |\n|---|---|---|\n| `data.batch_size` | `4096` | tokens |\n"
+                         "`model.lr` is named in the text, not in a row\n", encoding="utf-8")
+    assert undocumented(["data.batch_size", "model.lr", "run_dir"], reference) == ["model.lr", "run_dir"]
+
+
+def test_every_training_option_has_a_documentation_row() -> None:
     options = [*TOP_LEVEL_OPTIONS, *cli_options(ActivationDataModule, "data."), *cli_options(SAEModule, "model.")]
     options = [option for option in options if option not in LINKED]
     assert {"data.prompts.source", "data.model.max_length", "model.sae.k", "model.lr"} <= set(options)
     missing = undocumented(options)
-    assert not missing, f"options without a README row: {', '.join(missing)}"
+    assert not missing, f"options without a row in docs/configuration.md: {', '.join(missing)}"
 
 
-def test_every_callback_option_has_a_readme_row() -> None:
+def test_every_callback_option_has_a_documentation_row() -> None:
     options = cli_options(CircuitAnalysisCallback, "")
     assert {"analysis.discovery.methods", "analysis.evaluation.target", "every_n_epochs"} <= set(options)
     missing = undocumented(options)
-    assert not missing, f"callback options without a README row: {', '.join(missing)}"
+    assert not missing, f"callback options without a row in docs/configuration.md: {', '.join(missing)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# documentation links
+
+LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*<?([^()\s<>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+FENCE = re.compile(r"^\s*(```|~~~)")
+HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$")
+
+
+def markdown_files(root: Path = ROOT) -> list[Path]:
+    """README.md and every markdown file under docs/."""
+    return [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+
+
+def prose_lines(path: Path) -> typing.Iterator[tuple[int, str]]:
+    """(line number, line) of `path` outside fenced code blocks."""
+    fenced = False
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if FENCE.match(line):
+            fenced = not fenced
+        elif not fenced:
+            yield number, line
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lowercase, punctuation but hyphens and spaces dropped, spaces to hyphens."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip())  # a link's text only
+    return re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    """The anchors of every heading of `path` (a repeated heading's get -1, -2, ... as on GitHub)."""
+    seen: dict[str, int] = {}
+    out = set()
+    for _, line in prose_lines(path):
+        if match := HEADING.match(line):
+            base = slug(match.group(1))
+            out.add(f"{base}-{seen[base]}" if base in seen else base)
+            seen[base] = seen.get(base, 0) + 1
+    return out
+
+
+def broken_links(files: typing.Iterable[Path], root: Path = ROOT) -> list[str]:
+    """`file:line: target (why)` for every relative link of `files` to a file that does not exist (or lies outside
+    `root`), or to an anchor that no heading of the markdown file it names has. Links in code are not links."""
+    broken = []
+    for path in files:
+        for number, line in prose_lines(path):
+            for target in LINK.findall(re.sub(r"`[^`]*`", "", line)):
+                if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", target):  # https:, mailto:, ...
+                    continue
+                name, _, anchor = urllib.parse.unquote(target).partition("#")
+                linked = (path.parent / name).resolve() if name else path.resolve()
+                where = f"{path.relative_to(root)}:{number}: {target}"
+                if not linked.is_relative_to(root.resolve()):
+                    broken.append(f"{where} (outside the repository)")
+                elif not linked.exists():
+                    broken.append(f"{where} (no such file)")
+                elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                    broken.append(f"{where} (no such heading)")
+    return broken
+
+
+def test_a_broken_documentation_link_is_found(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A\n\n## What F measures (measured 2026-12-06, `openers`)\n\n"
+                                            "## Twice\n\n## Twice\n", encoding="utf-8")
+    (tmp_path / "docs" / "x.png").write_bytes(b"")
+    (tmp_path / "README.md").write_text(
+        "# Top\n\n[ok](docs/a.md) [ok](docs/a.md#what-f-measures-measured-2026-12-06-openers) ![ok](docs/x.png)\n"
+        "[ok](docs/a.md#twice-1) [ok](#top) [web](https://example.org/missing.md) `[code](docs/none.md)`\n"
+        "```\n[fenced](docs/none.md)\n```\n"
+        "[file](docs/b.md) [heading](docs/a.md#what-f-measures) [image](x.png) [self](#nowhere) [up](../a.md)\n",
+        encoding="utf-8")
+    assert broken_links(markdown_files(tmp_path), tmp_path) == [
+        "README.md:8: docs/b.md (no such file)",
+        "README.md:8: docs/a.md#what-f-measures (no such heading)",
+        "README.md:8: x.png (no such file)",
+        "README.md:8: #nowhere (no such heading)",
+        "README.md:8: ../a.md (outside the repository)",
+    ]
+
+
+def test_every_relative_link_of_the_documentation_resolves() -> None:
+    files = markdown_files()
+    assert {ROOT / "README.md", CONFIGURATION, ROOT / "docs" / "orbench-results.md"} <= set(files)
+    broken = broken_links(files)
+    assert not broken, "broken links:\n" + "\n".join(broken)
