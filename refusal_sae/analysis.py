@@ -1,5 +1,5 @@
-"""The analysis stages after SAE training: discover -> similarity -> evaluate -> cross -> directions -> summary
--> report.
+"""The analysis stages after SAE training: discover -> similarity -> evaluate -> cross -> directions -> ceiling ->
+edit -> summary -> report.
 
 Each stage is a plain function of the SAEs, the activation cache, the prompts and the model
 (`AnalysisInputs`) and of the previous stage's result, passed in memory. A stage returns typed records; this
@@ -14,6 +14,10 @@ run (`analyze`).
                 (`refusal_sae.cross_ablation`; when `cross_ablation.enabled`, or asked for by name)
     directions  without SAEs: refusal directions per category and their cross-category ablation
                 (`refusal_sae.directions`; when `directions.enabled`, or asked for by name)
+    ceiling     per method, and for the directions where they ran: the same question against the split-half
+                noise ceiling (`refusal_sae.ceiling`; when `ceiling.enabled`, or asked for by name)
+    edit        circuits and the refusal direction judged by the answers they change (`refusal_sae.editing`;
+                when `editing.enabled`, or asked for by name)
     summary     the short summary the CLI prints
     report      node cards (top contexts, logit lens, ...) and the analysis as one HTML page (`refusal_sae.report`)
 """
@@ -30,10 +34,21 @@ from tqdm.auto import tqdm
 
 from refusal_sae.ablation import Ablator
 from refusal_sae.activations import ActivationCache, PromptActivations
+from refusal_sae.ceiling import Ceiling, CeilingConfig, DirectionCeiling, direction_ceiling, split_half_ceiling
 from refusal_sae.circuits import ERROR, Circuit, NodeScores, circuit_size
-from refusal_sae.cross_ablation import CrossAblationConfig, CrossAblationResult, cross_ablation
+from refusal_sae.cross_ablation import (
+    CrossAblationConfig,
+    CrossAblationResult,
+    cross_ablation,
+)
 from refusal_sae.data import PromptSample, Split
-from refusal_sae.directions import GLOBAL, DirectionsConfig, DirectionsResult, run_directions
+from refusal_sae.directions import (
+    GLOBAL,
+    DirectionsConfig,
+    DirectionsResult,
+    run_directions,
+    site_residuals,
+)
 from refusal_sae.discovery import DiscoveryConfig, DiscoveryInputs, discover, methods
 from refusal_sae.editing import (
     CategoryEdits,
@@ -53,6 +68,7 @@ from refusal_sae.evaluation import (
     faithful_sizes,
 )
 from refusal_sae.features import NodeMeans, encode_prompts
+from refusal_sae.io import from_json
 from refusal_sae.layout import (
     AnalysisLayout,
     AnswersSummary,
@@ -66,8 +82,14 @@ from refusal_sae.layout import (
 )
 from refusal_sae.metric import RefusalMetric, RefusalMetricConfig
 from refusal_sae.model import ModelWrapper
-from refusal_sae.plots import plot_cross_ablation, plot_curves, plot_directions, plot_similarity
-from refusal_sae.positions import position_scheme
+from refusal_sae.plots import (
+    plot_ceiling,
+    plot_cross_ablation,
+    plot_curves,
+    plot_directions,
+    plot_similarity,
+)
+from refusal_sae.positions import PositionScheme, position_scheme
 from refusal_sae.report import build_report
 from refusal_sae.sae import SparseAutoencoder
 from refusal_sae.similarity import Similarity, SimilarityConfig, analyse_similarity
@@ -108,15 +130,18 @@ class Discovery:
     means: NodeMeans
     circuits: dict[str, list[tuple[Circuit, NodeScores]]]
     """Per method, every circuit with its node scores."""
+    inputs: DiscoveryInputs | None = None
+    """What the methods read, when discovery ran in this process (the ceiling stage reuses it)."""
 
 
 def _categories(samples: Sequence[PromptSample]) -> list[str]:
     return sorted({str(s.category) for s in samples})
 
 
-def run_discovery(inputs: AnalysisInputs, out: AnalysisLayout, cfg: DiscoveryConfig, target: str,
-                  metric: RefusalMetricConfig) -> Discovery:
-    """Node means, and every method's circuit and node scores per category (and group); written to `out`."""
+def discovery_inputs(inputs: AnalysisInputs, cfg: DiscoveryConfig, target: str, metric: RefusalMetricConfig
+                     ) -> tuple[DiscoveryInputs, PositionScheme]:
+    """What the discovery methods read: the discovery prompts' node values (encoded anew, deterministically, so
+    a later stage gets those discovery had), their labels, the model and F."""
     wrapper = inputs.wrapper()
     every = [s for split in ("discovery", "evaluation") for s in inputs.splits.get(split, [])]
     scheme = position_scheme(wrapper, every, cfg.positions)
@@ -128,7 +153,14 @@ def run_discovery(inputs: AnalysisInputs, out: AnalysisLayout, cfg: DiscoveryCon
     refused = inputs.refused(samples) if need_refused else None
     labels = refused if cfg.label_source == "behavior" else pf.labels
     scorer = RefusalMetric.from_wrapper(wrapper, metric) if "attribution" in cfg.methods else None
-    d_inputs = DiscoveryInputs(pf, samples, labels, refused, inputs.saes, inputs.wrapper, scorer, target)
+    return DiscoveryInputs(pf, samples, labels, refused, inputs.saes, inputs.wrapper, scorer, target), scheme
+
+
+def run_discovery(inputs: AnalysisInputs, out: AnalysisLayout, cfg: DiscoveryConfig, target: str,
+                  metric: RefusalMetricConfig) -> Discovery:
+    """Node means, and every method's circuit and node scores per category (and group); written to `out`."""
+    d_inputs, scheme = discovery_inputs(inputs, cfg, target, metric)
+    pf, samples = d_inputs.features, d_inputs.samples
     out.write_means(pf.means)
     found, entries = {}, {}
     categories = _categories(samples)
@@ -143,7 +175,7 @@ def run_discovery(inputs: AnalysisInputs, out: AnalysisLayout, cfg: DiscoveryCon
                                              c.positions()) for c, _ in results]
     record = DiscoveryRecord(asdict(cfg), target, asdict(metric), scheme.to_dict(), entries)
     out.write_discovery(record)
-    return Discovery(record, pf.means, found)
+    return Discovery(record, pf.means, found, d_inputs)
 
 
 def load_discovery(out: AnalysisLayout) -> Discovery:
@@ -173,6 +205,31 @@ def run_similarity(discovery: Discovery, out: AnalysisLayout, cfg: SimilarityCon
             out.method(method).write_similarity(results[method])
             plot_similarity(results[method], out.method(method).similarity_png)
     return results
+
+
+def run_ceiling(inputs: AnalysisInputs, discovery: Discovery, directions: DirectionsResult | None,
+                out: AnalysisLayout, cfg: CeilingConfig) -> tuple[dict[str, Ceiling], DirectionCeiling | None]:
+    """Per method with two or more category circuits, the split-half noise ceiling of its circuits, with the
+    discovery's own options, F and metric (from its record); and, where the refusal-directions stage has run, that
+    of the directions at its layer and position. Written to `out`."""
+    d_cfg = from_json(DiscoveryConfig, discovery.record.config)
+    d_inputs = discovery.inputs
+    if d_inputs is None:
+        d_inputs, _ = discovery_inputs(inputs, d_cfg, discovery.record.target,
+                                       from_json(RefusalMetricConfig, discovery.record.metric))
+    results = {}
+    for method in methods(d_cfg):
+        categories = sorted({c.category for c, _ in discovery.circuits.get(method.name, []) if c.group == "all"})
+        if len(categories) >= 2:
+            results[method.name] = split_half_ceiling(method, d_inputs, categories, cfg)
+            out.method(method.name).write_ceiling(results[method.name])
+            plot_ceiling(results[method.name], out.method(method.name).ceiling_png)
+    if directions is None:
+        return results, None
+    layer, position = directions.selection.layer, directions.selection.position
+    found = direction_ceiling(*site_residuals(inputs.cache, layer, position), layer, position, cfg)
+    out.directions.write_ceiling(found)
+    return results, found
 
 
 def _rows(samples: Sequence[PromptSample], category: str, group: str) -> list[int]:
@@ -257,18 +314,25 @@ def run_cross_ablation(inputs: AnalysisInputs, discovery: Discovery,
 
 def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluation]],
               similarity: Mapping[str, Similarity], directions: DirectionsResult | None = None,
-              edits: Mapping[str, Sequence[CategoryEdits]] | None = None) -> Summary:
+              edits: Mapping[str, Sequence[CategoryEdits]] | None = None,
+              ceilings: Mapping[str, Ceiling] | None = None, directions_ceiling: DirectionCeiling | None = None
+              ) -> Summary:
     """Per method and circuit: F(M) - F(∅), the sizes reaching faithfulness 0.5 / 0.8, CPR, sanity; the
-    similarity verdict; the refusal directions' verdict beside it; and what each edit did to the answers."""
+    similarity verdict and the split-half ceiling's; the refusal directions' verdict beside them; and what each
+    edit did to the answers."""
+    ceilings = ceilings or {}
     methods = {}
-    for method, rs in results.items():
+    for method in dict.fromkeys([*results, *similarity, *ceilings]):
+        rs = results.get(method, [])
         verdict = similarity[method].verdict if method in similarity else None
         circuits = {}
         for r in rs:
             main = r.curves[0]
             circuits[r.name] = CircuitSummary(r.F_M, main.span, main.error_mode, main.n_candidates, main.reaches,
                                               main.cpr, main.cmd, main.ratio_note or main.area_note, r.sanity.passed)
-        methods[method] = MethodSummary(circuits, verdict and verdict.label, verdict and verdict.explanation)
+        ceiling = ceilings.get(method)
+        methods[method] = MethodSummary(circuits, verdict and verdict.label, verdict and verdict.explanation,
+                                        ceiling and ceiling.verdict, ceiling and ceiling.reason)
     answers = {method: {r.circuit: [AnswersSummary(o.edit, o.toxic.refused, o.toxic.n, o.hard.refused, o.hard.n,
                                                     o.coherence_change) for o in r.outcomes] for r in records}
                for method, records in (edits or {}).items()}
@@ -277,7 +341,8 @@ def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluat
     v = directions.verdict
     return Summary(str(out.root), methods, DirectionsSummary(
         directions.selection.layer, directions.selection.position, v.label, v.mean_share, v.p_value,
-        v.global_share, v.explanation), answers)
+        v.global_share, v.explanation, directions_ceiling and directions_ceiling.verdict,
+        directions_ceiling and directions_ceiling.reason), answers)
 
 
 def summary_tables(results: Mapping[str, Sequence[CircuitEvaluation]], directions: DirectionsResult | None,
@@ -377,8 +442,13 @@ def format_summary(summary: Summary) -> str:
             lines.append(line + (f"  ({r.note})" if r.note else ""))
         if m.verdict_explanation:
             lines.append(f"  {m.verdict_explanation}")
+        if m.ceiling_verdict:
+            lines.append(f"  split-half ceiling: {m.ceiling_verdict} ({m.ceiling_explanation})")
     if summary.directions is not None:
         lines.append(f"directions: {summary.directions.verdict_explanation}")
+        if summary.directions.ceiling_verdict:
+            lines.append(f"  split-half ceiling: {summary.directions.ceiling_verdict} "
+                         f"({summary.directions.ceiling_explanation})")
     for method, categories in summary.answers.items():
         lines.append(f"{method}: refused answers under each edit (toxic, hard; random circuits: their range)")
         for category, rows in categories.items():
@@ -408,7 +478,7 @@ def _answers(rows: Sequence[AnswersSummary]) -> list[str]:
 
 
 
-STAGES = ("discover", "similarity", "evaluate", "cross", "directions", "edit", "summary", "report")
+STAGES = ("discover", "similarity", "evaluate", "cross", "directions", "ceiling", "edit", "summary", "report")
 
 
 @dataclass
@@ -418,6 +488,8 @@ class AnalysisConfig:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    ceiling: CeilingConfig = field(default_factory=CeilingConfig)
+    """The split-half noise ceiling: circuit similarity between categories as a fraction of that within one."""
     cross_ablation: CrossAblationConfig = field(default_factory=CrossAblationConfig)
     """Each category's circuit ablated on every category's held-out prompts: does their refusal need it?"""
     directions: DirectionsConfig = field(default_factory=DirectionsConfig)
@@ -467,12 +539,17 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
         plot_directions(directions, out.directions.png)
     else:
         directions = out.directions.read(DirectionsResult)
+    if "ceiling" in stages and (cfg.ceiling.enabled or stages[0] == "ceiling"):
+        ceilings, directions_ceiling = run_ceiling(inputs, discovery, directions, out, cfg.ceiling)
+    else:
+        ceilings = {m: c for m in discovery.circuits if (c := source.method(m).read_ceiling(Ceiling)) is not None}
+        directions_ceiling = out.directions.read_ceiling(DirectionCeiling)
     if "edit" in stages and (cfg.editing.enabled or stages[0] == "edit"):
         edits = run_edits(inputs, discovery, results, out, source, cfg.editing, cfg.metric,
                           cfg.validity.refusal_phrases)
     else:
         edits = load_edits(source, discovery)
-    summary = summarise(out, results, similarity, directions, edits)
+    summary = summarise(out, results, similarity, directions, edits, ceilings, directions_ceiling)
     out.write_summary(summary, summary_tables(results, directions, edits))
     if "report" in stages:
         for method, rs in results.items():  # the curves of an evaluation read from `source` are drawn here too
@@ -549,6 +626,21 @@ def load_evaluation(out: AnalysisLayout, discovery: Discovery, method: str) -> l
     return [r for r in found if r is not None]
 
 
-__all__ = ["STAGES", "AnalysisConfig", "AnalysisInputs", "Discovery", "candidate_keys", "format_summary",
-           "load_discovery", "load_edits", "load_evaluation", "run_analysis", "run_discovery", "run_evaluation",
-           "run_cross_ablation", "run_edits", "run_similarity", "summarise"]
+__all__ = [
+    "STAGES",
+    "AnalysisConfig",
+    "AnalysisInputs",
+    "Discovery",
+    "candidate_keys",
+    "format_summary",
+    "load_discovery",
+    "load_edits",
+    "load_evaluation",
+    "run_analysis",
+    "run_cross_ablation",
+    "run_discovery",
+    "run_edits",
+    "run_evaluation",
+    "run_similarity",
+    "summarise",
+]

@@ -43,6 +43,23 @@ nodes are those discovery is surest of, while past some size the ranks are noise
 null (every size's verdict is reported beside it). On a planted model whose categories read separate refusal
 directions the head also reads the other category's direction, so under mean ablation that direction's latent
 has an effect on every category's prompts and joins each circuit a few nodes down: the verdict by size shows it.
+
+Refusal directions (Arditi et al.), the same question without SAEs
+    At the refusal-directions stage's layer and position, with r_c^A, r_c^B category c's difference of means
+    (toxic minus safe) on its two halves: the halves' noise is independent, so r_c^A . r_d^B estimates the true
+    directions' dot product without the noise term that r_c . r_d carries. Hence, per split,
+
+        within_c        = cos(r_c^A, r_c^B)                       how reproducible c's direction is
+        corrected_cd    = (r_c^A . r_d^B + r_c^B . r_d^A) / 2 / sqrt((r_c^A . r_c^B)(r_d^A . r_d^B))
+                          the cosine of the true directions (disattenuated: noise shrinks a raw cosine)
+        specific_c      = (s_c^A . s_c^B) / (r_c^A . r_c^B), s = r minus its projection on the global direction
+                          of the same half: the share of c's reproducible direction that is c's own
+        dimension       = (sum λ)² / sum λ² of the positive eigenvalues λ of the cross-half Gram matrix
+                          G_cd = (r_c^A . r_d^B + r_c^B . r_d^A) / 2 (participation ratio: 1 for one shared
+                          direction, C for C orthogonal ones of equal norm)
+
+    R_directions = the mean corrected cosine over pairs of reproducible categories (within's interval above 0),
+    judged by the same thresholds as R.
 """
 
 from __future__ import annotations
@@ -62,6 +79,8 @@ from refusal_sae.validate import positive_int, statistics_options
 
 NodeKey = tuple[str, int, int]
 """(layer, position class, column), as `ranked_nodes` gives them."""
+MIN_HALF = 3
+"""Prompts a half must hold: discovery finds no circuit on fewer."""
 VERDICTS = ("unmeasurable", "monolithic", "modular", "hybrid", "undecided")
 
 
@@ -165,9 +184,14 @@ class Ceiling:
 
 def half_split(categories: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A boolean mask of half A: in every (category, label) cell a random floor(n / 2) of its rows (half B
-    gets the rest, one more when n is odd). Cells with fewer than 2 rows are refused: a half would lack them."""
+    gets the rest, one more when n is odd). Cells with fewer than 2 rows are refused (a half would lack them), and
+    categories with fewer than 2 * MIN_HALF rows."""
     half = np.zeros(len(labels), bool)
     for c in np.unique(categories):
+        if (n := int((categories == c).sum())) < 2 * MIN_HALF:
+            raise UserError(f"ceiling: category {str(c)!r} has {n} discovery prompts; a split-half ceiling needs at "
+                            f"least {2 * MIN_HALF} (two halves of {MIN_HALF}, what discovery needs per circuit): give "
+                            "the categories more prompts, or leave ceiling.enabled off")
         for label in (True, False):
             rows = np.flatnonzero((categories == c) & (labels == label))
             if len(rows) < 2:
@@ -243,20 +267,20 @@ def _spread(values: Sequence[float], confidence: float) -> Interval:
     return Interval(float(v.mean()), float(low), float(high))
 
 
-def size_verdict(relative: Interval | None, n_reproducible: int, cfg: CeilingConfig) -> tuple[str, str]:
-    """The verdict at one size (module docstring) and why."""
+def size_verdict(relative: Interval | None, n_reproducible: int, cfg: CeilingConfig, name: str = "R",
+                 unmeasured: str = "two halves of a category agree no more than chance") -> tuple[str, str]:
+    """The verdict (module docstring) from `name`'s interval, and why."""
     if relative is None or n_reproducible < 2:
         return "unmeasurable", (f"{n_reproducible} reproducible categor{'y' if n_reproducible == 1 else 'ies'}: "
-                                "two halves of a category agree no more than chance, so there is no ceiling to "
-                                "compare categories against")
-    r = relative.format(".2f")
+                                f"{unmeasured}, so there is no ceiling to compare categories against")
+    r = f"{name} = {relative.format('.2f')}"
     if relative.low >= cfg.monolithic_above:
-        return "monolithic", f"R = {r} lies at or above {cfg.monolithic_above}"
+        return "monolithic", f"{r} lies at or above {cfg.monolithic_above}"
     if relative.high <= cfg.modular_below:
-        return "modular", f"R = {r} lies at or below {cfg.modular_below}"
+        return "modular", f"{r} lies at or below {cfg.modular_below}"
     if relative.low > cfg.modular_below and relative.high < cfg.monolithic_above:
-        return "hybrid", f"R = {r} lies between {cfg.modular_below} and {cfg.monolithic_above}"
-    return "undecided", f"R = {r} crosses a threshold ({cfg.modular_below}, {cfg.monolithic_above})"
+        return "hybrid", f"{r} lies between {cfg.modular_below} and {cfg.monolithic_above}"
+    return "undecided", f"{r} crosses a threshold ({cfg.modular_below}, {cfg.monolithic_above})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,5 +372,101 @@ def split_half_ceiling(method: DiscoveryMethod, inputs: DiscoveryInputs, categor
                    reason, asdict(cfg))
 
 
-__all__ = ["VERDICTS", "CategoryCeiling", "Ceiling", "CeilingConfig", "PairCeiling", "SizeCeiling", "half_split",
+@dataclass
+class DirectionPair:
+    a: str
+    b: str
+    raw: Interval
+    """The plain cosine of the halves' directions, (cos(r_a^A, r_b^B) + cos(r_a^B, r_b^A)) / 2, over splits."""
+    corrected: Interval | None
+    """The disattenuated cosine; None when a category is not reproducible."""
+
+
+@dataclass
+class DirectionCeiling:
+    """The split-half ceiling of the per-category refusal directions at one layer and position."""
+
+    layer: str
+    position: str
+    splits: int
+    within: dict[str, Interval]
+    reproducible: list[str]
+    specific: dict[str, Interval]
+    """Per category the share of its reproducible direction orthogonal to the global one."""
+    pairs: list[DirectionPair]
+    relative: Interval | None
+    """R_directions: the mean corrected cosine over pairs of reproducible categories."""
+    dimension: Interval
+    """Participation ratio of the cross-half Gram matrix of the reproducible categories."""
+    verdict: str
+    reason: str
+
+
+def _cross_gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(C, C) symmetrised cross-half Gram matrix of the rows of two (C, d) arrays of half directions."""
+    g = a @ b.T
+    return (g + g.T) / 2
+
+
+def direction_ceiling(residuals: np.ndarray, categories: np.ndarray, labels: np.ndarray, layer: str, position: str,
+                      cfg: CeilingConfig) -> DirectionCeiling:
+    """The directions' split-half ceiling from the discovery prompts' residuals at one layer and position
+    ((prompts, d_model)), their categories and labels (True = toxic)."""
+    rng = np.random.default_rng([cfg.seed, 3])
+    names = sorted({str(c) for c in categories})
+    x = residuals.astype(np.float64)
+
+    def directions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        per = np.stack([x[mask & (categories == c) & labels].mean(0) - x[mask & (categories == c) & ~labels].mean(0)
+                        for c in names])
+        return per, x[mask & labels].mean(0) - x[mask & ~labels].mean(0)
+
+    within, specific, raw, corrected, dims = [], [], [], [], []
+    for _ in tqdm(range(cfg.splits), desc="direction split halves", unit="split", leave=False):
+        half = half_split(categories, labels, rng)
+        (ra, ga), (rb, gb) = directions(half), directions(~half)
+        na, nb = np.linalg.norm(ra, axis=1), np.linalg.norm(rb, axis=1)
+        dot = np.einsum("cd,cd->c", ra, rb)
+        within.append(dot / (na * nb))
+        sa = ra - np.outer(ra @ ga / (ga @ ga), ga)
+        sb = rb - np.outer(rb @ gb / (gb @ gb), gb)
+        specific.append(np.einsum("cd,cd->c", sa, sb) / dot)
+        raw.append((ra / na[:, None]) @ (rb / nb[:, None]).T)
+        gram = _cross_gram(ra, rb)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            corrected.append(gram / np.sqrt(np.outer(np.diag(gram), np.diag(gram))))
+        dims.append(gram)
+    within_a, specific_a = np.array(within), np.array(specific)
+    within_i = {c: _spread(within_a[:, i], cfg.confidence) for i, c in enumerate(names)}
+    reproducible = [c for c in names if within_i[c].low > 0]
+    keep = [names.index(c) for c in reproducible]
+    pairs, means = [], [[] for _ in range(cfg.splits)]
+    for i, a in enumerate(names):
+        for j in range(i + 1, len(names)):
+            b = names[j]
+            both = a in reproducible and b in reproducible
+            values = [c[i, j] for c in corrected]
+            if both:
+                for s, v in enumerate(values):
+                    means[s].append(v)
+            pairs.append(DirectionPair(a, b, _spread([(r[i, j] + r[j, i]) / 2 for r in raw], cfg.confidence),
+                                       _spread(values, cfg.confidence) if both else None))
+    relative = None
+    if len(reproducible) >= 2:
+        relative = _spread([float(np.nanmean(m)) for m in means], cfg.confidence)
+
+    def participation(g: np.ndarray) -> float:
+        lam = np.linalg.eigvalsh(g[np.ix_(keep, keep)])
+        lam = lam[lam > 0]
+        return float(lam.sum() ** 2 / (lam ** 2).sum()) if len(lam) else float("nan")
+
+    verdict, reason = size_verdict(relative, len(reproducible), cfg, "R_directions",
+                                   "no other category's halves give directions that agree")
+    return DirectionCeiling(layer, position, cfg.splits, within_i, reproducible,
+                            {c: _spread(specific_a[:, i], cfg.confidence) for i, c in enumerate(names)}, pairs,
+                            relative, _spread([participation(g) for g in dims], cfg.confidence), verdict, reason)
+
+
+__all__ = ["VERDICTS", "CategoryCeiling", "Ceiling", "CeilingConfig", "DirectionCeiling", "DirectionPair",
+           "PairCeiling", "SizeCeiling", "direction_ceiling", "half_split",
            "null_jaccard", "size_verdict", "split_half_ceiling", "strata", "top_nodes"]

@@ -303,6 +303,18 @@ def suffix_sums(cache: ActivationCache, layers: Sequence[str], suffix: int, cate
     return SuffixSums(positions, list(categories), sums, counts), prompts.rows["prompt_index"][part == SELECT]
 
 
+def site_residuals(cache: ActivationCache, layer: str, position: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The discovery prompts' residuals at one layer and suffix position ("-j": j-th token from the end), as
+    (prompts, d_model), with their categories and labels (True = toxic)."""
+    prompts = PromptActivations(cache, ["discovery"], [layer])
+    j = int(position)
+    x = np.stack([prompts[i]["activations"][layer][j].double().numpy()
+                  for i in tqdm(range(len(prompts)), desc=f"residuals at {layer} {position}", unit="prompt",
+                                leave=False)])
+    names = np.array(cache.manifest["categories"])[prompts.rows["category"]]
+    return x, names, prompts.rows["refusal_label"].astype(bool)
+
+
 # --------------------------------------------------------------------------------------------------
 # interventions
 
@@ -484,4 +496,4 @@ def run_directions(wrapper: ModelWrapper, cache: ActivationCache, splits: Mappin
 
 __all__ = ["GLOBAL", "Candidate", "CategoryDirections", "DirectionVectors", "DirectionsConfig", "DirectionsResult",
            "DirectionsVerdict", "Selection", "SuffixSums", "activation_addition", "direction_verdict",
-           "directional_ablation", "run_directions", "scores", "select_site", "suffix_sums"]
+           "directional_ablation", "run_directions", "scores", "select_site", "site_residuals", "suffix_sums"]

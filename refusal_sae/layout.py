@@ -13,6 +13,7 @@
         <method>/circuits/<circuit>.json, .graphml            the circuit at the method's threshold
         <method>/scores/<circuit>.safetensors                 every node's score: the evaluation's ranking
         <method>/similarity.json, .png                        monolithic or modular?
+        <method>/ceiling.json, .png                           the split-half noise ceiling and its verdict
         <method>/evaluation/<circuit>.json                    curves, intervals, sanity (evaluation.CircuitEvaluation)
         <method>/evaluation/<circuit>.scores.safetensors      per-prompt scores of every ablated variant
         <method>/curves.png                                   faithfulness / completeness curves
@@ -21,6 +22,7 @@
         comparison.png                                        methods side by side
         directions/directions.json, .safetensors, .png        refusal directions per category, their
                                                               cross-category ablation, verdict (refusal_sae.directions)
+        directions/ceiling.json                               their split-half ceiling (refusal_sae.ceiling)
         report/index.html, cards.json                         what each node is: node cards, circuit graphs, figures
                                                               in one page (refusal_sae.report)
         summary.json, summary.md                              the short summary; the results table
@@ -110,6 +112,9 @@ class MethodSummary:
     verdict: str | None
     """The similarity stage's label (None: not run)."""
     verdict_explanation: str | None
+    ceiling_verdict: str | None = None
+    """The split-half ceiling's verdict (`refusal_sae.ceiling`; None: not run)."""
+    ceiling_explanation: str | None = None
 
 
 @dataclasses.dataclass
@@ -123,6 +128,9 @@ class DirectionsSummary:
     p_value: float | None
     global_share: float | None
     verdict_explanation: str
+    ceiling_verdict: str | None = None
+    """The directions' split-half ceiling verdict (`refusal_sae.ceiling.direction_ceiling`; None: not measured)."""
+    ceiling_explanation: str | None = None
 
 
 @dataclasses.dataclass
@@ -205,6 +213,23 @@ class MethodLayout:
         if not self.similarity_json.is_file():
             return None
         return from_json(cls, read_json(self.similarity_json, "similarity", "run analyze --stage similarity again"))
+
+    @property
+    def ceiling_json(self) -> Path:
+        return self.root / "ceiling.json"
+
+    @property
+    def ceiling_png(self) -> Path:
+        return self.root / "ceiling.png"
+
+    def write_ceiling(self, result: Any) -> None:
+        write_json(self.ceiling_json, to_json(result))
+
+    def read_ceiling(self, cls: type[T]) -> T | None:
+        """The split-half ceiling as `cls` (`ceiling.Ceiling`); None when the stage did not run."""
+        if not self.ceiling_json.is_file():
+            return None
+        return from_json(cls, read_json(self.ceiling_json, "split-half ceiling", "run analyze --stage ceiling again"))
 
     def evaluation_paths(self, name: str) -> tuple[Path, Path]:
         stem = _stem(name)
@@ -305,6 +330,19 @@ class DirectionsLayout:
             return None
         return from_json(cls, read_json(self.record_json, "directions", "run analyze --stage directions again"))
 
+    @property
+    def ceiling_json(self) -> Path:
+        return self.root / "ceiling.json"
+
+    def write_ceiling(self, result: Any) -> None:
+        write_json(self.ceiling_json, to_json(result))
+
+    def read_ceiling(self, cls: type[T]) -> T | None:
+        """The directions' split-half ceiling (`ceiling.DirectionCeiling`); None when it was not measured here."""
+        if not self.ceiling_json.is_file():
+            return None
+        return from_json(cls, read_json(self.ceiling_json, "directions ceiling", "run analyze --stage ceiling again"))
+
     def read_vectors(self) -> dict[str, np.ndarray]:
         with safe_open(self.vectors, framework="numpy") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
@@ -358,7 +396,8 @@ class AnalysisLayout:
         for method in source.read_discovery().methods:
             for part in ("circuits", "scores"):
                 shutil.copytree(source.method(method).root / part, self.method(method).root / part)
-            for path in (source.method(method).similarity_json, source.method(method).similarity_png):
+            for path in (source.method(method).similarity_json, source.method(method).similarity_png,
+                         source.method(method).ceiling_json, source.method(method).ceiling_png):
                 if path.is_file():
                     shutil.copy2(path, self.method(method).root / path.name)
         if source.directions.root.is_dir():

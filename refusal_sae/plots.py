@@ -1,6 +1,6 @@
 """Every figure, drawn from a stage's record and written as a PNG where the run layout says: the prompts per
 category (data report), faithfulness and completeness curves (one panel per circuit, intervals shaded, random circuits as a band), the
-similarity heatmaps, the circuit cross-ablation matrix and the refusal directions' matrix, all made of one
+similarity heatmaps, the split-half noise ceiling, the circuit cross-ablation matrix and the refusal directions' matrix, all made of one
 annotated heatmap panel."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from refusal_sae.io import atomic_open
 
 if TYPE_CHECKING:  # records are read, never built, here: the data stage draws without importing the analysis
+    from refusal_sae.ceiling import Ceiling
     from refusal_sae.cross_ablation import CrossAblationResult
     from refusal_sae.directions import DirectionsResult
     from refusal_sae.evaluation import CircuitEvaluation, Curve
@@ -133,6 +134,41 @@ def plot_similarity(result: Similarity, path: Path) -> None:
     fig.colorbar(image, ax=axes, label="Jaccard")
     fig.suptitle(f"Refusal circuits: {result.verdict.label}")
     _save(fig, path, 120)
+
+
+def plot_ceiling(result: Ceiling, path: Path) -> None:
+    """Left: node Jaccard against circuit size, within a category (two halves; mean over categories), between
+    categories (mean over pairs) and the matched null. Right: R, the between-category similarity as a fraction of
+    the ceiling, with its interval over splits and the verdict thresholds."""
+    n = np.array([s.n_nodes for s in result.sizes], float)
+    fig = Figure(figsize=(9.5, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    within = [np.mean([c.within.value for c in s.categories]) for s in result.sizes]
+    between = [np.mean([p.between.value for p in s.pairs]) for s in result.sizes]
+    null = [np.mean([c.null for c in s.categories]) for s in result.sizes]
+    for values, label, style in ((within, "within (two halves)", "-o"), (between, "between categories", "-s"),
+                                 (null, "matched null", ":")):
+        left.plot(n, values, style, label=label)
+    left.set(xscale="log", xlabel="circuit size (nodes)", ylabel="node Jaccard", ylim=(0, 1.02),
+             title=f"{result.method}: {result.splits} half splits")
+    left.legend(fontsize=8)
+    defined = [(s.n_nodes, s.relative) for s in result.sizes if s.relative is not None]
+    if defined:
+        x = np.array([d[0] for d in defined], float)
+        right.errorbar(x, [d[1].value for d in defined], yerr=[[d[1].value - d[1].low for d in defined],
+                                                                [d[1].high - d[1].value for d in defined]],
+                       fmt="o-", capsize=3, color="black")
+    cfg = result.config
+    right.axhspan(cfg["monolithic_above"], max(1.5, right.get_ylim()[1]), color="tab:red", alpha=0.08)
+    right.axhspan(min(-0.5, right.get_ylim()[0]), cfg["modular_below"], color="tab:blue", alpha=0.08)
+    right.axhline(0, color="gray", lw=0.5)
+    right.axhline(1, color="gray", lw=0.5)
+    right.set(xscale="log", xlim=left.get_xlim(), xlabel="circuit size (nodes)",
+              ylabel="R = (between - null) / ceiling", title=f"verdict: {result.verdict}")
+    missing = [s.n_nodes for s in result.sizes if s.relative is None]
+    if missing:
+        right.text(0.02, 0.02, f"unmeasurable at {missing}", transform=right.transAxes, fontsize=8)
+    _save(fig, path, 110)
 
 
 def _shares(ablation: Sequence[Sequence[Effect]], transfers: Callable[[int, int], bool]

@@ -275,3 +275,16 @@ def make_category_model(directory: Path, reads: Mapping[str, int], seed: int = 0
         head[tokenizer.convert_tokens_to_ids(REFUSAL_WORD)] = GAIN * b[read].sum(0)
     model.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def category_run(root: Path, reads: Mapping[str, int], n_per_label: int):
+    """The category model (`make_category_model`) in `root / "model"`, its same-length prompts (`n_per_label` per
+    label and category, half of them discovery) and their activation cache in `root / "cache"`: (wrapper, splits,
+    cache)."""
+    from refusal_sae.activations import ActivationConfig, InferencePipeline
+    from refusal_sae.model import ModelConfig, ModelWrapper
+
+    wrapper = ModelWrapper(ModelConfig(name=str(make_category_model(root / "model", reads))))
+    splits = planted_prompts(n_per_label, triggers=category_triggers(), same_length=True)
+    cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=128), root / "cache").run(splits)
+    return wrapper, splits, cache

@@ -9,31 +9,66 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
+from refusal_sae.activations import (
+    PromptActivations,
+)
+from refusal_sae.analysis import (
+    AnalysisConfig,
+    AnalysisInputs,
+    format_summary,
+    run_analysis,
+)
 from refusal_sae.attribution import AttributionConfig
-from refusal_sae.ceiling import Ceiling, CeilingConfig, half_split, null_jaccard, split_half_ceiling, strata
+from refusal_sae.ceiling import (
+    Ceiling,
+    CeilingConfig,
+    DirectionCeiling,
+    direction_ceiling,
+    half_split,
+    null_jaccard,
+    split_half_ceiling,
+    strata,
+)
 from refusal_sae.correlation import CorrelationConfig
-from refusal_sae.discovery import Attribution, Correlation, DiscoveryInputs
+from refusal_sae.directions import DirectionsConfig, DirectionsResult, site_residuals
+from refusal_sae.discovery import (
+    Attribution,
+    Correlation,
+    DiscoveryConfig,
+    DiscoveryInputs,
+)
 from refusal_sae.errors import UserError
 from refusal_sae.features import encode_prompts
+from refusal_sae.layout import RunLayout
 from refusal_sae.metric import RefusalMetric
-from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.positions import position_scheme
 from refusal_sae.similarity import SimilarityConfig
+from refusal_sae.validity import ValidityConfig
 from tests.conftest import single_thread
-from tests.planted import LAYERS, METRIC, category_triggers, exact_saes, make_category_model, planted_prompts
+from tests.planted import (
+    LAYERS,
+    METRIC,
+    category_run,
+    exact_saes,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZES = [1, 2, 4, 8, 16, 48]
 CATEGORIES = ["alpha", "beta"]
 
 
-def inputs(root: Path, reads: dict[str, int]) -> DiscoveryInputs:
-    """The discovery inputs of the category model: 64 prompts per label and category, half of them discovery."""
+def analysis_inputs(root: Path, reads: dict[str, int]) -> AnalysisInputs:
+    """A run of the category model: 64 prompts per label and category, half of them discovery; exact SAEs."""
     with single_thread():
-        wrapper = ModelWrapper(ModelConfig(name=str(make_category_model(root / "model", reads))))
-        splits = planted_prompts(64, triggers=category_triggers(), same_length=True)
-        cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=128), root / "cache").run(splits)
+        wrapper, splits, cache = category_run(root, reads, 64)
+    return AnalysisInputs(exact_saes(), cache, splits, lambda: wrapper, RunLayout(root / "run"), ValidityConfig())
+
+
+def inputs(root: Path, reads: dict[str, int]) -> DiscoveryInputs:
+    """The discovery inputs of the category model's run."""
+    run = analysis_inputs(root, reads)
+    wrapper, splits, cache = run.wrapper(), run.splits, run.cache
+    with single_thread():
         scheme = position_scheme(wrapper, splits["discovery"] + splits["evaluation"], "positional")
         saes = exact_saes()
         pf = encode_prompts(saes, PromptActivations(cache, ["discovery"]), scheme)
@@ -105,16 +140,71 @@ def test_the_matched_null_keeps_chance_overlap_from_reading_as_shared(modular) -
     assert s.verdict == "undecided"
 
 
+@pytest.mark.slow
+def test_the_ceiling_stage_writes_its_record_and_a_later_process_gets_the_same(tmp_path: Path) -> None:
+    """`discover` then `ceiling` through `run_analysis`; then `ceiling` alone from that analysis (the discovery
+    inputs rebuilt from the run, the options from the discovery record) writes the same bytes; the summary says
+    the verdict."""
+    run = analysis_inputs(tmp_path, {"alpha": 0, "beta": 0})
+    cfg = AnalysisConfig(discovery=DiscoveryConfig(methods=["correlation"]), metric=METRIC, validity_report=False,
+                         ceiling=CeilingConfig(enabled=True, splits=3, sizes=[4, 8], null_draws=100),
+                         directions=DirectionsConfig(enabled=True, selection_fraction=0.25, random_directions=19,
+                                                     bootstrap=100))
+    first, second = run.run.analysis("first"), run.run.analysis("second")
+    with single_thread():
+        summary = run_analysis(run, first, cfg, ["discover", "directions", "ceiling", "summary"])
+        again = run_analysis(run, second, cfg, ["ceiling", "summary"], source=first)
+    record = first.method("correlation").read_ceiling(Ceiling)
+    assert record.verdict == "monolithic" and first.method("correlation").ceiling_png.is_file()
+    for part in (lambda a: a.method("correlation").ceiling_json, lambda a: a.directions.ceiling_json):
+        assert part(second).read_bytes() == part(first).read_bytes()
+    directions = first.directions.read(DirectionsResult)
+    ceiling = first.directions.read_ceiling(DirectionCeiling)
+    assert (ceiling.layer, ceiling.position) == (directions.selection.layer, directions.selection.position)
+    for s in (summary, again):
+        assert s.methods["correlation"].ceiling_verdict == "monolithic"
+        assert s.directions.ceiling_verdict == "monolithic"
+        assert "split-half ceiling: monolithic (at 4 nodes" in format_summary(s)
+        assert "split-half ceiling: monolithic (R_directions = " in format_summary(s)
+
+
+def direction_ceilings(root: Path, reads: dict[str, int]) -> DirectionCeiling:
+    """The directions' ceiling of the category model at the last layer and position, 32 prompts per label and
+    category (16 discovery): few enough that noise shrinks the plain cosine of two categories' directions."""
+    with single_thread():
+        *_, cache = category_run(root, reads, 32)
+    return direction_ceiling(*site_residuals(cache, LAYERS[-1], "-1"), LAYERS[-1], "-1", CeilingConfig(splits=10))
+
+
+@pytest.mark.slow
+def test_the_directions_ceiling_corrects_the_cosine_for_noise(tmp_path: Path) -> None:
+    shared = direction_ceilings(tmp_path / "shared", {"alpha": 0, "beta": 0})
+    modular = direction_ceilings(tmp_path / "modular", {"alpha": 0, "beta": 1})
+    assert shared.reproducible == modular.reproducible == CATEGORIES
+    # one direction: the plain cosine of the halves' directions is well below 1 (noise), the corrected one is 1;
+    # the categories' directions hold nothing of their own, and the cross-half Gram matrix has one dimension
+    (pair,) = shared.pairs
+    assert pair.raw.value < 0.75 <= pair.corrected.low and pair.corrected.value == pytest.approx(1, abs=0.1)
+    assert shared.verdict == "monolithic" and shared.dimension.value < 1.2
+    assert all(abs(v.value) < 0.1 for v in shared.specific.values())
+    # a direction each: orthogonal, each a good share of its own, two dimensions
+    (pair,) = modular.pairs
+    assert modular.verdict == "modular" and abs(pair.corrected.value) < 0.2
+    assert modular.dimension.value > 1.7 and all(v.value > 0.2 for v in modular.specific.values())
+
+
 def test_half_split_halves_every_cell_and_refuses_a_cell_of_one() -> None:
     rng = np.random.default_rng(0)
-    categories = np.array(["a"] * 7 + ["b"] * 4)
-    labels = np.array([True] * 4 + [False] * 3 + [True, False, True, False])
+    categories = np.array(["a"] * 7 + ["b"] * 6)
+    labels = np.array([True] * 4 + [False] * 3 + [True, False] * 3)
     half = half_split(categories, labels, rng)
-    for c, label, n in (("a", True, 4), ("a", False, 3), ("b", True, 2), ("b", False, 2)):
+    for c, label, n in (("a", True, 4), ("a", False, 3), ("b", True, 3), ("b", False, 3)):
         cell = (categories == c) & (labels == label)
         assert half[cell].sum() == n // 2
     with pytest.raises(UserError, match="category 'b' has 1 safe discovery prompt"):
-        half_split(np.array(["b", "b", "b"]), np.array([True, True, False]), rng)
+        half_split(np.array(["b"] * 6), np.array([True] * 5 + [False]), rng)
+    with pytest.raises(UserError, match="category 'b' has 4 discovery prompts; a split-half ceiling needs at least 6"):
+        half_split(np.array(["b"] * 4), np.array([True, True, False, False]), rng)
 
 
 def test_the_null_matches_frequency_and_its_mean_is_that_of_real_random_sets() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,13 @@ import yaml
 from refusal_sae.analysis import load_discovery, load_evaluation
 from refusal_sae.cli import CALLBACK
 from refusal_sae.editing import CategoryEdits, circuit_answers, edits_table
-from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation, EvaluationConfig, curve_sizes, faithful_sizes
+from refusal_sae.evaluation import (
+    ALL_LAYERS,
+    CircuitEvaluation,
+    EvaluationConfig,
+    curve_sizes,
+    faithful_sizes,
+)
 from refusal_sae.layout import RunLayout
 from refusal_sae.sae_io import load_sae
 from tests.conftest import ROOT, write_csv
@@ -215,6 +222,21 @@ def test_analyze_directions_runs_the_stage_asked_for_by_name(capsys: pytest.Capt
     record = json.loads(run.analysis("dirs").directions.record_json.read_text(encoding="utf-8"))
     assert len(record["categories"]) == 10 and len(record["ablation"]) == 11  # the global direction and one each
     assert run.analysis("dirs").directions.png.is_file()
+
+
+@pytest.mark.slow
+def test_analyze_ceiling_on_too_few_prompts_is_one_line(capsys: pytest.CaptureFixture[str], tiny_run) -> None:
+    """The tiny run holds 4 discovery prompts per category, too few for two halves that discovery can use: the
+    ceiling stage says so in one line naming the stage and the category, exit 2, and writes no ceiling."""
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    run = RunLayout(run_dir)
+    done = cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "ceiling", "--name", "ceil",
+                          "--source", run.epoch(2).root.name, "--analysis.ceiling.splits", "2")
+    assert done.returncode == 2
+    assert re.search(r"^error: ceiling: category '\w+' has 4 discovery prompts; a split-half ceiling needs at least "
+                     r"6", one_line_error(done), re.MULTILINE)
+    assert not any(run.analysis("ceil").root.glob("*/ceiling.json"))
 
 
 @pytest.mark.slow

@@ -12,8 +12,6 @@ import pytest
 
 from refusal_sae.ablation import Ablator
 from refusal_sae.activations import (
-    ActivationConfig,
-    InferencePipeline,
     PromptActivations,
 )
 from refusal_sae.circuits import Circuit, NodeScores, circuit_size
@@ -35,7 +33,6 @@ from refusal_sae.features import encode_prompts
 from refusal_sae.io import from_json, to_json
 from refusal_sae.layout import RunLayout
 from refusal_sae.metric import RefusalMetric
-from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.plots import plot_cross_ablation
 from refusal_sae.positions import position_scheme
 from refusal_sae.stats import Interval
@@ -44,10 +41,8 @@ from tests.planted import (
     D_MODEL,
     LAYERS,
     METRIC,
-    category_triggers,
+    category_run,
     exact_saes,
-    make_category_model,
-    planted_prompts,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,9 +63,7 @@ def hand_circuit(category: str, scheme, latents: list[int]) -> tuple[Circuit, No
 def matrix(root: Path, reads: dict[str, int], circuits: dict[str, list[int]]) -> CrossAblationResult:
     """The cross-ablation of hand-built circuits (4 nodes each: the n_nodes fallback, as no evaluation exists)."""
     with single_thread():
-        wrapper = ModelWrapper(ModelConfig(name=str(make_category_model(root / "model", reads))))
-        splits = planted_prompts(64, triggers=category_triggers(), same_length=True)
-        cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=128), root / "cache").run(splits)
+        wrapper, splits, cache = category_run(root, reads, 64)
         scheme = position_scheme(wrapper, splits["discovery"] + splits["evaluation"], "positional")
         means = encode_prompts(exact_saes(), PromptActivations(cache, ["discovery"]), scheme).means
         ablator = Ablator(wrapper, exact_saes(), means, RefusalMetric.from_wrapper(wrapper, METRIC), 8)

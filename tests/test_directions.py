@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from refusal_sae.activations import ActivationConfig, InferencePipeline
-from refusal_sae.analysis import AnalysisConfig, AnalysisInputs, format_summary, run_analysis
+from refusal_sae.analysis import (
+    AnalysisConfig,
+    AnalysisInputs,
+    format_summary,
+    run_analysis,
+)
 from refusal_sae.directions import (
     DirectionsConfig,
     DirectionsResult,
@@ -23,14 +28,19 @@ from refusal_sae.errors import UserError
 from refusal_sae.io import to_json
 from refusal_sae.layout import RunLayout
 from refusal_sae.metric import RefusalMetric
-from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.objective import objective
 from refusal_sae.positions import position_scheme
 from refusal_sae.similarity import SimilarityConfig
 from refusal_sae.stats import effect, resample_weights
 from refusal_sae.validity import ValidityConfig
 from tests.conftest import single_thread
-from tests.planted import LAYERS, METRIC, UNUSED, category_triggers, exact_saes, make_category_model, planted_prompts
+from tests.planted import (
+    LAYERS,
+    METRIC,
+    UNUSED,
+    category_run,
+    exact_saes,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = DirectionsConfig(selection_fraction=0.25, random_directions=19, bootstrap=200)
@@ -39,9 +49,7 @@ ALPHA, BETA = 1, 2  # rows of the ablation matrix: 0 is the global direction
 
 def build(root: Path, reads: dict[str, int], n_per_label: int = 256):
     with single_thread():
-        wrapper = ModelWrapper(ModelConfig(name=str(make_category_model(root / "model", reads))))
-        splits = planted_prompts(n_per_label, triggers=category_triggers(), same_length=True)
-        cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=128), root / "cache").run(splits)
+        wrapper, splits, cache = category_run(root, reads, n_per_label)
         scheme = position_scheme(wrapper, splits["discovery"] + splits["evaluation"], "positional")
         out = RunLayout(root / "run").analysis("directions")
         result, vectors = run_directions(wrapper, cache, splits, scheme, FAST, METRIC)
