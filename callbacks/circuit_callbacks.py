@@ -104,7 +104,8 @@ class CircuitAnalysisCallback(Callback):
                 for level, n in r.reaches.items():
                     if n is not None:
                         metrics[f"{prefix}/nodes_to_faithfulness_{level}"] = float(n)
-                metrics[f"{prefix}/sanity_passed"] = float(r.sanity_passed)
+                if r.sanity_passed is not None:  # None: no check applied, nothing to log
+                    metrics[f"{prefix}/sanity_passed"] = float(r.sanity_passed)
         for method, categories in summary.answers.items():
             for category, rows in categories.items():
                 for a in rows:

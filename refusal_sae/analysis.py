@@ -284,7 +284,7 @@ def run_evaluation(inputs: AnalysisInputs, discovery: Discovery, out: AnalysisLa
                     None if refused is None else refused[rows], circuit, scores, cfg)
                 layout.write_evaluation(done, key, variant_scores)
             for note in done.sanity.notes:
-                (log.info if done.sanity.passed else log.warning)("%s %s: %s", method, circuit.name, note)
+                (log.warning if done.sanity.passed is False else log.info)("%s %s: %s", method, circuit.name, note)
             results[method].append(done)
         plot_curves({method: results[method]}, layout.curves_png)
     if len(results) > 1:
@@ -398,7 +398,7 @@ def results_table(results: Mapping[str, Sequence[CircuitEvaluation]],
                 complete = _ci(point.completeness)
             cprs = [_ci(next((c.cpr for c in r.curves if c.error_mode == m and c.all_layers), None))
                     for m in modes]
-            sanity = ("ok" if r.sanity.passed else "FAILED") + "".join(f"; {n}" for n in r.sanity.notes)
+            sanity = sanity_word(r.sanity.passed) + "".join(f"; {n}" for n in r.sanity.notes)
             if r.sanity.random_relative_change is not None:
                 sanity += (f" (random latents outside {r.sanity.random_circuit_nodes} nodes: "
                            f"median change {r.sanity.random_relative_change:.0%} of the span)")
@@ -430,6 +430,11 @@ def directions_table(result: DirectionsResult, edits: Mapping[str, CategoryEdits
     return "\n".join([*lines, "", result.verdict.explanation, ""])
 
 
+def sanity_word(passed: bool | None) -> str:
+    """ok (a check passed, none failed), FAILED, or "not tested" (no check applied)."""
+    return "not tested" if passed is None else ("ok" if passed else "FAILED")
+
+
 def format_summary(summary: Summary) -> str:
     """A few lines per method: what there is to explain, when the circuit suffices, CPR, and the verdict."""
     lines = [f"circuits in {summary.directory}"]
@@ -438,7 +443,7 @@ def format_summary(summary: Summary) -> str:
         for name, r in m.circuits.items():
             reach = " / ".join("-" if v is None else str(v) for v in r.reaches.values())
             line = (f"  {name:<24} {_ci(r.span)} | {reach} of {r.n_candidates} | {_ci(r.cpr, 'n/a')} | "
-                    f"{'ok' if r.sanity_passed else 'FAILED'}")
+                    f"{sanity_word(r.sanity_passed)}")
             lines.append(line + (f"  ({r.note})" if r.note else ""))
         if m.verdict_explanation:
             lines.append(f"  {m.verdict_explanation}")

@@ -56,9 +56,10 @@ ErrorMode = Literal["keep", "nodes"]
 ERROR_MODES: tuple[str, ...] = ("keep", "nodes")
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 ALL_LAYERS = "all layers"
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 """Bumped when a record's meaning changes, so a rerun recomputes records written before (2: the random
-sanity check around the smallest faithful circuit)."""
+sanity check around the smallest faithful circuit; 3: each check pass / fail / not applicable, and `passed`
+None when no check applied)."""
 MIN_AREA_POINTS = 8
 REACH = (0.5, FAITHFUL)
 PREFIX_TOLERANCE = 0.05
@@ -169,11 +170,16 @@ class Curve:
         return self.scope == ALL_LAYERS
 
 
+CheckStatus = Literal["pass", "fail", "not applicable"]
+
+
 @dataclass
 class Sanity:
-    """Checks of the evaluation itself. `passed` covers the machinery (the prefix check, and the random check
-    where it applies); whether there is an effect to explain is reported beside it (`span_excludes_zero`),
-    since a category without one is a finding about the data, which the null ratios already state."""
+    """Checks of the evaluation itself, each "pass", "fail" or "not applicable" (with the reason in `notes`).
+    `passed` covers the machinery: False when a check failed, True when one passed and none failed, None when
+    none applied (nothing was tested, so nothing passed). Whether there is an effect to explain is reported beside
+    it (`span_excludes_zero`), since a category without one is a finding about the data, which the null ratios
+    already state."""
 
     prefix_max_change: float | None
     """Largest |score change| of any prompt when every node at the shared prefix is mean-ablated (None: no
@@ -188,7 +194,12 @@ class Sanity:
     random_relative_change: float | None
     """That median as a share of |F(M) - F(∅)|."""
     span_excludes_zero: bool
-    passed: bool
+    prefix_check: CheckStatus
+    """Ablating the shared prefix moves no score by more than `PREFIX_TOLERANCE` (not applicable: no prefix)."""
+    random_check: CheckStatus
+    """Ablating a random share of the latents outside the smallest faithful circuit moves the median score by less
+    than `RANDOM_TOLERANCE` of the span (not applicable: nothing to explain, or no faithful circuit)."""
+    passed: bool | None
     notes: list[str]
     """Why a check failed or did not apply."""
 
@@ -390,13 +401,15 @@ def _sanity(run: _Run, cfg: EvaluationConfig, main: Curve, ranking: Sequence[tup
     that circuit's claim is that the latents it leaves out do not matter, so ablating a random share of
     them must move scores little. Around a smaller circuit (e.g. the discovery threshold's) the check
     would measure how distributed refusal is, which the curves already show, not whether ablation works."""
-    ablator, notes, ok = run.ablator, [], True
+    ablator, notes = run.ablator, []
     model = run.scores["model"]
-    prefix_change = None
-    if ablator.scheme.prefix:
+    prefix_change, prefix_check, random_check = None, "not applicable", "not applicable"
+    if not ablator.scheme.prefix:
+        notes.append("the positions are global (no shared prefix classes): the prefix check does not apply")
+    else:
         prefix_change = float(np.abs(run("sanity/prefix", ablator.prefix_ablation()) - model).max())
-        if prefix_change > PREFIX_TOLERANCE:
-            ok = False
+        prefix_check = "pass" if prefix_change <= PREFIX_TOLERANCE else "fail"
+        if prefix_check == "fail":
             notes.append(f"ablating the shared prefix moved a score by {prefix_change:.3g} > {PREFIX_TOLERANCE}: "
                          "the prefix is not shared, or the means are off")
     excludes = main.span.excludes_zero()
@@ -423,12 +436,14 @@ def _sanity(run: _Run, cfg: EvaluationConfig, main: Curve, ranking: Sequence[tup
         moved = run("sanity/random", ablator.variant(chosen, candidates, inside=False))
         random_change = float(np.median(np.abs(moved - model)))
         relative = random_change / abs(main.span.value)
-        if relative >= RANDOM_TOLERANCE:
-            ok = False
+        random_check = "pass" if relative < RANDOM_TOLERANCE else "fail"
+        if random_check == "fail":
             notes.append(f"ablating a random {cfg.sanity_fraction:.0%} of the latents outside the {size}-node "
                          f"circuit moved the median score by {random_change:.3g}, {relative:.0%} of |F(M) - F(∅)| "
                          f"(tolerance {RANDOM_TOLERANCE:.0%})")
-    return Sanity(prefix_change, size, random_change, relative, excludes, ok, notes)
+    checks = (prefix_check, random_check)
+    passed = False if "fail" in checks else (True if "pass" in checks else None)
+    return Sanity(prefix_change, size, random_change, relative, excludes, prefix_check, random_check, passed, notes)
 
 
 __all__ = [

@@ -103,7 +103,8 @@ class CircuitSummary:
     cmd: Interval | None
     note: str | None
     """Why ratios or areas are null, when they are."""
-    sanity_passed: bool
+    sanity_passed: bool | None
+    """False: a check failed; True: one passed and none failed; None: no check applied."""
 
 
 @dataclasses.dataclass

@@ -253,7 +253,7 @@
       pane.appendChild(el("p", { class: "note" }, `${c.nodes.length} nodes, ${c.edges.length} edges, ` +
         `threshold ${fmt(c.threshold, 2)}, ${c.n_prompts} discovery prompts` + (ev ? ` · F(M) - F(∅) ${interval(ev.span)}` +
         ` · faithfulness 0.5 / 0.8 at ${ev.reaches["0.5"] ?? "-"} / ${ev.reaches["0.8"] ?? "-"} of ${ev.n_candidates}` +
-        ` nodes · CPR ${interval(ev.cpr)} · sanity ${ev.sanity_passed ? "ok" : "FAILED"}` : " · not evaluated") +
+        ` nodes · CPR ${interval(ev.cpr)} · sanity ${ev.sanity_passed === null ? "not tested" : ev.sanity_passed ? "ok" : "FAILED"}` : " · not evaluated") +
         " · colour: red raises, blue lowers the signed score; grey: SAE error"));
       const graph = el("div", { class: "graph" });
       graph.appendChild(drawCircuit(c, m.name));

@@ -102,7 +102,7 @@ def test_the_default_size_is_where_the_category_reaches_faithfulness_0_8() -> No
         curves = [Curve(scope, mode, 50, zero, zero, None, [], None, None, None, reach)
                   for scope, mode, reach in ((ALL_LAYERS, "nodes", {"0.8": 3}), ("residuals_0", "keep", {"0.8": 2}),
                                              (ALL_LAYERS, "keep", reaches))]
-        sanity = Sanity(None, None, None, None, True, True, [])
+        sanity = Sanity(None, None, None, None, True, "not applicable", "not applicable", None, [])
         return CircuitEvaluation("a", "a", "all", "m", "toxic", 1, 1, zero, curves, sanity)
 
     sizes = faithful_sizes([record({"0.5": 4, "0.8": 7})])
@@ -119,7 +119,7 @@ def test_a_later_stage_refuses_an_evaluation_record_of_another_version(tmp_path:
     zero = Interval(0.0, 0.0, 0.0)
     curves = [Curve(ALL_LAYERS, "keep", 50, zero, zero, None, [], None, None, None, {"0.8": 7})]
     record = CircuitEvaluation("a", "a", "all", "m", "toxic", 1, 1, zero, curves,
-                               Sanity(None, 7, 0.1, 0.05, True, True, []))
+                               Sanity(None, 7, 0.1, 0.05, True, "not applicable", "pass", True, []))
     layout = RunLayout(tmp_path / "run").analysis("old").method("m")
     layout.write_evaluation(record, {"evaluation": {}}, {"model": np.zeros(1)})
     with pytest.raises(UserError, match=r"a\.json: an evaluation record of version 1.*--source old"):

@@ -11,6 +11,7 @@ import pytest
 
 from refusal_sae.ablation import Ablator
 from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
+from refusal_sae.analysis import sanity_word
 from refusal_sae.circuits import Circuit, NodeScores
 from refusal_sae.correlation import CorrelationConfig, correlation_scores
 from refusal_sae.data import PromptSample
@@ -99,6 +100,7 @@ def test_positional_means_recover_the_planted_circuit_and_global_means_do_not(te
         own = next(c for c in record.curves if c.scope == layer)
         assert point(own, 3).faithfulness.value == pytest.approx(1.0, abs=0.02)
     assert record.sanity.passed and record.sanity.prefix_max_change < 1e-4
+    assert (record.sanity.prefix_check, record.sanity.random_check) == ("pass", "pass")
     assert record.sanity.random_circuit_nodes == 6  # the smallest measured circuit reaching faithfulness 0.8
     assert record.sanity.random_relative_change < 0.05  # nothing outside the planted latents matters
 
@@ -146,6 +148,7 @@ def test_random_sanity_check_needs_a_faithful_circuit_below_all_nodes(template) 
     assert curve.span.excludes_zero() and curve.reaches["0.8"] == curve.n_candidates
     assert record.sanity.random_circuit_nodes is None and record.sanity.random_median_change is None
     assert record.sanity.passed and any("reaches faithfulness 0.8" in n for n in record.sanity.notes)
+    assert (record.sanity.prefix_check, record.sanity.random_check) == ("pass", "not applicable")
 
 
 def test_no_label_effect_gives_null_ratios_with_a_reason(template, tmp_path: Path) -> None:
@@ -162,7 +165,13 @@ def test_no_label_effect_gives_null_ratios_with_a_reason(template, tmp_path: Pat
     assert curve.cpr is None and not record.sanity.span_excludes_zero
     # no effect is a finding about the data, not a failure of the machinery: the random check does not apply
     assert record.sanity.passed and record.sanity.random_relative_change is None
+    assert (record.sanity.prefix_check, record.sanity.random_check) == ("pass", "not applicable")
     assert any("does not apply" in n for n in record.sanity.notes)
+    # with global positions there is no prefix to check either: nothing was tested, so nothing passed
+    scheme, _, ablator = setup(template, "global")
+    record, _ = evaluate(ablator, relabelled, planted_ranking(scheme, "all"), sizes=[6], target="contrast")
+    assert (record.sanity.prefix_check, record.sanity.random_check) == ("not applicable", "not applicable")
+    assert record.sanity.passed is None and sanity_word(record.sanity.passed) == "not tested"
     plot_curves({"planted": [record]}, tmp_path / "curves.png")  # a panel without a point still draws
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
