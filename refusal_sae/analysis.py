@@ -66,6 +66,7 @@ from refusal_sae.evaluation import (
     EvaluationConfig,
     evaluate_circuit,
     faithful_sizes,
+    upgrade_record,
 )
 from refusal_sae.features import NodeMeans, encode_prompts
 from refusal_sae.io import from_json
@@ -626,7 +627,7 @@ def load_edits(out: AnalysisLayout, discovery: Discovery) -> dict[str, list[Cate
 def load_evaluation(out: AnalysisLayout, discovery: Discovery, method: str) -> list[CircuitEvaluation]:
     """The evaluation records of one method's circuits that exist in `out`."""
     layout = out.method(method)
-    found = [layout.read_evaluation(CircuitEvaluation, c.name, version=RECORD_VERSION)
+    found = [layout.read_evaluation(CircuitEvaluation, c.name, version=RECORD_VERSION, upgrade=upgrade_record)
              for c, _ in discovery.circuits[method]]
     return [r for r in found if r is not None]
 

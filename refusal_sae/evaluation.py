@@ -225,6 +225,20 @@ class CircuitEvaluation:
         return curve.reaches.get(str(FAITHFUL))
 
 
+def upgrade_record(record: dict, version: int) -> dict | None:
+    """A record written under an earlier `version` in this version's fields, where they follow from what it holds
+    (version 2: the check statuses from the changes it recorded); None where they do not (evaluate again)."""
+    if version != 2:
+        return None
+    s = record["sanity"]
+    prefix = ("not applicable" if s["prefix_max_change"] is None
+              else "pass" if s["prefix_max_change"] <= PREFIX_TOLERANCE else "fail")
+    random = ("not applicable" if s["random_relative_change"] is None
+              else "pass" if s["random_relative_change"] < RANDOM_TOLERANCE else "fail")
+    passed = False if "fail" in (prefix, random) else (True if "pass" in (prefix, random) else None)
+    return {**record, "sanity": {**s, "prefix_check": prefix, "random_check": random, "passed": passed}}
+
+
 def faithful_sizes(records: Sequence[CircuitEvaluation]) -> dict[str, int | None]:
     """{circuit name: `faithful_size`} of the records that have an all-layer keep-mode curve."""
     out = {}
@@ -458,4 +472,5 @@ __all__ = [
     "curve_sizes",
     "evaluate_circuit",
     "faithful_sizes",
+    "upgrade_record",
 ]

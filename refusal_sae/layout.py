@@ -37,7 +37,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -246,10 +246,12 @@ class MethodLayout:
         write_json(record_path, {"key": to_json(key), "record": to_json(record)})
 
     def read_evaluation(self, cls: type[T], name: str, key: dict[str, Any] | None = None,
-                        version: int | None = None) -> T | None:
+                        version: int | None = None,
+                        upgrade: Callable[[dict[str, Any], int], dict[str, Any] | None] | None = None) -> T | None:
         """The circuit's evaluation record; None if absent or (given `key`) made with other settings. Given only
-        `version` (a later stage reading an earlier analysis), a record written under another version is an
-        error: its fields mean something else now."""
+        `version` (a later stage reading an earlier analysis), a record written under another version is
+        `upgrade`d to this one where that can be done from what it holds, else an error: its fields mean something
+        else now."""
         path, _ = self.evaluation_paths(name)
         if not path.is_file():
             return None
@@ -258,6 +260,9 @@ class MethodLayout:
             return None
         found = (data.get("key") or {}).get("record")
         if key is None and version is not None and found != version:
+            upgraded = upgrade(data["record"], found or 1) if upgrade is not None else None
+            if upgraded is not None:
+                return from_json(cls, upgraded)
             raise UserError(f"{path}: an evaluation record of version {found or 1}, this code reads version {version}; "
                             f"evaluate these circuits again: analyze --stage evaluate --source {self.root.parent.name} "
                             "--name <new analysis>")

@@ -28,6 +28,7 @@ from refusal_sae.evaluation import (
     Curve,
     Sanity,
     faithful_sizes,
+    upgrade_record,
 )
 from refusal_sae.features import encode_prompts
 from refusal_sae.io import from_json, to_json
@@ -126,3 +127,25 @@ def test_a_later_stage_refuses_an_evaluation_record_of_another_version(tmp_path:
         layout.read_evaluation(CircuitEvaluation, "a", version=RECORD_VERSION)
     layout.write_evaluation(record, {"record": RECORD_VERSION}, {"model": np.zeros(1)})
     assert to_json(layout.read_evaluation(CircuitEvaluation, "a", version=RECORD_VERSION)) == to_json(record)
+
+
+def test_a_version_2_record_is_read_with_its_check_statuses_derived_from_what_it_recorded(tmp_path: Path) -> None:
+    """Version 3 only adds each sanity check's status, which a version-2 record's recorded changes determine: a
+    later stage reads it upgraded (a failed random check stays failed; no applicable check is "not tested")."""
+    zero = Interval(0.0, 0.0, 0.0)
+    curves = [Curve(ALL_LAYERS, "keep", 50, zero, zero, None, [], None, None, None, {"0.8": 7})]
+    layout = RunLayout(tmp_path / "run").analysis("old").method("m")
+    for name, prefix, relative, expected in (("a", 0.01, 0.4, ("pass", "fail", False)),
+                                             ("b", None, None, ("not applicable", "not applicable", None)),
+                                             ("c", 0.01, 0.1, ("pass", "pass", True))):
+        record = CircuitEvaluation(name, name, "all", "m", "toxic", 1, 1, zero, curves,
+                                   Sanity(prefix, 7, None, relative, True, "pass", "pass", True, []))
+        layout.write_evaluation(record, {"record": 2}, {"model": np.zeros(1)})
+        data = json.loads(layout.evaluation_paths(name)[0].read_text(encoding="utf-8"))
+        for key in ("prefix_check", "random_check"):  # what a version-2 record holds
+            del data["record"]["sanity"][key]
+        layout.evaluation_paths(name)[0].write_text(json.dumps(data), encoding="utf-8")
+        read = layout.read_evaluation(CircuitEvaluation, name, version=RECORD_VERSION, upgrade=upgrade_record)
+        assert (read.sanity.prefix_check, read.sanity.random_check, read.sanity.passed) == expected
+    with pytest.raises(UserError, match="version 2"):  # without the upgrade it is refused as before
+        layout.read_evaluation(CircuitEvaluation, "a", version=RECORD_VERSION)
