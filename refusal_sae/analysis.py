@@ -378,7 +378,7 @@ def results_table(results: Mapping[str, Sequence[CircuitEvaluation]],
         answers = edits is not None and any((method, r.name) in edits for r in rs)
         lines += [f"**{method}** (error terms {modes[0]}; CPR per error mode)", "",
                   "| circuit | prompts (+/-) | F(M) - F(∅) | faithfulness 0.5 at | 0.8 at | faithfulness there "
-                  "(random) | completeness there | " + " | ".join(f"CPR ({m})" for m in modes) + " | sanity |"
+                  "(random; p) | completeness there | " + " | ".join(f"CPR ({m})" for m in modes) + " | sanity |"
                   + (" answers refused (toxic, hard) |" if answers else ""),
                   "|" + "---|" * (8 + len(modes) + answers)]
         for r in rs:
@@ -386,8 +386,9 @@ def results_table(results: Mapping[str, Sequence[CircuitEvaluation]],
             n = main.n_candidates
 
             def at(level: str) -> str:
-                k = main.reaches[level]
-                return "not reached" if k is None else f"{k} ({k / n:.1%})"
+                k, point = main.reaches[level], main.reaches_point.get(level)
+                text = "not reached" if k is None else f"{k} ({k / n:.1%})"
+                return text if point == k else f"{text}; point estimate at {'-' if point is None else point}"
 
             k = main.reaches["0.8"]
             point = next((p for p in main.points if p.n_nodes == k), None)
@@ -395,7 +396,8 @@ def results_table(results: Mapping[str, Sequence[CircuitEvaluation]],
                 there = complete = "-"
             else:
                 band = point.random_faithfulness
-                there = _ci(point.faithfulness) + ("" if band is None else f" ({band.mean:.2f} ± {band.sd:.2f})")
+                p = "" if point.random_p is None else f"; p = {point.random_p:.2g}"
+                there = _ci(point.faithfulness) + ("" if band is None else f" ({band.mean:.2f} ± {band.sd:.2f}{p})")
                 complete = _ci(point.completeness)
             cprs = [_ci(next((c.cpr for c in r.curves if c.error_mode == m and c.all_layers), None))
                     for m in modes]
@@ -440,7 +442,8 @@ def format_summary(summary: Summary) -> str:
     """A few lines per method: what there is to explain, when the circuit suffices, CPR, and the verdict."""
     lines = [f"circuits in {summary.directory}"]
     for method, m in summary.methods.items():
-        lines.append(f"{method}: F(M)-F(empty) [95% CI] | nodes reaching faithfulness 0.5 / 0.8 of all | CPR | sanity")
+        lines.append(f"{method}: F(M)-F(empty) [95% CI] | nodes whose faithfulness interval lies above 0.5 / 0.8, of all "
+                     "| CPR | sanity")
         for name, r in m.circuits.items():
             reach = " / ".join("-" if v is None else str(v) for v in r.reaches.values())
             line = (f"  {name:<24} {_ci(r.span)} | {reach} of {r.n_candidates} | {_ci(r.cpr, 'n/a')} | "

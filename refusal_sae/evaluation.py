@@ -48,18 +48,20 @@ from refusal_sae.circuits import (
     ranked_nodes,
 )
 from refusal_sae.errors import UserError
+from refusal_sae.io import from_json
 from refusal_sae.objective import TARGETS, Objective, Target, objective
-from refusal_sae.stats import FAITHFUL, Band, Interval, band, interval, resample_weights
+from refusal_sae.stats import FAITHFUL, Band, Interval, band, interval, p_above, resample_weights
 from refusal_sae.validate import all_of, fraction, non_negative_int, one_of, positive_int, statistics_options
 
 ErrorMode = Literal["keep", "nodes"]
 ERROR_MODES: tuple[str, ...] = ("keep", "nodes")
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 ALL_LAYERS = "all layers"
-RECORD_VERSION = 3
+RECORD_VERSION = 4
 """Bumped when a record's meaning changes, so a rerun recomputes records written before (2: the random
 sanity check around the smallest faithful circuit; 3: each check pass / fail / not applicable, and `passed`
-None when no check applied)."""
+None when no check applied; 4: `reaches` by the interval's lower bound, the point estimate's in `reaches_point`,
+and each point's one-sided p against its random circuits)."""
 MIN_AREA_POINTS = 8
 REACH = (0.5, FAITHFUL)
 PREFIX_TOLERANCE = 0.05
@@ -144,6 +146,8 @@ class Point:
     completeness: Interval | None
     random_faithfulness: Band | None = None
     random_completeness: Band | None = None
+    random_p: float | None = None
+    """One-sided: (1 + random circuits whose faithfulness reaches the circuit's) / (1 + random circuits)."""
 
 
 @dataclass
@@ -162,7 +166,9 @@ class Curve:
     cmd: Interval | None
     area_note: str | None
     reaches: dict[str, int | None]
-    """Smallest size whose faithfulness reaches 0.5 / 0.8 (None: not reached)."""
+    """Smallest size whose faithfulness interval's lower bound reaches 0.5 / 0.8 (None: not reached)."""
+    reaches_point: dict[str, int | None] = field(default_factory=dict)
+    """Smallest size whose point estimate reaches 0.5 / 0.8: a size the noise may have picked."""
 
     @property
     def all_layers(self) -> bool:
@@ -219,15 +225,23 @@ class CircuitEvaluation:
     sanity: Sanity
 
     def faithful_size(self) -> int | None:
-        """The smallest size whose all-layer keep-mode faithfulness reaches `FAITHFUL` (None: not reached);
-        KeyError without such a curve."""
+        """The smallest size whose all-layer keep-mode faithfulness interval's lower bound reaches `FAITHFUL` (None:
+        not reached); StopIteration without such a curve."""
         curve = next(c for c in self.curves if c.all_layers and c.error_mode == "keep")
         return curve.reaches.get(str(FAITHFUL))
 
 
 def upgrade_record(record: dict, version: int) -> dict | None:
     """A record written under an earlier `version` in this version's fields, where they follow from what it holds
-    (version 2: the check statuses from the changes it recorded); None where they do not (evaluate again)."""
+    (version 2: the check statuses from the changes it recorded; 3: the reach sizes from its points; the random
+    p-values, which need each random circuit's value, stay null); None where they do not (evaluate again)."""
+    if version == 3:
+        curves = []
+        for c in record["curves"]:
+            points = [from_json(Point, p) for p in c["points"]]
+            low, value = reach_sizes(points)
+            curves.append({**c, "reaches": low, "reaches_point": value})
+        return {**record, "curves": curves}
     if version != 2:
         return None
     s = record["sanity"]
@@ -236,7 +250,8 @@ def upgrade_record(record: dict, version: int) -> dict | None:
     random = ("not applicable" if s["random_relative_change"] is None
               else "pass" if s["random_relative_change"] < RANDOM_TOLERANCE else "fail")
     passed = False if "fail" in (prefix, random) else (True if "pass" in (prefix, random) else None)
-    return {**record, "sanity": {**s, "prefix_check": prefix, "random_check": random, "passed": passed}}
+    return upgrade_record({**record, "sanity": {**s, "prefix_check": prefix, "random_check": random,
+                                                "passed": passed}}, 3)
 
 
 def faithful_sizes(records: Sequence[CircuitEvaluation]) -> dict[str, int | None]:
@@ -349,7 +364,7 @@ def _curve(run: _Run, scope: str, layers: list[str], mode: str, ranking: list[tu
         faith_r, complete_r = _ratio(fc, empty, model), _ratio(fmc, empty, model)
         faith = interval(*faith_r, cfg.confidence) if defined else None
         complete = interval(*complete_r, cfg.confidence) if defined else None
-        rand_f, rand_c = [], []
+        rand_f, rand_c, random_p = [], [], None
         if rng is not None and n < n_total and defined:
             for r in range(cfg.random_circuits):
                 rm = random_mask(kept, candidates, rng)
@@ -358,12 +373,14 @@ def _curve(run: _Run, scope: str, layers: list[str], mode: str, ranking: list[tu
                 if cfg.random_completeness:
                     rc = run.F(run(f"{prefix}/R{r}MC{n}", ablator.variant(rm, candidates, layers, inside=False)))
                     rand_c.append(_ratio(rc, empty, model)[0])
+        if rand_f and faith is not None:
+            random_p = p_above(faith.value, np.array(rand_f))
         per_layer = {layer: int(kept[layer].sum()) for layer in layers}
         per_position = {p: int(sum(kept[layer][i].sum() for layer in layers)) for i, p in enumerate(positions)}
         points.append(Point(n, n / n_total, per_layer, {p: c for p, c in per_position.items() if c},
                             [layer for layer, c in per_layer.items() if c == 0],
                             interval(*fc, cfg.confidence), interval(*fmc, cfg.confidence), faith, complete,
-                            band(rand_f), band(rand_c)))
+                            band(rand_f), band(rand_c), random_p))
         if faith is not None:
             faith_points.append((n / n_total, faith_r))
     if defined:
@@ -371,10 +388,17 @@ def _curve(run: _Run, scope: str, layers: list[str], mode: str, ranking: list[tu
     else:
         cpr = cmd = None
         area_note = note
-    reaches = {str(t): next((p.n_nodes for p in points if p.faithfulness and p.faithfulness.value >= t), None)
-               for t in REACH}
     return Curve(scope, mode, n_total, interval(*empty, cfg.confidence), span, note, points, cpr, cmd, area_note,
-                 reaches)
+                 *reach_sizes(points))
+
+
+def reach_sizes(points: Sequence[Point]) -> tuple[dict[str, int | None], dict[str, int | None]]:
+    """Per level of `REACH` the smallest size whose faithfulness interval's lower bound reaches it, and the smallest
+    whose point estimate does."""
+    def first(t: float, value: str) -> int | None:
+        return next((p.n_nodes for p in points if p.faithfulness and getattr(p.faithfulness, value) >= t), None)
+
+    return {str(t): first(t, "low") for t in REACH}, {str(t): first(t, "value") for t in REACH}
 
 
 def evaluate_circuit(ablator: Ablator, prompts: Sequence[str], toxic: np.ndarray, refused: np.ndarray | None,
@@ -472,5 +496,6 @@ __all__ = [
     "curve_sizes",
     "evaluate_circuit",
     "faithful_sizes",
+    "reach_sizes",
     "upgrade_record",
 ]

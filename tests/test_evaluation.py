@@ -17,14 +17,26 @@ from refusal_sae.correlation import CorrelationConfig, correlation_scores
 from refusal_sae.data import PromptSample
 from refusal_sae.discovery import DiscoveryConfig
 from refusal_sae.errors import UserError
-from refusal_sae.evaluation import ALL_LAYERS, EvaluationConfig, curve_sizes, evaluate_circuit
+from refusal_sae.evaluation import (
+    ALL_LAYERS,
+    CircuitEvaluation,
+    Curve,
+    EvaluationConfig,
+    Point,
+    Sanity,
+    curve_sizes,
+    evaluate_circuit,
+    reach_sizes,
+    upgrade_record,
+)
 from refusal_sae.features import encode_prompts
+from refusal_sae.io import from_json, to_json
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.objective import objective
 from refusal_sae.plots import plot_curves
 from refusal_sae.positions import position_scheme
-from refusal_sae.stats import resample_weights
+from refusal_sae.stats import Interval, resample_weights
 from tests.conftest import single_thread
 from tests.planted import (
     LAYERS,
@@ -95,6 +107,8 @@ def test_positional_means_recover_the_planted_circuit_and_global_means_do_not(te
     planted = point(curve, 6)
     assert planted.faithfulness.low >= 0.9 and planted.completeness.high <= 0.1
     assert planted.random_faithfulness.max <= 0.2  # random circuits of 3 latents per layer at "-1"
+    assert planted.random_p == pytest.approx(1 / 6)  # none of the 5 random circuits reaches it: the floor
+    assert point(curve, 3).random_p is not None and curve.reaches == curve.reaches_point  # intervals clear of 0.8
     assert planted.positions == {"-1": 6} and planted.empty_layers == []
     for layer in LAYERS:  # each layer alone carries the whole effect (block 1 is the identity)
         own = next(c for c in record.curves if c.scope == layer)
@@ -149,6 +163,25 @@ def test_random_sanity_check_needs_a_faithful_circuit_below_all_nodes(template) 
     assert record.sanity.random_circuit_nodes is None and record.sanity.random_median_change is None
     assert record.sanity.passed and any("reaches faithfulness 0.8" in n for n in record.sanity.notes)
     assert (record.sanity.prefix_check, record.sanity.random_check) == ("pass", "not applicable")
+
+
+def test_reaching_a_level_is_decided_by_the_lower_bound_with_the_point_estimate_beside_it() -> None:
+    def at(n: int, value: float, low: float) -> Point:
+        return Point(n, n / 100, {}, {}, [], Interval(0, 0, 0), Interval(0, 0, 0), Interval(value, low, value + 0.1),
+                     None)
+
+    # size 10's estimate reaches 0.8 but its interval does not; size 30's interval does
+    points = [at(3, 0.3, 0.1), at(10, 0.82, 0.6), at(30, 0.9, 0.81), at(100, 1.0, 1.0)]
+    low, value = reach_sizes(points)
+    assert low == {"0.5": 10, "0.8": 30} and value == {"0.5": 10, "0.8": 10}
+    # a version-3 record (reaches by point estimate) is read with both
+    zero = Interval(0.0, 0.0, 0.0)
+    old = to_json(CircuitEvaluation("a", "a", "all", "m", "toxic", 1, 1, zero,
+                                    [Curve(ALL_LAYERS, "keep", 100, zero, zero, None, points, None, None, None, value)],
+                                    Sanity(None, 30, 0.1, 0.05, True, "not applicable", "pass", True, [])))
+    del old["curves"][0]["reaches_point"]
+    new = from_json(CircuitEvaluation, upgrade_record(old, 3))
+    assert new.curves[0].reaches == low and new.curves[0].reaches_point == value and new.faithful_size() == 30
 
 
 def test_no_label_effect_gives_null_ratios_with_a_reason(template, tmp_path: Path) -> None:
