@@ -116,9 +116,14 @@ class AttributionConfig:
     """|indirect effect| on F through an edge for it to be kept."""
     batch_size: int = 8
     """Prompts per forward and backward pass."""
+    check_nodes: int = 0
+    """Per category, check both estimates against exact single-node ablation effects on this many top nodes of
+    each and as many random candidates (`refusal_sae.attribution_check`; 0: off). Costs one forward pass over the
+    category's prompts per node, and the other estimate's scores."""
 
     def __post_init__(self) -> None:
         one_of("discovery.attribution.estimate", self.estimate, ESTIMATES)
+        non_negative_int("discovery.attribution.check_nodes", self.check_nodes, 0)
         positive_int("discovery.attribution.ig_steps", self.ig_steps, 10)
         positive_int("discovery.attribution.batch_size", self.batch_size, 8)
         non_negative_int("discovery.attribution.edge_nodes", self.edge_nodes, 30)

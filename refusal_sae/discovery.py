@@ -137,7 +137,8 @@ class Attribution:
     def __init__(self, cfg: AttributionConfig) -> None:
         self.cfg = cfg
 
-    def _objective(self, inputs: DiscoveryInputs, category: str, group: Group) -> tuple[list[str], np.ndarray]:
+    def objective(self, inputs: DiscoveryInputs, category: str, group: Group) -> tuple[list[str], np.ndarray]:
+        """The circuit's prompts F reads and their weights."""
         rows = inputs.rows(category, group)
         toxic = inputs.features.labels[rows]
         refused = None if inputs.refused is None else inputs.refused[rows]
@@ -147,7 +148,7 @@ class Attribution:
     def scores(self, inputs: DiscoveryInputs, category: str, group: Group) -> NodeScores:
         if inputs.wrapper is None or inputs.metric is None:
             raise UserError("discovery.methods: attribution needs the model; none was given")
-        prompts, weights = self._objective(inputs, category, group)
+        prompts, weights = self.objective(inputs, category, group)
         return attribution_scores(inputs.wrapper(), inputs.saes, inputs.features.means, inputs.metric, prompts,
                                   weights, estimate=self.cfg.estimate, steps=self.cfg.ig_steps,
                                   batch_size=self.cfg.batch_size)
@@ -156,7 +157,7 @@ class Attribution:
         nodes = threshold_nodes(scores, inputs.candidates(), self.cfg.node_threshold)
         edges = []
         if self.cfg.edge_nodes:
-            prompts, weights = self._objective(inputs, category, group)
+            prompts, weights = self.objective(inputs, category, group)
             scored = attribution_edges(inputs.wrapper(), inputs.saes, inputs.features.means, inputs.metric, prompts,
                                        weights, nodes[: self.cfg.edge_nodes], batch_size=self.cfg.batch_size)
             edges = [e for e in scored if e.weight >= self.cfg.edge_threshold]

@@ -14,6 +14,7 @@
         <method>/scores/<circuit>.safetensors                 every node's score: the evaluation's ranking
         <method>/similarity.json, .png                        monolithic or modular?
         <method>/ceiling.json, .png                           the split-half noise ceiling and its verdict
+        attribution/attribution_check.json                    both estimates against exact ablation effects
         <method>/evaluation/<circuit>.json                    curves, intervals, sanity (evaluation.CircuitEvaluation)
         <method>/evaluation/<circuit>.scores.safetensors      per-prompt scores of every ablated variant
         <method>/curves.png                                   faithfulness / completeness curves
@@ -214,6 +215,13 @@ class MethodLayout:
         if not self.similarity_json.is_file():
             return None
         return from_json(cls, read_json(self.similarity_json, "similarity", "run analyze --stage similarity again"))
+
+    @property
+    def attribution_check_json(self) -> Path:
+        return self.root / "attribution_check.json"
+
+    def write_attribution_check(self, checks: Any) -> None:
+        write_json(self.attribution_check_json, to_json(checks))
 
     @property
     def ceiling_json(self) -> Path:

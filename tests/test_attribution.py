@@ -15,6 +15,7 @@ are) and at "-2" its ablation changes nothing, to the last bit, and its indirect
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +23,53 @@ import pytest
 import torch
 
 from refusal_sae.ablation import Ablator
-from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
-from refusal_sae.attribution import attribution_edges, attribution_scores
-from refusal_sae.circuits import ERROR, Node, NodeScores, candidate_mask, node_name, ranked_nodes
+from refusal_sae.activations import (
+    ActivationConfig,
+    InferencePipeline,
+    PromptActivations,
+)
+from refusal_sae.analysis import AnalysisConfig, AnalysisInputs, run_analysis
+from refusal_sae.attribution import (
+    AttributionConfig,
+    attribution_edges,
+    attribution_scores,
+)
+from refusal_sae.attribution_check import (
+    AttributionCheck,
+    better_estimate,
+    check_attribution,
+)
+from refusal_sae.circuits import (
+    ERROR,
+    Node,
+    NodeScores,
+    candidate_mask,
+    node_name,
+    ranked_nodes,
+)
 from refusal_sae.correlation import CorrelationConfig
-from refusal_sae.discovery import Correlation, DiscoveryInputs, discover
+from refusal_sae.discovery import (
+    Correlation,
+    DiscoveryConfig,
+    DiscoveryInputs,
+    discover,
+)
 from refusal_sae.errors import UserError
 from refusal_sae.features import NodeMeans, encode_prompts
+from refusal_sae.io import from_json
+from refusal_sae.layout import RunLayout
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.objective import objective
 from refusal_sae.positions import position_scheme
+from refusal_sae.validity import ValidityConfig
 from tests.conftest import single_thread
 from tests.planted import (
     DECOY,
     LAYERS,
     METRIC,
     PLANTED,
+    category_run,
     exact_saes,
     make_decoy_model,
     make_planted_model,
@@ -339,3 +370,42 @@ def test_bad_inputs_are_user_errors(planted: Setup) -> None:
         planted.edges([Node("residuals_0", 64, LAST)])
     with pytest.raises(UserError, match="no node of its SAE"):
         planted.edges([Node("residuals_0", 0, "-7")])
+
+
+def test_both_estimates_are_checked_against_exact_ablation_effects(planted: Setup, patching: NodeScores) -> None:
+    """On the nearly linear planted model both estimates track the exact effects of the sampled nodes: the six
+    planted latents (the largest, negative) and random others (exactly 0, as their estimates are)."""
+    prompts, weights = planted.objective("all")
+    ablator = Ablator(planted.wrapper, planted.saes, planted.means, planted.metric)
+    candidates = candidate_mask({k: planted.means.live(k) for k in LAYERS}, errors=True)
+    ig = planted.scores(estimate="ig", steps=4)
+    check = check_attribution(ablator, prompts, weights, "alpha", {"patching": patching, "ig": ig}, candidates,
+                              top=6, random=6, rng=np.random.default_rng(0))
+    assert len(check.nodes) == 12 and set(check.nodes[:6]) == PLANTED_NODES
+    exact = np.array(check.exact)
+    assert np.all(exact[:6] < -0.2) and np.all(np.abs(exact[6:]) < 0.05 * np.abs(exact[:6]).min())
+    for c in check.checks:
+        assert c.pearson > 0.99 and c.sign_agreement == 1.0, c
+        assert c.max_abs_error < 0.05 * np.abs(exact).max()
+    # the exact effect of a planted node is what mean-ablating it alone measures
+    layer, feature = check.nodes[0].split("/")[0], int(check.nodes[0].split("/")[1].split("@")[0])
+    assert check.exact[0] == pytest.approx(planted.ablation_effect(layer, feature, LAST), abs=1e-6)
+    assert better_estimate([check]) in ("patching", "ig")
+
+
+@pytest.mark.slow
+def test_discovery_writes_the_check_of_both_estimates_when_asked(tmp_path: Path) -> None:
+    wrapper, splits, cache = category_run(tmp_path, {"alpha": 0, "beta": 1}, 32)
+    inputs = AnalysisInputs(exact_saes(), cache, splits, lambda: wrapper, RunLayout(tmp_path / "run"), ValidityConfig())
+    attribution = AttributionConfig(check_nodes=3, ig_steps=2, edge_nodes=0, batch_size=16)
+    cfg = AnalysisConfig(discovery=DiscoveryConfig(methods=["attribution"], attribution=attribution), metric=METRIC,
+                         validity_report=False)
+    out = inputs.run.analysis("a")
+    with single_thread():
+        run_analysis(inputs, out, cfg, ["discover", "summary"])
+    checks = from_json(list[AttributionCheck], json.loads(out.method("attribution").attribution_check_json.read_text(
+        encoding="utf-8")))
+    assert [c.category for c in checks] == ["alpha", "beta"]
+    for c in checks:
+        assert 6 <= len(c.nodes) <= 9 and set(c.estimates) == {"patching", "ig"}
+        assert all(e.spearman is not None and e.spearman > 0.5 and e.sign_agreement >= 0.8 for e in c.checks), c
