@@ -202,14 +202,15 @@ def half_split(categories: np.ndarray, labels: np.ndarray, rng: np.random.Genera
     return half
 
 
-def top_nodes(scores: NodeScores, candidates: Mapping[str, np.ndarray], n: int) -> frozenset[NodeKey]:
-    """The n best-ranked candidates of importance > 0 (fewer when fewer have any)."""
+def top_nodes(scores: NodeScores, candidates: Mapping[str, np.ndarray], n: int) -> list[NodeKey]:
+    """The n best-ranked candidates of importance > 0, best first (fewer when fewer have any): the circuit of any
+    smaller size is a prefix."""
     out = []
     for key in ranked_nodes(scores, candidates):
         if len(out) == n or scores.importance[key[0]][key[1], key[2]] <= 0:
             break
         out.append(key)
-    return frozenset(out)
+    return out
 
 
 @dataclass
@@ -267,6 +268,12 @@ def _spread(values: Sequence[float], confidence: float) -> Interval:
     return Interval(float(v.mean()), float(low), float(high))
 
 
+def _finite_spread(values: Sequence[float], confidence: float) -> Interval | None:
+    """`_spread`, or None when no value is finite."""
+    spread = _spread(values, confidence)
+    return spread if np.isfinite(spread.value) else None
+
+
 def size_verdict(relative: Interval | None, n_reproducible: int, cfg: CeilingConfig, name: str = "R",
                  unmeasured: str = "two halves of a category agree no more than chance") -> tuple[str, str]:
     """The verdict (module docstring) from `name`'s interval, and why."""
@@ -300,7 +307,6 @@ def split_half_ceiling(method: DiscoveryMethod, inputs: DiscoveryInputs, categor
     # per split, size: the halves' node sets per category
     tops: list[dict[int, dict[str, tuple[frozenset[NodeKey], frozenset[NodeKey]]]]] = []
     short = dict.fromkeys(categories, 0)
-    half_prompts = {}
     for _ in tqdm(range(cfg.splits), desc=f"{method.name} split halves", unit="split", leave=False):
         half = half_split(features.categories[in_scope], features.labels[in_scope], rng)
         mask_a = np.zeros(len(features), bool)
@@ -311,13 +317,14 @@ def split_half_ceiling(method: DiscoveryMethod, inputs: DiscoveryInputs, categor
             found[name] = {c.category: s for c, s in discover(method, inputs.subset(mask), categories, ["all"])}
         per_size: dict[int, dict[str, tuple[frozenset[NodeKey], frozenset[NodeKey]]]] = {n: {} for n in sizes}
         for c in categories:
-            full = [top_nodes(found[h][c], candidates, sizes[-1]) for h in ("A", "B")]
-            short[c] += any(len(f) < sizes[-1] for f in full)
+            a, b = (top_nodes(found[h][c], candidates, sizes[-1]) for h in ("A", "B"))
+            short[c] += min(len(a), len(b)) < sizes[-1]
             for n in sizes:
-                per_size[n][c] = (top_nodes(found["A"][c], candidates, n), top_nodes(found["B"][c], candidates, n))
+                per_size[n][c] = (frozenset(a[:n]), frozenset(b[:n]))
         tops.append(per_size)
-        half_prompts = {c: [int((mask_a & (features.categories == c)).sum()),
-                            int((mask_b & (features.categories == c)).sum())] for c in categories}
+    # every split halves each (category, label) cell alike, so the last split's halves have every split's sizes
+    half_prompts = {c: [int((mask_a & (features.categories == c)).sum()),
+                        int((mask_b & (features.categories == c)).sum())] for c in categories}
     out = []
     for n in sizes:
         within = {c: [] for c in categories}
@@ -345,21 +352,17 @@ def split_half_ceiling(method: DiscoveryMethod, inputs: DiscoveryInputs, categor
                           + null_jaccard(st.counts(cb), st.counts(da), st.sizes, cfg.null_draws, null_rng)) / 2
                     between.append(j)
                     null.append(nj)
-                    ceiling = excess[c][s] * excess[d][s]
-                    r = (j - nj) / np.sqrt(ceiling) if ceiling > 0 and excess[c][s] > 0 else float("nan")
+                    both = excess[c][s] > 0 and excess[d][s] > 0
+                    r = (j - nj) / np.sqrt(excess[c][s] * excess[d][s]) if both else float("nan")
                     relative.append(r)
                     if c in reproducible and d in reproducible:
                         per_split_means[s].append(r)
-                rel = _spread(relative, cfg.confidence) if c in reproducible and d in reproducible else None
-                if rel is not None and not np.isfinite(rel.value):
-                    rel = None
+                rel = _finite_spread(relative, cfg.confidence) if c in reproducible and d in reproducible else None
                 pairs.append(PairCeiling(c, d, _spread(between, cfg.confidence), float(np.nanmean(null)), rel,
                                          int(np.sum(~np.isfinite(relative)))))
         means = [float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for v in map(np.asarray,
                                                                                              per_split_means)]
-        relative_all = _spread(means, cfg.confidence) if len(reproducible) >= 2 else None
-        if relative_all is not None and not np.isfinite(relative_all.value):
-            relative_all = None
+        relative_all = _finite_spread(means, cfg.confidence) if len(reproducible) >= 2 else None
         verdict, reason = size_verdict(relative_all, len(reproducible), cfg)
         out.append(SizeCeiling(n, rows, pairs, relative_all, verdict, reason))
     at = next((s for s in out if s.verdict != "unmeasurable"), None)

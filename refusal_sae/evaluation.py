@@ -245,13 +245,24 @@ def upgrade_record(record: dict, version: int) -> dict | None:
     if version != 2:
         return None
     s = record["sanity"]
-    prefix = ("not applicable" if s["prefix_max_change"] is None
-              else "pass" if s["prefix_max_change"] <= PREFIX_TOLERANCE else "fail")
-    random = ("not applicable" if s["random_relative_change"] is None
-              else "pass" if s["random_relative_change"] < RANDOM_TOLERANCE else "fail")
-    passed = False if "fail" in (prefix, random) else (True if "pass" in (prefix, random) else None)
+    prefix, random = _prefix_status(s["prefix_max_change"]), _random_status(s["random_relative_change"])
     return upgrade_record({**record, "sanity": {**s, "prefix_check": prefix, "random_check": random,
-                                                "passed": passed}}, 3)
+                                                "passed": _passed(prefix, random)}}, 3)
+
+
+def _prefix_status(change: float | None) -> CheckStatus:
+    """The prefix check from its largest score change (None: no prefix, the check did not run)."""
+    return "not applicable" if change is None else "pass" if change <= PREFIX_TOLERANCE else "fail"
+
+
+def _random_status(relative: float | None) -> CheckStatus:
+    """The random check from its median change as a share of the span (None: the check did not apply)."""
+    return "not applicable" if relative is None else "pass" if relative < RANDOM_TOLERANCE else "fail"
+
+
+def _passed(*checks: CheckStatus) -> bool | None:
+    """False when a check failed, True when one passed and none failed, None when none applied."""
+    return False if "fail" in checks else (True if "pass" in checks else None)
 
 
 def faithful_sizes(records: Sequence[CircuitEvaluation]) -> dict[str, int | None]:
@@ -446,7 +457,7 @@ def _sanity(run: _Run, cfg: EvaluationConfig, main: Curve, ranking: Sequence[tup
         notes.append("the positions are global (no shared prefix classes): the prefix check does not apply")
     else:
         prefix_change = float(np.abs(run("sanity/prefix", ablator.prefix_ablation()) - model).max())
-        prefix_check = "pass" if prefix_change <= PREFIX_TOLERANCE else "fail"
+        prefix_check = _prefix_status(prefix_change)
         if prefix_check == "fail":
             notes.append(f"ablating the shared prefix moved a score by {prefix_change:.3g} > {PREFIX_TOLERANCE}: "
                          "the prefix is not shared, or the means are off")
@@ -474,14 +485,13 @@ def _sanity(run: _Run, cfg: EvaluationConfig, main: Curve, ranking: Sequence[tup
         moved = run("sanity/random", ablator.variant(chosen, candidates, inside=False))
         random_change = float(np.median(np.abs(moved - model)))
         relative = random_change / abs(main.span.value)
-        random_check = "pass" if relative < RANDOM_TOLERANCE else "fail"
+        random_check = _random_status(relative)
         if random_check == "fail":
             notes.append(f"ablating a random {cfg.sanity_fraction:.0%} of the latents outside the {size}-node "
                          f"circuit moved the median score by {random_change:.3g}, {relative:.0%} of |F(M) - F(∅)| "
                          f"(tolerance {RANDOM_TOLERANCE:.0%})")
-    checks = (prefix_check, random_check)
-    passed = False if "fail" in checks else (True if "pass" in checks else None)
-    return Sanity(prefix_change, size, random_change, relative, excludes, prefix_check, random_check, passed, notes)
+    return Sanity(prefix_change, size, random_change, relative, excludes, prefix_check, random_check,
+                  _passed(prefix_check, random_check), notes)
 
 
 __all__ = [
