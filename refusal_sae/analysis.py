@@ -177,7 +177,7 @@ def run_discovery(inputs: AnalysisInputs, out: AnalysisLayout, cfg: DiscoveryCon
         entries[method.name] = [CircuitEntry(c.name, c.category, c.group, len(c.nodes), len(c.edges), c.n_prompts,
                                              c.positions()) for c, _ in results]
     if "attribution" in found and cfg.attribution.check_nodes:
-        checks = run_attribution_check(inputs, d_inputs, found["attribution"], cfg.attribution, metric)
+        checks = run_attribution_check(inputs, d_inputs, found["attribution"], cfg.attribution)
         out.method("attribution").write_attribution_check(checks)
     record = DiscoveryRecord(asdict(cfg), target, asdict(metric), scheme.to_dict(), entries)
     out.write_discovery(record)
@@ -185,26 +185,25 @@ def run_discovery(inputs: AnalysisInputs, out: AnalysisLayout, cfg: DiscoveryCon
 
 
 def run_attribution_check(inputs: AnalysisInputs, d_inputs: DiscoveryInputs,
-                          circuits: Sequence[tuple[Circuit, NodeScores]], cfg: AttributionConfig,
-                          metric: RefusalMetricConfig) -> list[AttributionCheck]:
+                          circuits: Sequence[tuple[Circuit, NodeScores]], cfg: AttributionConfig
+                          ) -> list[AttributionCheck]:
     """Per category circuit: patching and integrated gradients against exact single-node ablation effects."""
-    wrapper = inputs.wrapper()
-    scorer = RefusalMetric.from_wrapper(wrapper, metric)
+    wrapper, scorer = inputs.wrapper(), d_inputs.metric  # the scorer discovery built for attribution
     ablator = Ablator(wrapper, inputs.saes, d_inputs.features.means, scorer, cfg.batch_size)
     candidates = d_inputs.candidates()
     method = Attribution(cfg)
+    other = "ig" if cfg.estimate == "patching" else "patching"
     rng = np.random.default_rng(0)
     checks = []
     for circuit, scores in tqdm(circuits, desc="checking attribution against exact ablation", unit="circuit",
                                 leave=False):
         prompts, weights = method.objective(d_inputs, circuit.category, circuit.group)
-        other = "ig" if cfg.estimate == "patching" else "patching"
         estimates = {cfg.estimate: scores, other: attribution_scores(
             wrapper, inputs.saes, d_inputs.features.means, scorer, prompts, weights, estimate=other,
             steps=cfg.ig_steps, batch_size=cfg.batch_size)}
         checks.append(check_attribution(ablator, prompts, weights, circuit.name, estimates, candidates,
                                         cfg.check_nodes, cfg.check_nodes, rng))
-    for name in (cfg.estimate, "ig" if cfg.estimate == "patching" else "patching"):
+    for name in (cfg.estimate, other):
         rs = [e.spearman for c in checks for e in c.checks if e.estimate == name and e.spearman is not None]
         log.info("attribution %s against exact single-node ablation: mean Spearman %s over %d circuits", name,
                  f"{np.mean(rs):.2f}" if rs else "undefined", len(rs))
