@@ -28,6 +28,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -93,6 +94,7 @@ from refusal_sae.plots import (
     plot_similarity,
 )
 from refusal_sae.positions import PositionScheme, position_scheme
+from refusal_sae.protocol import ProtocolStamp
 from refusal_sae.report import build_report
 from refusal_sae.sae import SparseAutoencoder
 from refusal_sae.similarity import Similarity, SimilarityConfig, analyse_similarity
@@ -370,12 +372,12 @@ def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluat
                                                     o.coherence_change) for o in r.outcomes] for r in records}
                for method, records in (edits or {}).items()}
     if directions is None:
-        return Summary(str(out.root), methods, answers=answers)
+        return Summary(str(out.root), methods, answers=answers, protocol=out.protocol)
     v = directions.verdict
     return Summary(str(out.root), methods, DirectionsSummary(
         directions.selection.layer, directions.selection.position, v.label, v.mean_share, v.p_value,
         v.global_share, v.explanation, directions_ceiling and directions_ceiling.verdict,
-        directions_ceiling and directions_ceiling.reason), answers)
+        directions_ceiling and directions_ceiling.reason), answers, out.protocol)
 
 
 def summary_tables(results: Mapping[str, Sequence[CircuitEvaluation]], directions: DirectionsResult | None,
@@ -470,9 +472,20 @@ def sanity_word(passed: bool | None) -> str:
     return "not tested" if passed is None else ("ok" if passed else "FAILED")
 
 
+def protocol_label(stamp: Mapping[str, Any] | None) -> str:
+    """Which protocol (a stamp as the records hold it) results are under, or that none fixed their decision rules."""
+    if stamp is None:
+        return "none (exploratory: no pre-registered options or decision rules)"
+    return f"{ProtocolStamp(**stamp).label()} from {stamp['path']}"
+
+
+def protocol_line(stamp: Mapping[str, Any] | None) -> str:
+    return f"protocol: {protocol_label(stamp)}"
+
+
 def format_summary(summary: Summary) -> str:
     """A few lines per method: what there is to explain, when the circuit suffices, CPR, and the verdict."""
-    lines = [f"circuits in {summary.directory}"]
+    lines = [f"circuits in {summary.directory}", protocol_line(summary.protocol)]
     for method, m in summary.methods.items():
         lines.append(f"{method}: F(M)-F(empty) [95% CI] | nodes whose faithfulness interval lies above 0.5 / 0.8, of all "
                      "| CPR | sanity")
@@ -591,7 +604,7 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
     else:
         edits = load_edits(source, discovery)
     summary = summarise(out, results, similarity, directions, edits, ceilings, directions_ceiling)
-    out.write_summary(summary, summary_tables(results, directions, edits))
+    out.write_summary(summary, protocol_line(summary.protocol) + "\n\n" + summary_tables(results, directions, edits))
     if "report" in stages:
         for method, rs in results.items():  # the curves of an evaluation read from `source` are drawn here too
             if not out.method(method).curves_png.is_file():

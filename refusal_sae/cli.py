@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -35,10 +36,12 @@ from refusal_sae.analysis import (
     AnalysisConfig,
     AnalysisInputs,
     format_summary,
+    protocol_label,
     run_analysis,
 )
 from refusal_sae.errors import UserError
 from refusal_sae.layout import RunLayout
+from refusal_sae.protocol import departures, read_protocol
 from refusal_sae.sae_io import load_sae
 
 log = logging.getLogger("refusal_sae")
@@ -209,6 +212,14 @@ def _inputs(run: RunLayout, fitted: dict, cfg: AnalysisConfig) -> AnalysisInputs
     return AnalysisInputs(saes, dm.cache, dm.splits, dm.llm, run, cfg.validity)
 
 
+def _merged(base: dict, over: dict) -> dict:
+    """`over` laid on `base`, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def analyze(args: list[str]) -> None:
     """`python -m refusal_sae analyze --run_dir runs/x [--stage evaluate] [--name n] [--analysis.*]`."""
     from jsonargparse import ActionConfigFile, ArgumentParser
@@ -225,6 +236,9 @@ def analyze(args: list[str]) -> None:
                         help="New analysis directory under <run_dir>/analysis (default: analyze_<stage>_<n>).")
     parser.add_argument("--source", type=str, default="latest",
                         help="The analysis whose discovery a stage after discover uses (default: the newest).")
+    parser.add_argument("--protocol", type=str, default=None,
+                        help="A protocol file (configs/protocols/*.yaml): its analysis options apply, no other option "
+                             "may depart from them, and every record carries its stamp.")
     parser.add_class_arguments(AnalysisConfig, "analysis")
     for path in _config_files(args):  # jsonargparse's YAML errors name no file
         _read_config(path)
@@ -234,7 +248,9 @@ def analyze(args: list[str]) -> None:
         raise UserError(f"analyze: {' '.join(str(e).split())} (options: python -m refusal_sae analyze --help)") from e
     run = RunLayout(pre.run_dir)
     fitted = _fitted(run)
-    parser.set_defaults({"analysis": _analysis_defaults(fitted)} if _analysis_defaults(fitted) else {})
+    stamp, fixed = read_protocol(pre.protocol) if getattr(pre, "protocol", None) else (None, {})
+    defaults = _merged(_analysis_defaults(fitted), fixed)
+    parser.set_defaults({"analysis": defaults} if defaults else {})
     try:
         ns = parser.parse_args(args)
         cfg = parser.instantiate_classes(ns).analysis
@@ -242,6 +258,10 @@ def analyze(args: list[str]) -> None:
         raise
     except Exception as e:
         raise UserError(f"analyze: {' '.join(str(e).split())} (options: python -m refusal_sae analyze --help)") from e
+    if stamp is not None and (off := departures(fixed, asdict(cfg))):
+        raise UserError(f"analyze: {off[0]} departs from protocol {stamp.label()} in {stamp.path}"
+                        f"{f' (and {len(off) - 1} more)' if len(off) > 1 else ''}; drop the option, or make a new "
+                        "protocol version (a copy of the file with its version raised)")
     stages = list(STAGES) if ns.stage == "all" else [ns.stage, "summary"]
     if ns.stage not in (*STAGES, "all"):
         raise UserError(f"analyze --stage: {ns.stage!r}; use one of {', '.join(STAGES)} or all")
@@ -254,6 +274,13 @@ def analyze(args: list[str]) -> None:
     if stages[0] != "discover" and not source.root.exists():
         raise UserError(f"{source.root} not found: the run has no analysis to take circuits from; run analyze "
                         "--stage all (or discover) first, or give --source")
+    if stages[0] != "discover" and source.protocol != (theirs := stamp and asdict(stamp)):
+        raise UserError(f"--source {source.name}: made under protocol {protocol_label(source.protocol)}, this "
+                        f"analysis under {protocol_label(theirs)}; take circuits from an analysis under the same "
+                        "protocol (or run --stage all)")
+    if stamp is not None:
+        out.root.mkdir(parents=True)
+        out.write_protocol(stamp)
     summary = run_analysis(_inputs(run, fitted, cfg), out, cfg, stages, source)
     print(format_summary(summary))
 

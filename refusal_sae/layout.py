@@ -8,6 +8,8 @@
       .lock                                                   held by the fit using the run (refusal_sae.io)
       analysis/<name>/                                        one circuit analysis (`epoch_008`, or a name
                                                               given to `analyze`); `latest` links the newest
+        protocol.json                                         the protocol's stamp (refusal_sae.protocol), if any;
+                                                              every JSON record below carries it as "protocol"
         means.safetensors                                     ablation means per node (features.NodeMeans)
         discovery.json                                        config, position scheme, circuits per method
         <method>/circuits/<circuit>.json, .graphml            the circuit at the method's threshold
@@ -57,6 +59,11 @@ T = TypeVar("T")
 
 def _stem(name: str) -> str:
     return name.replace("/", "__")
+
+
+def _write_record(path: Path, record: Any, protocol: dict[str, Any] | None) -> None:
+    """`record` as JSON with the protocol stamp it was made under (`refusal_sae.protocol`; null: none)."""
+    write_json(path, {**to_json(record), "protocol": protocol})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,6 +164,8 @@ class Summary:
     directions: DirectionsSummary | None = None
     answers: dict[str, dict[str, list[AnswersSummary]]] = dataclasses.field(default_factory=dict)
     """{method: {circuit (a category's): each edit's refusals}} where the edit stage ran."""
+    protocol: dict[str, Any] | None = None
+    """The stamp of the protocol the analysis ran under (`refusal_sae.protocol`); None: exploratory."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,8 +175,9 @@ class Summary:
 class MethodLayout:
     """One discovery method's files in an analysis directory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, protocol: dict[str, Any] | None = None) -> None:
         self.root = root
+        self.protocol = protocol
 
     def circuit_paths(self, name: str) -> tuple[Path, Path]:
         stem = _stem(name)
@@ -208,7 +218,7 @@ class MethodLayout:
         return self.root / "similarity.png"
 
     def write_similarity(self, result: Any) -> None:
-        write_json(self.similarity_json, to_json(result))
+        _write_record(self.similarity_json, result, self.protocol)
 
     def read_similarity(self, cls: type[T]) -> T | None:
         """The similarity record as `cls` (`similarity.Similarity`); None when the stage did not run."""
@@ -221,7 +231,7 @@ class MethodLayout:
         return self.root / "attribution_check.json"
 
     def write_attribution_check(self, checks: Any) -> None:
-        write_json(self.attribution_check_json, to_json(checks))
+        _write_record(self.attribution_check_json, {"checks": checks}, self.protocol)
 
     @property
     def ceiling_json(self) -> Path:
@@ -232,7 +242,7 @@ class MethodLayout:
         return self.root / "ceiling.png"
 
     def write_ceiling(self, result: Any) -> None:
-        write_json(self.ceiling_json, to_json(result))
+        _write_record(self.ceiling_json, result, self.protocol)
 
     def read_ceiling(self, cls: type[T]) -> T | None:
         """The split-half ceiling as `cls` (`ceiling.Ceiling`); None when the stage did not run."""
@@ -251,7 +261,7 @@ class MethodLayout:
         with atomic_open(scores_path, "wb") as f:
             f.write(save({"scores": np.stack([scores[n] for n in names]).astype(np.float64)},
                          metadata={"variants": json.dumps(names)}))
-        write_json(record_path, {"key": to_json(key), "record": to_json(record)})
+        _write_record(record_path, {"key": key, "record": record}, self.protocol)
 
     def read_evaluation(self, cls: type[T], name: str, key: dict[str, Any] | None = None,
                         version: int | None = None,
@@ -296,14 +306,14 @@ class MethodLayout:
         return self.root / "cross_ablation.png"
 
     def write_cross_ablation(self, record: Any) -> None:
-        write_json(self.cross_ablation_json, to_json(record))
+        _write_record(self.cross_ablation_json, record, self.protocol)
 
     def edits_json(self, name: str) -> Path:
         """One circuit's edit-stage record: refusal rates, coherence and every answer under each edit."""
         return self.root / "editing" / f"{_stem(name)}.json"
 
     def write_edits(self, record: Any) -> None:
-        write_json(self.edits_json(record.circuit), to_json(record))
+        _write_record(self.edits_json(record.circuit), record, self.protocol)
 
     def read_edits(self, cls: type[T], name: str) -> T | None:
         path = self.edits_json(name)
@@ -315,8 +325,9 @@ class MethodLayout:
 class DirectionsLayout:
     """The refusal-direction stage's files (`refusal_sae.directions`) in an analysis directory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, protocol: dict[str, Any] | None = None) -> None:
         self.root = root
+        self.protocol = protocol
 
     @property
     def record_json(self) -> Path:
@@ -336,7 +347,7 @@ class DirectionsLayout:
         with atomic_open(self.vectors, "wb") as f:
             f.write(save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in vectors.items()},
                          metadata=dict(metadata)))
-        write_json(self.record_json, to_json(record))
+        _write_record(self.record_json, record, self.protocol)
 
     def read(self, cls: type[T]) -> T | None:
         """The stage's record; None when the stage has not run here."""
@@ -349,7 +360,7 @@ class DirectionsLayout:
         return self.root / "ceiling.json"
 
     def write_ceiling(self, result: Any) -> None:
-        write_json(self.ceiling_json, to_json(result))
+        _write_record(self.ceiling_json, result, self.protocol)
 
     def read_ceiling(self, cls: type[T]) -> T | None:
         """The directions' split-half ceiling (`ceiling.DirectionCeiling`); None when it was not measured here."""
@@ -377,8 +388,21 @@ class AnalysisLayout:
     def name(self) -> str:
         return self.root.name
 
+    @property
+    def protocol_json(self) -> Path:
+        return self.root / "protocol.json"
+
+    @property
+    def protocol(self) -> dict[str, Any] | None:
+        """The stamp of the protocol this analysis runs under (`refusal_sae.protocol`); None: exploratory."""
+        return json.loads(self.protocol_json.read_text(encoding="utf-8")) if self.protocol_json.is_file() else None
+
+    def write_protocol(self, stamp: Any) -> None:
+        """Stamp a new analysis with its protocol before any stage writes a record."""
+        write_json(self.protocol_json, to_json(stamp))
+
     def method(self, method: str) -> MethodLayout:
-        return MethodLayout(self.root / method)
+        return MethodLayout(self.root / method, self.protocol)
 
     @property
     def means_path(self) -> Path:
@@ -393,7 +417,7 @@ class AnalysisLayout:
         return NodeMeans.read(self.means_path)
 
     def write_discovery(self, record: DiscoveryRecord) -> None:
-        write_json(self.root / "discovery.json", to_json(record))
+        _write_record(self.root / "discovery.json", record, self.protocol)
 
     def read_discovery(self) -> DiscoveryRecord:
         return from_json(DiscoveryRecord, read_json(self.root / "discovery.json", "circuits",
@@ -402,7 +426,7 @@ class AnalysisLayout:
     def copy_discovery(self, source: AnalysisLayout) -> None:
         """Take another analysis's discovery (means, record, circuits, scores, similarity) and refusal directions
         as this one's."""
-        if self.root.exists() and any(self.root.iterdir()):
+        if self.root.exists() and any(p != self.protocol_json for p in self.root.iterdir()):
             raise UserError(f"{self.root} exists already; give analyze another --name (analyses are never overwritten)")
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source.means_path, self.means_path)
@@ -423,7 +447,7 @@ class AnalysisLayout:
 
     @property
     def directions(self) -> DirectionsLayout:
-        return DirectionsLayout(self.root / "directions")
+        return DirectionsLayout(self.root / "directions", self.protocol)
 
     @property
     def summary_md(self) -> Path:
@@ -432,7 +456,7 @@ class AnalysisLayout:
 
     def write_summary(self, summary: Summary, table: str) -> None:
         """`summary.json`, and `summary.md`: the results table."""
-        write_json(self.root / "summary.json", to_json(summary))
+        _write_record(self.root / "summary.json", summary, self.protocol)
         with atomic_open(self.summary_md, "w", encoding="utf-8") as f:
             f.write(table)
 

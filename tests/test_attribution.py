@@ -404,7 +404,7 @@ def test_discovery_writes_the_check_of_both_estimates_when_asked(tmp_path: Path)
     with single_thread():
         run_analysis(inputs, out, cfg, ["discover", "summary"])
     checks = from_json(list[AttributionCheck], json.loads(out.method("attribution").attribution_check_json.read_text(
-        encoding="utf-8")))
+        encoding="utf-8"))["checks"])
     assert [c.category for c in checks] == ["alpha", "beta"]
     for c in checks:
         assert 6 <= len(c.nodes) <= 9 and set(c.estimates) == {"patching", "ig"}

@@ -402,3 +402,48 @@ def test_analyze_edit_judges_each_circuit_by_its_answers(capsys: pytest.CaptureF
                                               "--analysis.editing.categories", value if option == "categories"
                                               else "[deception]"))
         assert name in error, error
+
+
+@pytest.mark.slow
+def test_analyze_under_a_protocol_stamps_every_record_and_refuses_departures(
+    capsys: pytest.CaptureFixture[str], tiny_run, tmp_path: Path
+) -> None:
+    """`analyze --protocol`: the protocol's options apply, every JSON record carries the file's sha256, the summary
+    names it; an option departing from it, a source analysis under no (or another) protocol: one line, exit 2."""
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    run = RunLayout(run_dir)
+    text = ("protocol: {name: tiny, version: 1}\nstatement: the test's rules\n"
+            "analysis: {evaluation: {n_sizes: 3, fractions: [0.5, 1.0], random_circuits: 2}}\n")
+    protocol = tmp_path / "tiny-v1.yaml"
+    protocol.write_text(text, encoding="utf-8")
+    sha = hashlib.sha256(protocol.read_bytes()).hexdigest()
+
+    def analyze(*args: str) -> Any:
+        return cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--protocol", str(protocol), *args)
+
+    found = analyze("--stage", "discover", "--name", "p_discover")
+    assert found.returncode == 0, found.stderr
+    assert f"protocol: tiny v1 (sha256 {sha[:12]}) from {protocol}" in found.stdout
+    unstamped = one_line_error(analyze("--stage", "evaluate", "--name", "p_bad", "--source", run.epoch(2).name))
+    assert f"--source {run.epoch(2).name}: made under protocol none" in unstamped and "tiny v1" in unstamped
+    departing = one_line_error(analyze("--stage", "evaluate", "--name", "p_bad", "--source", "p_discover",
+                                       "--analysis.evaluation.random_circuits", "5"))
+    assert "analysis.evaluation.random_circuits: 5 (protocol: 2) departs from protocol tiny v1" in departing
+    assert not run.analysis("p_bad").root.exists()
+    done = analyze("--stage", "evaluate", "--name", "p_evaluate", "--source", "p_discover")
+    assert done.returncode == 0, done.stderr
+    out = run.analysis("p_evaluate")
+    records = [p for p in out.root.rglob("*.json") if p.parent.name != "circuits" and p.name != "protocol.json"]
+    assert {p.name for p in records} >= {"discovery.json", "summary.json"} and len(records) > 10
+    for path in records:
+        assert json.loads(path.read_text(encoding="utf-8"))["protocol"]["sha256"] == sha, path
+    assert (out.summary_md.read_text(encoding="utf-8").splitlines()[0]
+            == f"protocol: tiny v1 (sha256 {sha[:12]}) from {protocol}")
+    discovery = load_discovery(out)
+    cfg = fitted_evaluation(run, n_sizes=3, fractions=[0.5, 1.0], random_circuits=2)
+    for record in load_evaluation(out, discovery, "correlation"):
+        assert_curves_follow(record, cfg, discovery.means.layers)
+    protocol.write_text(text.replace("version: 1", "version: 2"), encoding="utf-8")  # another protocol now
+    other = one_line_error(analyze("--stage", "evaluate", "--name", "p_v2", "--source", "p_discover"))
+    assert "made under protocol tiny v1" in other and "this analysis under tiny v2" in other
