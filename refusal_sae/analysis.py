@@ -410,7 +410,9 @@ def results_table(results: Mapping[str, Sequence[CircuitEvaluation]],
     for method, rs in results.items():
         modes = list(dict.fromkeys(c.error_mode for r in rs for c in r.curves))
         answers = edits is not None and any((method, r.name) in edits for r in rs)
-        lines += [f"**{method}** (error terms {modes[0]}; CPR per error mode)", "",
+        methods = sorted({r.intervals for r in rs})
+        lines += [f"**{method}** (error terms {modes[0]}; CPR per error mode, linear axis / MIB's log axis; "
+                  f"95% {' and '.join(methods)} bootstrap intervals)", "",
                   "| circuit | prompts (+/-) | F(M) - F(∅) | faithfulness 0.5 at | 0.8 at | faithfulness there "
                   "(random; p) | completeness there | " + " | ".join(f"CPR ({m})" for m in modes) + " | sanity |"
                   + (" answers refused (toxic, hard) |" if answers else ""),
@@ -432,9 +434,11 @@ def results_table(results: Mapping[str, Sequence[CircuitEvaluation]],
                 band = point.random_faithfulness
                 p = "" if point.random_p is None else f"; p = {point.random_p:.2g}"
                 there = _ci(point.faithfulness) + ("" if band is None else f" ({band.mean:.2f} ± {band.sd:.2f}{p})")
+                if point.faithfulness is not None and point.faithfulness.dropped:
+                    there += f"; {point.faithfulness.dropped} resamples undefined"
                 complete = _ci(point.completeness)
-            cprs = [_ci(next((c.cpr for c in r.curves if c.error_mode == m and c.all_layers), None))
-                    for m in modes]
+            curves = [next((c for c in r.curves if c.error_mode == m and c.all_layers), None) for m in modes]
+            cprs = ["null" if c is None else f"{_ci(c.cpr)} / {_ci(c.cpr_log)}" for c in curves]
             sanity = sanity_word(r.sanity.passed) + "".join(f"; {n}" for n in r.sanity.notes)
             if r.sanity.random_relative_change is not None:
                 sanity += (f" (random latents outside {r.sanity.random_circuit_nodes} nodes: "

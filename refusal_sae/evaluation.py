@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -50,18 +50,30 @@ from refusal_sae.circuits import (
 from refusal_sae.errors import UserError
 from refusal_sae.io import from_json
 from refusal_sae.objective import TARGETS, Objective, Target, objective
-from refusal_sae.stats import FAITHFUL, Band, Interval, band, interval, p_above, resample_weights
+from refusal_sae.stats import (
+    FAITHFUL,
+    Band,
+    Interval,
+    band,
+    interval,
+    jackknife_weights,
+    p_above,
+    resample_weights,
+)
 from refusal_sae.validate import all_of, fraction, non_negative_int, one_of, positive_int, statistics_options
 
 ErrorMode = Literal["keep", "nodes"]
+IntervalMethod = Literal["bca", "percentile"]
+INTERVAL_METHODS: tuple[str, ...] = ("bca", "percentile")
 ERROR_MODES: tuple[str, ...] = ("keep", "nodes")
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 ALL_LAYERS = "all layers"
-RECORD_VERSION = 4
+RECORD_VERSION = 5
 """Bumped when a record's meaning changes, so a rerun recomputes records written before (2: the random
 sanity check around the smallest faithful circuit; 3: each check pass / fail / not applicable, and `passed`
 None when no check applied; 4: `reaches` by the interval's lower bound, the point estimate's in `reaches_point`,
-and each point's one-sided p against its random circuits)."""
+and each point's one-sided p against its random circuits; 5: the interval method named (`intervals`: BCa by
+default), dropped resamples counted, and MIB's log-axis CPR / CMD beside the linear ones)."""
 MIN_AREA_POINTS = 8
 REACH = (0.5, FAITHFUL)
 PREFIX_TOLERANCE = 0.05
@@ -77,6 +89,9 @@ fraction of |F(M) - F(∅)|."""
 class EvaluationConfig:
     """How circuits are judged."""
 
+    intervals: IntervalMethod = "bca"
+    """bca: bias-corrected and accelerated bootstrap intervals (jackknife acceleration), which keep their coverage for
+    ratios of differences over few prompts; percentile: the plain percentile intervals (records before version 5)."""
     target: Target = "toxic"
     """F: toxic (mean score of the category's held-out toxic prompts: the refusal itself), contrast (toxic
     minus safe mean score) or behavior (refused minus answered; needs greedy answers). toxic is the
@@ -112,6 +127,7 @@ class EvaluationConfig:
 
     def __post_init__(self) -> None:
         one_of("evaluation.target", self.target, TARGETS)
+        one_of("evaluation.intervals", self.intervals, INTERVAL_METHODS)
         all_of("evaluation.error_modes", self.error_modes, ERROR_MODES)
         if len(set(self.error_modes)) != len(self.error_modes):
             raise UserError(f"evaluation.error_modes: {self.error_modes!r} names a mode twice; give each once")
@@ -163,12 +179,19 @@ class Curve:
     """Why faithfulness and completeness are null, when they are."""
     points: list[Point]
     cpr: Interval | None
+    """Area under faithfulness against the share of nodes kept, linear axis, from (0, 0) to 100%."""
     cmd: Interval | None
     area_note: str | None
     reaches: dict[str, int | None]
     """Smallest size whose faithfulness interval's lower bound reaches 0.5 / 0.8 (None: not reached)."""
     reaches_point: dict[str, int | None] = field(default_factory=dict)
     """Smallest size whose point estimate reaches 0.5 / 0.8: a size the noise may have picked."""
+    cpr_log: Interval | None = None
+    """MIB's CPR: the trapezoid area under faithfulness over log(share of nodes), from the smallest MIB fraction
+    (0.1%) to 100%, divided by that axis's length so that a circuit at faithfulness 1 throughout scores 1 (MIB's
+    code reports the undivided area, log(1000) = 6.91 times this)."""
+    cmd_log: Interval | None = None
+    """MIB's CMD on the same axis: the area of |1 - faithfulness|, divided alike."""
 
     @property
     def all_layers(self) -> bool:
@@ -223,6 +246,9 @@ class CircuitEvaluation:
     F_M: Interval
     curves: list[Curve]
     sanity: Sanity
+    intervals: str = "percentile"
+    """How every interval of the record was computed (`EvaluationConfig.intervals`; records before version 5:
+    percentile)."""
 
     def faithful_size(self) -> int | None:
         """The smallest size whose all-layer keep-mode faithfulness interval's lower bound reaches `FAITHFUL` (None:
@@ -235,13 +261,15 @@ def upgrade_record(record: dict, version: int) -> dict | None:
     """A record written under an earlier `version` in this version's fields, where they follow from what it holds
     (version 2: the check statuses from the changes it recorded; 3: the reach sizes from its points; the random
     p-values, which need each random circuit's value, stay null); None where they do not (evaluate again)."""
+    if version == 4:  # its intervals are percentile ones, which the record now says (the default)
+        return record
     if version == 3:
         curves = []
         for c in record["curves"]:
             points = [from_json(Point, p) for p in c["points"]]
             low, value = reach_sizes(points)
             curves.append({**c, "reaches": low, "reaches_point": value})
-        return {**record, "curves": curves}
+        return upgrade_record({**record, "curves": curves}, 4)
     if version != 2:
         return None
     s = record["sanity"]
@@ -302,11 +330,15 @@ def _rng(seed: int, name: str, stream: int) -> np.random.Generator:
 
 
 class _Run:
-    """The variants of one circuit: runs each once, keeps its per-prompt scores, and F with resamples."""
+    """The variants of one circuit: runs each once, keeps its per-prompt scores, and F with resamples. An estimate is
+    (value, per row of `w`): the bootstrap resamples, then (for BCa) the leave-one-prompt-out jackknife rows."""
 
-    def __init__(self, ablator: Ablator, prompts: list[str], obj: Objective, resamples: np.ndarray,
+    def __init__(self, ablator: Ablator, prompts: list[str], obj: Objective, cfg: EvaluationConfig, key: str,
                  progress: tqdm) -> None:
-        self.ablator, self.prompts, self.obj, self.w, self.progress = ablator, prompts, obj, resamples, progress
+        self.ablator, self.prompts, self.obj, self.progress = ablator, prompts, obj, progress
+        boot = resample_weights(obj, cfg.bootstrap, _rng(cfg.seed, key, 0))
+        self.n_boot, self.confidence = len(boot), cfg.confidence
+        self.w = np.vstack([boot, jackknife_weights(obj)]) if cfg.intervals == "bca" else boot
         self.scores: dict[str, np.ndarray] = {}
 
     def __call__(self, name: str, variant: Variant | None) -> np.ndarray:
@@ -322,6 +354,12 @@ class _Run:
     def F(self, scores: np.ndarray) -> tuple[float, np.ndarray]:
         return self.obj.value(scores), self.w @ scores
 
+    def interval(self, estimate: tuple[float, np.ndarray]) -> Interval:
+        """The estimate's interval: BCa where the jackknife rows are there, else percentile."""
+        value, rows = estimate
+        jack = rows[self.n_boot:] if len(rows) > self.n_boot else None
+        return interval(float(value), rows[:self.n_boot], self.confidence, jack)
+
 
 def _ratio(f: tuple[float, np.ndarray], empty: tuple[float, np.ndarray], model: tuple[float, np.ndarray]
            ) -> tuple[float, np.ndarray]:
@@ -330,22 +368,29 @@ def _ratio(f: tuple[float, np.ndarray], empty: tuple[float, np.ndarray], model: 
         return (f[0] - empty[0]) / (model[0] - empty[0]), (f[1] - empty[1]) / (model[1] - empty[1])
 
 
-def _areas(points: list[tuple[float, tuple[float, np.ndarray]]], confidence: float
-           ) -> tuple[Interval | None, Interval | None, str | None]:
-    """CPR and CMD from measured (fraction, faithfulness (value, resamples)) points; (0, 0) is the empty circuit."""
+def areas(points: list[tuple[float, tuple[float, np.ndarray]]],
+          to_interval: Callable[[tuple[float, np.ndarray]], Interval], log_axis: bool = False
+          ) -> tuple[Interval | None, Interval | None, str | None]:
+    """CPR and CMD from measured (fraction, faithfulness (value, rows)) points. Linear axis: from (0, 0), the empty
+    circuit, to 100%. Log axis (MIB): the points are MIB's fractions, each at its nominal fraction (as MIB plots
+    them), over log(fraction) from 0.1% to 100%, divided by the axis's length."""
+    if log_axis and [p[0] for p in points] != list(MIB_FRACTIONS):
+        return None, None, f"MIB's log axis needs a point at each of its fractions {MIB_FRACTIONS}"
     if len(points) < MIN_AREA_POINTS:
         return None, None, f"{len(points)} measured points, fewer than {MIN_AREA_POINTS}"
     if points[-1][0] != 1.0:
         return None, None, "no measured 100% point"
-    x = np.array([0.0] + [p[0] for p in points])
-    value = np.array([0.0] + [p[1][0] for p in points])
-    resampled = np.stack([np.zeros_like(points[0][1][1])] + [p[1][1] for p in points], axis=-1)
+    start = [] if log_axis else [(0.0, (0.0, np.zeros_like(points[0][1][1])))]
+    x = np.array([p[0] for p in start + points])
+    x = np.log(x) / -np.log(x[0]) if log_axis else x
+    value = np.array([p[1][0] for p in start + points])
+    rows = np.stack([p[1][1] for p in start + points], axis=-1)
 
     def area(y: np.ndarray) -> np.ndarray:
         return ((x[1:] - x[:-1]) * (y[..., 1:] + y[..., :-1]) / 2).sum(-1)
 
-    return (interval(float(area(value)), area(resampled), confidence),
-            interval(float(area(np.abs(1 - value))), area(np.abs(1 - resampled)), confidence), None)
+    return (to_interval((float(area(value)), area(rows))),
+            to_interval((float(area(np.abs(1 - value))), area(np.abs(1 - rows)))), None)
 
 
 def _curve(run: _Run, scope: str, layers: list[str], mode: str, ranking: list[tuple[str, int, int]],
@@ -356,13 +401,13 @@ def _curve(run: _Run, scope: str, layers: list[str], mode: str, ranking: list[tu
     none = {layer: np.zeros(shape, bool) for layer, shape in shapes.items()}
     prefix = f"{mode}/{scope}"
     empty = run.F(run(f"{prefix}/empty", ablator.variant(none, candidates, layers)))
-    span = interval(model[0] - empty[0], model[1] - empty[1], cfg.confidence)
+    span = run.interval((model[0] - empty[0], model[1] - empty[1]))
     defined = span.excludes_zero()
     note = None if defined else (
         f"F(M) - F(∅) = {span.format('.4g')}: its interval contains 0, so "
         "faithfulness and completeness are undefined")
     n_total = len(ranking)
-    points, faith_points = [], []
+    points, faith_points, at_size = [], [], {}
     positions = ablator.scheme.node_classes
     for n in curve_sizes(n_total, cfg, where):
         kept = node_mask(ranking[:n], shapes)
@@ -373,8 +418,8 @@ def _curve(run: _Run, scope: str, layers: list[str], mode: str, ranking: list[tu
             f_mc = run(f"{prefix}/MC{n}", ablator.variant(kept, candidates, layers, inside=False))
         fc, fmc = run.F(f_c), run.F(f_mc)
         faith_r, complete_r = _ratio(fc, empty, model), _ratio(fmc, empty, model)
-        faith = interval(*faith_r, cfg.confidence) if defined else None
-        complete = interval(*complete_r, cfg.confidence) if defined else None
+        faith = run.interval(faith_r) if defined else None
+        complete = run.interval(complete_r) if defined else None
         rand_f, rand_c, random_p = [], [], None
         if rng is not None and n < n_total and defined:
             for r in range(cfg.random_circuits):
@@ -390,17 +435,19 @@ def _curve(run: _Run, scope: str, layers: list[str], mode: str, ranking: list[tu
         per_position = {p: int(sum(kept[layer][i].sum() for layer in layers)) for i, p in enumerate(positions)}
         points.append(Point(n, n / n_total, per_layer, {p: c for p, c in per_position.items() if c},
                             [layer for layer, c in per_layer.items() if c == 0],
-                            interval(*fc, cfg.confidence), interval(*fmc, cfg.confidence), faith, complete,
+                            run.interval(fc), run.interval(fmc), faith, complete,
                             band(rand_f), band(rand_c), random_p))
         if faith is not None:
             faith_points.append((n / n_total, faith_r))
+            at_size[n] = faith_r
+    cpr = cmd = cpr_log = cmd_log = None
+    area_note = note
     if defined:
-        cpr, cmd, area_note = _areas(faith_points, cfg.confidence)
-    else:
-        cpr = cmd = None
-        area_note = note
-    return Curve(scope, mode, n_total, interval(*empty, cfg.confidence), span, note, points, cpr, cmd, area_note,
-                 *reach_sizes(points))
+        cpr, cmd, area_note = areas(faith_points, run.interval)
+        mib = [(f, at_size[k]) for f in MIB_FRACTIONS if (k := max(1, int(round(f * n_total)))) in at_size]
+        cpr_log, cmd_log, _ = areas(mib, run.interval, log_axis=True)
+    return Curve(scope, mode, n_total, run.interval(empty), span, note, points, cpr, cmd, area_note,
+                 *reach_sizes(points), cpr_log, cmd_log)
 
 
 def reach_sizes(points: Sequence[Point]) -> tuple[dict[str, int | None], dict[str, int | None]]:
@@ -420,11 +467,10 @@ def evaluate_circuit(ablator: Ablator, prompts: Sequence[str], toxic: np.ndarray
     where = f"{circuit.method} circuit {circuit.name!r}"
     obj = objective(cfg.target, circuit.group, toxic, refused, where=f"evaluation of {where}")
     key = f"{circuit.method}/{circuit.name}"
-    resamples = resample_weights(obj, cfg.bootstrap, _rng(cfg.seed, key, 0))
     live = {layer: ablator.means.live(layer) for layer in ablator.layers}
     chosen = [prompts[i] for i in obj.rows]
     with tqdm(desc=f"evaluating {where}", unit="variant", leave=False) as progress:
-        run = _Run(ablator, chosen, obj, resamples, progress)
+        run = _Run(ablator, chosen, obj, cfg, key, progress)
         model = run.F(run("model", None))
         curves, first = [], None
         for i, mode in enumerate(cfg.error_modes):
@@ -440,7 +486,7 @@ def evaluate_circuit(ablator: Ablator, prompts: Sequence[str], toxic: np.ndarray
         sanity = _sanity(run, cfg, curves[0], *first, _rng(cfg.seed, key, 100))
     n_positive = int(obj.strata.sum())
     return (CircuitEvaluation(circuit.name, circuit.category, circuit.group, circuit.method, cfg.target,
-                              len(chosen), n_positive, interval(*model, cfg.confidence), curves, sanity),
+                              len(chosen), n_positive, run.interval(model), curves, sanity, cfg.intervals),
             run.scores)
 
 
@@ -503,6 +549,7 @@ __all__ = [
     "EvaluationConfig",
     "Point",
     "Sanity",
+    "areas",
     "curve_sizes",
     "evaluate_circuit",
     "faithful_sizes",

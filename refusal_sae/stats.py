@@ -6,7 +6,11 @@ Every F is a weighted sum of per-prompt scores, F = w . s (`refusal_sae.objectiv
 within each stratum (the toxic and the safe side of a contrast, separately), as many prompts as the stratum holds,
 with replacement, and recomputes F = w . (counts * s). The SAME resamples are used for every variant of a circuit
 (paired), so a ratio such as faithfulness = (F(C) - F(∅)) / (F(M) - F(∅)) is computed per resample from numbers
-that share their noise, and its interval is the percentile interval of those ratios.
+that share their noise. Its interval is the percentile interval of those ratios, or (given the statistic's
+leave-one-prompt-out jackknife values, `jackknife_weights`) the BCa interval (Efron 1987): the percentiles shifted
+by the resamples' median bias z0 and the jackknife's skewness a, which keeps its coverage for the skewed ratios
+of differences that 10-40 prompts give, where the percentile interval undercovers (tests/test_stats.py measures
+both). A resample whose ratio is not finite (its denominator 0) is dropped and counted in the interval.
 
 A category x category ablation matrix (circuits in `refusal_sae.cross_ablation`, refusal directions in
 `refusal_sae.directions`) holds, at [A][B], the effect of ablating A's circuit or direction on B's held-out
@@ -30,11 +34,13 @@ FAITHFUL = 0.8
 
 @dataclass(frozen=True)
 class Interval:
-    """A point estimate with its percentile bootstrap interval."""
+    """A point estimate with its bootstrap interval (percentile, or BCa where the jackknife was given)."""
 
     value: float
     low: float
     high: float
+    dropped: int = 0
+    """Resamples left out because the statistic was not finite in them (a ratio whose denominator was 0)."""
 
     def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
@@ -66,15 +72,57 @@ def resample_weights(obj: Objective, n_resamples: int, rng: np.random.Generator)
     return out
 
 
-def interval(value: float, resampled: np.ndarray, confidence: float) -> Interval:
-    """Percentile interval of the finite values of `resampled` (a ratio is not finite in a resample whose
-    denominator is 0; callers only form ratios whose denominator's interval excludes 0)."""
+def jackknife_weights(obj: Objective) -> np.ndarray:
+    """(n, len(obj.rows)) weights J: row i is F with prompt i left out (the rest of its stratum reweighted to keep
+    the stratum's total weight), so J @ s are the leave-one-out values BCa's acceleration needs. A stratum of one
+    prompt has no leave-one-out value: its prompt gets no row."""
+    rows = []
+    for stratum in np.unique(obj.strata):
+        idx = np.flatnonzero(obj.strata == stratum)
+        if len(idx) < 2:
+            continue
+        for i in idx:
+            w = obj.weights.astype(np.float64).copy()
+            w[idx] *= len(idx) / (len(idx) - 1)
+            w[i] = 0.0
+            rows.append(w)
+    return np.array(rows).reshape(len(rows), len(obj.rows))
+
+
+def interval(value: float, resampled: np.ndarray, confidence: float, jackknife: np.ndarray | None = None
+             ) -> Interval:
+    """The interval of the finite values of `resampled`, the number of the others in `dropped` (a ratio is not
+    finite in a resample whose denominator is 0; callers only form ratios whose denominator's interval excludes
+    0): BCa given the statistic's `jackknife` values, else percentile."""
     tail = (1 - confidence) / 2
-    finite = resampled[np.isfinite(resampled)]
+    keep = np.isfinite(resampled)
+    finite, dropped = resampled[keep], int(len(resampled) - keep.sum())
     if len(finite) == 0:
-        return Interval(float(value), float("nan"), float("nan"))
-    low, high = np.quantile(finite, [tail, 1 - tail])
-    return Interval(float(value), float(low), float(high))
+        return Interval(float(value), float("nan"), float("nan"), dropped)
+    levels = [tail, 1 - tail]
+    if jackknife is not None and np.isfinite(value) and np.ptp(finite) > 1e-12 * max(1.0, abs(value)):
+        # (resamples that differ only by rounding have no bias or skew to correct: their order is noise)
+        levels = _bca_levels(float(value), finite, jackknife[np.isfinite(jackknife)], tail)
+    low, high = np.quantile(finite, levels)
+    return Interval(float(value), float(low), float(high), dropped)
+
+
+def _bca_levels(value: float, finite: np.ndarray, jack: np.ndarray, tail: float) -> list[float]:
+    """The percentile levels of the BCa interval: z0 from the share of resamples below `value` (ties half), a from
+    the jackknife values' skewness; the levels kept within the resamples (1 / 2B from either end)."""
+    from scipy.stats import norm
+
+    b = len(finite)
+    below = (np.count_nonzero(finite < value) + 0.5 * np.count_nonzero(finite == value)) / b
+    z0 = float(norm.ppf(np.clip(below, 1 / (2 * b), 1 - 1 / (2 * b))))
+    d = jack.mean() - jack if len(jack) > 1 else np.zeros(1)
+    spread = float((d ** 2).sum())
+    a = float((d ** 3).sum() / (6 * spread ** 1.5)) if spread > 0 else 0.0
+    out = []
+    for z in (norm.ppf(tail), norm.ppf(1 - tail)):
+        level = float(norm.cdf(z0 + (z0 + z) / (1 - a * (z0 + z))))
+        out.append(float(np.clip(level, 1 / (2 * b), 1 - 1 / (2 * b))))
+    return out
 
 
 @dataclass
@@ -175,5 +223,5 @@ def transfer_summary(matrix: Sequence[Sequence[Effect]], significance: float | N
     return TransferSummary(tested, pairs, int(moved), float(shares.mean()))
 
 
-__all__ = ["Band", "Effect", "Interval", "TransferSummary", "band", "effect", "interval", "p_above", "p_below",
-           "resample_weights", "share", "transfer_summary", "transfers"]
+__all__ = ["Band", "Effect", "Interval", "TransferSummary", "band", "effect", "interval", "jackknife_weights",
+           "p_above", "p_below", "resample_weights", "share", "transfer_summary", "transfers"]

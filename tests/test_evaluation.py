@@ -24,6 +24,8 @@ from refusal_sae.evaluation import (
     EvaluationConfig,
     Point,
     Sanity,
+    MIB_FRACTIONS,
+    areas,
     curve_sizes,
     evaluate_circuit,
     reach_sizes,
@@ -36,7 +38,7 @@ from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.objective import objective
 from refusal_sae.plots import plot_curves
 from refusal_sae.positions import position_scheme
-from refusal_sae.stats import Interval, resample_weights
+from refusal_sae.stats import Interval, interval, resample_weights
 from tests.conftest import single_thread
 from tests.planted import (
     LAYERS,
@@ -182,6 +184,29 @@ def test_reaching_a_level_is_decided_by_the_lower_bound_with_the_point_estimate_
     del old["curves"][0]["reaches_point"]
     new = from_json(CircuitEvaluation, upgrade_record(old, 3))
     assert new.curves[0].reaches == low and new.curves[0].reaches_point == value and new.faithful_size() == 30
+    assert new.intervals == "percentile"  # what every record before version 5 used
+
+
+def test_mib_log_axis_areas_weigh_small_circuits_as_mib_does() -> None:
+    """At MIB's fractions, faithfulness 0 up to 1% and 1 from 2% on: on MIB's log axis the area is the share of
+    log(fraction) from 0.1% to 100% where the curve is up (trapezoids), on the linear axis nearly all of it; a
+    constant curve gives its value on both (log axis divided by its length); a missing MIB fraction, no log area."""
+    def points(ys: list[float]) -> list[tuple[float, tuple[float, np.ndarray]]]:
+        return [(f, (y, np.full(3, y))) for f, y in zip(MIB_FRACTIONS, ys)]
+
+    def to_interval(e: tuple[float, np.ndarray]) -> Interval:
+        return interval(e[0], e[1], 0.95)
+
+    step = points([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    cpr, cmd, note = areas(step, to_interval, log_axis=True)
+    x = np.log(MIB_FRACTIONS) / np.log(1000)
+    want = (x[4] - x[3]) / 2 + (x[-1] - x[4])
+    assert note is None and cpr.value == pytest.approx(want) and cmd.value == pytest.approx(1 - want)
+    assert areas(step, to_interval)[0].value == pytest.approx(0.99 - 0.005, abs=1e-9)
+    for axis in (True, False):
+        flat = areas(points([0.7] * 10), to_interval, log_axis=axis)[0]
+        assert flat.value == pytest.approx(0.7 if axis else 0.7 - 0.7 * 0.001 / 2)
+    assert "needs a point at each of its fractions" in areas(step[1:], to_interval, log_axis=True)[2]
 
 
 def test_no_label_effect_gives_null_ratios_with_a_reason(template, tmp_path: Path) -> None:
