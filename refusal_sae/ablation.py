@@ -52,6 +52,8 @@ class Keep:
     """(mean classes, width) bool."""
     errors: np.ndarray
     """(mean classes,) bool."""
+    zero_errors: bool = False
+    """An error that does not stay is set to 0, not to its mean: the SAE's reconstruction spliced in there."""
 
     @property
     def everything(self) -> bool:
@@ -136,6 +138,13 @@ class Ablator:
             out[layer] = keep
         return out
 
+    def splice(self, layer: str) -> dict[str, Keep]:
+        """`layer`'s SAE reconstruction in place of its residual after the shared prefix (its error set to 0),
+        nothing else edited: how much of the score the dictionary misses (sanity check)."""
+        keep = self.keep_all(layer)
+        keep.errors[self.node_index(layer).rows] = False
+        return {layer: Keep(keep.features, keep.errors, zero_errors=True)}
+
     def prefix_ablation(self) -> dict[str, Keep]:
         """Every latent and error at the shared prefix positions mean-ablated, nothing else (sanity check)."""
         out = {}
@@ -171,8 +180,8 @@ class Ablator:
             f = sae.encode(x) if f is None else f
             kept = classes % len(keep_f) if per_prompt else classes
             out = x + torch.where(keep_f[kept], 0.0, mean_f[classes] - f) @ sae.W_dec
-            if ablate_error:  # the error term x - decode(f) replaced by its mean where ablated
-                swap = mean_e[classes] - (x - sae.decode(f))
+            if ablate_error:  # the error term x - decode(f) replaced by its mean (or 0) where ablated
+                swap = (0.0 if keep.zero_errors else mean_e[classes]) - (x - sae.decode(f))
                 out = out + torch.where(keep_e[kept][..., None], 0.0, swap)
             return out.to(hidden.dtype)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -73,7 +73,7 @@ RECORD_VERSION = 5
 sanity check around the smallest faithful circuit; 3: each check pass / fail / not applicable, and `passed`
 None when no check applied; 4: `reaches` by the interval's lower bound, the point estimate's in `reaches_point`,
 and each point's one-sided p against its random circuits; 5: the interval method named (`intervals`: BCa by
-default), dropped resamples counted, and MIB's log-axis CPR / CMD beside the linear ones)."""
+default), dropped resamples counted, MIB's log-axis CPR / CMD beside the linear ones, and the splice check)."""
 MIN_AREA_POINTS = 8
 REACH = (0.5, FAITHFUL)
 PREFIX_TOLERANCE = 0.05
@@ -83,6 +83,9 @@ SANITY_FAITHFULNESS = FAITHFUL
 RANDOM_TOLERANCE = 0.25
 """Sanity: ablating a random share of the non-circuit latents moves the median score by less than this
 fraction of |F(M) - F(∅)|."""
+SPLICE_TOLERANCE = 0.25
+"""Sanity: one SAE's reconstruction spliced in (its error set to 0) moves F by less than this fraction of
+|F(M) - F(∅)|."""
 
 
 @dataclass
@@ -231,6 +234,12 @@ class Sanity:
     passed: bool | None
     notes: list[str]
     """Why a check failed or did not apply."""
+    splice_change: dict[str, float] | None = None
+    """Per SAE layer, |F with that SAE's reconstruction spliced in - F(M)| as a share of |F(M) - F(∅)| (None: the
+    check did not run)."""
+    splice_check: CheckStatus = "not applicable"
+    """Every SAE's splice moves F by less than `SPLICE_TOLERANCE` of the span: the error terms, which keep mode never
+    ablates, carry little of F (not applicable: nothing to explain, or a record before version 5)."""
 
 
 @dataclass
@@ -286,6 +295,13 @@ def _prefix_status(change: float | None) -> CheckStatus:
 def _random_status(relative: float | None) -> CheckStatus:
     """The random check from its median change as a share of the span (None: the check did not apply)."""
     return "not applicable" if relative is None else "pass" if relative < RANDOM_TOLERANCE else "fail"
+
+
+def _splice_status(changes: Mapping[str, float] | None) -> CheckStatus:
+    """The splice check from each layer's change as a share of the span (None: the check did not apply)."""
+    if changes is None:
+        return "not applicable"
+    return "pass" if max(changes.values()) < SPLICE_TOLERANCE else "fail"
 
 
 def _passed(*checks: CheckStatus) -> bool | None:
@@ -492,7 +508,8 @@ def evaluate_circuit(ablator: Ablator, prompts: Sequence[str], toxic: np.ndarray
 
 def _sanity(run: _Run, cfg: EvaluationConfig, main: Curve, ranking: Sequence[tuple[str, int, int]],
             candidates: dict[str, np.ndarray], rng: np.random.Generator) -> Sanity:
-    """The prefix check, and the random check around the smallest faithful circuit (faithfulness >= 0.8):
+    """The prefix check, the splice check (each SAE's reconstruction in place of the residual), and the random
+    check around the smallest faithful circuit (faithfulness >= 0.8):
     that circuit's claim is that the latents it leaves out do not matter, so ablating a random share of
     them must move scores little. Around a smaller circuit (e.g. the discovery threshold's) the check
     would measure how distributed refusal is, which the curves already show, not whether ablation works."""
@@ -508,12 +525,22 @@ def _sanity(run: _Run, cfg: EvaluationConfig, main: Curve, ranking: Sequence[tup
             notes.append(f"ablating the shared prefix moved a score by {prefix_change:.3g} > {PREFIX_TOLERANCE}: "
                          "the prefix is not shared, or the means are off")
     excludes = main.span.excludes_zero()
+    splice = None
+    if excludes:
+        f_model = run.obj.value(model)
+        splice = {layer: abs(run.obj.value(run(f"sanity/splice/{layer}", ablator.splice(layer))) - f_model)
+                  / abs(main.span.value) for layer in ablator.layers}
+        worst = max(splice, key=splice.get)
+        if _splice_status(splice) == "fail":
+            notes.append(f"splicing in {worst}'s reconstruction moved F by {splice[worst]:.0%} of |F(M) - F(∅)| "
+                         f"(tolerance {SPLICE_TOLERANCE:.0%}): its error term carries that much of F, which keep "
+                         "mode never ablates; read the nodes-mode curves")
     size = next((p.n_nodes for p in main.points if p.faithfulness is not None and p.n_nodes < main.n_candidates
                  and p.faithfulness.value >= SANITY_FAITHFULNESS), None)
     random_change = relative = None
     if not excludes:
-        notes.append("the interval of F(M) - F(∅) contains 0: nothing measurable to explain, the random check "
-                     "does not apply")
+        notes.append("the interval of F(M) - F(∅) contains 0: nothing measurable to explain, the random and "
+                     "splice checks do not apply")
     elif size is None:
         notes.append(f"no circuit below all {main.n_candidates} candidates reaches faithfulness "
                      f"{SANITY_FAITHFULNESS}: the random check does not apply")
@@ -536,8 +563,9 @@ def _sanity(run: _Run, cfg: EvaluationConfig, main: Curve, ranking: Sequence[tup
             notes.append(f"ablating a random {cfg.sanity_fraction:.0%} of the latents outside the {size}-node "
                          f"circuit moved the median score by {random_change:.3g}, {relative:.0%} of |F(M) - F(∅)| "
                          f"(tolerance {RANDOM_TOLERANCE:.0%})")
+    splice_check = _splice_status(splice)
     return Sanity(prefix_change, size, random_change, relative, excludes, prefix_check, random_check,
-                  _passed(prefix_check, random_check), notes)
+                  _passed(prefix_check, random_check, splice_check), notes, splice, splice_check)
 
 
 __all__ = [

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from refusal_sae.ablation import Ablator
 from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
@@ -224,7 +225,8 @@ def test_no_label_effect_gives_null_ratios_with_a_reason(template, tmp_path: Pat
     # no effect is a finding about the data, not a failure of the machinery: the random check does not apply
     assert record.sanity.passed and record.sanity.random_relative_change is None
     assert (record.sanity.prefix_check, record.sanity.random_check) == ("pass", "not applicable")
-    assert any("does not apply" in n for n in record.sanity.notes)
+    assert any("checks do not apply" in n for n in record.sanity.notes)
+    assert record.sanity.splice_check == "not applicable" and record.sanity.splice_change is None
     # with global positions there is no prefix to check either: nothing was tested, so nothing passed
     scheme, _, ablator = setup(template, "global")
     record, _ = evaluate(ablator, relabelled, planted_ranking(scheme, "all"), sizes=[6], target="contrast")
@@ -309,3 +311,23 @@ def test_variants_run_only_the_positions_after_the_shared_prefix(template) -> No
     _, _, global_ablator = setup(template, "global")  # the prefix is edited with global means: whole prompts
     global_ablator.scores(prompts)
     assert not global_ablator.reuses_prefix
+
+
+def test_splice_check_finds_the_sae_whose_error_carries_the_score(template) -> None:
+    """Exact SAEs reconstruct the residual: splicing them in moves nothing and the check passes. An SAE that cannot
+    write the planted direction (its decoder rows zeroed) leaves it in its error term: splicing that SAE in removes
+    the refusal, the check fails naming its layer, and `passed` is False; the other layers' splices move nothing."""
+    _, splits, _ = template
+    scheme, pf, ablator = setup(template, "positional")
+    record, _ = evaluate(ablator, splits["evaluation"], planted_ranking(scheme, "-1"), sizes=[6])
+    assert record.sanity.splice_check == "pass" and max(record.sanity.splice_change.values()) < 1e-4
+    lossy = exact_saes()
+    with torch.no_grad():
+        lossy[LAYERS[0]].W_dec[list(PLANTED)] = 0.0
+    wrapper, _, _ = template
+    bad = Ablator(wrapper, lossy, pf.means, RefusalMetric.from_wrapper(wrapper, METRIC), 8)
+    record, _ = evaluate(bad, splits["evaluation"], planted_ranking(scheme, "-1"), sizes=[6])
+    change = record.sanity.splice_change
+    assert change[LAYERS[0]] > 0.5 and all(change[layer] < 1e-4 for layer in LAYERS[1:])
+    assert record.sanity.splice_check == "fail" and record.sanity.passed is False
+    assert any(f"splicing in {LAYERS[0]}'s reconstruction" in n for n in record.sanity.notes)
