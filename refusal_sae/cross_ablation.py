@@ -12,11 +12,13 @@ with 95% paired bootstrap intervals over B's prompts (the same resamples for eve
 per resample). N is A's smallest size whose all-layer keep-mode faithfulness reaches 0.8 (its evaluation
 record), or `n_nodes` when A has no such size (or no record), or `size` for every category when given.
 
-A pair transfers when change(A -> B)'s interval lies below 0. B is testable when its own circuit transfers
+A pair transfers when change(A -> B)'s interval lies below 0 and, with `random_circuits`, when ablating A's
+circuit lowers F_B more than all but a share `significance` of random circuits of A's shape do (same nodes per
+layer and position class, drawn from the candidates there; one-sided p = (1 + random circuits lowering F_B as
+much) / (1 + random circuits)): the chance level of a cell, since any ablation of N nodes moves F somewhat.
+Give every category one `size` to compare circuits of equal size. B is testable when its own circuit transfers
 to itself. The mean share over the ordered pairs of distinct testable categories is the summary number:
-near 1, each category's refusal needs the others' circuits (one mechanism); near 0, only its own. Unlike
-the refusal directions' verdict there is no chance level (random circuits of the same size): read it with
-the similarity stage's overlap and the circuits' own completeness.
+near 1, each category's refusal needs the others' circuits (one mechanism); near 0, only its own.
 """
 
 from __future__ import annotations
@@ -33,17 +35,21 @@ from refusal_sae.circuits import Circuit, NodeScores, candidate_mask, circuit_si
 from refusal_sae.data import PromptSample
 from refusal_sae.errors import UserError
 from refusal_sae.objective import objective
+from refusal_sae.circuits import random_mask
 from refusal_sae.stats import (
+    Band,
     Effect,
     Interval,
+    band,
     effect,
     interval,
+    p_below,
     resample_weights,
     share,
     transfer_summary,
     transfers,
 )
-from refusal_sae.validate import positive_int, statistics_options
+from refusal_sae.validate import non_negative_int, positive_int, statistics_options
 
 
 @dataclass
@@ -57,6 +63,11 @@ class CrossAblationConfig:
     """Nodes of every category's circuit; null: each category's smallest size reaching faithfulness 0.8."""
     n_nodes: int = 100
     """Nodes of a category's circuit when `size` is null and its curve never reaches faithfulness 0.8."""
+    random_circuits: int = 0
+    """Random circuits of each category circuit's shape, each ablated on every category's prompts: each cell's
+    chance level and p-value (0: none, no chance level)."""
+    significance: float = 0.05
+    """With random circuits, a cell transfers only at a p-value at or below this."""
     bootstrap: int = 2000
     """Bootstrap resamples of the held-out prompts (at least 100)."""
     confidence: float = 0.95
@@ -70,6 +81,7 @@ class CrossAblationConfig:
         if self.size is not None:
             positive_int("cross_ablation.size", self.size, 100)
         positive_int("cross_ablation.n_nodes", self.n_nodes, 100)
+        non_negative_int("cross_ablation.random_circuits", self.random_circuits, 20)
         positive_int("cross_ablation.batch_size", self.batch_size, 8)
         statistics_options("cross_ablation", self)
 
@@ -102,16 +114,22 @@ class CrossAblationResult:
     F_M: list[Interval]
     """Per category B, F_B(M)."""
     ablation: list[list[Effect]]
-    """[A][B]: score = F_B(M \\ C_A), change = that - F_B(M), share = change / change(B -> B)."""
+    """[A][B]: score = F_B(M \\ C_A), change = that - F_B(M), share = change / change(B -> B), p_value against A's
+    random circuits (null without them)."""
     testable: list[str]
     n_pairs: int
     n_transfer: int
     mean_share: float | None
     explanation: str
+    random: list[list[Band]] | None = None
+    """[A][B]: the changes of F_B under A's random circuits (null without random circuits)."""
+    significance: float | None = None
+    """The p-value a transfer needs (null without random circuits)."""
 
     def transfers(self, a: int, b: int) -> bool:
-        """Whether ablating category a's circuit measurably lowers category b's F."""
-        return transfers(self.ablation[a][b])
+        """Whether ablating category a's circuit measurably lowers category b's F (beyond chance, with random
+        circuits)."""
+        return transfers(self.ablation[a][b], self.significance)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,16 +164,20 @@ def cross_ablation(ablator: Ablator, samples: Sequence[PromptSample], refused: n
     candidates = candidate_mask({layer: ablator.means.live(layer) for layer in ablator.layers}, errors=False)
     shapes = {layer: m.shape for layer, m in candidates.items()}
     base = ablator.scores(chosen)
-    ablated, sources = [], []
+    ablated, randoms, sources = [], [], []
+    random_rng = np.random.default_rng([cfg.seed, 1])
     for circuit, scores in tqdm(items, desc=f"cross-ablating {method} circuits", unit="circuit"):
         ranking = ranked_nodes(scores, candidates)
         n, why = circuit_size(circuit.name, sizes, cfg.n_nodes, "cross_ablation", cfg.size)
         kept = node_mask(ranking[:n], shapes)
         ablated.append(ablator.scores(chosen, ablator.variant(kept, candidates, inside=False)))
+        randoms.append([ablator.scores(chosen, ablator.variant(random_mask(kept, candidates, random_rng), candidates,
+                                                                inside=False)) for _ in range(cfg.random_circuits)])
         sources.append(AblatedCircuit(circuit.category, circuit.name, min(n, len(ranking)), why,
                                       {layer: int(m.sum()) for layer, m in kept.items()}))
 
     matrix: list[list[Effect]] = [[] for _ in categories]
+    chance: list[list[Band]] = [[] for _ in categories]
     F_M = []
     for b, (obj, w, part) in enumerate(zip(objectives, weights, bounds)):
         F_M.append(interval(obj.value(base[part]), w @ base[part], cfg.confidence))
@@ -163,8 +185,13 @@ def cross_ablation(ablator: Ablator, samples: Sequence[PromptSample], refused: n
         own, own_resampled = measured[b]
         for a, (e, resampled) in enumerate(measured):
             e.share = share(own.change, own_resampled, e.change, resampled, cfg.confidence)
+            if cfg.random_circuits:
+                moved = np.array([obj.value(r[part]) - obj.value(base[part]) for r in randoms[a]])
+                e.p_value = p_below(e.change.value, moved)
+                chance[a].append(band(moved))
             matrix[a].append(e)
-    summary = transfer_summary(matrix)
+    significance = cfg.significance if cfg.random_circuits else None
+    summary = transfer_summary(matrix, significance)
     tested, pairs = summary.tested, summary.pairs
     if summary.mean_share is None:
         explanation = (f"Circuit cross-ablation ({method}): {len(tested)} of {len(categories)} categories' own "
@@ -173,10 +200,13 @@ def cross_ablation(ablator: Ablator, samples: Sequence[PromptSample], refused: n
         explanation = (f"Circuit cross-ablation ({method}): ablating one category's circuit removes on average "
                        f"{summary.mean_share:.0%} of another category's F drop under its own circuit, over the "
                        f"{len(pairs)} ordered pairs of the {len(tested)} categories whose own circuit measurably "
-                       f"lowers their F; {summary.n_transfer} of {len(pairs)} pairs lower F measurably.")
+                       f"lowers their F; {summary.n_transfer} of {len(pairs)} pairs lower F measurably"
+                       + (f" and beyond {cfg.random_circuits} random circuits of the ablated circuit's shape "
+                          f"(p <= {cfg.significance})." if significance else "."))
     return CrossAblationResult(method, target, asdict(cfg), categories, sources, [len(o.rows) for o in objectives],
                                F_M, matrix, [categories[b] for b in tested], len(pairs), summary.n_transfer,
-                               summary.mean_share, explanation)
+                               summary.mean_share, explanation, chance if cfg.random_circuits else None,
+                               significance)
 
 
 __all__ = ["AblatedCircuit", "CrossAblationConfig", "CrossAblationResult", "cross_ablation"]

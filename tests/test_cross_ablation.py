@@ -61,7 +61,8 @@ def hand_circuit(category: str, scheme, latents: list[int]) -> tuple[Circuit, No
             NodeScores("hand", LAYERS, scheme.node_classes, importance, None, None, 0))
 
 
-def matrix(root: Path, reads: dict[str, int], circuits: dict[str, list[int]]) -> CrossAblationResult:
+def matrix(root: Path, reads: dict[str, int], circuits: dict[str, list[int]], cfg: CrossAblationConfig = FAST
+           ) -> CrossAblationResult:
     """The cross-ablation of hand-built circuits (4 nodes each: the n_nodes fallback, as no evaluation exists)."""
     with single_thread():
         wrapper, splits, cache = category_run(root, reads, 64)
@@ -69,7 +70,7 @@ def matrix(root: Path, reads: dict[str, int], circuits: dict[str, list[int]]) ->
         means = encode_prompts(exact_saes(), PromptActivations(cache, ["discovery"]), scheme).means
         ablator = Ablator(wrapper, exact_saes(), means, RefusalMetric.from_wrapper(wrapper, METRIC), 8)
         items = [hand_circuit(c, scheme, latents) for c, latents in circuits.items()]
-        return cross_ablation(ablator, splits["evaluation"], None, items, {}, FAST, "toxic")
+        return cross_ablation(ablator, splits["evaluation"], None, items, {}, cfg, "toxic")
 
 
 def test_a_shared_circuit_transfers_and_category_specific_ones_do_not(tmp_path: Path) -> None:
@@ -94,6 +95,24 @@ def test_a_shared_circuit_transfers_and_category_specific_ones_do_not(tmp_path: 
     plot_cross_ablation(modular, layout.cross_ablation_png)
     again = from_json(CrossAblationResult, json.loads(layout.cross_ablation_json.read_text(encoding="utf-8")))
     assert to_json(again) == to_json(modular) and layout.cross_ablation_png.stat().st_size > 0
+
+
+def test_random_circuits_give_each_cell_its_chance_level(tmp_path: Path) -> None:
+    """With 19 random circuits of each circuit's shape: the shared circuit lowers both categories' F beyond every
+    random one (p = 1/20, the floor) and still transfers; a circuit of latents no head reads (alpha's here) moves F
+    no more than chance, so it transfers nowhere, not even to its own category, which is then untestable."""
+    cfg = CrossAblationConfig(n_nodes=4, bootstrap=200, random_circuits=19, significance=0.05)
+    result = matrix(tmp_path, {"alpha": 0, "beta": 0}, {"alpha": [NEUTRAL, NEUTRAL + 1], "beta": [0, NEUTRAL]}, cfg)
+    assert result.significance == 0.05 and len(result.random) == 2 and len(result.random[0]) == 2
+    for b in range(2):
+        assert result.ablation[1][b].p_value == pytest.approx(1 / 20) and result.transfers(1, b)
+        chance = result.random[1][b]
+        assert chance.max < 0.5 * abs(result.ablation[1][b].change.value)  # random 4-node circuits barely move F
+        assert not result.transfers(0, b) and result.ablation[0][b].p_value > 0.05
+    assert result.testable == ["beta"] and result.mean_share is None
+    assert "beyond 19 random circuits" not in result.explanation  # no pairs to summarise: says why instead
+    plain = matrix(tmp_path / "plain", {"alpha": 0, "beta": 0}, {"alpha": [NEUTRAL, NEUTRAL + 1], "beta": [0, NEUTRAL]})
+    assert plain.random is None and plain.ablation[1][0].p_value is None
 
 
 def test_the_default_size_is_where_the_category_reaches_faithfulness_0_8() -> None:
