@@ -488,22 +488,29 @@ def protocol_line(stamp: Mapping[str, Any] | None) -> str:
 
 
 def format_summary(summary: Summary) -> str:
-    """A few lines per method: what there is to explain, when the circuit suffices, CPR, and the verdict."""
+    """What the analysis can claim, a few lines per method: per circuit what there is to explain, or "nothing
+    measurable" / "negative"; the sizes whose faithfulness interval reaches 0.5 / 0.8; CPR; sanity. A verdict only
+    where it is supported (`verdict_line`); the overlap and transfer labels as descriptions."""
     lines = [f"circuits in {summary.directory}", protocol_line(summary.protocol)]
     for method, m in summary.methods.items():
         lines.append(f"{method}: F(M)-F(empty) [95% CI] | nodes whose faithfulness interval lies above 0.5 / 0.8, of all "
                      "| CPR | sanity")
         for name, r in m.circuits.items():
+            if r.span.low <= 0:
+                what = "negative" if r.span.high < 0 else "nothing measurable"
+                lines.append(f"  {name:<24} {what}: F(M)-F(empty) = {_ci(r.span)}")
+                continue
             reach = " / ".join("-" if v is None else str(v) for v in r.reaches.values())
             line = (f"  {name:<24} {_ci(r.span)} | {reach} of {r.n_candidates} | {_ci(r.cpr, 'n/a')} | "
                     f"{sanity_word(r.sanity_passed)}")
             lines.append(line + (f"  ({r.note})" if r.note else ""))
         if m.verdict_explanation:
-            lines.append(f"  {m.verdict_explanation}")
+            lines.append(f"  overlap at the discovery threshold (describes, decides nothing): {m.verdict_explanation}")
         if m.ceiling_verdict:
             lines.append(f"  split-half ceiling: {m.ceiling_verdict} ({m.ceiling_explanation})")
+        lines.append(f"  {verdict_line(m, summary.directions)}")
     if summary.directions is not None:
-        lines.append(f"directions: {summary.directions.verdict_explanation}")
+        lines.append(f"directions (transfer share; describes, decides nothing): {summary.directions.verdict_explanation}")
         if summary.directions.ceiling_verdict:
             lines.append(f"  split-half ceiling: {summary.directions.ceiling_verdict} "
                          f"({summary.directions.ceiling_explanation})")
@@ -512,6 +519,28 @@ def format_summary(summary: Summary) -> str:
         for category, rows in categories.items():
             lines.append(f"  {category:<24} " + " | ".join(_answers(rows)))
     return "\n".join(lines)
+
+
+def verdict_line(method: MethodSummary, directions: DirectionsSummary | None) -> str:
+    """"verdict: ..." from the method's split-half ceiling, beside the directions' ceiling, where at least two of its
+    circuits pass the evaluation (a measurably positive F(M) - F(∅), faithfulness 0.8 reached by the interval's
+    lower bound, no failed check) and both ceilings ran; otherwise "no verdict is supported", and why."""
+    passing = [n for n, r in method.circuits.items()
+               if r.span.low > 0 and r.reaches.get("0.8") is not None and r.sanity_passed is not False]
+    why = []
+    if len(passing) < 2:
+        why.append(f"{len(passing)} of {len(method.circuits)} circuits pass the evaluation (a measurable effect, "
+                   "faithfulness 0.8 by the interval's lower bound, no failed check) and a comparison needs two")
+    if method.ceiling_verdict is None:
+        why.append("the split-half ceiling did not run (analysis.ceiling.enabled)")
+    if directions is None or directions.ceiling_verdict is None:
+        why.append("the refusal directions' split-half ceiling did not run (analysis.directions.enabled and "
+                   "analysis.ceiling.enabled), and a circuit verdict stands only beside theirs")
+    if why:
+        return "no verdict is supported: " + "; ".join(why)
+    agree = "they agree" if method.ceiling_verdict == directions.ceiling_verdict else "they disagree: no single answer"
+    return (f"verdict: {method.ceiling_verdict} by the split-half ceiling over {len(passing)} passing circuits, "
+            f"beside the refusal directions' {directions.ceiling_verdict}; {agree}")
 
 
 def _answers(rows: Sequence[AnswersSummary]) -> list[str]:

@@ -40,6 +40,7 @@ from refusal_sae.analysis import (
     run_analysis,
 )
 from refusal_sae.errors import UserError
+from refusal_sae.io import from_json
 from refusal_sae.layout import RunLayout
 from refusal_sae.protocol import departures, read_protocol
 from refusal_sae.sae_io import load_sae
@@ -236,6 +237,9 @@ def analyze(args: list[str]) -> None:
                         help="New analysis directory under <run_dir>/analysis (default: analyze_<stage>_<n>).")
     parser.add_argument("--source", type=str, default="latest",
                         help="The analysis whose discovery a stage after discover uses (default: the newest).")
+    parser.add_argument("--resume", type=str, default=None,
+                        help="Finish the interrupted analysis of this name, as it was started (give no other option "
+                             "but --run_dir): finished circuits are read back, not recomputed.")
     parser.add_argument("--protocol", type=str, default=None,
                         help="A protocol file (configs/protocols/*.yaml): its analysis options apply, no other option "
                              "may depart from them, and every record carries its stamp.")
@@ -248,6 +252,9 @@ def analyze(args: list[str]) -> None:
         raise UserError(f"analyze: {' '.join(str(e).split())} (options: python -m refusal_sae analyze --help)") from e
     run = RunLayout(pre.run_dir)
     fitted = _fitted(run)
+    if getattr(pre, "resume", None):
+        _resume(args, run, fitted, pre.resume)
+        return
     stamp, fixed = read_protocol(pre.protocol) if getattr(pre, "protocol", None) else (None, {})
     defaults = _merged(_analysis_defaults(fitted), fixed)
     parser.set_defaults({"analysis": defaults} if defaults else {})
@@ -269,7 +276,8 @@ def analyze(args: list[str]) -> None:
                            if not (run.analysis_root / f"analyze_{ns.stage}_{i}").exists())
     out = run.analysis(name)
     if out.root.exists():
-        raise UserError(f"{out.root} exists already; give analyze another --name (analyses are never overwritten)")
+        raise UserError(f"{out.root} exists already; give analyze another --name (analyses are never overwritten), "
+                        f"or finish an interrupted one with --resume {name}")
     source = run.analysis(ns.source) if ns.source != "latest" else run.latest
     if stages[0] != "discover" and not source.root.exists():
         raise UserError(f"{source.root} not found: the run has no analysis to take circuits from; run analyze "
@@ -278,10 +286,35 @@ def analyze(args: list[str]) -> None:
         raise UserError(f"--source {source.name}: made under protocol {protocol_label(source.protocol)}, this "
                         f"analysis under {protocol_label(theirs)}; take circuits from an analysis under the same "
                         "protocol (or run --stage all)")
+    out.root.mkdir(parents=True)
     if stamp is not None:
-        out.root.mkdir(parents=True)
         out.write_protocol(stamp)
+    out.write_invocation(stages, source.root.resolve().name, cfg)
     summary = run_analysis(_inputs(run, fitted, cfg), out, cfg, stages, source)
+    out.mark_complete()
+    print(format_summary(summary))
+
+
+def _resume(args: list[str], run: RunLayout, fitted: dict, name: str) -> None:
+    """Finish analysis `name` as `analyze` started it: its stages, source and options from `invocation.json`; a
+    discovery it finished is kept (a later stage reads it from there), each circuit evaluated already is read
+    back by the evaluation, the rest runs."""
+    extra = sorted({option for option, _ in _options(args) if option.startswith("--")} - {"--run_dir", "--resume"})
+    if extra:
+        raise UserError(f"analyze --resume {name}: {', '.join(extra)} given; an analysis is finished as it was "
+                        "started, so give only --run_dir and --resume (or start a new analysis with --name)")
+    out = run.analysis(name)
+    if not out.root.is_dir():
+        raise UserError(f"analyze --resume: {out.root} not found; give the --name of an analysis analyze started")
+    if out.complete:
+        raise UserError(f"analyze --resume: {out.root} is complete already; start a new analysis with --name")
+    invocation = out.read_invocation()
+    cfg = from_json(AnalysisConfig, invocation["analysis"])
+    stages, source = invocation["stages"], run.analysis(invocation["source"])
+    if (out.root / "discovery.json").is_file():  # discovery done (or copied): every later stage takes it from here
+        stages, source = [s for s in stages if s != "discover"], out
+    summary = run_analysis(_inputs(run, fitted, cfg), out, cfg, stages, source)
+    out.mark_complete()
     print(format_summary(summary))
 
 

@@ -73,7 +73,8 @@ RECORD_VERSION = 5
 sanity check around the smallest faithful circuit; 3: each check pass / fail / not applicable, and `passed`
 None when no check applied; 4: `reaches` by the interval's lower bound, the point estimate's in `reaches_point`,
 and each point's one-sided p against its random circuits; 5: the interval method named (`intervals`: BCa by
-default), dropped resamples counted, MIB's log-axis CPR / CMD beside the linear ones, and the splice check)."""
+default), dropped resamples counted, MIB's log-axis CPR / CMD beside the linear ones, the splice check, and no ratios
+where F(M) - F(∅) is negative)."""
 MIN_AREA_POINTS = 8
 REACH = (0.5, FAITHFUL)
 PREFIX_TOLERANCE = 0.05
@@ -418,10 +419,12 @@ def _curve(run: _Run, scope: str, layers: list[str], mode: str, ranking: list[tu
     prefix = f"{mode}/{scope}"
     empty = run.F(run(f"{prefix}/empty", ablator.variant(none, candidates, layers)))
     span = run.interval((model[0] - empty[0], model[1] - empty[1]))
-    defined = span.excludes_zero()
+    defined = span.low > 0
     note = None if defined else (
-        f"F(M) - F(∅) = {span.format('.4g')}: its interval contains 0, so "
-        "faithfulness and completeness are undefined")
+        f"F(M) - F(∅) = {span.format('.4g')}: its interval contains 0, so faithfulness and completeness are "
+        "undefined" if span.high >= 0 else
+        f"F(M) - F(∅) = {span.format('.4g')} is negative: ablating every candidate raises F, so there is no refusal "
+        "for a circuit to explain; faithfulness and completeness are undefined")
     n_total = len(ranking)
     points, faith_points, at_size = [], [], {}
     positions = ablator.scheme.node_classes
@@ -524,9 +527,9 @@ def _sanity(run: _Run, cfg: EvaluationConfig, main: Curve, ranking: Sequence[tup
         if prefix_check == "fail":
             notes.append(f"ablating the shared prefix moved a score by {prefix_change:.3g} > {PREFIX_TOLERANCE}: "
                          "the prefix is not shared, or the means are off")
-    excludes = main.span.excludes_zero()
+    excludes, positive = main.span.excludes_zero(), main.span.low > 0
     splice = None
-    if excludes:
+    if positive:
         f_model = run.obj.value(model)
         splice = {layer: abs(run.obj.value(run(f"sanity/splice/{layer}", ablator.splice(layer))) - f_model)
                   / abs(main.span.value) for layer in ablator.layers}
@@ -538,9 +541,9 @@ def _sanity(run: _Run, cfg: EvaluationConfig, main: Curve, ranking: Sequence[tup
     size = next((p.n_nodes for p in main.points if p.faithfulness is not None and p.n_nodes < main.n_candidates
                  and p.faithfulness.value >= SANITY_FAITHFULNESS), None)
     random_change = relative = None
-    if not excludes:
-        notes.append("the interval of F(M) - F(∅) contains 0: nothing measurable to explain, the random and "
-                     "splice checks do not apply")
+    if not positive:
+        notes.append(("the interval of F(M) - F(∅) contains 0: nothing measurable to explain" if not excludes else
+                      "F(M) - F(∅) is negative: no refusal to explain") + ", the random and splice checks do not apply")
     elif size is None:
         notes.append(f"no circuit below all {main.n_candidates} candidates reaches faithfulness "
                      f"{SANITY_FAITHFULNESS}: the random check does not apply")

@@ -10,6 +10,8 @@
                                                               given to `analyze`); `latest` links the newest
         protocol.json                                         the protocol's stamp (refusal_sae.protocol), if any;
                                                               every JSON record below carries it as "protocol"
+        invocation.json, complete                             what `analyze` was asked to do (`--resume` reads it),
+                                                              and the marker it writes when it has done it
         means.safetensors                                     ablation means per node (features.NodeMeans)
         discovery.json                                        config, position scheme, circuits per method
         <method>/circuits/<circuit>.json, .graphml            the circuit at the method's threshold
@@ -401,6 +403,29 @@ class AnalysisLayout:
         """Stamp a new analysis with its protocol before any stage writes a record."""
         write_json(self.protocol_json, to_json(stamp))
 
+    @property
+    def invocation_json(self) -> Path:
+        return self.root / "invocation.json"
+
+    def write_invocation(self, stages: list[str], source: str, analysis: Any) -> None:
+        """What `analyze` was asked to do (stages, source analysis, every option), before any stage runs: all
+        `--resume` needs to finish it."""
+        write_json(self.invocation_json, {"stages": stages, "source": source, "analysis": to_json(analysis)})
+
+    def read_invocation(self) -> dict[str, Any]:
+        return read_json(self.invocation_json, "record of what analyze was asked to do",
+                         "it was not started by `analyze` (or by a version before --resume); delete it, or give "
+                         "another --name")
+
+    @property
+    def complete(self) -> bool:
+        """`analyze` finished this analysis (its marker exists)."""
+        return (self.root / "complete").is_file()
+
+    def mark_complete(self) -> None:
+        with atomic_open(self.root / "complete", "w", encoding="utf-8") as f:
+            f.write("")
+
     def method(self, method: str) -> MethodLayout:
         return MethodLayout(self.root / method, self.protocol)
 
@@ -426,7 +451,7 @@ class AnalysisLayout:
     def copy_discovery(self, source: AnalysisLayout) -> None:
         """Take another analysis's discovery (means, record, circuits, scores, similarity) and refusal directions
         as this one's."""
-        if self.root.exists() and any(p != self.protocol_json for p in self.root.iterdir()):
+        if self.root.exists() and any(p not in (self.protocol_json, self.invocation_json) for p in self.root.iterdir()):
             raise UserError(f"{self.root} exists already; give analyze another --name (analyses are never overwritten)")
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source.means_path, self.means_path)

@@ -5,6 +5,7 @@ annotated heatmap panel."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,20 +47,41 @@ def _series(curve: Curve, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return tuple(np.array(a, dtype=float) for a in (x, v, lo, hi))  # type: ignore[return-value]
 
 
-def plot_curves(results: Mapping[str, Sequence[CircuitEvaluation]], path: Path) -> None:
-    """Per circuit, for each method: faithfulness (solid) and completeness (dashed) of the all-layer curves
-    with 95% intervals, the random circuits' faithfulness band (grey), per-layer faithfulness (thin)."""
+def _effect_word(r: CircuitEvaluation) -> str | None:
+    """None where the circuit's first curve has a measurable positive F(M) - F(∅), else what it has instead."""
+    span = r.curves[0].span if r.curves else None
+    if span is not None and span.low > 0:
+        return None
+    return "negative F(M) - F(∅)" if span is not None and span.high < 0 else "nothing measurable"
+
+
+def plot_curves(results: Mapping[str, Sequence[CircuitEvaluation]], path: Path) -> list[str]:
+    """Per circuit with a measurable effect, for each method: faithfulness (solid) and completeness (dashed) of the
+    all-layer curves with 95% intervals, the random circuits' faithfulness band (grey), per-layer faithfulness
+    (thin). Circuits without one (F(M) - F(∅)'s interval contains 0, or lies below it) get no panel, only their
+    name in the figure's note: an empty axis or a curve of a negative effect would show what was not measured.
+    Returns the circuits drawn."""
     names = list(dict.fromkeys(r.name for rs in results.values() for r in rs))
     if not names:
-        return
-    cols = min(len(names), 4)
-    rows = -(-len(names) // cols)
-    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
+        return []
+    words = {name: {m: _effect_word(r) for m, rs in results.items() for r in rs if r.name == name} for name in names}
+    shown = [n for n in names if any(w is None for w in words[n].values())]
+    skipped = [f"{n} ({', '.join(sorted(set(words[n].values())))})" for n in names if n not in shown]
+    note = "no panel, as F(M) - F(∅) is not measurably positive: " + "; ".join(skipped) if skipped else None
+    cols = max(1, min(len(shown), 4))
+    rows = max(1, -(-len(shown) // cols))
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows + (0.4 if note else 0)), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, name in zip(axes, names):
+    if note:
+        fig.suptitle(textwrap.fill(note, 40 * cols), fontsize=8, color="darkred")
+    for ax, name in zip(axes, shown):
         for method, rs in results.items():
             r = next((r for r in rs if r.name == name), None)
             if r is None:
+                continue
+            if words[name][method] is not None:
+                ax.text(0.02, 0.9 - 0.1 * list(results).index(method), f"{method}: {words[name][method]}",
+                        transform=ax.transAxes, fontsize=7, color="darkred")
                 continue
             colour = COLOURS.get(r.method, "tab:purple")
             for curve in r.curves:
@@ -79,19 +101,18 @@ def plot_curves(results: Mapping[str, Sequence[CircuitEvaluation]], path: Path) 
                     bx = [n for n, _ in band]
                     ax.fill_between(bx, [b.min for _, b in band], [b.max for _, b in band], color="grey", alpha=0.25,
                                     lw=0, label=f"random circuits ({curve.error_mode}) faithfulness")
-            if r.curves and r.curves[0].ratio_note:
-                ax.text(0.02, 0.5, "ratios undefined:\nF(M) - F(∅) not\ndistinguishable from 0",
-                        transform=ax.transAxes, fontsize=7, color="darkred")
         if any(len(line.get_xdata()) for line in ax.get_lines()):
             ax.set_xscale("log")  # a circuit whose ratios are all undefined has no point to scale
         ax.axhline(1, color="grey", lw=0.5)
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("nodes in circuit")
-    for ax in axes[len(names):]:
+    for ax in axes[len(shown):]:
         ax.set_visible(False)
-    axes[0].legend(fontsize=5)
+    if shown:
+        axes[0].legend(fontsize=5)
     _save(fig, path, 100)
+    return shown
 
 
 def annotated_heatmap(ax: Any, values: np.ndarray, texts: Sequence[Sequence[str]], rows: Sequence[str],

@@ -17,6 +17,7 @@ from refusal_sae.analysis import (
     AnalysisInputs,
     format_summary,
     run_analysis,
+    verdict_line,
 )
 from refusal_sae.attribution import AttributionConfig
 from refusal_sae.ceiling import (
@@ -39,10 +40,11 @@ from refusal_sae.discovery import (
 )
 from refusal_sae.errors import UserError
 from refusal_sae.features import encode_prompts
-from refusal_sae.layout import RunLayout
+from refusal_sae.layout import CircuitSummary, DirectionsSummary, MethodSummary, RunLayout
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.positions import position_scheme
 from refusal_sae.similarity import SimilarityConfig
+from refusal_sae.stats import Interval
 from refusal_sae.validity import ValidityConfig
 from tests.conftest import single_thread
 from tests.planted import (
@@ -166,6 +168,31 @@ def test_the_ceiling_stage_writes_its_record_and_a_later_process_gets_the_same(t
         assert s.directions.ceiling_verdict == "monolithic"
         assert "split-half ceiling: monolithic (at 4 nodes" in format_summary(s)
         assert "split-half ceiling: monolithic (R_directions = " in format_summary(s)
+        # both ceilings ran, but no circuit was evaluated: nothing passed the evaluation, so no verdict
+        assert "no verdict is supported: 0 of 0 circuits pass the evaluation" in format_summary(s)
+
+
+def test_a_verdict_is_printed_only_from_passing_circuits_beside_the_directions() -> None:
+    """Two circuits with a measurable effect that reach faithfulness 0.8 (by the lower bound) and fail no check,
+    both ceilings run: the verdict, beside the directions' (agreeing or not). One passing circuit, a missing
+    directions ceiling: no verdict, each reason said."""
+    def circuit(low: float, reach: int | None, passed: bool | None = True) -> CircuitSummary:
+        return CircuitSummary(Interval(1.0, 0.5, 1.5), Interval(low + 0.5, low, low + 1.0), "keep", 100,
+                              {"0.5": reach, "0.8": reach}, None, None, None, passed)
+
+    def method(*circuits: CircuitSummary) -> MethodSummary:
+        return MethodSummary({f"c{i}": c for i, c in enumerate(circuits)}, None, None, "hybrid", "R = 0.5")
+
+    directions = DirectionsSummary("residuals_1", "-1", "monolithic", None, None, None, "x", "hybrid", "R = 0.4")
+    assert verdict_line(method(circuit(0.2, 10), circuit(0.1, 40), circuit(-1.0, None)), directions) == (
+        "verdict: hybrid by the split-half ceiling over 2 passing circuits, beside the refusal directions' hybrid; "
+        "they agree")
+    other = DirectionsSummary("residuals_1", "-1", "monolithic", None, None, None, "x", "monolithic", "R = 0.9")
+    assert verdict_line(method(circuit(0.2, 10), circuit(0.1, 40)), other).endswith("they disagree: no single answer")
+    line = verdict_line(method(circuit(0.2, 10), circuit(0.1, 40, passed=False), circuit(0.3, None)),
+                        DirectionsSummary("residuals_1", "-1", "monolithic", None, None, None, "x"))
+    assert line.startswith("no verdict is supported: 1 of 3 circuits pass the evaluation")
+    assert "refusal directions' split-half ceiling did not run" in line
 
 
 def direction_ceilings(root: Path, reads: dict[str, int]) -> DirectionCeiling:

@@ -6,6 +6,9 @@ import csv
 import hashlib
 import json
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -434,7 +437,8 @@ def test_analyze_under_a_protocol_stamps_every_record_and_refuses_departures(
     done = analyze("--stage", "evaluate", "--name", "p_evaluate", "--source", "p_discover")
     assert done.returncode == 0, done.stderr
     out = run.analysis("p_evaluate")
-    records = [p for p in out.root.rglob("*.json") if p.parent.name != "circuits" and p.name != "protocol.json"]
+    records = [p for p in out.root.rglob("*.json")
+               if p.parent.name != "circuits" and p.name not in ("protocol.json", "invocation.json")]
     assert {p.name for p in records} >= {"discovery.json", "summary.json"} and len(records) > 10
     for path in records:
         assert json.loads(path.read_text(encoding="utf-8"))["protocol"]["sha256"] == sha, path
@@ -447,3 +451,46 @@ def test_analyze_under_a_protocol_stamps_every_record_and_refuses_departures(
     protocol.write_text(text.replace("version: 1", "version: 2"), encoding="utf-8")  # another protocol now
     other = one_line_error(analyze("--stage", "evaluate", "--name", "p_v2", "--source", "p_discover"))
     assert "made under protocol tiny v1" in other and "this analysis under tiny v2" in other
+
+
+@pytest.mark.slow
+def test_an_interrupted_analysis_is_finished_by_resume_as_if_never_stopped(
+    capsys: pytest.CaptureFixture[str], tiny_run
+) -> None:
+    """`analyze` killed (SIGKILL) after its first circuit's record: `--resume` finishes it from its own record of
+    what it was asked (no option may be given again), reads the finished records back untouched, and ends with the
+    same records, byte for byte, as an analysis never interrupted; a complete one is not resumed."""
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    run = RunLayout(run_dir)
+    options = ["--stage", "evaluate", "--source", run.epoch(2).name, "--analysis.evaluation.random_circuits", "20",
+               "--analysis.evaluation.n_sizes", "12"]
+    out = run.analysis("stopped")
+    process = subprocess.Popen([sys.executable, "-m", "refusal_sae", "analyze", "--run_dir", str(run_dir),
+                                "--name", "stopped", *options], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    records = out.root / "correlation" / "evaluation"
+    deadline = time.monotonic() + 300
+    while not list(records.glob("*.json")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.kill()
+    assert process.wait() != 0, "the analysis finished before it could be interrupted"
+    first = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
+    assert 1 <= len(first) < 10 and not out.complete
+    refused = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--resume", "stopped",
+                                            "--stage", "all"))
+    assert "--stage given; an analysis is finished as it was started" in refused
+    done = cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--resume", "stopped")
+    assert done.returncode == 0, done.stderr
+    assert out.complete and len(list(records.glob("*.json"))) == 10
+    assert {name: (records / name).stat().st_mtime_ns for name in first} == first  # read back, not rewritten
+    fresh = cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--name", "unstopped", *options)
+    assert fresh.returncode == 0, fresh.stderr
+    for path in records.iterdir():
+        assert path.read_bytes() == (run.analysis("unstopped").root / "correlation" / "evaluation" / path.name
+                                     ).read_bytes(), path.name
+    again = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--resume", "stopped"))
+    assert "is complete already" in again
+    exists = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--name", "stopped",
+                                           *options))
+    assert "--resume stopped" in exists

@@ -166,4 +166,5 @@ def test_the_stage_runs_in_the_analysis_and_its_record_round_trips(modular, tmp_
     assert second.directions.png.read_bytes()[:4] == b"\x89PNG"
     assert set(second.directions.read_vectors()) == {f"{n}.{layer}" for n in result.names for layer in LAYERS}
     assert "refusal directions" in (second.root / "summary.md").read_text()
-    assert "directions: Refusal directions look modular" in format_summary(summary)
+    assert "directions (transfer share; describes, decides nothing): Refusal directions look modular" in (
+        format_summary(summary))

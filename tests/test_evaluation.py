@@ -232,8 +232,28 @@ def test_no_label_effect_gives_null_ratios_with_a_reason(template, tmp_path: Pat
     record, _ = evaluate(ablator, relabelled, planted_ranking(scheme, "all"), sizes=[6], target="contrast")
     assert (record.sanity.prefix_check, record.sanity.random_check) == ("not applicable", "not applicable")
     assert record.sanity.passed is None and sanity_word(record.sanity.passed) == "not tested"
-    plot_curves({"planted": [record]}, tmp_path / "curves.png")  # a panel without a point still draws
+    assert plot_curves({"planted": [record]}, tmp_path / "curves.png") == []  # no panel: a note says why
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_negative_effect_is_reported_as_such_never_as_a_curve(template, tmp_path: Path) -> None:
+    """Labels swapped, the contrast F(M) - F(∅) lies below 0: no faithfulness, completeness or CPR (a ratio of a
+    negative span would read as a circuit explaining refusal), a note saying it is negative, the random and
+    splice checks not applicable; the curves figure draws only the circuit with a measurable positive effect."""
+    _, splits, _ = template
+    scheme, _, ablator = setup(template, "positional")
+    swapped = [PromptSample(s.prompt, "swapped", not s.refusal_label, s.dataset_type, s.original_source)
+               for s in splits["evaluation"]]
+    record, _ = evaluate(ablator, swapped, planted_ranking(scheme, "-1"), sizes=[6], target="contrast")
+    curve = record.curves[0]
+    assert curve.span.high < 0 and "is negative" in curve.ratio_note
+    assert all(p.faithfulness is None and p.completeness is None for p in curve.points)
+    assert curve.cpr is None and curve.cpr_log is None and curve.reaches == {"0.5": None, "0.8": None}
+    assert record.sanity.random_check == record.sanity.splice_check == "not applicable"
+    assert any("no refusal to explain" in n for n in record.sanity.notes)
+    positive, _ = evaluate(ablator, splits["evaluation"], planted_ranking(scheme, "-1"), sizes=[6], target="contrast")
+    swapped_record = CircuitEvaluation(**{**record.__dict__, "name": "swapped"})
+    assert plot_curves({"planted": [positive, swapped_record]}, tmp_path / "curves.png") == ["alpha"]
 
 
 def test_template_latent_does_not_enter_a_positional_correlation_circuit(template, tmp_path: Path) -> None:
