@@ -377,7 +377,7 @@ def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluat
     return Summary(str(out.root), methods, DirectionsSummary(
         directions.selection.layer, directions.selection.position, v.label, v.mean_share, v.p_value,
         v.global_share, v.explanation, directions_ceiling and directions_ceiling.verdict,
-        directions_ceiling and directions_ceiling.reason), answers, out.protocol)
+        directions_ceiling and directions_ceiling.reason, directions.orthogonal_summary), answers, out.protocol)
 
 
 def summary_tables(results: Mapping[str, Sequence[CircuitEvaluation]], directions: DirectionsResult | None,
@@ -468,7 +468,8 @@ def directions_table(result: DirectionsResult, edits: Mapping[str, CategoryEdits
                      f"{_ci(result.ablation[own][b].score)} | {_ci(result.ablation[0][b].share)} | "
                      f"{band.mean:.2f} ± {band.sd:.2f} | {_ci(r.safe)} | {_ci(result.addition[own][b].score)} |"
                      + (f" {direction_answers((edits or {}).get(r.category))} |" if answers else ""))
-    return "\n".join([*lines, "", result.verdict.explanation, ""])
+    own_parts = [result.orthogonal_summary] if result.orthogonal_summary else []
+    return "\n".join([*lines, "", result.verdict.explanation, *own_parts, ""])
 
 
 def sanity_word(passed: bool | None) -> str:
@@ -511,6 +512,8 @@ def format_summary(summary: Summary) -> str:
         lines.append(f"  {verdict_line(m, summary.directions)}")
     if summary.directions is not None:
         lines.append(f"directions (transfer share; describes, decides nothing): {summary.directions.verdict_explanation}")
+        if summary.directions.orthogonal:
+            lines.append(f"  {summary.directions.orthogonal}")
         if summary.directions.ceiling_verdict:
             lines.append(f"  split-half ceiling: {summary.directions.ceiling_verdict} "
                          f"({summary.directions.ceiling_explanation})")

@@ -37,13 +37,23 @@ Effects, on the evaluation split, per category B, with paired bootstrap interval
                      has (per resample, from the same prompts; null when change(B -> B)'s interval contains 0)
     random         K isotropic random directions ablated the same way: change(k -> B), the chance level of an
                    ablation (which reads only a direction's unit vector, so any norm is "the same norm").
+    permuted       with `permuted_directions`, P more null directions from the data: the difference of means of
+                   the discovery prompts at the chosen site with the labels shuffled within each category, each
+                   ablated the same way (a direction of the residuals' own spread, unlike an isotropic one).
+    orthogonal     each category's direction minus its projection on the global one, s_c = r_c - (r_c . g) g
+                   (g = r / |r|), ablated on every category's toxic prompts: what a category's own part does,
+                   without the shared part that every category direction contains. The shared part can make
+                   every category direction remove every category's refusal (a monolithic share) while the own
+                   parts act only on their own category (modular in what is specific).
 
 Verdict
     p(A -> B) = (1 + #{k: change(k -> B) <= change(A -> B)}) / (1 + K): how many random directions lower B's
     refusal as much. A pair transfers when change(A -> B)'s interval lies below 0 and p(A -> B) <= significance.
     B is testable when its own direction transfers to itself (B -> B). Over the ordered pairs (A, B) of distinct
-    testable categories, S = mean share(A -> B); each random direction k gives S_k = mean over those pairs of
-    change(k -> B) / change(B -> B), and p = (1 + #{k: S_k >= S}) / (1 + K). The label is
+    testable categories, S = mean share(A -> B), with a bootstrap interval (the pairs' shares per resample, B's
+    prompts resampled); each random direction k gives S_k = mean over those pairs of change(k -> B) /
+    change(B -> B), and p = (1 + #{k: S_k >= S}) / (1 + K); with permuted-label directions the same p over them,
+    and the verdict's p is the larger of the two. The label is
         undetermined  fewer than two testable categories, or p > significance while S > modular_below
                       (random directions remove as much: nothing to tell);
         modular       S <= modular_below: a category's direction leaves the other categories' refusal;
@@ -87,7 +97,12 @@ from refusal_sae.stats import (
     transfer_summary,
     transfers,
 )
-from refusal_sae.validate import fraction, positive_int, statistics_options
+from refusal_sae.validate import (
+    fraction,
+    non_negative_int,
+    positive_int,
+    statistics_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +127,9 @@ class DirectionsConfig:
     """Share of each category's toxic and of its safe discovery prompts held out to choose the layer and position."""
     random_directions: int = 20
     """Random directions ablated for the chance level; a p-value is at least 1 / (1 + this)."""
+    permuted_directions: int = 0
+    """Null directions from the discovery prompts with the labels shuffled within each category, ablated like the
+    random ones: a second chance level, from the residuals' own spread (0: none)."""
     significance: float = 0.05
     """p-value level of a pair's transfer and of the verdict against the random directions."""
     monolithic_above: float = 0.5
@@ -133,6 +151,10 @@ class DirectionsConfig:
                             "or null for every cached layer")
         fraction("directions.selection_fraction", self.selection_fraction, 0.1)
         positive_int("directions.random_directions", self.random_directions, 20)
+        non_negative_int("directions.permuted_directions", self.permuted_directions, 19)
+        if self.permuted_directions and 1 / (1 + self.permuted_directions) > self.significance:
+            raise UserError(f"directions.permuted_directions: {self.permuted_directions} cannot give p <= "
+                            f"{self.significance}; give 0 or at least {math.ceil(1 / self.significance) - 1}")
         statistics_options("directions", self)
         if 1 / (1 + self.random_directions) > self.significance:
             raise UserError(f"directions.random_directions: {self.random_directions} random directions cannot give "
@@ -200,9 +222,15 @@ class DirectionsVerdict:
     mean_share: float | None
     mean_random_share: float | None
     p_value: float | None
+    """Against the random directions (and, with them, the permuted-label ones: the larger p)."""
     global_share: float | None
     """Mean over testable categories of the share of their own direction's effect the global direction has."""
     explanation: str
+    share_interval: Interval | None = None
+    """S with its bootstrap interval (null with fewer than two testable categories)."""
+    p_random: float | None = None
+    p_permuted: float | None = None
+    """S against the permuted-label directions (null without them)."""
 
 
 @dataclass
@@ -222,6 +250,11 @@ class DirectionsResult:
     """[direction][category]: added, on the category's held-out safe prompts."""
     per_category: list[CategoryDirections]
     verdict: DirectionsVerdict
+    orthogonal: list[list[Effect]] | None = None
+    """[category a][category b]: a's direction minus its projection on the global one, ablated on b's held-out toxic
+    prompts (p_value against the random directions; share: of b's own orthogonal component's change)."""
+    orthogonal_summary: str | None = None
+    """What the own parts do to their own category and to the others, in a sentence."""
 
     def transfers(self, a: int, b: int) -> bool:
         """Whether ablating direction `a` measurably lowers category `b`'s refusal, beyond the random directions."""
@@ -375,10 +408,12 @@ def select_site(wrapper: ModelWrapper, metric: RefusalMetric, directions: Mappin
 
 
 def direction_verdict(categories: Sequence[str], cross: Sequence[Sequence[Effect]], global_row: Sequence[Effect],
-                      random: np.ndarray, cfg: DirectionsConfig) -> DirectionsVerdict:
+                      random: np.ndarray, cfg: DirectionsConfig, resampled: np.ndarray | None = None,
+                      permuted: np.ndarray | None = None) -> DirectionsVerdict:
     """The label of the module docstring from the category rows of the ablation matrix (`cross[a][b]`: category
-    a's direction on category b's prompts), the global direction's row, and the random directions' mean changes
-    (K, categories)."""
+    a's direction on category b's prompts), the global direction's row, the random directions' mean changes
+    (K, categories), the cells' resampled changes (categories, categories, resamples) for S's interval, and the
+    permuted-label directions' mean changes (P, categories)."""
     own = [cross[b][b] for b in range(len(categories))]
     summary = transfer_summary(cross, cfg.significance)
     tested, pairs = summary.tested, summary.pairs
@@ -390,7 +425,16 @@ def direction_verdict(categories: Sequence[str], cross: Sequence[Sequence[Effect
                                  "and below random directions), and a comparison needs two.")
     random_shares = np.mean([random[:, b] / own[b].change.value for b in tested], axis=0)
     mean, chance, moved = summary.mean_share, float(random_shares.mean()), summary.n_transfer
-    p = p_above(mean, random_shares)
+    p_random = p = p_above(mean, random_shares)
+    p_permuted = None
+    if permuted is not None and len(permuted):
+        p_permuted = p_above(mean, np.mean([permuted[:, b] / own[b].change.value for b in tested], axis=0))
+        p = max(p, p_permuted)
+    spread = None
+    if resampled is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_resample = np.mean([resampled[a, b] / resampled[b, b] for a, b in pairs], axis=0)
+        spread = interval(mean, per_resample, cfg.confidence)
     global_share = float(np.mean([global_row[b].change.value / own[b].change.value for b in tested]))
     if p > cfg.significance and mean > cfg.modular_below:
         label, why = "undetermined", "random directions remove as much"
@@ -403,13 +447,31 @@ def direction_verdict(categories: Sequence[str], cross: Sequence[Sequence[Effect
     else:
         label, why = "hybrid", f"between {cfg.modular_below} and {cfg.monolithic_above}"
     head = "Refusal directions: undetermined" if label == "undetermined" else f"Refusal directions look {label}"
+    interval_text = "" if spread is None else f" (95% interval {spread.format('.0%')})"
+    permuted_text = "" if p_permuted is None else f"; permuted-label directions: p = {p_permuted:.3g}"
     explanation = (f"{head}: ablating one category's direction removes on average "
-                   f"{mean:.0%} of another category's refusal-score drop under its own direction ({why}), over the "
-                   f"{len(pairs)} ordered pairs of the {len(tested)} categories whose own direction measurably lowers "
-                   f"their refusal; random directions remove {chance:.0%} (p = {p:.3g}); {moved} of "
-                   f"{len(pairs)} pairs transfer at p <= {cfg.significance}. The global direction removes "
-                   f"{global_share:.0%} of a category's own-direction drop on average.")
-    return DirectionsVerdict(label, names, len(pairs), moved, mean, chance, p, global_share, explanation)
+                   f"{mean:.0%}{interval_text} of another category's refusal-score drop under its own direction "
+                   f"({why}), over the {len(pairs)} ordered pairs of the {len(tested)} categories whose own direction "
+                   f"measurably lowers their refusal; random directions remove {chance:.0%} (p = {p_random:.3g})"
+                   f"{permuted_text}; {moved} of {len(pairs)} pairs transfer at p <= {cfg.significance}. The global "
+                   f"direction removes {global_share:.0%} of a category's own-direction drop on average.")
+    return DirectionsVerdict(label, names, len(pairs), moved, mean, chance, p, global_share, explanation, spread,
+                             p_random, p_permuted)
+
+
+def orthogonal_summary(categories: Sequence[str], parts: Sequence[Sequence[Effect]], significance: float) -> str:
+    """How many categories' own parts (their direction minus the global one) lower their own refusal beyond the random
+    directions, how many lower another category's, and the mean changes of each kind."""
+    n = len(categories)
+    own = [parts[b][b] for b in range(n)]
+    others = [parts[a][b] for a in range(n) for b in range(n) if a != b]
+    moved_own = sum(transfers(e, significance) for e in own)
+    moved_other = sum(transfers(e, significance) for e in others)
+    other_text = (f"{moved_other} of {len(others)} lower another category's "
+                  f"(mean change {np.mean([e.change.value for e in others]):+.2f})") if others else "no other category"
+    return (f"The categories' own parts (each direction minus its projection on the global one): {moved_own} of {n} "
+            f"lower their own category's refusal score beyond the random directions (mean change "
+            f"{np.mean([e.change.value for e in own]):+.2f}), {other_text}.")
 
 
 def run_directions(wrapper: ModelWrapper, cache: ActivationCache, splits: Mapping[Split, Sequence[PromptSample]],
@@ -459,16 +521,35 @@ def run_directions(wrapper: ModelWrapper, cache: ActivationCache, splits: Mappin
     noise = torch.from_numpy(rng.standard_normal((cfg.random_directions, cache.d_model)))
     random = np.stack([run(prompts["toxic"], directional_ablation(wrapper, v)) - base["toxic"]
                        for v in tqdm(noise, desc="ablating random directions", unit="direction")])
+    g = vectors[GLOBAL] / vectors[GLOBAL].norm()
+    orthogonal = {c: run(prompts["toxic"], directional_ablation(wrapper, vectors[c] - (vectors[c] @ g) * g))
+                  for c in tqdm(categories, desc="ablating the categories' own parts", unit="direction")}
+    permuted = np.zeros((0, len(prompts["toxic"])))
+    if cfg.permuted_directions:
+        x, site_categories, labels = site_residuals(cache, selection.layer, selection.position)
+        nulls = []
+        for _ in tqdm(range(cfg.permuted_directions), desc="ablating permuted-label directions", unit="direction"):
+            shuffled = labels.copy()
+            for c in categories:
+                rows_c = np.flatnonzero(site_categories == c)
+                shuffled[rows_c] = rng.permutation(labels[rows_c])
+            direction = torch.from_numpy(x[shuffled].mean(0) - x[~shuffled].mean(0))
+            nulls.append(run(prompts["toxic"], directional_ablation(wrapper, direction)) - base["toxic"])
+        permuted = np.stack(nulls)
 
     ablation: list[list[Effect]] = [[] for _ in names]
     addition: list[list[Effect]] = [[] for _ in names]
+    own_parts: list[list[Effect]] = [[] for _ in categories]
     per_category = []
     random_means = np.zeros((cfg.random_directions, len(categories)))
+    permuted_means = np.zeros((len(permuted), len(categories)))
+    cells = np.zeros((len(categories), len(categories), cfg.bootstrap))
     for b, c in enumerate(categories):
         tox, saf = rows["toxic", c], rows["safe", c]
         w_tox = resample_weights(objective("toxic", "all", np.ones(len(tox), bool)), cfg.bootstrap, rng)
         w_safe = resample_weights(objective("toxic", "all", np.ones(len(saf), bool)), cfg.bootstrap, rng)
         random_means[:, b] = random[:, tox].mean(axis=1)
+        permuted_means[:, b] = permuted[:, tox].mean(axis=1)
         measured = [effect(base["toxic"][tox], ablated[name][tox], w_tox, cfg.confidence) for name in names]
         own, own_resampled = measured[names.index(c)]
         for a, (e, resampled) in enumerate(measured):
@@ -476,6 +557,14 @@ def run_directions(wrapper: ModelWrapper, cache: ActivationCache, splits: Mappin
             e.share = share(own.change, own_resampled, e.change, resampled, cfg.confidence)
             ablation[a].append(e)
             addition[a].append(effect(base["safe"][saf], added[names[a]][saf], w_safe, cfg.confidence)[0])
+            if a:
+                cells[a - 1, b] = resampled
+        parts = [effect(base["toxic"][tox], orthogonal[name][tox], w_tox, cfg.confidence) for name in categories]
+        part_own, part_own_resampled = parts[b]
+        for a, (e, resampled) in enumerate(parts):
+            e.p_value = p_below(e.change.value, random_means[:, b])
+            e.share = share(part_own.change, part_own_resampled, e.change, resampled, cfg.confidence)
+            own_parts[a].append(e)
         n_discovery = sums.counts[sums.categories.index(c)].sum(1)
         per_category.append(CategoryDirections(
             c, {LABELS[k]: int(n_discovery[k]) for k in (1, 0)}, len(tox), len(saf),
@@ -484,10 +573,12 @@ def run_directions(wrapper: ModelWrapper, cache: ActivationCache, splits: Mappin
             interval(float(base["safe"][saf].mean()), w_safe @ base["safe"][saf], cfg.confidence),
             band(random_means[:, b]),
             transfers(own, cfg.significance)))
-    verdict = direction_verdict(categories, ablation[1:], ablation[0], random_means, cfg)
+    verdict = direction_verdict(categories, ablation[1:], ablation[0], random_means, cfg, cells,
+                                permuted_means if len(permuted) else None)
     log.info("%s", verdict.explanation)
     result = DirectionsResult(asdict(cfg), asdict(metric_cfg), scheme.to_dict(), selection, names, categories, cosine,
-                              ablation, addition, per_category, verdict)
+                              ablation, addition, per_category, verdict, own_parts,
+                              orthogonal_summary(categories, own_parts, cfg.significance))
     saved = {f"{name}.{layer}": v for name in names for layer, v in full[name].items()}
     return result, DirectionVectors(saved, {"layers": ",".join(layers), "positions": ",".join(sums.positions),
                                             "layer": selection.layer, "position": selection.position})
@@ -496,4 +587,5 @@ def run_directions(wrapper: ModelWrapper, cache: ActivationCache, splits: Mappin
 
 __all__ = ["GLOBAL", "Candidate", "CategoryDirections", "DirectionVectors", "DirectionsConfig", "DirectionsResult",
            "DirectionsVerdict", "Selection", "SuffixSums", "activation_addition", "direction_verdict",
-           "directional_ablation", "run_directions", "scores", "select_site", "site_residuals", "suffix_sums"]
+           "directional_ablation", "orthogonal_summary", "run_directions", "scores", "select_site", "site_residuals",
+           "suffix_sums"]

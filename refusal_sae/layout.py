@@ -142,6 +142,8 @@ class DirectionsSummary:
     ceiling_verdict: str | None = None
     """The directions' split-half ceiling verdict (`refusal_sae.ceiling.direction_ceiling`; None: not measured)."""
     ceiling_explanation: str | None = None
+    orthogonal: str | None = None
+    """What the categories' own parts (direction minus global) do to their own and the others' refusal."""
 
 
 @dataclasses.dataclass

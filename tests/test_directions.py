@@ -43,7 +43,7 @@ from tests.planted import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FAST = DirectionsConfig(selection_fraction=0.25, random_directions=19, bootstrap=200)
+FAST = DirectionsConfig(selection_fraction=0.25, random_directions=19, permuted_directions=19, bootstrap=200)
 ALPHA, BETA = 1, 2  # rows of the ablation matrix: 0 is the global direction
 
 
@@ -114,6 +114,36 @@ def test_category_directions_give_a_block_diagonal_matrix_when_modular_and_a_ful
 
 
 @pytest.mark.slow
+def test_share_has_an_interval_and_both_nulls_and_own_parts_are_what_the_readout_makes_them(modular, shared) -> None:
+    """S comes with a bootstrap interval and a p-value against the permuted-label directions beside the random ones.
+    The categories' own parts (direction minus its projection on the global one): ablating alpha's, computed here
+    from the saved vectors, moves alpha's score as the record says. In both planted models they lower no
+    category's refusal: shared, they are noise; modular, the head reads b_0 + b_1 and the own parts (b_0 - b_1,
+    up to sign) are orthogonal to it, so categories that write separate directions read through one shared readout
+    look monolithic here, although their whole directions do not transfer (the test above)."""
+    mod, sha = modular[-1], shared[-1]
+    assert sha.verdict.share_interval.low > FAST.monolithic_above and sha.verdict.p_permuted == pytest.approx(1 / 20)
+    assert sha.verdict.share_interval.low <= sha.verdict.mean_share <= sha.verdict.share_interval.high
+    assert mod.verdict.share_interval.high < 0.5 and mod.verdict.p_random is not None
+    for result in (mod, sha):
+        for a in range(2):
+            own_direction = result.ablation[1 + a][a].change.value
+            assert own_direction < -1.0
+            for b in range(2):  # (mod: they raise it a little, the norm of what is left being scaled back up)
+                assert result.orthogonal[a][b].change.value > -0.15 * abs(own_direction)
+        assert "0 of 2 lower their own category's refusal score" in result.orthogonal_summary
+    wrapper, splits, _, _, out, _ = modular
+    vectors = {n: torch.from_numpy(chosen(mod, out, n)) for n in ("global", "alpha")}
+    g = vectors["global"] / vectors["global"].norm()
+    part = vectors["alpha"] - (vectors["alpha"] @ g) * g
+    assert abs(float(part @ g)) < 1e-6
+    alpha = [s.prompt for s in splits["evaluation"] if s.refusal_label and s.category == "alpha"]
+    metric = RefusalMetric.from_wrapper(wrapper, METRIC)
+    change = (scores(wrapper, alpha, metric, 8, directional_ablation(wrapper, part)) - scores(wrapper, alpha, metric, 8))
+    assert float(change.mean()) == pytest.approx(mod.orthogonal[0][0].change.value, abs=1e-6)
+
+
+@pytest.mark.slow
 def test_ablating_a_direction_nothing_writes_changes_nothing(modular) -> None:
     wrapper, splits, *_ = modular
     prompts = [s.prompt for s in splits["evaluation"] if s.refusal_label]
@@ -160,7 +190,7 @@ def test_the_stage_runs_in_the_analysis_and_its_record_round_trips(modular, tmp_
     second = run.analysis("second")
     summary = run_analysis(inputs, second, cfg, ["directions", "summary"], source=first)  # asked for by name
     result = second.directions.read(DirectionsResult)
-    assert to_json(result) == json.loads(second.directions.record_json.read_text())
+    assert {**to_json(result), "protocol": None} == json.loads(second.directions.record_json.read_text())
     assert result.verdict.label == summary.directions.verdict == "modular"
     assert result.categories == ["alpha", "beta"] and result.names == ["global", "alpha", "beta"]
     assert second.directions.png.read_bytes()[:4] == b"\x89PNG"
