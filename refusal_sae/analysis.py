@@ -37,7 +37,14 @@ from refusal_sae.ablation import Ablator
 from refusal_sae.activations import ActivationCache, PromptActivations
 from refusal_sae.attribution import AttributionConfig, attribution_scores
 from refusal_sae.attribution_check import AttributionCheck, better_estimate, check_attribution
-from refusal_sae.ceiling import Ceiling, CeilingConfig, DirectionCeiling, direction_ceiling, split_half_ceiling
+from refusal_sae.ceiling import (
+    Ceiling,
+    CeilingConfig,
+    DirectionCeiling,
+    direction_ceiling,
+    output_writers,
+    split_half_ceiling,
+)
 from refusal_sae.circuits import ERROR, Circuit, NodeScores, circuit_size
 from refusal_sae.cross_ablation import (
     CrossAblationConfig,
@@ -248,15 +255,23 @@ def run_ceiling(inputs: AnalysisInputs, discovery: Discovery, directions: Direct
     discovery's own options, F and metric (from its record); and, where the refusal-directions stage has run, that
     of the directions at its layer and position. Written to `out`."""
     d_cfg = from_json(DiscoveryConfig, discovery.record.config)
+    metric_cfg = from_json(RefusalMetricConfig, discovery.record.metric)
     d_inputs = discovery.inputs
     if d_inputs is None:
-        d_inputs, _ = discovery_inputs(inputs, d_cfg, discovery.record.target,
-                                       from_json(RefusalMetricConfig, discovery.record.metric))
+        d_inputs, _ = discovery_inputs(inputs, d_cfg, discovery.record.target, metric_cfg)
+    exclude = None
+    if cfg.output_fraction:
+        wrapper = inputs.wrapper()
+        metric = RefusalMetric.from_wrapper(wrapper, metric_cfg)
+        alignment = {layer: np.concatenate([metric.output_alignment(wrapper.logit_lens(sae.W_dec[i:i + 256].detach()))
+                                            for i in range(0, sae.cfg.width, 256)])
+                     for layer, sae in inputs.saes.items()}
+        exclude = output_writers(alignment, d_inputs.candidates(), cfg.output_fraction)
     results = {}
     for method in methods(d_cfg):
         categories = sorted({c.category for c, _ in discovery.circuits.get(method.name, []) if c.group == "all"})
         if len(categories) >= 2:
-            results[method.name] = split_half_ceiling(method, d_inputs, categories, cfg)
+            results[method.name] = split_half_ceiling(method, d_inputs, categories, cfg, exclude)
             out.method(method.name).write_ceiling(results[method.name])
             plot_ceiling(results[method.name], out.method(method.name).ceiling_png)
     if directions is None:

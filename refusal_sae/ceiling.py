@@ -44,6 +44,14 @@ null (every size's verdict is reported beside it). On a planted model whose cate
 directions the head also reads the other category's direction, so under mean ablation that direction's latent
 has an effect on every category's prompts and joins each circuit a few nodes down: the verdict by size shows it.
 
+Output features apart
+    F is read from the same tokens in every category, so latents that write the refusal's first word themselves
+    (an output, not a mechanism) would be shared by every category's circuit and pass for a shared mechanism. With
+    `output_fraction`, the share of each layer's candidate latents whose decoder direction's logit lens favours
+    (or disfavours) the refusal openers most (|`RefusalMetric.output_alignment`|) is left out of a second set of
+    circuits and of that set's null, and R is computed again (`relative_without_output`): an R that falls without
+    them says the categories share their output more than their mechanism.
+
 Refusal directions (Arditi et al.), the same question without SAEs
     At the refusal-directions stage's layer and position, with r_c^A, r_c^B category c's difference of means
     (toxic minus safe) on its two halves: the halves' noise is independent, so r_c^A . r_d^B estimates the true
@@ -75,7 +83,7 @@ from refusal_sae.discovery import DiscoveryInputs, DiscoveryMethod, discover
 from refusal_sae.errors import UserError
 from refusal_sae.similarity import jaccard, shared_counts
 from refusal_sae.stats import Interval
-from refusal_sae.validate import positive_int, statistics_options
+from refusal_sae.validate import fraction, positive_int, statistics_options
 
 NodeKey = tuple[str, int, int]
 """(layer, position class, column), as `ranked_nodes` gives them."""
@@ -98,6 +106,9 @@ class CeilingConfig:
     """Random node-set pairs per comparison for the matched null's mean Jaccard."""
     frequency_bins: int = 4
     """Firing-frequency bins of the matched null (quantiles of the candidates' frequencies)."""
+    output_fraction: float = 0.0
+    """Share of each layer's candidate latents with the largest |logit-lens alignment| with the refusal openers, left
+    out of a second computation of R (`relative_without_output`; 0: not computed)."""
     monolithic_above: float = 0.75
     """R (between-category similarity as a fraction of the ceiling) at or above which refusal is monolithic."""
     modular_below: float = 0.25
@@ -111,6 +122,8 @@ class CeilingConfig:
         positive_int("ceiling.splits", self.splits, 10)
         positive_int("ceiling.null_draws", self.null_draws, 1000)
         positive_int("ceiling.frequency_bins", self.frequency_bins, 4)
+        if self.output_fraction:
+            fraction("ceiling.output_fraction", self.output_fraction, 0.01)
         if not self.sizes:
             raise UserError("ceiling.sizes: empty; give at least one circuit size, e.g. [5, 20, 50]")
         for n in self.sizes:
@@ -158,6 +171,10 @@ class SizeCeiling:
     """R: the mean relative similarity over pairs of reproducible categories."""
     verdict: str
     reason: str
+    relative_without_output: Interval | None = None
+    """R of the circuits without the output latents (`output_fraction`; null: not computed, or fewer than two
+    categories reproducible without them)."""
+    verdict_without_output: str | None = None
 
 
 @dataclass
@@ -176,6 +193,8 @@ class Ceiling:
     verdict: str
     reason: str
     config: dict
+    output_latents: dict[str, int] | None = None
+    """Per layer, the candidate latents left out as output features (null: `output_fraction` 0)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,18 +313,37 @@ def size_verdict(relative: Interval | None, n_reproducible: int, cfg: CeilingCon
 # the ceiling
 
 
+def output_writers(alignment: Mapping[str, np.ndarray], candidates: Mapping[str, np.ndarray], share: float
+                   ) -> dict[str, np.ndarray]:
+    """{layer: (node classes, width + 1) bool}: the `share` of the layer's candidate latents (at least one) with the
+    largest |alignment| ({layer: (width,)} `RefusalMetric.output_alignment` of each decoder direction), at every
+    position class where they are candidates."""
+    out = {}
+    for layer, m in candidates.items():
+        live = np.flatnonzero(NodeIndex.latents(m).any(0))
+        k = max(1, round(share * len(live)))
+        chosen = live[np.argsort(-np.abs(alignment[layer][live]), kind="stable")[:k]]
+        mask = np.zeros_like(m)
+        NodeIndex.latents(mask)[:, chosen] = True
+        out[layer] = mask & m
+    return out
+
+
 def split_half_ceiling(method: DiscoveryMethod, inputs: DiscoveryInputs, categories: Sequence[str],
-                       cfg: CeilingConfig) -> Ceiling:
-    """The split-half ceiling of `method`'s category circuits (group "all") on `inputs`' discovery prompts."""
+                       cfg: CeilingConfig, exclude: Mapping[str, np.ndarray] | None = None) -> Ceiling:
+    """The split-half ceiling of `method`'s category circuits (group "all") on `inputs`' discovery prompts; with
+    `exclude` ({layer: node mask}, `output_writers`), R once more without those nodes."""
     rng = np.random.default_rng([cfg.seed, 1])
     null_rng = np.random.default_rng([cfg.seed, 2])
     candidates = inputs.candidates()
     st = strata(inputs.features.values, candidates, cfg.frequency_bins)
+    reduced = None if exclude is None else {layer: m & ~exclude[layer] for layer, m in candidates.items()}
     in_scope = np.isin(inputs.features.categories, list(categories))
     features = inputs.features
     sizes = sorted(set(cfg.sizes))
-    # per split, size: the halves' node sets per category
+    # per split, size: the halves' node sets per category (and without the excluded nodes)
     tops: list[dict[int, dict[str, tuple[frozenset[NodeKey], frozenset[NodeKey]]]]] = []
+    tops_reduced: list[dict[int, dict[str, tuple[frozenset[NodeKey], frozenset[NodeKey]]]]] = []
     short = dict.fromkeys(categories, 0)
     for _ in tqdm(range(cfg.splits), desc=f"{method.name} split halves", unit="split", leave=False):
         half = half_split(features.categories[in_scope], features.labels[in_scope], rng)
@@ -316,63 +354,83 @@ def split_half_ceiling(method: DiscoveryMethod, inputs: DiscoveryInputs, categor
         for name, mask in (("A", mask_a), ("B", mask_b)):
             found[name] = {c.category: s for c, s in discover(method, inputs.subset(mask), categories, ["all"])}
         per_size: dict[int, dict[str, tuple[frozenset[NodeKey], frozenset[NodeKey]]]] = {n: {} for n in sizes}
+        per_size_reduced: dict[int, dict[str, tuple[frozenset[NodeKey], frozenset[NodeKey]]]] = {n: {} for n in sizes}
         for c in categories:
             a, b = (top_nodes(found[h][c], candidates, sizes[-1]) for h in ("A", "B"))
             short[c] += min(len(a), len(b)) < sizes[-1]
             for n in sizes:
                 per_size[n][c] = (frozenset(a[:n]), frozenset(b[:n]))
+            if reduced is not None:
+                a, b = (top_nodes(found[h][c], reduced, sizes[-1]) for h in ("A", "B"))
+                for n in sizes:
+                    per_size_reduced[n][c] = (frozenset(a[:n]), frozenset(b[:n]))
         tops.append(per_size)
+        tops_reduced.append(per_size_reduced)
     # every split halves each (category, label) cell alike, so the last split's halves have every split's sizes
     half_prompts = {c: [int((mask_a & (features.categories == c)).sum()),
                         int((mask_b & (features.categories == c)).sum())] for c in categories}
-    out = []
-    for n in sizes:
-        within = {c: [] for c in categories}
-        nulls = {c: [] for c in categories}
-        for split in tops:
-            for c in categories:
-                a, b = split[n][c]
-                within[c].append(jaccard(a, b))
-                nulls[c].append(null_jaccard(st.counts(a), st.counts(b), st.sizes, cfg.null_draws, null_rng))
-        excess = {c: np.asarray(within[c]) - np.asarray(nulls[c]) for c in categories}
-        rows = []
-        for c in categories:
-            ex = _spread(excess[c], cfg.confidence)
-            rows.append(CategoryCeiling(c, _spread(within[c], cfg.confidence), float(np.nanmean(nulls[c])), ex,
-                                        bool(ex.low > 0)))
-        reproducible = [r.category for r in rows if r.reproducible]
-        pairs, per_split_means = [], [[] for _ in tops]
-        for i, c in enumerate(categories):
-            for d in categories[i + 1:]:
-                between, null, relative = [], [], []
-                for s, split in enumerate(tops):
-                    (ca, cb), (da, db) = split[n][c], split[n][d]
-                    j = (jaccard(ca, db) + jaccard(cb, da)) / 2
-                    nj = (null_jaccard(st.counts(ca), st.counts(db), st.sizes, cfg.null_draws, null_rng)
-                          + null_jaccard(st.counts(cb), st.counts(da), st.sizes, cfg.null_draws, null_rng)) / 2
-                    between.append(j)
-                    null.append(nj)
-                    both = excess[c][s] > 0 and excess[d][s] > 0
-                    r = (j - nj) / np.sqrt(excess[c][s] * excess[d][s]) if both else float("nan")
-                    relative.append(r)
-                    if c in reproducible and d in reproducible:
-                        per_split_means[s].append(r)
-                rel = _finite_spread(relative, cfg.confidence) if c in reproducible and d in reproducible else None
-                pairs.append(PairCeiling(c, d, _spread(between, cfg.confidence), float(np.nanmean(null)), rel,
-                                         int(np.sum(~np.isfinite(relative)))))
-        means = [float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for v in map(np.asarray,
-                                                                                             per_split_means)]
-        relative_all = _finite_spread(means, cfg.confidence) if len(reproducible) >= 2 else None
-        verdict, reason = size_verdict(relative_all, len(reproducible), cfg)
-        out.append(SizeCeiling(n, rows, pairs, relative_all, verdict, reason))
+    out = [_size_ceiling(n, tops, categories, st, cfg, null_rng) for n in sizes]
+    if reduced is not None:
+        st_reduced = strata(inputs.features.values, reduced, cfg.frequency_bins)
+        for size in out:
+            without = _size_ceiling(size.n_nodes, tops_reduced, categories, st_reduced, cfg, null_rng)
+            size.relative_without_output, size.verdict_without_output = without.relative, without.verdict
     at = next((s for s in out if s.verdict != "unmeasurable"), None)
     if at is None:
         verdict, reason = "unmeasurable", f"at no size in {sizes} do two categories' halves agree more than chance"
     else:
         verdict = at.verdict
         reason = f"at {at.n_nodes} nodes, the smallest size with two reproducible categories: {at.reason}"
+        if at.relative_without_output is not None:
+            reason += (f"; without the output latents R = {at.relative_without_output.format('.2f')} "
+                       f"({at.verdict_without_output})")
+    counts = None if exclude is None else {layer: int(NodeIndex.latents(m).any(0).sum()) for layer, m in exclude.items()}
     return Ceiling(method.name, cfg.splits, half_prompts, short, out, None if at is None else at.n_nodes, verdict,
-                   reason, asdict(cfg))
+                   reason, asdict(cfg), counts)
+
+
+def _size_ceiling(n: int, tops: Sequence[Mapping[int, Mapping[str, tuple[frozenset[NodeKey], frozenset[NodeKey]]]]],
+                  categories: Sequence[str], st: Strata, cfg: CeilingConfig, null_rng: np.random.Generator
+                  ) -> SizeCeiling:
+    """Within, between, null and R at size n from every split's halves' node sets (`tops`)."""
+    within = {c: [] for c in categories}
+    nulls = {c: [] for c in categories}
+    for split in tops:
+        for c in categories:
+            a, b = split[n][c]
+            within[c].append(jaccard(a, b))
+            nulls[c].append(null_jaccard(st.counts(a), st.counts(b), st.sizes, cfg.null_draws, null_rng))
+    excess = {c: np.asarray(within[c]) - np.asarray(nulls[c]) for c in categories}
+    rows = []
+    for c in categories:
+        ex = _spread(excess[c], cfg.confidence)
+        rows.append(CategoryCeiling(c, _spread(within[c], cfg.confidence), float(np.nanmean(nulls[c])), ex,
+                                    bool(ex.low > 0)))
+    reproducible = [r.category for r in rows if r.reproducible]
+    pairs, per_split_means = [], [[] for _ in tops]
+    for i, c in enumerate(categories):
+        for d in categories[i + 1:]:
+            between, null, relative = [], [], []
+            for s, split in enumerate(tops):
+                (ca, cb), (da, db) = split[n][c], split[n][d]
+                j = (jaccard(ca, db) + jaccard(cb, da)) / 2
+                nj = (null_jaccard(st.counts(ca), st.counts(db), st.sizes, cfg.null_draws, null_rng)
+                      + null_jaccard(st.counts(cb), st.counts(da), st.sizes, cfg.null_draws, null_rng)) / 2
+                between.append(j)
+                null.append(nj)
+                both = excess[c][s] > 0 and excess[d][s] > 0
+                r = (j - nj) / np.sqrt(excess[c][s] * excess[d][s]) if both else float("nan")
+                relative.append(r)
+                if c in reproducible and d in reproducible:
+                    per_split_means[s].append(r)
+            rel = _finite_spread(relative, cfg.confidence) if c in reproducible and d in reproducible else None
+            pairs.append(PairCeiling(c, d, _spread(between, cfg.confidence), float(np.nanmean(null)), rel,
+                                     int(np.sum(~np.isfinite(relative)))))
+    means = [float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for v in map(np.asarray,
+                                                                                         per_split_means)]
+    relative_all = _finite_spread(means, cfg.confidence) if len(reproducible) >= 2 else None
+    verdict, reason = size_verdict(relative_all, len(reproducible), cfg)
+    return SizeCeiling(n, rows, pairs, relative_all, verdict, reason)
 
 
 @dataclass

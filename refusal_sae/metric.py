@@ -75,6 +75,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -389,6 +390,14 @@ class RefusalMetric:
         """(batch,) refusal score log P(R) - log P(C) from (batch, vocab) next-token logits; differentiable."""
         refusal, compliance = self.log_probs(logits)
         return refusal - compliance
+
+    def output_alignment(self, logits: Tensor) -> np.ndarray:
+        """Per row of logit-lens `logits` (n, vocab) of directions (`ModelWrapper.logit_lens`): how far the refusal
+        openers' first tokens stand out, as (mean refusal-token logit - mean logit) / sd of the logits. Large for a
+        direction that writes the refusal's first word itself (an output feature), whatever its position."""
+        logits = logits.float()
+        refusal = logits[:, self._ids[0].to(logits.device)].mean(1)
+        return ((refusal - logits.mean(1)) / logits.std(1).clamp(min=1e-12)).cpu().numpy().astype(np.float64)
 
     def describe(self) -> dict[str, Any]:
         """The token sets and how shared tokens were handled, JSON-able."""

@@ -27,6 +27,7 @@ from refusal_sae.ceiling import (
     direction_ceiling,
     half_split,
     null_jaccard,
+    output_writers,
     split_half_ceiling,
     strata,
 )
@@ -267,3 +268,28 @@ def test_bad_options_name_the_option() -> None:
         CeilingConfig(splits=0)
     with pytest.raises(UserError, match="ceiling.modular_below"):
         CeilingConfig(modular_below=0.8, monolithic_above=0.75)
+
+
+@pytest.mark.slow
+def test_output_latents_are_found_by_their_logit_lens_and_left_out_of_a_second_r(tmp_path: Path) -> None:
+    """In the shared model the head reads b_0, so the exact SAEs' latents +b_0 and -b_0 write the refusal token
+    itself: they top |output alignment| at every layer. The planted mechanism *is* that output, so without them
+    the categories' circuits hold nothing reproducible and R is no longer monolithic: the second R says how much
+    of the verdict rests on the output latents."""
+    inp = inputs(tmp_path, {"alpha": 0, "beta": 0})
+    wrapper, saes = inp.wrapper(), exact_saes()
+    alignment = {layer: inp.metric.output_alignment(wrapper.logit_lens(sae.W_dec.detach()))
+                 for layer, sae in saes.items()}
+    for layer in LAYERS:
+        assert set(np.argsort(-np.abs(alignment[layer]))[:2]) == {0, 32}
+    candidates = inp.candidates()
+    live = max(int(m[:, :-1].any(0).sum()) for m in candidates.values())
+    exclude = output_writers(alignment, candidates, 1 / live)  # one latent per layer: +b_0 (-b_0 never fires)
+    for layer, m in exclude.items():
+        assert set(np.flatnonzero(m[:, :-1].any(0))) == {0} and not m[:, -1].any()
+    cfg = CeilingConfig(splits=10, sizes=SIZES, null_draws=400)
+    with single_thread():
+        ceiling = split_half_ceiling(Correlation(CorrelationConfig()), inp, CATEGORIES, cfg, exclude)
+    assert ceiling.verdict == "monolithic" and set(ceiling.output_latents) == set(LAYERS)
+    s = at(ceiling, ceiling.at)
+    assert s.verdict == "monolithic" and s.verdict_without_output != "monolithic"
