@@ -250,7 +250,9 @@ def run_similarity(discovery: Discovery, out: AnalysisLayout, cfg: SimilarityCon
 
 
 def run_ceiling(inputs: AnalysisInputs, discovery: Discovery, directions: DirectionsResult | None,
-                out: AnalysisLayout, cfg: CeilingConfig) -> tuple[dict[str, Ceiling], DirectionCeiling | None]:
+                out: AnalysisLayout, cfg: CeilingConfig,
+                results: Mapping[str, Sequence[CircuitEvaluation]] | None = None
+                ) -> tuple[dict[str, Ceiling], DirectionCeiling | None]:
     """Per method with two or more category circuits, the split-half noise ceiling of its circuits, with the
     discovery's own options, F and metric (from its record); and, where the refusal-directions stage has run, that
     of the directions at its layer and position. Written to `out`."""
@@ -267,19 +269,21 @@ def run_ceiling(inputs: AnalysisInputs, discovery: Discovery, directions: Direct
                                             for i in range(0, sae.cfg.width, 256)])
                      for layer, sae in inputs.saes.items()}
         exclude = output_writers(alignment, d_inputs.candidates(), cfg.output_fraction)
-    results = {}
+    found: dict[str, Ceiling] = {}
     for method in methods(d_cfg):
         categories = sorted({c.category for c, _ in discovery.circuits.get(method.name, []) if c.group == "all"})
         if len(categories) >= 2:
-            results[method.name] = split_half_ceiling(method, d_inputs, categories, cfg, exclude)
-            out.method(method.name).write_ceiling(results[method.name])
-            plot_ceiling(results[method.name], out.method(method.name).ceiling_png)
+            faithful = [n for n in faithful_sizes((results or {}).get(method.name, [])).values() if n is not None]
+            at = int(np.median(faithful)) if cfg.at_faithful_size and faithful else None
+            found[method.name] = split_half_ceiling(method, d_inputs, categories, cfg, exclude, at)
+            out.method(method.name).write_ceiling(found[method.name])
+            plot_ceiling(found[method.name], out.method(method.name).ceiling_png)
     if directions is None:
-        return results, None
+        return found, None
     layer, position = directions.selection.layer, directions.selection.position
-    found = direction_ceiling(*site_residuals(inputs.cache, layer, position), layer, position, cfg)
-    out.directions.write_ceiling(found)
-    return results, found
+    ceiling = direction_ceiling(*site_residuals(inputs.cache, layer, position), layer, position, cfg)
+    out.directions.write_ceiling(ceiling)
+    return found, ceiling
 
 
 def _rows(samples: Sequence[PromptSample], category: str, group: str) -> list[int]:
@@ -645,7 +649,7 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
     else:
         directions = out.directions.read(DirectionsResult)
     if "ceiling" in stages and (cfg.ceiling.enabled or stages[0] == "ceiling"):
-        ceilings, directions_ceiling = run_ceiling(inputs, discovery, directions, out, cfg.ceiling)
+        ceilings, directions_ceiling = run_ceiling(inputs, discovery, directions, out, cfg.ceiling, results)
     else:
         ceilings = {m: c for m in discovery.circuits if (c := source.method(m).read_ceiling(Ceiling)) is not None}
         directions_ceiling = out.directions.read_ceiling(DirectionCeiling)

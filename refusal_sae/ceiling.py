@@ -106,6 +106,9 @@ class CeilingConfig:
     """Random node-set pairs per comparison for the matched null's mean Jaccard."""
     frequency_bins: int = 4
     """Firing-frequency bins of the matched null (quantiles of the candidates' frequencies)."""
+    at_faithful_size: bool = False
+    """Also compare at the median over the method's categories of the smallest size whose faithfulness interval's
+    lower bound reaches 0.8 (this analysis's evaluation): similarity where the circuits are faithful."""
     output_fraction: float = 0.0
     """Share of each layer's candidate latents with the largest |logit-lens alignment| with the refusal openers, left
     out of a second computation of R (`relative_without_output`; 0: not computed)."""
@@ -195,6 +198,8 @@ class Ceiling:
     config: dict
     output_latents: dict[str, int] | None = None
     """Per layer, the candidate latents left out as output features (null: `output_fraction` 0)."""
+    faithful_size: int | None = None
+    """The median faithful size compared at (`at_faithful_size`; null: not asked, or no category faithful)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,9 +335,11 @@ def output_writers(alignment: Mapping[str, np.ndarray], candidates: Mapping[str,
 
 
 def split_half_ceiling(method: DiscoveryMethod, inputs: DiscoveryInputs, categories: Sequence[str],
-                       cfg: CeilingConfig, exclude: Mapping[str, np.ndarray] | None = None) -> Ceiling:
+                       cfg: CeilingConfig, exclude: Mapping[str, np.ndarray] | None = None,
+                       faithful_size: int | None = None) -> Ceiling:
     """The split-half ceiling of `method`'s category circuits (group "all") on `inputs`' discovery prompts; with
-    `exclude` ({layer: node mask}, `output_writers`), R once more without those nodes."""
+    `exclude` ({layer: node mask}, `output_writers`), R once more without those nodes; with `faithful_size`, also
+    at that size."""
     rng = np.random.default_rng([cfg.seed, 1])
     null_rng = np.random.default_rng([cfg.seed, 2])
     candidates = inputs.candidates()
@@ -340,7 +347,7 @@ def split_half_ceiling(method: DiscoveryMethod, inputs: DiscoveryInputs, categor
     reduced = None if exclude is None else {layer: m & ~exclude[layer] for layer, m in candidates.items()}
     in_scope = np.isin(inputs.features.categories, list(categories))
     features = inputs.features
-    sizes = sorted(set(cfg.sizes))
+    sizes = sorted(set(cfg.sizes) | ({faithful_size} if faithful_size else set()))
     # per split, size: the halves' node sets per category (and without the excluded nodes)
     tops: list[dict[int, dict[str, tuple[frozenset[NodeKey], frozenset[NodeKey]]]]] = []
     tops_reduced: list[dict[int, dict[str, tuple[frozenset[NodeKey], frozenset[NodeKey]]]]] = []
@@ -384,9 +391,13 @@ def split_half_ceiling(method: DiscoveryMethod, inputs: DiscoveryInputs, categor
         if at.relative_without_output is not None:
             reason += (f"; without the output latents R = {at.relative_without_output.format('.2f')} "
                        f"({at.verdict_without_output})")
+    if faithful_size:
+        f = next(s for s in out if s.n_nodes == faithful_size)
+        r = "undefined" if f.relative is None else f.relative.format(".2f")
+        reason += f"; at the median faithful size, {faithful_size} nodes, R = {r} ({f.verdict})"
     counts = None if exclude is None else {layer: int(NodeIndex.latents(m).any(0).sum()) for layer, m in exclude.items()}
     return Ceiling(method.name, cfg.splits, half_prompts, short, out, None if at is None else at.n_nodes, verdict,
-                   reason, asdict(cfg), counts)
+                   reason, asdict(cfg), counts, faithful_size)
 
 
 def _size_ceiling(n: int, tops: Sequence[Mapping[int, Mapping[str, tuple[frozenset[NodeKey], frozenset[NodeKey]]]]],

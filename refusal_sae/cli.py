@@ -311,7 +311,7 @@ def _resume(args: list[str], run: RunLayout, fitted: dict, name: str) -> None:
     invocation = out.read_invocation()
     cfg = from_json(AnalysisConfig, invocation["analysis"])
     stages, source = invocation["stages"], run.analysis(invocation["source"])
-    if (out.root / "discovery.json").is_file():  # discovery done (or copied): every later stage takes it from here
+    if out.discovery_json.is_file():  # discovery done (or copied): every later stage takes it from here
         stages, source = [s for s in stages if s != "discover"], out
     summary = run_analysis(_inputs(run, fitted, cfg), out, cfg, stages, source)
     out.mark_complete()

@@ -443,8 +443,13 @@ class AnalysisLayout:
             raise UserError(f"{self.means_path} not found: run the discover stage before evaluating")
         return NodeMeans.read(self.means_path)
 
+    @property
+    def discovery_json(self) -> Path:
+        """Written last by the discover stage: its presence means discovery finished here."""
+        return self.root / "discovery.json"
+
     def write_discovery(self, record: DiscoveryRecord) -> None:
-        _write_record(self.root / "discovery.json", record, self.protocol)
+        _write_record(self.discovery_json, record, self.protocol)
 
     def read_discovery(self) -> DiscoveryRecord:
         return from_json(DiscoveryRecord, read_json(self.root / "discovery.json", "circuits",

@@ -16,6 +16,8 @@ from refusal_sae.analysis import (
     AnalysisConfig,
     AnalysisInputs,
     format_summary,
+    load_discovery,
+    load_evaluation,
     run_analysis,
     verdict_line,
 )
@@ -41,6 +43,7 @@ from refusal_sae.discovery import (
 )
 from refusal_sae.errors import UserError
 from refusal_sae.features import encode_prompts
+from refusal_sae.evaluation import EvaluationConfig
 from refusal_sae.layout import CircuitSummary, DirectionsSummary, MethodSummary, RunLayout
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.positions import position_scheme
@@ -293,3 +296,24 @@ def test_output_latents_are_found_by_their_logit_lens_and_left_out_of_a_second_r
     assert ceiling.verdict == "monolithic" and set(ceiling.output_latents) == set(LAYERS)
     s = at(ceiling, ceiling.at)
     assert s.verdict == "monolithic" and s.verdict_without_output != "monolithic"
+
+
+@pytest.mark.slow
+def test_the_ceiling_compares_at_the_median_faithful_size_of_the_evaluation(tmp_path: Path) -> None:
+    """With at_faithful_size, the ceiling stage adds the median over categories of the smallest size whose
+    faithfulness interval reaches 0.8 (from the same analysis's evaluation) to its sizes and says R there."""
+    run = analysis_inputs(tmp_path, {"alpha": 0, "beta": 0})
+    cfg = AnalysisConfig(discovery=DiscoveryConfig(methods=["correlation"]), metric=METRIC, validity_report=False,
+                         evaluation=EvaluationConfig(n_sizes=6, random_circuits=0, bootstrap=200, per_layer=False,
+                                                     error_modes=["keep"]),
+                         ceiling=CeilingConfig(enabled=True, splits=3, sizes=[48], null_draws=100, at_faithful_size=True))
+    out = run.run.analysis("a")
+    with single_thread():
+        run_analysis(run, out, cfg, ["discover", "evaluate", "ceiling", "summary"])
+    records = load_evaluation(out, load_discovery(out), "correlation")
+    faithful = [r.faithful_size() for r in records]
+    assert all(n is not None for n in faithful)
+    ceiling = out.method("correlation").read_ceiling(Ceiling)
+    assert ceiling.faithful_size == int(np.median(faithful))
+    assert [s.n_nodes for s in ceiling.sizes] == sorted({48, ceiling.faithful_size})
+    assert f"at the median faithful size, {ceiling.faithful_size} nodes, R = " in ceiling.reason
