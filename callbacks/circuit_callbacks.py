@@ -106,6 +106,9 @@ class CircuitAnalysisCallback(Callback):
                         metrics[f"{prefix}/nodes_to_faithfulness_{level}"] = float(n)
                 if r.sanity_passed is not None:  # None: no check applied, nothing to log
                     metrics[f"{prefix}/sanity_passed"] = float(r.sanity_passed)
+        for q in summary.sae_quality or []:
+            for key in ("fvu", "l0", "dead_fraction", "dense_fraction", "loss_recovered", "kl_spliced"):
+                metrics[f"sae/{q.layer}/{key}"] = getattr(q, key)
         for method, categories in summary.answers.items():
             for category, rows in categories.items():
                 for a in rows:

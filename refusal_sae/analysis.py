@@ -104,6 +104,7 @@ from refusal_sae.positions import PositionScheme, position_scheme
 from refusal_sae.protocol import ProtocolStamp
 from refusal_sae.report import build_report
 from refusal_sae.sae import SparseAutoencoder
+from refusal_sae.sae_quality import LayerQuality, quality_table, sae_quality
 from refusal_sae.similarity import Similarity, SimilarityConfig, analyse_similarity
 from refusal_sae.stats import Interval
 from refusal_sae.validity import (
@@ -512,6 +513,10 @@ def format_summary(summary: Summary) -> str:
     measurable" / "negative"; the sizes whose faithfulness interval reaches 0.5 / 0.8; CPR; sanity. A verdict only
     where it is supported (`verdict_line`); the overlap and transfer labels as descriptions."""
     lines = [f"circuits in {summary.directory}", protocol_line(summary.protocol)]
+    for q in summary.sae_quality or []:
+        lines.append(f"SAE {q.layer}: FVU {q.fvu:.3f}, L0 {q.l0:.0f}, dead {q.dead_fraction:.0%}, dense "
+                     f"{q.dense_fraction:.0%}; spliced in, loss recovered {q.loss_recovered:.3f} (next-token CE "
+                     f"{q.ce_clean:.3f} -> {q.ce_spliced:.3f} nats, mean ablation {q.ce_mean:.3f})")
     for method, m in summary.methods.items():
         lines.append(f"{method}: F(M)-F(empty) [95% CI] | nodes whose faithfulness interval lies above 0.5 / 0.8, of all "
                      "| CPR | sanity")
@@ -587,7 +592,8 @@ def _answers(rows: Sequence[AnswersSummary]) -> list[str]:
 
 
 
-STAGES = ("discover", "similarity", "evaluate", "cross", "directions", "ceiling", "edit", "summary", "report")
+STAGES = ("discover", "quality", "similarity", "evaluate", "cross", "directions", "ceiling", "edit", "summary",
+          "report")
 
 
 @dataclass
@@ -611,6 +617,9 @@ class AnalysisConfig:
     """Greedy generation for behaviour labels and the validity report."""
     validity_report: bool = True
     """Write `<run_dir>/metric_validity.json` once per run: does the score predict the model's refusals?"""
+    sae_quality: bool = True
+    """Judge each SAE spliced into the model on the held-out prompts (`refusal_sae.sae_quality`): FVU, L0, dead and
+    dense latents, cross-entropy and KL against the clean model and against mean ablation (loss recovered)."""
 
 
 def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfig,
@@ -631,6 +640,13 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
         discovery = load_discovery(source)
         if source.root != out.root:
             out.copy_discovery(source)
+    if "quality" in stages and (cfg.sae_quality or stages[0] == "quality"):
+        wrapper = inputs.wrapper()
+        held_out = list(inputs.splits.get("evaluation", []))
+        scheme = position_scheme(wrapper, [s for split in inputs.splits.values() for s in split], "positional")
+        out.write_sae_quality(sae_quality(wrapper, inputs.saes, [s.prompt for s in held_out], scheme,
+                                          cfg.evaluation.batch_size))
+    quality = out.read_sae_quality(LayerQuality) or source.read_sae_quality(LayerQuality)
     similarity = run_similarity(discovery, out, cfg.similarity) if "similarity" in stages else {
         m: s for m in discovery.circuits if (s := source.method(m).read_similarity(Similarity)) is not None}
     if "evaluate" in stages:
@@ -659,7 +675,10 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
     else:
         edits = load_edits(source, discovery)
     summary = summarise(out, results, similarity, directions, edits, ceilings, directions_ceiling)
-    out.write_summary(summary, protocol_line(summary.protocol) + "\n\n" + summary_tables(results, directions, edits))
+    summary.sae_quality = quality
+    out.write_summary(summary, protocol_line(summary.protocol) + "\n\n" + summary_tables(results, directions, edits)
+                      + ("\n**SAEs spliced into the model** (held-out prompts)\n\n" + quality_table(quality)
+                         if quality else ""))
     if "report" in stages:
         for method, rs in results.items():  # the curves of an evaluation read from `source` are drawn here too
             if not out.method(method).curves_png.is_file():

@@ -30,6 +30,7 @@
         directions/ceiling.json                               their split-half ceiling (refusal_sae.ceiling)
         report/index.html, cards.json                         what each node is: node cards, circuit graphs, figures
                                                               in one page (refusal_sae.report)
+        sae_quality.json                                      each SAE spliced in on held-out prompts (sae_quality)
         summary.json, summary.md                              the short summary; the results table
 
 Records are dataclasses written as key-sorted JSON and read back typed (`refusal_sae.io`); a circuit name `category/group` is stored as `category__group`. Nothing else in the package spells these
@@ -54,6 +55,7 @@ from refusal_sae.circuits import Circuit, NodeScores
 from refusal_sae.errors import UserError
 from refusal_sae.features import NodeMeans
 from refusal_sae.io import atomic_open, from_json, read_json, to_json, write_json
+from refusal_sae.sae_quality import LayerQuality
 from refusal_sae.stats import Interval
 
 T = TypeVar("T")
@@ -170,6 +172,8 @@ class Summary:
     """{method: {circuit (a category's): each edit's refusals}} where the edit stage ran."""
     protocol: dict[str, Any] | None = None
     """The stamp of the protocol the analysis ran under (`refusal_sae.protocol`); None: exploratory."""
+    sae_quality: list[LayerQuality] | None = None
+    """Each SAE spliced into the model on held-out prompts (`refusal_sae.sae_quality`; None: the stage did not run)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,6 +446,20 @@ class AnalysisLayout:
         if not self.means_path.is_file():
             raise UserError(f"{self.means_path} not found: run the discover stage before evaluating")
         return NodeMeans.read(self.means_path)
+
+    @property
+    def sae_quality_json(self) -> Path:
+        return self.root / "sae_quality.json"
+
+    def write_sae_quality(self, rows: Any) -> None:
+        _write_record(self.sae_quality_json, {"layers": rows}, self.protocol)
+
+    def read_sae_quality(self, cls: type[T]) -> list[T] | None:
+        """The SAE quality rows as `cls` (`sae_quality.LayerQuality`); None when the stage did not run here."""
+        if not self.sae_quality_json.is_file():
+            return None
+        data = read_json(self.sae_quality_json, "SAE quality", "run analyze --stage quality again")
+        return [from_json(cls, row) for row in data["layers"]]
 
     @property
     def discovery_json(self) -> Path:

@@ -221,7 +221,7 @@ def test_analyze_directions_runs_the_stage_asked_for_by_name(capsys: pytest.Capt
     done = cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "directions", "--name", "dirs",
                           "--analysis.directions.random_directions", "19", "--analysis.directions.bootstrap", "100")
     assert done.returncode == 0, done.stderr
-    assert "directions: Refusal directions" in done.stdout
+    assert "directions (transfer share; describes, decides nothing): Refusal directions" in done.stdout
     record = json.loads(run.analysis("dirs").directions.record_json.read_text(encoding="utf-8"))
     assert len(record["categories"]) == 10 and len(record["ablation"]) == 11  # the global direction and one each
     assert run.analysis("dirs").directions.png.is_file()

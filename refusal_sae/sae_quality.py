@@ -1,0 +1,182 @@
+"""How good each SAE is, judged as SAELens and SAEBench judge one: by what splicing it into the model costs.
+
+On held-out prompts, at the positions after the shared template prefix (the prefix is the same in every prompt,
+so an SAE need not reconstruct it and the analysis never edits it), per SAE layer:
+
+    fvu            sum |x - x_hat|^2 / sum |x - mean x|^2 over those positions (and apart, over the message
+                   and over the template suffix, where the model decides)
+    l0             active latents per token; dead: latents active on none of the tokens; dense: on more than
+                   half of them
+    ce_clean       next-token cross-entropy of the model (nats per predicted token) at those positions
+    ce_spliced     the same with the layer's residual replaced by the SAE's reconstruction there
+    ce_mean        the same with the residual replaced by its mean over those positions (the zero-information
+                   baseline)
+    loss_recovered (ce_mean - ce_spliced) / (ce_mean - ce_clean): 1 for a perfect SAE, 0 for one no better
+                   than the mean
+    kl_spliced     mean KL(clean || spliced) of the next-token distributions; kl_mean the same for the mean
+
+A token is predicted at every scored position that has a next token in the prompt (the last position's next
+token is the answer's first, unknown here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from refusal_sae.model import ModelWrapper
+from refusal_sae.positions import PositionScheme
+from refusal_sae.sae import SparseAutoencoder
+
+DENSE = 0.5
+"""A latent active on more than this share of the tokens is dense (always on)."""
+
+
+@dataclass
+class LayerQuality:
+    layer: str
+    n_tokens: int
+    """Scored positions (after the template prefix)."""
+    n_predicted: int
+    """Of those, positions whose next token is in the prompt (the cross-entropy's tokens)."""
+    fvu: float
+    fvu_content: float
+    fvu_suffix: float
+    l0: float
+    dead_fraction: float
+    dense_fraction: float
+    ce_clean: float
+    ce_spliced: float
+    ce_mean: float
+    loss_recovered: float
+    kl_spliced: float
+    kl_mean: float
+
+
+class _Sums:
+    """Running sums of one layer's statistics over batches."""
+
+    def __init__(self, width: int, d: int) -> None:
+        self.sq_err = {"all": 0.0, "content": 0.0, "suffix": 0.0}
+        self.x_sum = {k: torch.zeros(d, dtype=torch.float64) for k in self.sq_err}
+        self.x_sq = dict.fromkeys(self.sq_err, 0.0)
+        self.n = dict.fromkeys(self.sq_err, 0)
+        self.active = torch.zeros(width, dtype=torch.float64)
+        self.l0 = 0.0
+        self.ce = {"spliced": 0.0, "mean": 0.0}
+        self.kl = {"spliced": 0.0, "mean": 0.0}
+
+    def fvu(self, part: str) -> float:
+        n = self.n[part]
+        if n == 0:
+            return float("nan")
+        total = self.x_sq[part] - float((self.x_sum[part] ** 2).sum()) / n
+        return self.sq_err[part] / total if total > 0 else float("nan")
+
+
+def _next_token_losses(logits: Tensor, input_ids: Tensor, predicted: Tensor, clean_logp: Tensor | None = None
+                       ) -> tuple[float, float]:
+    """Summed cross-entropy of the next tokens at `predicted` (batch, seq) positions, and summed KL(clean || these)
+    when `clean_logp` is given."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = input_ids[:, 1:]
+    mask = predicted[:, :-1]
+    ce = -logp.gather(-1, target[..., None])[..., 0][mask].sum()
+    kl = 0.0
+    if clean_logp is not None:
+        kl = float((clean_logp.exp() * (clean_logp - logp)).sum(-1)[mask].sum())
+    return float(ce), kl
+
+
+@torch.no_grad()
+def sae_quality(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencoder], prompts: Sequence[str],
+                scheme: PositionScheme, batch_size: int = 8) -> list[LayerQuality]:
+    """Every SAE's quality (module docstring) on `prompts` (held-out ones: the SAEs never trained on them)."""
+    layers = wrapper.resolve_layers(list(saes))
+    batches = [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    # pass 1: the residual's mean over the scored positions (the mean-ablation baseline)
+    means, count = {layer: torch.zeros(saes[layer].cfg.d_in, dtype=torch.float64) for layer in layers}, 0
+    encoded = []
+    for batch in tqdm(batches, desc="SAE quality: clean pass", unit="batch", leave=False):
+        enc = wrapper.tokenize(batch)
+        ids, mask = enc["input_ids"].to(wrapper.device), enc["attention_mask"].to(wrapper.device)
+        lengths = mask.sum(1)
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        scored = mask.bool() & (positions >= scheme.prefix)
+        suffix = scored & (positions >= (lengths - scheme.suffix)[:, None])
+        residuals = wrapper.residuals(ids, mask, layers)
+        for layer in layers:
+            means[layer] += residuals[layer][scored].double().sum(0).cpu()
+        count += int(scored.sum())
+        encoded.append((ids, mask, scored, suffix))
+    means = {layer: (m / max(count, 1)).float().to(wrapper.device) for layer, m in means.items()}
+    sums = {layer: _Sums(saes[layer].cfg.width, saes[layer].cfg.d_in) for layer in layers}
+    ce_clean, n_predicted = 0.0, 0
+    for ids, mask, scored, suffix in tqdm(encoded, desc="SAE quality: spliced passes", unit="batch", leave=False):
+        predicted = scored.clone()
+        predicted[torch.arange(len(ids)), mask.sum(1) - 1] = False  # the last token's next is the answer's
+        logits = wrapper.model(input_ids=ids, attention_mask=mask).logits
+        clean_logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        ce, _ = _next_token_losses(logits, ids, predicted)
+        ce_clean += ce
+        n_predicted += int(predicted[:, :-1].sum())
+        residuals = wrapper.residuals(ids, mask, layers)
+        for layer in layers:
+            sae, s = saes[layer].to(wrapper.device), sums[layer]
+            x = residuals[layer].float()
+            f = sae.encode(x)
+            x_hat = sae.decode(f)
+            err = ((x - x_hat) ** 2).sum(-1)
+            for part, where in (("all", scored), ("content", scored & ~suffix), ("suffix", suffix)):
+                s.sq_err[part] += float(err[where].sum())
+                s.x_sum[part] += x[where].double().sum(0).cpu()
+                s.x_sq[part] += float((x[where].double() ** 2).sum())
+                s.n[part] += int(where.sum())
+            active = f[scored] > 0
+            s.active += active.double().sum(0).cpu()
+            s.l0 += float(active.sum())
+            for name in ("spliced", "mean"):
+                def edit(hidden: Tensor, name: str = name, sae: SparseAutoencoder = sae, mean: Tensor = means[layer],
+                         scored: Tensor = scored) -> Tensor:
+                    new = sae.decode(sae.encode(hidden.float())) if name == "spliced" else mean.expand_as(hidden)
+                    return torch.where(scored[..., None], new.to(hidden.dtype), hidden)
+
+                with wrapper.edit_residuals({layer: edit}):
+                    edited = wrapper.model(input_ids=ids, attention_mask=mask).logits
+                ce, kl = _next_token_losses(edited, ids, predicted, clean_logp)
+                s.ce[name] += ce
+                s.kl[name] += kl
+    out = []
+    for layer in layers:
+        s = sums[layer]
+        n = max(s.n["all"], 1)
+        clean, spliced, mean = (ce_clean / max(n_predicted, 1), s.ce["spliced"] / max(n_predicted, 1),
+                                s.ce["mean"] / max(n_predicted, 1))
+        gap = mean - clean
+        out.append(LayerQuality(layer, s.n["all"], n_predicted, s.fvu("all"), s.fvu("content"), s.fvu("suffix"),
+                                s.l0 / n, float((s.active == 0).double().mean()),
+                                float((s.active / n > DENSE).double().mean()), clean, spliced, mean,
+                                (mean - spliced) / gap if gap > 0 else float("nan"),
+                                s.kl["spliced"] / max(n_predicted, 1), s.kl["mean"] / max(n_predicted, 1)))
+    return out
+
+
+def quality_table(rows: Sequence[LayerQuality]) -> str:
+    """A markdown table of `sae_quality`'s rows."""
+    header = ("| layer | tokens | FVU (message / suffix) | L0 | dead | dense | CE clean / spliced / mean | loss "
+              "recovered | KL spliced / mean |")
+    lines = [header, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r.layer} | {r.n_tokens} | {r.fvu:.3f} ({r.fvu_content:.3f} / {r.fvu_suffix:.3f}) | "
+                     f"{r.l0:.1f} | {r.dead_fraction:.1%} | {r.dense_fraction:.1%} | {r.ce_clean:.3f} / "
+                     f"{r.ce_spliced:.3f} / {r.ce_mean:.3f} | {r.loss_recovered:.3f} | {r.kl_spliced:.4f} / "
+                     f"{r.kl_mean:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["DENSE", "LayerQuality", "quality_table", "sae_quality"]
