@@ -277,6 +277,13 @@ def make_category_model(directory: Path, reads: Mapping[str, int], seed: int = 0
     return directory
 
 
+def template_wrapper(root: Path):
+    """The planted template model (`make_template_model`) written into `root / "model"`, loaded."""
+    from refusal_sae.model import ModelConfig, ModelWrapper
+
+    return ModelWrapper(ModelConfig(name=str(make_template_model(root / "model"))))
+
+
 def category_run(root: Path, reads: Mapping[str, int], n_per_label: int):
     """The category model (`make_category_model`) in `root / "model"`, its same-length prompts (`n_per_label` per
     label and category, half of them discovery) and their activation cache in `root / "cache"`: (wrapper, splits,

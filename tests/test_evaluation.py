@@ -11,7 +11,11 @@ import pytest
 import torch
 
 from refusal_sae.ablation import Ablator
-from refusal_sae.activations import ActivationConfig, InferencePipeline, PromptActivations
+from refusal_sae.activations import (
+    ActivationConfig,
+    InferencePipeline,
+    PromptActivations,
+)
 from refusal_sae.analysis import sanity_word
 from refusal_sae.circuits import Circuit, NodeScores
 from refusal_sae.correlation import CorrelationConfig, correlation_scores
@@ -20,12 +24,12 @@ from refusal_sae.discovery import DiscoveryConfig
 from refusal_sae.errors import UserError
 from refusal_sae.evaluation import (
     ALL_LAYERS,
+    MIB_FRACTIONS,
     CircuitEvaluation,
     Curve,
     EvaluationConfig,
     Point,
     Sanity,
-    MIB_FRACTIONS,
     areas,
     curve_sizes,
     evaluate_circuit,
@@ -35,7 +39,6 @@ from refusal_sae.evaluation import (
 from refusal_sae.features import encode_prompts
 from refusal_sae.io import from_json, to_json
 from refusal_sae.metric import RefusalMetric
-from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.objective import objective
 from refusal_sae.plots import plot_curves
 from refusal_sae.positions import position_scheme
@@ -47,8 +50,8 @@ from tests.planted import (
     PLANTED,
     TEMPLATE,
     exact_saes,
-    make_template_model,
     planted_prompts,
+    template_wrapper,
     vocabulary,
 )
 
@@ -59,7 +62,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def template(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("template")
     with single_thread():
-        wrapper = ModelWrapper(ModelConfig(name=str(make_template_model(root / "model"))))
+        wrapper = template_wrapper(root)
         splits = planted_prompts(24, categories=("alpha",))
         cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=64), root / "cache").run(splits)
     return wrapper, splits, cache

@@ -26,7 +26,6 @@ from refusal_sae.evaluation import EvaluationConfig, evaluate_circuit
 from refusal_sae.features import encode_prompts
 from refusal_sae.io import to_json
 from refusal_sae.metric import RefusalMetric, refusal_scores
-from refusal_sae.model import ModelConfig, ModelWrapper
 from refusal_sae.positions import position_scheme
 from tests.conftest import single_thread
 from tests.planted import (
@@ -34,8 +33,8 @@ from tests.planted import (
     METRIC,
     PLANTED,
     exact_saes,
-    make_template_model,
     planted_prompts,
+    template_wrapper,
 )
 
 GOLDEN = Path(__file__).parent / "golden" / "planted.json"
@@ -48,7 +47,7 @@ def _floats(values) -> list[str]:
 
 def _numbers(root: Path) -> dict:
     with single_thread():
-        wrapper = ModelWrapper(ModelConfig(name=str(make_template_model(root / "model"))))
+        wrapper = template_wrapper(root)
         splits = planted_prompts(12, categories=("alpha",))
         cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=64), root / "cache").run(splits)
         samples = splits["evaluation"]

@@ -14,7 +14,7 @@ from refusal_sae.positions import position_scheme
 from refusal_sae.sae import SAEConfig, SAEMeta, SparseAutoencoder
 from refusal_sae.sae_quality import quality_table, sae_quality
 from tests.conftest import first_prompts, requires_embedded, single_thread
-from tests.planted import LAYERS, exact_saes, make_template_model, planted_prompts
+from tests.planted import LAYERS, exact_saes, planted_prompts, template_wrapper
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def planted(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("quality")
     with single_thread():
-        wrapper = ModelWrapper(ModelConfig(name=str(make_template_model(root / "model"))))
+        wrapper = template_wrapper(root)
     splits = planted_prompts(12, categories=("alpha",))
     samples = splits["discovery"] + splits["evaluation"]
     return wrapper, [s.prompt for s in splits["evaluation"]], position_scheme(wrapper, samples, "positional")
