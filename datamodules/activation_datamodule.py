@@ -21,6 +21,7 @@ from refusal_sae.activations import (
     InferencePipeline,
     PromptActivations,
     TokenStream,
+    template_prefix,
 )
 from refusal_sae.data import PromptConfig, PromptSample, Split, build_prompts, read_splits
 from refusal_sae.errors import UserError
@@ -41,6 +42,9 @@ class ActivationDataModule(L.LightningDataModule):
         batch_size: tokens per SAE training batch (per process).
         num_workers: DataLoader worker processes reading the cache.
         train_splits: prompt splits whose tokens the SAEs train on (SAE training is unsupervised).
+        train_prefix: also train on the shared chat-template prefix (the system prompt and user header, the same
+            hidden states in every prompt, which the analysis never edits): off by default, so the SAEs spend
+            their latents on what varies.
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class ActivationDataModule(L.LightningDataModule):
         batch_size: int = 4096,
         num_workers: int = 0,
         train_splits: tuple[Split, ...] = ("discovery", "evaluation"),
+        train_prefix: bool = False,
     ) -> None:
         super().__init__()
         positive_int("data.batch_size", batch_size, 4096)
@@ -64,6 +69,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.train_splits = list(train_splits)
+        self.train_prefix = train_prefix
         self.splits: dict[Split, list[PromptSample]] = {}
         self.cache: ActivationCache | None = None
         self._wrapper: ModelWrapper | None = None
@@ -104,7 +110,7 @@ class ActivationDataModule(L.LightningDataModule):
         of one) would get less than one batch: the SAEs would take no optimiser step, and be saved and
         analysed untrained."""
         stream = TokenStream(self.cache_dir, batch_size=self.batch_size, seed=self.prompts.seed,
-                             splits=self.train_splits)
+                             splits=self.train_splits, min_position=0 if self.train_prefix else self.template_prefix())
         processes = self.trainer.world_size if self.trainer is not None else 1
         workers = max(self.num_workers, 1)
         tokens = stream.tokens_per_part(processes * workers)
@@ -119,6 +125,14 @@ class ActivationDataModule(L.LightningDataModule):
                 f"use_all){fewer}"
             )
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+
+    def template_prefix(self) -> int:
+        """The shared template prefix's length in tokens, as the cache recorded it (computed from the prompts for a
+        cache written before it did)."""
+        recorded = self.cache.manifest.get("template_prefix")
+        if recorded is not None:
+            return int(recorded)
+        return template_prefix(self.llm(), [s for split in self.splits.values() for s in split])
 
     def prompt_dataset(self, split: Split) -> PromptActivations:
         """Every token of each prompt of `split`, per prompt (for circuit discovery and evaluation)."""

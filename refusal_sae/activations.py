@@ -277,6 +277,7 @@ class InferencePipeline:
         samples = self._samples(splits)
         config = self.cache_config(samples)
         categories = sorted({s.category for s, _ in samples})
+        self._prefix = template_prefix(self.wrapper, [s for s, _ in samples])
         n_shards = -(-len(samples) // self.cfg.shard_size)
         with directory_lock(self.dir, "activation cache", "data.activations.cache_dir"):
             done = self._resume(config)
@@ -346,8 +347,8 @@ class InferencePipeline:
     def _write_manifest(self, config: dict[str, Any], categories: list[str],
                         shards: list[dict[str, Any]], complete: bool) -> None:
         try:
-            write_json(self.dir / MANIFEST, {"config": config, "categories": categories,
-                                             "splits": list(SPLITS), "shards": shards, "complete": complete})
+            write_json(self.dir / MANIFEST, {"config": config, "categories": categories, "splits": list(SPLITS),
+                                             "shards": shards, "complete": complete, "template_prefix": self._prefix})
         except OSError as e:
             raise UserError(
                 f"writing {self.dir / MANIFEST} failed ({e.strerror or e}); free disk space or set "
@@ -466,6 +467,14 @@ def _no_space(tmp: Path, need: int) -> UserError:
     )
 
 
+def template_prefix(wrapper: ModelWrapper, samples: Sequence[PromptSample]) -> int:
+    """Tokens every chat-formatted prompt of `samples` starts with (`refusal_sae.positions`): the same hidden states
+    in every prompt, which the analysis never edits and SAE training leaves out by default."""
+    from refusal_sae.positions import position_scheme
+
+    return position_scheme(wrapper, list(samples), "positional").prefix
+
+
 class TokenStream(torch.utils.data.IterableDataset):
     """Shuffled batches `{layer: (batch_size, d_model)}` of the same tokens for every layer, from a cache.
 
@@ -478,7 +487,7 @@ class TokenStream(torch.utils.data.IterableDataset):
 
     def __init__(self, cache_dir: str | Path, layers: Sequence[str] | None = None, batch_size: int = 4096,
                  seed: int = 0, splits: Sequence[Split] = SPLITS, shuffle: bool = True,
-                 with_index: bool = False) -> None:
+                 with_index: bool = False, min_position: int = 0) -> None:
         super().__init__()
         self.dir = Path(cache_dir)
         cache = ActivationCache(self.dir, verify=False)
@@ -491,6 +500,7 @@ class TokenStream(torch.utils.data.IterableDataset):
         self.split_codes = [SPLITS.index(s) for s in splits]
         self.shuffle = shuffle
         self.with_index = with_index  # also yield "index": each token's row in the whole cache
+        self.min_position = min_position  # tokens before it (the shared template prefix) are left out
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -503,8 +513,9 @@ class TokenStream(torch.utils.data.IterableDataset):
         return sum(len(self._rows(cache, shard)) // parts for shard in range(len(cache.shards)))
 
     def _rows(self, cache: ActivationCache, shard: int) -> np.ndarray:
-        """The rows of `shard` whose tokens belong to the chosen splits."""
-        return np.flatnonzero(np.isin(cache.tokens(shard)["split"], self.split_codes))
+        """The rows of `shard` whose tokens belong to the chosen splits, from `min_position` on."""
+        tokens = cache.tokens(shard)
+        return np.flatnonzero(np.isin(tokens["split"], self.split_codes) & (tokens["position"] >= self.min_position))
 
     @staticmethod
     def _part() -> tuple[int, int]:

@@ -207,6 +207,23 @@ def test_token_stream_parts_are_disjoint_and_equal(tiny_dir: Path, splits, tmp_p
     assert len(discovery) - 3 * len(parts[0]) < 3 * len(cache.shards) + 3 * 4
 
 
+def test_the_template_prefix_is_recorded_and_left_out_of_training(tiny_dir: Path, splits, tmp_path: Path) -> None:
+    """The cache records how many tokens every prompt shares at its start (the chat template's system prompt and user
+    header); a stream from that position on yields exactly the tokens after it, which is what SAEs train on unless
+    data.train_prefix."""
+    cache = collect(tiny_dir, tmp_path / "cache", splits)
+    wrapper = ModelWrapper(ModelConfig(name=str(tiny_dir)))
+    prefix = cache.manifest["template_prefix"]
+    ids = wrapper.encode([s.prompt for split in splits.values() for s in split])
+    assert prefix > 0 and all(row[:prefix] == ids[0][:prefix] for row in ids)
+    assert len({row[prefix] for row in ids}) > 1  # the next token already differs: the prefix is the longest shared
+    stream = TokenStream(tmp_path / "cache", batch_size=5, seed=0, with_index=True, min_position=prefix)
+    position = np.concatenate([cache.tokens(i)["position"] for i in range(len(cache.shards))])
+    seen = torch.cat([b["index"] for b in stream]).numpy()
+    assert (position[seen] >= prefix).all()
+    assert len(seen) == 5 * (int((position >= prefix).sum()) // 5)
+
+
 @pytest.mark.parametrize(
     ("build", "message"),
     [
