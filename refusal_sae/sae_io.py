@@ -105,6 +105,10 @@ def load_sae(
                     f"(d_in={cfg.d_in}, num_latents={cfg.width}) implies {tuple(param.shape)}; "
                     "the two files do not belong together"
                 )
+            if not torch.isfinite(tensors[name]).all():
+                bad = int((~torch.isfinite(tensors[name])).sum())
+                raise UserError(f"{weights_path}: {name} holds {bad} non-finite value(s) (NaN or inf); this SAE "
+                                "diverged or the file is damaged: train it again (or restore it)")
             param.copy_(tensors[name])
     return sae.to(device)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from refusal_sae.analysis import load_discovery
 from refusal_sae.cli import main
@@ -205,3 +206,19 @@ def test_export_clears_what_a_killed_export_left(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saes"]
     assert [p.name for p in saes.iterdir()] == ["residuals_2"]
     assert load_sae(saes / "residuals_2", expected_layer="residuals_2").cfg.width == 16
+
+
+def test_an_sae_with_non_finite_weights_is_refused_naming_the_tensor(tmp_path: Path) -> None:
+    """A diverged SAE (NaN or inf in a weight) would turn every effect into NaN downstream: it is refused at load."""
+    from refusal_sae.sae_io import save_sae
+
+    sae = SparseAutoencoder(SAEConfig(d_in=8, num_latents=16, k=4), SAEMeta(layer="residuals_2", model="m"))
+    save_sae(sae, tmp_path / "ok")
+    assert load_sae(tmp_path / "ok").cfg.width == 16
+    with torch.no_grad():
+        sae.W_dec[3, 1] = float("nan")
+        sae.b_dec[0] = float("inf")
+    save_sae(sae, tmp_path / "bad")
+    with pytest.raises(UserError, match=r"bad/sae.safetensors: (W_dec|b_dec) holds 1 non-finite value\(s\)") as e:
+        load_sae(tmp_path / "bad")
+    assert "\n" not in str(e.value)
