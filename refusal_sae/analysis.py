@@ -79,7 +79,7 @@ from refusal_sae.evaluation import (
     upgrade_record,
 )
 from refusal_sae.features import NodeMeans, encode_prompts
-from refusal_sae.io import from_json
+from refusal_sae.io import from_json, md_cell
 from refusal_sae.layout import (
     AnalysisLayout,
     AnswersSummary,
@@ -463,8 +463,8 @@ def results_table(results: Mapping[str, Sequence[CircuitEvaluation]],
             if r.sanity.random_relative_change is not None:
                 sanity += (f" (random latents outside {r.sanity.random_circuit_nodes} nodes: "
                            f"median change {r.sanity.random_relative_change:.0%} of the span)")
-            sanity = sanity.replace("|", "\\|")
-            lines.append(f"| {r.name} | {r.n_prompts} ({r.n_positive}/{r.n_prompts - r.n_positive}) | {_ci(main.span)} | "
+            sanity = md_cell(sanity)
+            lines.append(f"| {md_cell(r.name)} | {r.n_prompts} ({r.n_positive}/{r.n_prompts - r.n_positive}) | {_ci(main.span)} | "
                          f"{at('0.5')} | {at('0.8')} | {there} | {complete} | {' | '.join(cprs)} | {sanity} |"
                          + (f" {circuit_answers((edits or {}).get((method, r.name)))} |" if answers else ""))
         lines.append("")
@@ -484,7 +484,7 @@ def directions_table(result: DirectionsResult, edits: Mapping[str, CategoryEdits
              "|" + "---|" * (9 + answers)]
     for b, r in enumerate(result.per_category):
         own, band = 1 + b, r.random_change  # row 0 is the global direction, then the categories in order
-        lines.append(f"| {r.category} | {r.n_toxic}/{r.n_safe} | {_ci(r.toxic)} | {_ci(result.ablation[0][b].score)} | "
+        lines.append(f"| {md_cell(r.category)} | {r.n_toxic}/{r.n_safe} | {_ci(r.toxic)} | {_ci(result.ablation[0][b].score)} | "
                      f"{_ci(result.ablation[own][b].score)} | {_ci(result.ablation[0][b].share)} | "
                      f"{band.mean:.2f} ± {band.sd:.2f} | {_ci(r.safe)} | {_ci(result.addition[own][b].score)} |"
                      + (f" {direction_answers((edits or {}).get(r.category))} |" if answers else ""))

@@ -44,6 +44,7 @@ from refusal_sae.data import PromptSample
 from refusal_sae.directions import activation_addition, directional_ablation
 from refusal_sae.errors import UserError
 from refusal_sae.generation import NodeEdit, answer_log_likelihood, generate
+from refusal_sae.io import md_cell
 from refusal_sae.objective import objective
 from refusal_sae.stats import Interval, interval, resample_weights, wilson
 from refusal_sae.validate import all_of, non_negative_int, positive_int, statistics_options
@@ -310,7 +311,7 @@ def edits_table(results: Mapping[str, Sequence[CategoryEdits]]) -> str:
                   "|---|---|---|---|---|"]
         for record in records:
             for o in record.outcomes:
-                lines.append(f"| {record.category} | {o.edit} | {_fmt(o.toxic)} | {_fmt(o.hard)} | "
+                lines.append(f"| {md_cell(record.category)} | {o.edit} | {_fmt(o.toxic)} | {_fmt(o.hard)} | "
                              f"{_fmt_ci(o.coherence_change)} |")
         lines.append("")
     return "\n".join(lines)

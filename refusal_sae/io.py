@@ -107,6 +107,12 @@ def from_json(cls: Any, data: Any) -> Any:
     return data
 
 
+def md_cell(text: object) -> str:
+    """`text` as one markdown table cell: a `|` escaped, line breaks as spaces (a category name holding either would
+    otherwise break the table's columns or rows)."""
+    return " ".join(str(text).split("\n")).replace("\r", " ").replace("|", "\\|")
+
+
 def read_json(path: Path, what: str, how: str) -> Any:
     """The JSON record at `path`; a UserError naming it, `what` is missing and `how` to make it, when it is absent
     or torn."""

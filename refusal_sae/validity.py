@@ -40,7 +40,7 @@ from torch import Tensor
 from refusal_sae.data import PromptSample
 from refusal_sae.errors import UserError
 from refusal_sae.generation import generate
-from refusal_sae.io import write_json
+from refusal_sae.io import md_cell, write_json
 from refusal_sae.metric import (
     DEFAULT_COMPLIANCE_OPENERS,
     RefusalMetric,
@@ -235,7 +235,7 @@ def auc_table_markdown(by_category: Mapping[str, Mapping[str, Any]]) -> str:
             a = row["auc"][name]
             cells.append("n/a" if a["auc"] is None else
                          f"{a['auc']:.2f} [{_fmt(a['low'])}, {_fmt(a['high'])}]")
-        lines.append(f"| {group} | {row['refused']} of {row['n']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {md_cell(group)} | {row['refused']} of {row['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

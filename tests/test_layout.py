@@ -106,3 +106,20 @@ def test_analysis_names_are_plain_and_latest_is_repointed(tmp_path: Path) -> Non
     method = first.method("correlation")
     paths = {method.circuit_paths(n)[0] for n in ("grp.hate", "grp.harass", "grp/toxic")}
     assert len(paths) == 3 and all(p.parent == method.root / "circuits" for p in paths)
+
+
+def test_a_category_name_with_a_bar_or_a_line_break_stays_one_table_cell() -> None:
+    """summary.md's tables: a `|` in a category name is escaped and a line break becomes a space, so the row keeps
+    its columns (a raw `|` would add one, a newline would end the row)."""
+    from refusal_sae.analysis import results_table
+    from refusal_sae.evaluation import ALL_LAYERS, CircuitEvaluation, Curve, Sanity
+    from refusal_sae.stats import Interval
+
+    zero = Interval(0.0, 0.0, 0.0)
+    curve = Curve(ALL_LAYERS, "keep", 50, zero, zero, None, [], None, None, None, {"0.5": None, "0.8": None})
+    record = CircuitEvaluation("self|harm\nx", "self|harm\nx", "all", "m", "toxic", 1, 1, zero, [curve],
+                               Sanity(None, None, None, None, False, "not applicable", "not applicable", None, []))
+    rows = [line for line in results_table({"m": [record]}).splitlines() if line.startswith("| self")]
+    assert len(rows) == 1 and "self\\|harm x" in rows[0]
+    header = next(line for line in results_table({"m": [record]}).splitlines() if line.startswith("| circuit"))
+    assert rows[0].replace("\\|", "").count("|") == header.count("|")
