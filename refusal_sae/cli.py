@@ -286,13 +286,28 @@ def analyze(args: list[str]) -> None:
         raise UserError(f"--source {source.name}: made under protocol {protocol_label(source.protocol)}, this "
                         f"analysis under {protocol_label(theirs)}; take circuits from an analysis under the same "
                         "protocol (or run --stage all)")
-    out.root.mkdir(parents=True)
+    if not _claim(out.root):  # another analyze took the name since it was checked
+        if ns.name is not None:
+            raise UserError(f"{out.root} was just created by another analyze; give this one another --name")
+        out = run.analysis(next(f"analyze_{ns.stage}_{i}" for i in range(1, 10_000)
+                                if _claim(run.analysis_root / f"analyze_{ns.stage}_{i}")))
     if stamp is not None:
         out.write_protocol(stamp)
     out.write_invocation(stages, source.root.resolve().name, cfg)
     summary = run_analysis(_inputs(run, fitted, cfg), out, cfg, stages, source)
     out.mark_complete()
     print(format_summary(summary))
+
+
+def _claim(directory: Path) -> bool:
+    """Create `directory` for this process alone: False if it exists already (another process may have made it),
+    so two `analyze` runs never write into one folder."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        return False
+    return True
 
 
 def _resume(args: list[str], run: RunLayout, fitted: dict, name: str) -> None:

@@ -494,3 +494,23 @@ def test_an_interrupted_analysis_is_finished_by_resume_as_if_never_stopped(
     exists = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--name", "stopped",
                                            *options))
     assert "--resume stopped" in exists
+
+
+@pytest.mark.slow
+def test_two_analyses_started_at_once_never_share_a_folder(tiny_run) -> None:
+    """Two `analyze` processes without --name, started together, pick the same next name; the one that does not
+    create the folder first takes the next one, so each writes a folder of its own, complete."""
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    run = RunLayout(run_dir)
+    before = set(p.name for p in run.analysis_root.iterdir())
+    command = [sys.executable, "-m", "refusal_sae", "analyze", "--run_dir", str(run_dir), "--stage", "summary",
+               "--source", run.epoch(2).name]
+    processes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    made = sorted(set(p.name for p in run.analysis_root.iterdir()) - before)
+    assert len(made) == 2 and all(run.analysis(name).complete for name in made)
+    assert {line for out, _ in outputs for line in out.splitlines() if line.startswith("circuits in ")} == {
+        f"circuits in {run.analysis(name).root}" for name in made}
