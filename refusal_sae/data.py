@@ -81,6 +81,8 @@ def _rows_to_samples(
             raise UserError(f"{where}: empty prompt on line {line}; remove the row or fill in the prompt")
         if not category:
             raise UserError(f"{where}: empty category on line {line}; give every row a category")
+        if bad := _category_problem(category):
+            raise UserError(f"{where}: category {category[:60]!r} on line {line} {bad}; rename it in the file")
         samples.append(
             PromptSample(
                 prompt=prompt,
@@ -95,6 +97,25 @@ def _rows_to_samples(
     if not samples:
         raise UserError(f"{where}: no rows; give a file with at least one prompt")
     return samples
+
+
+MAX_CATEGORY = 80
+"""Characters a category name may have: it names files (circuits, records), whose names have a length limit."""
+
+
+def _category_problem(category: str) -> str | None:
+    """Why `category` cannot name files, or None: it names every circuit and record file of its category, so two
+    names must never map to one file (a `/` is how a circuit's group is joined to it) and a file system must
+    accept it."""
+    if len(category) > MAX_CATEGORY:
+        return f"has {len(category)} characters, more than the {MAX_CATEGORY} a file name can take here"
+    if bad := sorted({c for c in category if c in '/\\' or ord(c) < 32}):
+        return f"holds {', '.join(repr(c) for c in bad)}, which file names cannot (or would join to a group)"
+    if "__" in category:
+        return "holds '__', which file names use to join a category to its circuit's group"
+    if category.startswith("."):
+        return "starts with '.', which would hide its files"
+    return None
 
 
 def _check_columns(columns: Sequence[str] | None, where: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+import re
 from pathlib import Path
 
 import datasets
@@ -151,6 +152,26 @@ def test_category_without_toxic_rows(tmp_path: Path) -> None:
     samples = ORBenchLoader(tmp_path).load()
     with pytest.raises(UserError, match=r"category 'privacy' has no toxic rows"):
         DataProcessor().balance(samples)
+
+
+@pytest.mark.parametrize(("category", "says"), [
+    ("self/harm", "holds '/', which file names cannot"),
+    ("self__toxic", "holds '__', which file names use to join a category to its circuit's group"),
+    ("x" * 81, "has 81 characters, more than the 80"),
+    (".hidden", "starts with '.'"),
+    ("tab\there", "holds '\\t'"),
+])
+def test_a_category_name_that_cannot_name_files_is_one_line_with_its_row(tmp_path: Path, category: str,
+                                                                         says: str) -> None:
+    """Category names name circuit and record files: one that could not (or would collide with another's, as
+    'self/harm' would with 'self__harm' and a circuit 'self/toxic' with a category 'self__toxic') is refused with
+    the file and line, before anything is written."""
+    path = write_csv(tmp_path / "or-bench-toxic.csv", [{"prompt": "p1", "category": "hate"},
+                                                       {"prompt": "p2", "category": category}])
+    write_csv(tmp_path / "or-bench-hard-1k.csv", [{"prompt": "p3", "category": "hate"}])
+    with pytest.raises(UserError, match=re.escape(f"{path}: category ") + ".* on line 3 " + re.escape(says)) as e:
+        ORBenchLoader(tmp_path).load()
+    assert "\n" not in str(e.value) and "rename it in the file" in str(e.value)
 
 
 def test_zero_rows_after_balancing(orbench_dir: Path) -> None:
