@@ -79,14 +79,17 @@ class _Sums:
         return self.sq_err[part] / total if total > 0 else float("nan")
 
 
-def _next_token_losses(logits: Tensor, input_ids: Tensor, predicted: Tensor, clean_logp: Tensor | None = None
+def _log_probs(logits: Tensor) -> Tensor:
+    """Next-token log-probabilities at every position that has a next token, (batch, seq - 1, vocab)."""
+    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def _next_token_losses(logp: Tensor, input_ids: Tensor, predicted: Tensor, clean_logp: Tensor | None = None
                        ) -> tuple[float, float]:
-    """Summed cross-entropy of the next tokens at `predicted` (batch, seq) positions, and summed KL(clean || these)
-    when `clean_logp` is given."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    target = input_ids[:, 1:]
+    """Summed cross-entropy of the next tokens at `predicted` (batch, seq) positions from `_log_probs`, and summed
+    KL(clean || these) when `clean_logp` is given."""
     mask = predicted[:, :-1]
-    ce = -logp.gather(-1, target[..., None])[..., 0][mask].sum()
+    ce = -logp.gather(-1, input_ids[:, 1:, None])[..., 0][mask].sum()
     kl = 0.0
     if clean_logp is not None:
         kl = float((clean_logp.exp() * (clean_logp - logp)).sum(-1)[mask].sum())
@@ -99,39 +102,22 @@ def sae_quality(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencoder], pr
     """Every SAE's quality (module docstring) on `prompts` (held-out ones: the SAEs never trained on them)."""
     layers = wrapper.resolve_layers(list(saes))
     batches = [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
-    # pass 1: the residual's mean over the scored positions (the mean-ablation baseline)
-    means, count = {layer: torch.zeros(saes[layer].cfg.d_in, dtype=torch.float64) for layer in layers}, 0
+    sums = {layer: _Sums(saes[layer].cfg.width, saes[layer].cfg.d_in) for layer in layers}
+    # pass 1: each SAE on the residual (FVU, L0, dead and dense latents) and the residual's mean over the scored
+    # positions (the mean-ablation baseline of pass 2)
     encoded = []
-    for batch in tqdm(batches, desc="SAE quality: clean pass", unit="batch", leave=False):
+    for batch in tqdm(batches, desc="SAE quality: reconstructions", unit="batch", leave=False):
         enc = wrapper.tokenize(batch)
         ids, mask = enc["input_ids"].to(wrapper.device), enc["attention_mask"].to(wrapper.device)
-        lengths = mask.sum(1)
         positions = torch.arange(ids.shape[1], device=ids.device)
         scored = mask.bool() & (positions >= scheme.prefix)
-        suffix = scored & (positions >= (lengths - scheme.suffix)[:, None])
-        residuals = wrapper.residuals(ids, mask, layers)
-        for layer in layers:
-            means[layer] += residuals[layer][scored].double().sum(0).cpu()
-        count += int(scored.sum())
-        encoded.append((ids, mask, scored, suffix))
-    means = {layer: (m / max(count, 1)).float().to(wrapper.device) for layer, m in means.items()}
-    sums = {layer: _Sums(saes[layer].cfg.width, saes[layer].cfg.d_in) for layer in layers}
-    ce_clean, n_predicted = 0.0, 0
-    for ids, mask, scored, suffix in tqdm(encoded, desc="SAE quality: spliced passes", unit="batch", leave=False):
-        predicted = scored.clone()
-        predicted[torch.arange(len(ids)), mask.sum(1) - 1] = False  # the last token's next is the answer's
-        logits = wrapper.model(input_ids=ids, attention_mask=mask).logits
-        clean_logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        ce, _ = _next_token_losses(logits, ids, predicted)
-        ce_clean += ce
-        n_predicted += int(predicted[:, :-1].sum())
+        suffix = scored & (positions >= (mask.sum(1) - scheme.suffix)[:, None])
         residuals = wrapper.residuals(ids, mask, layers)
         for layer in layers:
             sae, s = saes[layer].to(wrapper.device), sums[layer]
             x = residuals[layer].float()
             f = sae.encode(x)
-            x_hat = sae.decode(f)
-            err = ((x - x_hat) ** 2).sum(-1)
+            err = ((x - sae.decode(f)) ** 2).sum(-1)
             for part, where in (("all", scored), ("content", scored & ~suffix), ("suffix", suffix)):
                 s.sq_err[part] += float(err[where].sum())
                 s.x_sum[part] += x[where].double().sum(0).cpu()
@@ -140,6 +126,19 @@ def sae_quality(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencoder], pr
             active = f[scored] > 0
             s.active += active.double().sum(0).cpu()
             s.l0 += float(active.sum())
+        encoded.append((ids, mask, scored))
+    means = {layer: (s.x_sum["all"] / max(s.n["all"], 1)).float().to(wrapper.device) for layer, s in sums.items()}
+    # pass 2: the next-token losses, clean, with each SAE spliced in, and with the residual at its mean
+    ce_clean, n_predicted = 0.0, 0
+    for ids, mask, scored in tqdm(encoded, desc="SAE quality: spliced passes", unit="batch", leave=False):
+        predicted = scored.clone()
+        predicted[torch.arange(len(ids)), mask.sum(1) - 1] = False  # the last token's next is the answer's
+        clean_logp = _log_probs(wrapper.model(input_ids=ids, attention_mask=mask).logits)
+        ce, _ = _next_token_losses(clean_logp, ids, predicted)
+        ce_clean += ce
+        n_predicted += int(predicted[:, :-1].sum())
+        for layer in layers:
+            sae, s = saes[layer], sums[layer]
             for name in ("spliced", "mean"):
                 def edit(hidden: Tensor, name: str = name, sae: SparseAutoencoder = sae, mean: Tensor = means[layer],
                          scored: Tensor = scored) -> Tensor:
@@ -147,7 +146,7 @@ def sae_quality(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencoder], pr
                     return torch.where(scored[..., None], new.to(hidden.dtype), hidden)
 
                 with wrapper.edit_residuals({layer: edit}):
-                    edited = wrapper.model(input_ids=ids, attention_mask=mask).logits
+                    edited = _log_probs(wrapper.model(input_ids=ids, attention_mask=mask).logits)
                 ce, kl = _next_token_losses(edited, ids, predicted, clean_logp)
                 s.ce[name] += ce
                 s.kl[name] += kl
