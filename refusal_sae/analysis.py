@@ -100,7 +100,7 @@ from refusal_sae.plots import (
     plot_directions,
     plot_similarity,
 )
-from refusal_sae.positions import PositionScheme, position_scheme
+from refusal_sae.positions import PositionMode, PositionScheme, position_scheme
 from refusal_sae.protocol import ProtocolStamp
 from refusal_sae.report import build_report
 from refusal_sae.sae import SparseAutoencoder
@@ -134,6 +134,11 @@ class AnalysisInputs:
         """Whether the model refuses each prompt (greedy answers, cached in the run)."""
         return behavior_labels(self.wrapper(), samples, self.validity, self.run.behavior_answers)
 
+    def scheme(self, mode: PositionMode) -> PositionScheme:
+        """The position classes of the run's prompts (both splits) under the model's chat template."""
+        every = [s for split in ("discovery", "evaluation") for s in self.splits.get(split, [])]
+        return position_scheme(self.wrapper(), every, mode)
+
 
 @dataclass
 class Discovery:
@@ -156,8 +161,7 @@ def discovery_inputs(inputs: AnalysisInputs, cfg: DiscoveryConfig, target: str, 
     """What the discovery methods read: the discovery prompts' node values (encoded anew, deterministically, so
     a later stage gets those discovery had), their labels, the model and F."""
     wrapper = inputs.wrapper()
-    every = [s for split in ("discovery", "evaluation") for s in inputs.splits.get(split, [])]
-    scheme = position_scheme(wrapper, every, cfg.positions)
+    scheme = inputs.scheme(cfg.positions)
     log.info("position classes: %s (shared prefix %d tokens, suffix %d)", scheme.node_classes, scheme.prefix,
              scheme.suffix)
     pf = encode_prompts(inputs.saes, PromptActivations(inputs.cache, ["discovery"], list(inputs.saes)), scheme)
@@ -370,8 +374,8 @@ def run_cross_ablation(inputs: AnalysisInputs, discovery: Discovery,
 def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluation]],
               similarity: Mapping[str, Similarity], directions: DirectionsResult | None = None,
               edits: Mapping[str, Sequence[CategoryEdits]] | None = None,
-              ceilings: Mapping[str, Ceiling] | None = None, directions_ceiling: DirectionCeiling | None = None
-              ) -> Summary:
+              ceilings: Mapping[str, Ceiling] | None = None, directions_ceiling: DirectionCeiling | None = None,
+              quality: list[LayerQuality] | None = None) -> Summary:
     """Per method and circuit: F(M) - F(∅), the sizes reaching faithfulness 0.5 / 0.8, CPR, sanity; the
     similarity verdict and the split-half ceiling's; the refusal directions' verdict beside them; and what each
     edit did to the answers."""
@@ -392,12 +396,13 @@ def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluat
                                                     o.coherence_change) for o in r.outcomes] for r in records}
                for method, records in (edits or {}).items()}
     if directions is None:
-        return Summary(str(out.root), methods, answers=answers, protocol=out.protocol)
+        return Summary(str(out.root), methods, answers=answers, protocol=out.protocol, sae_quality=quality)
     v = directions.verdict
     return Summary(str(out.root), methods, DirectionsSummary(
         directions.selection.layer, directions.selection.position, v.label, v.mean_share, v.p_value,
         v.global_share, v.explanation, directions_ceiling and directions_ceiling.verdict,
-        directions_ceiling and directions_ceiling.reason, directions.orthogonal_summary), answers, out.protocol)
+        directions_ceiling and directions_ceiling.reason, directions.orthogonal_summary), answers, out.protocol,
+        quality)
 
 
 def summary_tables(results: Mapping[str, Sequence[CircuitEvaluation]], directions: DirectionsResult | None,
@@ -641,12 +646,12 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
         if source.root != out.root:
             out.copy_discovery(source)
     if "quality" in stages and (cfg.sae_quality or stages[0] == "quality"):
-        wrapper = inputs.wrapper()
-        held_out = list(inputs.splits.get("evaluation", []))
-        scheme = position_scheme(wrapper, [s for split in inputs.splits.values() for s in split], "positional")
-        out.write_sae_quality(sae_quality(wrapper, inputs.saes, [s.prompt for s in held_out], scheme,
-                                          cfg.evaluation.batch_size))
-    quality = out.read_sae_quality(LayerQuality) or source.read_sae_quality(LayerQuality)
+        held_out = [s.prompt for s in inputs.splits.get("evaluation", [])]
+        quality = sae_quality(inputs.wrapper(), inputs.saes, held_out, inputs.scheme("positional"),
+                              cfg.evaluation.batch_size)
+        out.write_sae_quality(quality)
+    else:
+        quality = source.read_sae_quality(LayerQuality)
     similarity = run_similarity(discovery, out, cfg.similarity) if "similarity" in stages else {
         m: s for m in discovery.circuits if (s := source.method(m).read_similarity(Similarity)) is not None}
     if "evaluate" in stages:
@@ -656,10 +661,8 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
     if "cross" in stages and (cfg.cross_ablation.enabled or stages[0] == "cross"):
         run_cross_ablation(inputs, discovery, results, out, cfg.cross_ablation, cfg.evaluation.target, cfg.metric)
     if "directions" in stages and (cfg.directions.enabled or stages[0] == "directions"):
-        wrapper = inputs.wrapper()
-        every = [s for split in ("discovery", "evaluation") for s in inputs.splits.get(split, [])]
-        directions, vectors = run_directions(wrapper, inputs.cache, inputs.splits,
-                                             position_scheme(wrapper, every, "positional"), cfg.directions, cfg.metric)
+        directions, vectors = run_directions(inputs.wrapper(), inputs.cache, inputs.splits, inputs.scheme("positional"),
+                                             cfg.directions, cfg.metric)
         out.directions.write(directions, vectors.arrays, vectors.metadata)
         plot_directions(directions, out.directions.png)
     else:
@@ -674,8 +677,7 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
                           cfg.validity.refusal_phrases)
     else:
         edits = load_edits(source, discovery)
-    summary = summarise(out, results, similarity, directions, edits, ceilings, directions_ceiling)
-    summary.sae_quality = quality
+    summary = summarise(out, results, similarity, directions, edits, ceilings, directions_ceiling, quality)
     out.write_summary(summary, protocol_line(summary.protocol) + "\n\n" + summary_tables(results, directions, edits)
                       + ("\n**SAEs spliced into the model** (held-out prompts)\n\n" + quality_table(quality)
                          if quality else ""))

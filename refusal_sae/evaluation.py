@@ -426,7 +426,7 @@ def _curve(run: _Run, scope: str, layers: list[str], mode: str, ranking: list[tu
         f"F(M) - F(∅) = {span.format('.4g')} is negative: ablating every candidate raises F, so there is no refusal "
         "for a circuit to explain; faithfulness and completeness are undefined")
     n_total = len(ranking)
-    points, faith_points, at_size = [], [], {}
+    points, faith_at = [], {}  # faith_at: size -> faithfulness (value, rows), where defined
     positions = ablator.scheme.node_classes
     for n in curve_sizes(n_total, cfg, where):
         kept = node_mask(ranking[:n], shapes)
@@ -457,13 +457,12 @@ def _curve(run: _Run, scope: str, layers: list[str], mode: str, ranking: list[tu
                             run.interval(fc), run.interval(fmc), faith, complete,
                             band(rand_f), band(rand_c), random_p))
         if faith is not None:
-            faith_points.append((n / n_total, faith_r))
-            at_size[n] = faith_r
+            faith_at[n] = faith_r
     cpr = cmd = cpr_log = cmd_log = None
     area_note = note
     if defined:
-        cpr, cmd, area_note = areas(faith_points, run.interval)
-        mib = [(f, at_size[k]) for f in MIB_FRACTIONS if (k := max(1, int(round(f * n_total)))) in at_size]
+        cpr, cmd, area_note = areas([(n / n_total, r) for n, r in faith_at.items()], run.interval)
+        mib = [(f, faith_at[k]) for f in MIB_FRACTIONS if (k := max(1, round(f * n_total))) in faith_at]
         cpr_log, cmd_log, _ = areas(mib, run.interval, log_axis=True)
     return Curve(scope, mode, n_total, run.interval(empty), span, note, points, cpr, cmd, area_note,
                  *reach_sizes(points), cpr_log, cmd_log)
