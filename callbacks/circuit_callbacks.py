@@ -117,6 +117,10 @@ class CircuitAnalysisCallback(Callback):
                         metrics[f"{prefix}/toxic_refusal_rate"] = a.toxic_refused / a.toxic_n
                     if a.hard_n:
                         metrics[f"{prefix}/hard_refusal_rate"] = a.hard_refused / a.hard_n
+        for t in summary.tradeoff or []:  # the over-refusal trade-off, pooled over the judged categories
+            prefix = f"tradeoff/{t.method}/{t.setting}"
+            metrics[f"{prefix}/toxic_refusal_rate"] = t.toxic_refused / t.toxic_n
+            metrics[f"{prefix}/hard_refusal_rate"] = t.hard_refused / t.hard_n
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             if isinstance(logger, WandbLogger):
@@ -172,6 +176,13 @@ class CircuitAnalysisCallback(Callback):
             logger.log_table("circuits/answers", columns=["method", "category", "edit", "prompt_type", "prompt",
                                                           "unedited_answer", "answer"],
                              data=rows, step=trainer.global_step)
+        if summary.tradeoff:
+            logger.log_table("tradeoff/points", columns=["method", "setting", "toxic_refused", "toxic_n", "hard_refused",
+                                                         "hard_n", "coherence_change", "chosen"],
+                             data=[[t.method, t.setting, t.toxic_refused, t.toxic_n, t.hard_refused, t.hard_n,
+                                    t.coherence_change and t.coherence_change.value, t.chosen]
+                                   for t in summary.tradeoff], step=trainer.global_step)
+            logger.log_image("tradeoff/figure", [str(out.tradeoff_png)], step=trainer.global_step)
         # as Lightning's WandbLogger logs: W&B's own step counter has run past global_step by now (one
         # increment per log call), and W&B drops data logged at an explicit step behind it
         logger.experiment.log({**plots, "trainer/global_step": trainer.global_step})

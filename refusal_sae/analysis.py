@@ -1,5 +1,5 @@
 """The analysis stages after SAE training: discover -> similarity -> evaluate -> cross -> directions -> ceiling ->
-edit -> summary -> report.
+edit -> tradeoff -> summary -> report.
 
 Each stage is a plain function of the SAEs, the activation cache, the prompts and the model
 (`AnalysisInputs`) and of the previous stage's result, passed in memory. A stage returns typed records; this
@@ -18,6 +18,8 @@ run (`analyze`).
                 noise ceiling (`refusal_sae.ceiling`; when `ceiling.enabled`, or asked for by name)
     edit        circuits and the refusal direction judged by the answers they change (`refusal_sae.editing`;
                 when `editing.enabled`, or asked for by name)
+    tradeoff    over-refusal against refusal under over-refusal features, the refusal direction and the
+                false-refusal vector, swept (`refusal_sae.overrefusal`; when `tradeoff.enabled`, or by name)
     summary     the short summary the CLI prints
     report      node cards (top contexts, logit lens, ...) and the analysis as one HTML page (`refusal_sae.report`)
 """
@@ -90,6 +92,7 @@ from refusal_sae.layout import (
     MethodSummary,
     RunLayout,
     Summary,
+    TradeoffSummary,
 )
 from refusal_sae.metric import RefusalMetric, RefusalMetricConfig
 from refusal_sae.model import ModelWrapper
@@ -99,7 +102,9 @@ from refusal_sae.plots import (
     plot_curves,
     plot_directions,
     plot_similarity,
+    plot_tradeoff,
 )
+from refusal_sae.overrefusal import TradeoffConfig, TradeoffResult, category_table, run_tradeoff, tradeoff_table
 from refusal_sae.positions import PositionMode, PositionScheme, position_scheme
 from refusal_sae.protocol import ProtocolStamp
 from refusal_sae.report import build_report
@@ -375,7 +380,7 @@ def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluat
               similarity: Mapping[str, Similarity], directions: DirectionsResult | None = None,
               edits: Mapping[str, Sequence[CategoryEdits]] | None = None,
               ceilings: Mapping[str, Ceiling] | None = None, directions_ceiling: DirectionCeiling | None = None,
-              quality: list[LayerQuality] | None = None) -> Summary:
+              quality: list[LayerQuality] | None = None, tradeoff: TradeoffResult | None = None) -> Summary:
     """Per method and circuit: F(M) - F(∅), the sizes reaching faithfulness 0.5 / 0.8, CPR, sanity; the
     similarity verdict and the split-half ceiling's; the refusal directions' verdict beside them; and what each
     edit did to the answers."""
@@ -395,14 +400,20 @@ def summarise(out: AnalysisLayout, results: Mapping[str, Sequence[CircuitEvaluat
     answers = {method: {r.circuit: [AnswersSummary(o.edit, o.toxic.refused, o.toxic.n, o.hard.refused, o.hard.n,
                                                     o.coherence_change) for o in r.outcomes] for r in records}
                for method, records in (edits or {}).items()}
+    points = None
+    if tradeoff is not None:
+        chosen = {(c.method, c.setting) for c in tradeoff.chosen}
+        points = [TradeoffSummary(p.method, p.setting, p.toxic.refused, p.toxic.n, p.hard.refused, p.hard.n,
+                                  p.coherence_change, (p.method, p.setting) in chosen) for p in tradeoff.points]
     if directions is None:
-        return Summary(str(out.root), methods, answers=answers, protocol=out.protocol, sae_quality=quality)
+        return Summary(str(out.root), methods, answers=answers, protocol=out.protocol, sae_quality=quality,
+                       tradeoff=points)
     v = directions.verdict
     return Summary(str(out.root), methods, DirectionsSummary(
         directions.selection.layer, directions.selection.position, v.label, v.mean_share, v.p_value,
         v.global_share, v.explanation, directions_ceiling and directions_ceiling.verdict,
         directions_ceiling and directions_ceiling.reason, directions.orthogonal_summary), answers, out.protocol,
-        quality)
+        quality, points)
 
 
 def summary_tables(results: Mapping[str, Sequence[CircuitEvaluation]], directions: DirectionsResult | None,
@@ -597,8 +608,8 @@ def _answers(rows: Sequence[AnswersSummary]) -> list[str]:
 
 
 
-STAGES = ("discover", "quality", "similarity", "evaluate", "cross", "directions", "ceiling", "edit", "summary",
-          "report")
+STAGES = ("discover", "quality", "similarity", "evaluate", "cross", "directions", "ceiling", "edit", "tradeoff",
+          "summary", "report")
 
 
 @dataclass
@@ -618,6 +629,8 @@ class AnalysisConfig:
     """The refusal score F is built from (attribution differentiates it, evaluation measures it)."""
     editing: EditingConfig = field(default_factory=EditingConfig)
     """Circuits and the refusal direction judged by the answers they change (greedy generation under edits)."""
+    tradeoff: TradeoffConfig = field(default_factory=TradeoffConfig)
+    """Over-refusal against refusal: over-refusal features, the refusal direction and the false-refusal vector."""
     validity: ValidityConfig = field(default_factory=ValidityConfig)
     """Greedy generation for behaviour labels and the validity report."""
     validity_report: bool = True
@@ -677,8 +690,16 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
                           cfg.validity.refusal_phrases)
     else:
         edits = load_edits(source, discovery)
-    summary = summarise(out, results, similarity, directions, edits, ceilings, directions_ceiling, quality)
+    if "tradeoff" in stages and (cfg.tradeoff.enabled or stages[0] == "tradeoff"):
+        tradeoff = run_overrefusal(inputs, discovery, out, source, cfg)
+    else:
+        tradeoff = source.read_tradeoff(TradeoffResult)
+        if tradeoff is not None and source.root != out.root:
+            out.copy_tradeoff(source)
+    summary = summarise(out, results, similarity, directions, edits, ceilings, directions_ceiling, quality, tradeoff)
     out.write_summary(summary, protocol_line(summary.protocol) + "\n\n" + summary_tables(results, directions, edits)
+                      + ("\n**Over-refusal against refusal** (held-out prompts, pooled)\n\n" + tradeoff_table(tradeoff)
+                         if tradeoff else "")
                       + ("\n**SAEs spliced into the model** (held-out prompts)\n\n" + quality_table(quality)
                          if quality else ""))
     if "report" in stages:
@@ -739,6 +760,21 @@ def run_edits(inputs: AnalysisInputs, discovery: Discovery, results: Mapping[str
             out.method(method).write_edits(record)
             found[method].append(record)
     return found
+
+
+def run_overrefusal(inputs: AnalysisInputs, discovery: Discovery, out: AnalysisLayout, source: AnalysisLayout,
+                    cfg: AnalysisConfig) -> TradeoffResult:
+    """The over-refusal trade-off (`refusal_sae.overrefusal`) at the refusal-directions stage's site (of this
+    analysis or its source; `tradeoff.layer` overrides), written with its tables and figure."""
+    ablator = _ablator(inputs, discovery, cfg.metric, cfg.tradeoff.batch_size)
+    site = next(((r.selection.layer, r.selection.position) for place in (out, source)
+                 if (r := place.directions.read(DirectionsResult)) is not None), None)
+    result = run_tradeoff(ablator, inputs.cache, inputs.splits, site, cfg.tradeoff,
+                          cfg.validity.refusal_phrases)
+    out.write_tradeoff(result, tradeoff_table(result) + "\nPer category (toxic / hard refused):\n\n"
+                       + category_table(result))
+    plot_tradeoff(result, out.tradeoff_png)
+    return result
 
 
 def load_edits(out: AnalysisLayout, discovery: Discovery) -> dict[str, list[CategoryEdits]]:

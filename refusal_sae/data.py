@@ -43,6 +43,9 @@ FILES: dict[DatasetType, str] = {
     "hard": "or-bench-hard-1k.csv",
     "toxic": "or-bench-toxic.csv",
 }
+BUNDLED_SETS: dict[str, str] = {"transfer": "xstest-style.csv"}
+"""Other prompt sets written for the project, in `sample_data/`: `transfer` holds safe prompts that share words
+with unsafe ones and their unsafe twins, in XSTest's style (columns prompt, label safe/unsafe, type)."""
 HUB_PREFIX = "hub:"
 SAMPLE_SOURCE = "sample"
 REQUIRED_COLUMNS = ("prompt", "category")

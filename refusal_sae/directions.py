@@ -353,14 +353,15 @@ def site_residuals(cache: ActivationCache, layer: str, position: str) -> tuple[n
 
 
 @contextlib.contextmanager
-def directional_ablation(wrapper: ModelWrapper, direction: Tensor) -> Iterator[None]:
-    """Within the block the model runs without `direction`: x <- x - (x . u) u, u = direction / |direction|, on
-    the embeddings' output and after every decoder block, at every position."""
+def directional_ablation(wrapper: ModelWrapper, direction: Tensor, strength: float = 1.0) -> Iterator[None]:
+    """Within the block the model runs without `direction`: x <- x - strength (x . u) u, u = direction /
+    |direction|, on the embeddings' output and after every decoder block, at every position (strength 1 removes
+    the component; less leaves part of it)."""
     u = (direction / direction.norm()).to(wrapper.device, torch.float32)
 
     def project(hidden: Tensor) -> Tensor:
         x = hidden.float()
-        return (x - (x @ u)[..., None] * u).to(hidden.dtype)
+        return (x - strength * (x @ u)[..., None] * u).to(hidden.dtype)
 
     handle = wrapper.model.get_input_embeddings().register_forward_hook(lambda module, args, out: project(out))
     try:

@@ -248,8 +248,8 @@ def edit_category(ablator: Ablator, circuit: Circuit, scores: NodeScores, sample
             coherence = interval(float(finite.mean()), weights @ finite, cfg.confidence)
             delta = finite - np.nan_to_num(unedited)
             change = interval(float(delta.mean()), weights @ delta, cfg.confidence)
-        return EditOutcome(name, n, _rate(refused[: len(toxic)], cfg.confidence),
-                           _rate(refused[len(toxic):], cfg.confidence), coherence, change, texts)
+        return EditOutcome(name, n, refusal_rate(refused[: len(toxic)], cfg.confidence),
+                           refusal_rate(refused[len(toxic):], cfg.confidence), coherence, change, texts)
 
     donors, matched, offsets, note = None, [], [], "not asked for (editing.values)"
     if "counterfactual" in cfg.values:
@@ -297,7 +297,8 @@ def _donors(ablator: Ablator, category: str, discovery: Sequence[PromptSample], 
     return ablator.prompt_values(used), matched, offsets, note
 
 
-def _rate(refused: Sequence[bool], confidence: float) -> Rate:
+def refusal_rate(refused: Sequence[bool], confidence: float) -> Rate:
+    """The refused answers among `refused` with a Wilson interval."""
     k, n = int(sum(refused)), len(refused)
     return Rate(k, n, wilson(k, n, confidence) if n else None)
 
@@ -354,5 +355,5 @@ def _fmt_ci(x: Interval | None) -> str:
     return "n/a" if x is None else x.format("+.3f")
 
 
-__all__ = ["MODEL", "CategoryEdits", "EditOutcome", "EditingConfig", "GlobalDirection", "Rate", "answers_cell",
+__all__ = ["MODEL", "CategoryEdits", "EditOutcome", "EditingConfig", "GlobalDirection", "Rate", "answers_cell", "refusal_rate",
            "circuit_answers", "circuit_edits", "direction_answers", "edit_category", "edits_table"]

@@ -28,6 +28,8 @@
         directions/directions.json, .safetensors, .png        refusal directions per category, their
                                                               cross-category ablation, verdict (refusal_sae.directions)
         directions/ceiling.json                               their split-half ceiling (refusal_sae.ceiling)
+        tradeoff/tradeoff.json, .png, .md                     over-refusal against refusal under three edits swept,
+                                                              every answer (refusal_sae.overrefusal)
         report/index.html, cards.json                         what each node is: node cards, circuit graphs, figures
                                                               in one page (refusal_sae.report)
         sae_quality.json                                      each SAE spliced in on held-out prompts (sae_quality)
@@ -161,6 +163,20 @@ class AnswersSummary:
 
 
 @dataclasses.dataclass
+class TradeoffSummary:
+    """One point of the over-refusal trade-off, pooled over the judged categories (`refusal_sae.overrefusal`)."""
+
+    method: str
+    setting: str
+    toxic_refused: int
+    toxic_n: int
+    hard_refused: int
+    hard_n: int
+    coherence_change: Interval | None
+    chosen: bool
+
+
+@dataclasses.dataclass
 class Summary:
     """What the CLI prints and the callback logs: per method and circuit the evaluation's main numbers, the
     similarity verdict, the refusal directions' verdict, and what the edits did to the answers."""
@@ -174,6 +190,8 @@ class Summary:
     """The stamp of the protocol the analysis ran under (`refusal_sae.protocol`); None: exploratory."""
     sae_quality: list[LayerQuality] | None = None
     """Each SAE spliced into the model on held-out prompts (`refusal_sae.sae_quality`; None: the stage did not run)."""
+    tradeoff: list[TradeoffSummary] | None = None
+    """Each point of the over-refusal trade-off (`refusal_sae.overrefusal`; None: the stage did not run)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,6 +466,31 @@ class AnalysisLayout:
         return NodeMeans.read(self.means_path)
 
     @property
+    def tradeoff_json(self) -> Path:
+        return self.root / "tradeoff" / "tradeoff.json"
+
+    @property
+    def tradeoff_png(self) -> Path:
+        return self.root / "tradeoff" / "tradeoff.png"
+
+    def write_tradeoff(self, record: Any, table: str) -> None:
+        """The trade-off record and its tables (`tradeoff.md`); the record last, so its presence means done."""
+        self.tradeoff_json.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(self.tradeoff_json.with_suffix(".md"), "w", encoding="utf-8") as f:
+            f.write(table)
+        _write_record(self.tradeoff_json, record, self.protocol)
+
+    def copy_tradeoff(self, source: AnalysisLayout) -> None:
+        """The trade-off's files of `source`, for a summary or report made here from it."""
+        shutil.copytree(source.tradeoff_json.parent, self.tradeoff_json.parent, dirs_exist_ok=True)
+
+    def read_tradeoff(self, cls: type[T]) -> T | None:
+        """The trade-off record (`overrefusal.TradeoffResult`); None when the stage did not run here."""
+        if not self.tradeoff_json.is_file():
+            return None
+        return from_json(cls, read_json(self.tradeoff_json, "over-refusal trade-off", "run analyze --stage tradeoff again"))
+
+    @property
     def sae_quality_json(self) -> Path:
         return self.root / "sae_quality.json"
 
@@ -614,4 +657,4 @@ class RunLayout:
 LATEST = "latest"
 
 __all__ = ["AnalysisLayout", "CircuitEntry", "CircuitSummary", "DirectionsLayout", "DirectionsSummary",
-           "DiscoveryRecord", "MethodLayout", "MethodSummary", "RunLayout", "Summary"]
+           "DiscoveryRecord", "MethodLayout", "MethodSummary", "RunLayout", "Summary", "TradeoffSummary"]

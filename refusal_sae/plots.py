@@ -1,7 +1,7 @@
 """Every figure, drawn from a stage's record and written as a PNG where the run layout says: the prompts per
 category (data report), faithfulness and completeness curves (one panel per circuit, intervals shaded, random circuits as a band), the
 similarity heatmaps, the split-half noise ceiling, the circuit cross-ablation matrix and the refusal directions' matrix, all made of one
-annotated heatmap panel."""
+annotated heatmap panel; the over-refusal trade-off."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # records are read, never built, here: the data stage draws w
     from refusal_sae.cross_ablation import CrossAblationResult
     from refusal_sae.directions import DirectionsResult
     from refusal_sae.evaluation import CircuitEvaluation, Curve
+    from refusal_sae.overrefusal import TradeoffResult
     from refusal_sae.similarity import Similarity
     from refusal_sae.stats import Effect
 
@@ -237,6 +238,45 @@ def plot_directions(result: DirectionsResult, path: Path) -> None:
     fig.colorbar(image, ax=right, label="cosine")
     fig.suptitle(f"Refusal directions at {result.selection.layer}, position {result.selection.position}: "
                  f"{result.verdict.label}")
+    _save(fig, path, 110)
+
+
+def plot_tradeoff(result: TradeoffResult, path: Path) -> None:
+    """Toxic refusal against over-refusal (hard-but-safe prompts refused), pooled, one line per method through its
+    sweep's points (Wilson intervals on both axes), the unedited model a black star, the chosen points ringed.
+    Up and to the left is better."""
+    fig = Figure(figsize=(7.5, 5.5), layout="constrained")
+    ax = fig.subplots()
+    colours = {"features": "tab:red", "refusal direction": "tab:blue", "false-refusal vector": "tab:green"}
+    chosen = {(c.method, c.setting) for c in result.chosen}
+    for method, colour in colours.items():
+        mine = sorted((p for p in result.points if p.method == method), key=lambda p: p.hard.rate.value)
+        if not mine:
+            continue
+        x = np.array([p.hard.rate.value for p in mine])
+        y = np.array([p.toxic.rate.value for p in mine])
+        # (Wilson bounds at 0/n and n/n sit on the estimate up to rounding)
+        xerr = np.clip([[p.hard.rate.value - p.hard.rate.low, p.hard.rate.high - p.hard.rate.value] for p in mine],
+                       0, None).T
+        yerr = np.clip([[p.toxic.rate.value - p.toxic.rate.low, p.toxic.rate.high - p.toxic.rate.value]
+                        for p in mine], 0, None).T
+        ax.errorbar(x, y, yerr=yerr, xerr=xerr, color=colour, marker="o", capsize=2, lw=1.2, label=method, alpha=0.85)
+        for p in mine:
+            ax.annotate(p.setting, (p.hard.rate.value, p.toxic.rate.value), fontsize=7, color=colour,
+                        xytext=(4, -9), textcoords="offset points")
+            if (p.method, p.setting) in chosen:
+                ax.scatter([p.hard.rate.value], [p.toxic.rate.value], s=160, facecolors="none", edgecolors=colour)
+    base = result.points[0]
+    ax.scatter([base.hard.rate.value], [base.toxic.rate.value], marker="*", s=220, color="black", zorder=5,
+               label="unedited")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel(f"hard-but-safe prompts refused (over-refusal), n = {base.hard.n}")
+    ax.set_ylabel(f"toxic prompts refused, n = {base.toxic.n}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"Lowering over-refusal: three edits swept (vectors at {result.layer}, {result.position}); "
+                 "better is up and left", fontsize=9)
     _save(fig, path, 110)
 
 

@@ -284,12 +284,26 @@
     if (m.answers.length) section.appendChild(answersBlock(m.answers));
     main.appendChild(section);
   });
-  if (data.comparison || data.directions || data.summary_html || data.validity) {
+  if (data.comparison || data.directions || data.summary_html || data.validity || data.tradeoff) {
     const rest = el("section");
     figure(rest, "Methods side by side", data.comparison);
     if (data.directions) {
       figure(rest, `Refusal directions (${data.directions.layer}, position ${data.directions.position})`, data.directions.png);
       rest.appendChild(el("p", {}, data.directions.verdict));
+    }
+    if (data.tradeoff) {
+      const t = data.tradeoff;
+      rest.appendChild(el("h2", {}, "Lowering over-refusal"));
+      figure(rest, "Toxic refusal against over-refusal, three edits swept", t.png);
+      if (t.tables_html) {
+        const div = el("div");
+        div.innerHTML = t.tables_html; // built and escaped by refusal_sae.report.markdown_tables
+        rest.appendChild(div);
+      }
+      const details = el("details");
+      details.appendChild(el("summary", {}, "Every held-out answer under each method's chosen edit"));
+      details.appendChild(table(t.columns, t.answers));
+      rest.appendChild(details);
     }
     if (data.summary_html) {
       rest.appendChild(el("h2", {}, "Results"));

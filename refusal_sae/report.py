@@ -49,6 +49,7 @@ from refusal_sae.errors import UserError
 from refusal_sae.io import from_json, to_json
 from refusal_sae.layout import AnalysisLayout, DiscoveryRecord, RunLayout, Summary
 from refusal_sae.model import ModelWrapper
+from refusal_sae.overrefusal import UNEDITED, TradeoffResult
 from refusal_sae.positions import PositionScheme
 from refusal_sae.sae import SparseAutoencoder
 from refusal_sae.similarity import Similarity
@@ -407,6 +408,7 @@ def report_data(out: AnalysisLayout, run: RunLayout, record: DiscoveryRecord,
             "answers": to_json(edits.get(method, [])),
         })
     directions = out.directions.read(DirectionsResult)
+    tradeoff = out.read_tradeoff(TradeoffResult)
     validity = json.loads(run.validity.read_text(encoding="utf-8")) if run.validity.is_file() else None
     if validity is not None:
         validity.pop("prompts", None)
@@ -419,9 +421,24 @@ def report_data(out: AnalysisLayout, run: RunLayout, record: DiscoveryRecord,
         "directions": None if directions is None else {
             "png": _image(out.directions.png), "verdict": directions.verdict.explanation,
             "layer": directions.selection.layer, "position": directions_position},
+        "tradeoff": None if tradeoff is None else tradeoff_panel(out, tradeoff),
         "validity": validity,
         "summary_html": markdown_tables(out.summary_md.read_text(encoding="utf-8")) if out.summary_md.is_file() else None,
     }
+
+
+def tradeoff_panel(out: AnalysisLayout, result: TradeoffResult) -> dict[str, Any]:
+    """The trade-off's figure, its tables, and every held-out answer under each method's chosen edit beside the
+    unedited one."""
+    shown = [(UNEDITED, UNEDITED)] + [(c.method, c.setting) for c in result.chosen if c.setting]
+    answers = [result.point(m, s).answers for m, s in shown]
+    rows = [[result.prompt_categories[i], "toxic" if i < result.n_toxic else "hard", prompt, *(a[i] for a in answers)]
+            for i, prompt in enumerate(result.prompts)]
+    md = out.tradeoff_json.with_suffix(".md")
+    return {"png": _image(out.tradeoff_png),
+            "tables_html": markdown_tables(md.read_text(encoding="utf-8")) if md.is_file() else None,
+            "columns": ["category", "prompt type", "prompt", *(m if m == UNEDITED else f"{m}: {s}" for m, s in shown)],
+            "answers": rows}
 
 
 @dataclass

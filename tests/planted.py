@@ -295,3 +295,46 @@ def category_run(root: Path, reads: Mapping[str, int], n_per_label: int):
     splits = planted_prompts(n_per_label, triggers=category_triggers(), same_length=True)
     cache = InferencePipeline(wrapper, ActivationConfig(layers=LAYERS, shard_size=128), root / "cache").run(splits)
     return wrapper, splits, cache
+
+
+TRUE_REFUSAL, FALSE_REFUSAL = 0, 1
+"""Basis directions of the over-refusal model: what toxic requests write, and what harmful-looking words write."""
+COMPLY = 0.6
+"""The over-refusal model's compliance logit per unit of m at the generation position."""
+
+
+def make_overrefusal_model(directory: Path, seed: int = 0) -> Path:
+    """The category model with alpha's trigger words writing the true-refusal direction and beta's the
+    false-refusal one, the head reading both (refusal = GAIN * (b_0 + b_1) . norm(x)) and writing the compliance
+    word from m (COMPLY * m . norm(x)). A prompt with no trigger is answered; one beta word (a harmful-looking word
+    in a safe request) is refused: over-refusal; a toxic request (an alpha and a beta word) is refused, and still
+    is without its beta word. So setting the false-refusal latent to its harmless value (0) ends the
+    over-refusal and keeps the refusal, while the true refusal direction (toxic minus harmless means: b_0 + b_1)
+    holds the false one too."""
+    make_category_model(directory, {"alpha": TRUE_REFUSAL, "beta": FALSE_REFUSAL}, seed)
+    path = directory / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path)
+    how = make_tiny_tokenizer().convert_tokens_to_ids(COMPLIANCE_WORD)
+    weights["lm_head.weight"][how] = COMPLY * basis()[-1]
+    save_file(weights, path, metadata={"format": "pt"})
+    return directory
+
+
+def overrefusal_prompts(n: int, seed: int = 0) -> tuple[list[PromptSample], list[PromptSample], list[str]]:
+    """(toxic, hard, harmless) prompts of 6-8 words, category "alpha": a toxic one holds one alpha and one beta
+    trigger word, a hard one one beta word, a harmless one none (the triggers replace neutral words)."""
+    rng = random.Random(seed)
+    triggers, (_, neutral) = category_triggers(), vocabulary()
+    out: dict[str, list[str]] = {"toxic": [], "hard": [], "harmless": []}
+    for kind, words_in in (("toxic", ("alpha", "beta")), ("hard", ("beta",)), ("harmless", ())):
+        for _ in range(n):
+            words = rng.choices(neutral, k=rng.randint(6, 8))
+            slots = rng.sample(range(len(words)), len(words_in))
+            for slot, category in zip(slots, words_in):
+                words[slot] = rng.choice(triggers[category])
+            out[kind].append(" ".join(words))
+    toxic = [PromptSample(p, "alpha", True, "toxic", "planted") for p in out["toxic"]]
+    hard = [PromptSample(p, "alpha", False, "hard", "planted") for p in out["hard"]]
+    return toxic, hard, out["harmless"]

@@ -27,6 +27,7 @@ from refusal_sae.evaluation import (
     faithful_sizes,
 )
 from refusal_sae.layout import RunLayout
+from refusal_sae.overrefusal import TradeoffResult, tradeoff_table
 from refusal_sae.sae_io import load_sae
 from tests.conftest import ROOT, write_csv
 from tests.run_cli import cli, cli_in_process, one_line_error
@@ -514,3 +515,45 @@ def test_two_analyses_started_at_once_never_share_a_folder(tiny_run) -> None:
     assert len(made) == 2 and all(run.analysis(name).complete for name in made)
     assert {line for out, _ in outputs for line in out.splitlines() if line.startswith("circuits in ")} == {
         f"circuits in {run.analysis(name).root}" for name in made}
+
+
+@pytest.mark.slow
+def test_analyze_tradeoff_sweeps_three_methods_and_chooses_per_method(capsys: pytest.CaptureFixture[str],
+                                                                         tiny_run) -> None:
+    """`analyze --stage tradeoff` judges every point of the three sweeps by the answers, writes the record, its
+    tables and figure, puts the table in the summary and applies each method's choice to the transfer set; a
+    strength outside its range is one line naming the option."""
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    run = RunLayout(run_dir)
+    options = ["--source", run.epoch(2).name, "--analysis.tradeoff.layer", "residuals_1",
+               "--analysis.tradeoff.categories", "[harassment, illegal, violence]",  # those with hard held-out prompts
+               "--analysis.tradeoff.feature_sizes", "[2]", "--analysis.tradeoff.direction_strengths", "[1.0]",
+               "--analysis.tradeoff.direction_subtract", "[]", "--analysis.tradeoff.orthogonalisation", "[1.0]",
+               "--analysis.tradeoff.max_new_tokens", "2", "--analysis.tradeoff.bootstrap", "100"]
+    done = cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "tradeoff", "--name", "tradeoff",
+                          *options)
+    assert done.returncode == 0, done.stderr
+    out = run.analysis("tradeoff")
+    record = out.read_tradeoff(TradeoffResult)
+    assert [(p.method, p.setting) for p in record.points] == [
+        ("unedited", "unedited"), ("features", "ablate 2"), ("features", "scale 0 x2"),
+        ("refusal direction", "project out x1"), ("false-refusal vector", "orthogonal x1")]
+    for p in record.points:
+        assert len(p.answers) == len(record.prompts) == p.toxic.n + p.hard.n
+        assert sum(c.toxic.n + c.hard.n for c in p.categories) == len(record.prompts)
+    assert {c.method for c in record.chosen} == {"features", "refusal direction", "false-refusal vector"}
+    assert record.transfer[0].setting == "unedited" and len(record.transfer_prompts) == 80
+    assert out.tradeoff_png.is_file() and "Transfer" in out.tradeoff_json.with_suffix(".md").read_text()
+    assert tradeoff_table(record) in out.summary_md.read_text()
+    report = cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "report", "--source", "tradeoff",
+                            "--name", "tradeoff_report")
+    assert report.returncode == 0, report.stderr
+    page = run.analysis("tradeoff_report").report_html.read_text()
+    assert "Lowering over-refusal" in page and record.points[1].answers[0][:20] in page
+    error = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "tradeoff",
+                                          *options, "--analysis.tradeoff.direction_strengths", "[2.0]"))
+    assert "tradeoff.direction_strengths: 2.0 is outside (0, 1]" in error, error
+    error = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "tradeoff",
+                                          *options, "--analysis.tradeoff.categories", "null"))
+    assert "tradeoff.categories: ['deception', 'harmful'," in error and "(here ['harassment', 'illegal'," in error

@@ -45,10 +45,14 @@ def test_ddp_ranks_end_identical_with_global_dead_latent_counts_and_w_and_b_offl
     config.write_text(DEFAULT_CONFIG.read_text().replace("run_dir: runs/default", f"run_dir: {tmp_path}"))
     args = [a for a in tiny if a not in ("--trainer.logger", "false")]
     args[args.index(str(DEFAULT_CONFIG))] = str(config)
-    # the edit stage on too, on one category: its refusal rates as metrics, every answer in a table
+    # the edit and trade-off stages on too, on one category: refusal rates as metrics, answers and points in tables
     callbacks = tmp_path / "callbacks.yaml"
     callbacks.write_text(TINY_CALLBACKS.replace("          validity:", "          editing: {enabled: true, categories: "
                                                 "[violence], random_circuits: 1, max_new_tokens: 2, bootstrap: 100}\n"
+                                                "          tradeoff: {enabled: true, categories: [violence], layer: "
+                                                "residuals_1, feature_sizes: [2], direction_strengths: [1.0], "
+                                                "direction_subtract: [], orthogonalisation: [1.0], max_new_tokens: 2, "
+                                                "bootstrap: 100, transfer: null}\n"
                                                 "          validity:"))
     args[args.index("--config", args.index(str(config)) + 1) + 1] = str(callbacks)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
@@ -88,7 +92,8 @@ def test_ddp_ranks_end_identical_with_global_dead_latent_counts_and_w_and_b_offl
                 "sae/residuals_0/cos_sim", "circuits/correlation/violence/span",
                 "circuits/correlation/hate/sanity_passed", "circuits/correlation/violence/faithfulness",
                 "circuits/correlation/curves", "circuits/correlation/similarity", "circuits/points",
-                "answers/correlation/violence/model/toxic_refusal_rate", "circuits/answers"):
+                "answers/correlation/violence/model/toxic_refusal_rate", "circuits/answers",
+                "tradeoff/features/ablate 2/hard_refusal_rate", "tradeoff/points", "tradeoff/figure"):
         assert key.encode() in history, key
     # the report's node cards as a table, a row per card, each with its top contexts as an HTML file (highlighted
     # tokens) in the table's artifact
