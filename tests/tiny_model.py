@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from refusal_sae.data import sample_data_dir
+from refusal_sae.data import FILES, sample_data_dir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -37,10 +37,11 @@ _WORD = re.compile(r"\w+|[^\w\s]+")
 
 
 def sample_prompts() -> list[str]:
-    """Every prompt of the bundled sample CSVs, in file order (320 prompts)."""
+    """Every prompt of the bundled OR-Bench sample CSVs, in file order (320 prompts; the other bundled sets are
+    not the sample)."""
     prompts = []
-    for path in sorted(sample_data_dir().glob("*.csv")):
-        with open(path, encoding="utf-8", newline="") as f:
+    for name in sorted(FILES.values()):
+        with open(sample_data_dir() / name, encoding="utf-8", newline="") as f:
             prompts += [row["prompt"] for row in csv.DictReader(f)]
     return prompts
 
