@@ -771,8 +771,8 @@ def run_overrefusal(inputs: AnalysisInputs, discovery: Discovery, out: AnalysisL
                  if (r := place.directions.read(DirectionsResult)) is not None), None)
     result = run_tradeoff(ablator, inputs.cache, inputs.splits, site, cfg.tradeoff,
                           cfg.validity.refusal_phrases)
-    out.write_tradeoff(result, tradeoff_table(result) + "\nPer category (toxic / hard refused):\n\n"
-                       + category_table(result))
+    out.write_tradeoff(result, tradeoff_table(result) + "\nPer category (refused toxic · refused hard-but-safe "
+                       "held-out prompts):\n\n" + category_table(result))
     plot_tradeoff(result, out.tradeoff_png)
     return result
 

@@ -504,16 +504,13 @@ def tradeoff_table(result: TradeoffResult) -> str:
 
 
 def category_table(result: TradeoffResult) -> str:
-    """Markdown: per category, toxic / hard refusal of the unedited model and of each method's chosen point."""
-    shown = [(UNEDITED, UNEDITED)] + [(c.method, c.setting) for c in result.chosen if c.setting]
-    head = "| category | " + " | ".join(f"{m}: {md_cell(s)}" if m != UNEDITED else m for m, s in shown) + " |"
-    lines = [head, "|---" * (len(shown) + 1) + "|"]
-    for i, c in enumerate(result.points[0].categories):
-        cells = []
-        for m, s in shown:
-            r = result.point(m, s).categories[i]
-            cells.append(f"{_rate_cell(r.toxic)} / {_rate_cell(r.hard)}")
-        lines.append(f"| {c.category} | " + " | ".join(cells) + " |")
+    """Markdown: per point (rows) and category (columns), refused toxic / refused hard held-out prompts."""
+    categories = [c.category for c in result.points[0].categories]
+    lines = ["| method | setting | " + " | ".join(md_cell(c) for c in categories) + " |",
+             "|---|---" + "|---" * len(categories) + "|"]
+    for p in result.points:
+        cells = [f"{c.toxic.refused}/{c.toxic.n} · {c.hard.refused}/{c.hard.n}" for c in p.categories]
+        lines.append(f"| {p.method} | {md_cell(p.setting)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -152,3 +152,17 @@ def test_the_bundled_transfer_set_pairs_safe_prompts_with_unsafe_twins() -> None
     prompts, unsafe = read_prompt_csv(bundled_transfer(), "tradeoff.transfer", labelled=True)
     assert len(prompts) == len(set(prompts)) >= 80
     assert unsafe[0::2] == [False] * (len(prompts) // 2) and unsafe[1::2] == [True] * (len(prompts) // 2)
+
+
+def test_the_category_table_has_a_row_per_point_and_a_column_per_category(planted) -> None:
+    from refusal_sae.overrefusal import category_table
+
+    ablator, cache, splits, files = planted
+    with single_thread():
+        result = run_tradeoff(ablator, cache, splits, None, config(files, feature_sizes=[], transfer=None,
+                                                                    direction_subtract=[], orthogonalisation=[]),
+                              [REFUSAL_WORD])
+    lines = category_table(result).strip().split("\n")
+    assert lines[0] == "| method | setting | alpha |"
+    assert lines[2:] == ["| unedited | unedited | 8/8 · 8/8 |", "| refusal direction | project out x1 | 0/8 · 0/8 |"]
+    assert result.transfer == [] and result.chosen[0].method == DIRECTION
