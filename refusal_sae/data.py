@@ -21,7 +21,7 @@ import io
 import logging
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -72,12 +72,14 @@ Locations = dict[tuple[str, str], list[str]]
 
 
 def _rows_to_samples(
-    rows: Iterable[dict[str, Any]], dataset_type: DatasetType, where: str, locations: Locations | None = None
+    rows: Iterable[tuple[int, dict[str, Any]]], dataset_type: DatasetType, where: str,
+    locations: Locations | None = None
 ) -> list[PromptSample]:
-    """Validate raw `prompt,category` rows and turn them into samples; `where` names the source in errors
-    and, with `locations`, in the location recorded for each row (so later errors can point at the row)."""
+    """Validate raw `prompt,category` rows, each with the line it ends on, and turn them into samples; `where`
+    names the source in errors and, with `locations`, in the location recorded for each row (so later errors can
+    point at the row)."""
     samples = []
-    for line, row in enumerate(rows, start=2):  # line 1 is the header
+    for line, row in rows:
         prompt = (row.get("prompt") or "").strip()
         category = (row.get("category") or "").strip()
         if not prompt:
@@ -122,6 +124,9 @@ def _category_problem(category: str) -> str | None:
 
 
 def _check_columns(columns: Sequence[str] | None, where: str) -> None:
+    repeated = sorted({c for c in columns or [] if list(columns).count(c) > 1})
+    if repeated:
+        raise UserError(f"{where}: the header names column(s) {repeated} twice; give each column once")
     for column in REQUIRED_COLUMNS:
         if column not in (columns or []):
             found = ", ".join(columns or []) or "none"
@@ -142,9 +147,25 @@ def read_orbench_csv(path: Path, dataset_type: DatasetType, locations: Locations
         raise UserError(
             f"{path}: not valid UTF-8 (byte {e.start}, line {line}); re-save the file as UTF-8"
         ) from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     _check_columns(reader.fieldnames, str(path))
-    return _rows_to_samples(reader, dataset_type, str(path), locations)
+    return _rows_to_samples(_strict_rows(reader, path), dataset_type, str(path), locations)
+
+
+def _strict_rows(reader: csv.DictReader, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line, row) of each row, refusing a row with more fields than the header (an unquoted comma in a prompt
+    would otherwise shift the category) and a stray or unclosed double quote (which would swallow the rows after
+    it)."""
+    try:
+        for row in reader:
+            if None in row:
+                n = len(reader.fieldnames) + len(row[None])
+                raise UserError(f"{path}: line {reader.line_num} has {n} fields, the header {len(reader.fieldnames)}; "
+                                "put a prompt that holds a comma in double quotes")
+            yield reader.line_num, row
+    except csv.Error as e:
+        raise UserError(f"{path}: after line {reader.line_num}: {e} (a stray or unclosed double quote); quote a "
+                        'field that holds quotes and double the quotes inside it ("say ""no""")') from None
 
 
 class ORBenchLoader:
@@ -219,7 +240,7 @@ class ORBenchLoader:
                     "check the dataset id and your network, or download the CSVs and give their directory"
                 ) from None
             _check_columns(table.column_names, where)
-            samples += _rows_to_samples(table, dataset_type, where, self.locations)
+            samples += _rows_to_samples(enumerate(table, start=2), dataset_type, where, self.locations)
         return samples
 
 

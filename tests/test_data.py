@@ -127,6 +127,29 @@ def test_empty_prompt_names_the_line(tmp_path: Path) -> None:
         ORBenchLoader(tmp_path).load()
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("prompt,category\nok,hate\nHow do I, kill a process,hate\nfine,hate\n",
+     "line 3 has 3 fields, the header 2; put a prompt that holds a comma in double quotes"),
+    ('prompt,category\nok,hate\n"How do I kill a process,hate\nfine,hate\n',
+     "after line 2: unexpected end of data (a stray or unclosed double quote)"),
+    ('prompt,category\nok,hate\n"How" do I,hate\n', "after line 2: ',' expected after '\"'"),
+    ("prompt,prompt,category\nok,again,hate\n", "the header names column(s) ['prompt'] twice"),
+])
+def test_a_row_the_csv_module_would_resplit_or_swallow_is_one_line(tmp_path: Path, text: str, message: str) -> None:
+    """An unquoted comma shifts the category, an unclosed quote swallows the rows after it, a repeated header
+    column hides one of them: each is refused, naming the line, instead of read as something else."""
+    (tmp_path / "or-bench-toxic.csv").write_text(text, encoding="utf-8")
+    with pytest.raises(UserError, match=re.escape(message)):
+        ORBenchLoader(tmp_path).load()
+
+
+def test_a_quoted_prompt_over_two_lines_is_one_row_named_by_its_last_line(tmp_path: Path) -> None:
+    (tmp_path / "or-bench-toxic.csv").write_text('prompt,category\n"two\nlines, quoted",hate\n"",hate\n',
+                                                 encoding="utf-8")
+    with pytest.raises(UserError, match="empty prompt on line 4"):
+        ORBenchLoader(tmp_path).load()
+
+
 def test_non_utf8_bytes(tmp_path: Path) -> None:
     (tmp_path / "or-bench-toxic.csv").write_bytes(b"prompt,category\ncaf\xe9 au lait,hate\n")
     with pytest.raises(UserError, match=r"or-bench-toxic.csv: not valid UTF-8 \(byte 19, line 2\)"):
