@@ -464,7 +464,8 @@ class DataProcessor:
         self, samples: Sequence[PromptSample], eval_fraction: float = 0.3
     ) -> dict[Split, list[PromptSample]]:
         """Stratified split by (category, refusal_label): each stratum of n >= 2 prompts gives
-        round(n * eval_fraction) prompts, at least 1 and at most n - 1, to the evaluation split.
+        round(n * eval_fraction) prompts, at least 1 and at most n - 1, to the evaluation split; a stratum of one
+        prompt is refused (it could be only in one split).
 
         Prompt texts must be unique (`deduplicate`): a repeated text could fall in both splits."""
         repeated = [text for text, n in Counter(s.prompt for s in samples).items() if n > 1]
@@ -477,6 +478,11 @@ class DataProcessor:
         eval_ids: set[int] = set()
         for key in sorted(strata):
             members = strata[key]
+            if len(members) < 2:
+                label = "toxic" if key[1] else "safe"
+                raise UserError(f"data.prompts: category {key[0]!r} has {len(members)} {label} prompt after balancing; "
+                                "a category needs at least 2 per label (one for discovery, one held out): add "
+                                "prompts, or leave it out with data.prompts.categories")
             n_eval = min(max(round(len(members) * eval_fraction), 1), len(members) - 1)
             eval_ids.update(id(members[i]) for i in rng.choice(len(members), n_eval, replace=False))
         return {

@@ -311,3 +311,16 @@ def test_atomic_open_keeps_old_file_on_failure(tmp_path: Path) -> None:
         raise RuntimeError("interrupted")
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_a_category_with_one_prompt_per_label_is_refused_naming_it(tmp_path: Path) -> None:
+    write_csv(tmp_path / "or-bench-toxic.csv", [{"prompt": "how to hurt", "category": "hate"},
+                                                {"prompt": "how to steal", "category": "illegal"},
+                                                {"prompt": "steal more", "category": "illegal"}])
+    write_csv(tmp_path / "or-bench-hard-1k.csv", [{"prompt": "hate speech history", "category": "hate"},
+                                                  {"prompt": "locks", "category": "illegal"},
+                                                  {"prompt": "laws", "category": "illegal"}])
+    samples = ORBenchLoader(tmp_path, ["hard", "toxic"]).load()
+    with pytest.raises(UserError, match=r"data.prompts: category 'hate' has 1 safe prompt after balancing; a "
+                                        r"category needs at least 2 per label"):
+        DataProcessor().split(samples)
