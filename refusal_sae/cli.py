@@ -272,12 +272,10 @@ def analyze(args: list[str]) -> None:
     stages = list(STAGES) if ns.stage == "all" else [ns.stage, "summary"]
     if ns.stage not in (*STAGES, "all"):
         raise UserError(f"analyze --stage: {ns.stage!r}; use one of {', '.join(STAGES)} or all")
-    name = ns.name or next(f"analyze_{ns.stage}_{i}" for i in range(1, 10_000)
-                           if not (run.analysis_root / f"analyze_{ns.stage}_{i}").exists())
-    out = run.analysis(name)
-    if out.root.exists():
+    out = run.analysis(ns.name) if ns.name is not None else None
+    if out is not None and out.root.exists():
         raise UserError(f"{out.root} exists already; give analyze another --name (analyses are never overwritten), "
-                        f"or finish an interrupted one with --resume {name}")
+                        f"or finish an interrupted one with --resume {ns.name}")
     source = run.analysis(ns.source) if ns.source != "latest" else run.latest
     if stages[0] != "discover" and not source.root.exists():
         raise UserError(f"{source.root} not found: the run has no analysis to take circuits from; run analyze "
@@ -286,11 +284,11 @@ def analyze(args: list[str]) -> None:
         raise UserError(f"--source {source.name}: made under protocol {protocol_label(source.protocol)}, this "
                         f"analysis under {protocol_label(theirs)}; take circuits from an analysis under the same "
                         "protocol (or run --stage all)")
-    if not _claim(out.root):  # another analyze took the name since it was checked
-        if ns.name is not None:
-            raise UserError(f"{out.root} was just created by another analyze; give this one another --name")
+    if out is None:  # the first free default name, claimed (another analyze may be claiming names too)
         out = run.analysis(next(f"analyze_{ns.stage}_{i}" for i in range(1, 10_000)
                                 if _claim(run.analysis_root / f"analyze_{ns.stage}_{i}")))
+    elif not _claim(out.root):  # another analyze took the name since it was checked
+        raise UserError(f"{out.root} was just created by another analyze; give this one another --name")
     if stamp is not None:
         out.write_protocol(stamp)
     out.write_invocation(stages, source.root.resolve().name, cfg)

@@ -61,6 +61,8 @@ from refusal_sae.sae_quality import LayerQuality
 from refusal_sae.stats import Interval
 
 T = TypeVar("T")
+MAX_NAME = 100
+"""Characters an analysis name may have (file systems take 255 bytes per name)."""
 
 
 def _stem(name: str) -> str:
@@ -632,8 +634,9 @@ class RunLayout:
         return self.root / "analysis"
 
     def analysis(self, name: str) -> AnalysisLayout:
-        if not name or "/" in name or name in (".", "..", LATEST):
-            raise UserError(f"analysis name {name!r}: give a plain directory name, e.g. orbench_toxic")
+        if not name or "/" in name or name in (".", "..", LATEST) or len(name) > MAX_NAME:
+            raise UserError(f"analysis name {name[:60]!r}{'...' if len(name) > 60 else ''}: give a plain directory "
+                            f"name of at most {MAX_NAME} characters, e.g. orbench_toxic")
         return AnalysisLayout(self.analysis_root / name)
 
     def epoch(self, epoch: int) -> AnalysisLayout:
