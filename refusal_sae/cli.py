@@ -195,6 +195,15 @@ def _analysis_defaults(fitted: dict) -> dict:
     return {}
 
 
+def _check_trust(run: RunLayout, fitted: dict, trust_remote_code: bool) -> None:
+    """A model whose code the run trusted (`data.model.trust_remote_code`) is loaded only when this command line
+    trusts it too: the run's config is a file anyone who could write the run directory could have edited."""
+    if ((fitted.get("data") or {}).get("model") or {}).get("trust_remote_code") and not trust_remote_code:
+        raise UserError(f"{run.config}: data.model.trust_remote_code is true, so the model directory's own Python "
+                        "code would run; analyze runs it only when asked on its command line: read that code, then "
+                        "add --trust_remote_code true")
+
+
 def _inputs(run: RunLayout, fitted: dict, cfg: AnalysisConfig) -> AnalysisInputs:
     """The finished run's data module (prompts, cache, model) and saved SAEs."""
     from jsonargparse import ArgumentParser
@@ -240,6 +249,9 @@ def analyze(args: list[str]) -> None:
     parser.add_argument("--resume", type=str, default=None,
                         help="Finish the interrupted analysis of this name, as it was started (give no other option "
                              "but --run_dir): finished circuits are read back, not recomputed.")
+    parser.add_argument("--trust_remote_code", type=bool, default=False,
+                        help="Run the model directory's own code when the run's config trusts it "
+                             "(data.model.trust_remote_code); never taken from the run directory alone.")
     parser.add_argument("--protocol", type=str, default=None,
                         help="A protocol file (configs/protocols/*.yaml): its analysis options apply, no other option "
                              "may depart from them, and every record carries its stamp.")
@@ -252,6 +264,7 @@ def analyze(args: list[str]) -> None:
         raise UserError(f"analyze: {' '.join(str(e).split())} (options: python -m refusal_sae analyze --help)") from e
     run = RunLayout(pre.run_dir)
     fitted = _fitted(run)
+    _check_trust(run, fitted, bool(getattr(pre, "trust_remote_code", False)))
     if getattr(pre, "resume", None):
         _resume(args, run, fitted, pre.resume)
         return
@@ -312,7 +325,8 @@ def _resume(args: list[str], run: RunLayout, fitted: dict, name: str) -> None:
     """Finish analysis `name` as `analyze` started it: its stages, source and options from `invocation.json`; a
     discovery it finished is kept (a later stage reads it from there), each circuit evaluated already is read
     back by the evaluation, the rest runs."""
-    extra = sorted({option for option, _ in _options(args) if option.startswith("--")} - {"--run_dir", "--resume"})
+    extra = sorted({option for option, _ in _options(args) if option.startswith("--")}
+                   - {"--run_dir", "--resume", "--trust_remote_code"})
     if extra:
         raise UserError(f"analyze --resume {name}: {', '.join(extra)} given; an analysis is finished as it was "
                         "started, so give only --run_dir and --resume (or start a new analysis with --name)")

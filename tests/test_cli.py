@@ -557,3 +557,27 @@ def test_analyze_tradeoff_sweeps_three_methods_and_chooses_per_method(capsys: py
     error = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "tradeoff",
                                           *options, "--analysis.tradeoff.categories", "null"))
     assert "tradeoff.categories: ['deception', 'harmful'," in error and "(here ['harassment', 'illegal'," in error
+
+
+@pytest.mark.slow
+def test_analyze_runs_a_models_own_code_only_when_its_command_line_asks(capsys: pytest.CaptureFixture[str], tiny_run,
+                                                                        tmp_path: Path) -> None:
+    """A run's config.yaml saying trust_remote_code: true (anyone who could write the run directory could have
+    put it there) is not enough for analyze to run the model directory's code: its own command line must say so."""
+    import shutil
+
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(".lock"))
+    config = yaml.safe_load((copy / "config.yaml").read_text(encoding="utf-8"))
+    config["data"]["model"]["trust_remote_code"] = True
+    (copy / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    source = RunLayout(run_dir).epoch(2).name
+    error = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(copy), "--stage", "summary",
+                                          "--source", source, "--name", "refused"))
+    assert "data.model.trust_remote_code is true" in error and "--trust_remote_code true" in error, error
+    assert not (copy / "analysis" / "refused").exists()
+    done = cli_in_process(capsys, "analyze", "--run_dir", str(copy), "--stage", "summary", "--source", source,
+                          "--name", "trusted", "--trust_remote_code", "true")
+    assert done.returncode == 0, done.stderr
