@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -173,8 +174,11 @@ def _acquire(directory: Path, what: str, option: str) -> bool:
     while True:
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         except OSError as e:
+            if e.errno == errno.ELOOP:  # the lock is written to: a link would have it write the link's target
+                raise UserError(f"{path} is a symbolic link; a lock file never is: remove it (and check who made "
+                                "it) before using this directory") from None
             raise UserError(f"{what} {directory} cannot be written ({e.strerror or e}); give a writable directory "
                             f"as {option}") from None
         try:
@@ -192,7 +196,7 @@ def _acquire(directory: Path, what: str, option: str) -> bool:
                         what, directory, e.strerror or e)
             return False
         try:
-            current = os.stat(path)
+            current = os.lstat(path)
         except FileNotFoundError:
             current = None
         if current is not None and os.path.samestat(os.fstat(fd), current):

@@ -330,3 +330,19 @@ def test_atomically_written_files_get_the_mode_of_any_new_file(tiny_dir: Path, s
                                                        tmp_path / "cache" / MANIFEST)}
     assert mode == {"report.json": 0o644, "private.json": 0o600, MANIFEST: 0o644}
     assert (tmp_path / "cache" / "shard_00000" / "tokens.npy").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_lock_file_that_is_a_symbolic_link_is_refused_and_its_target_left_alone(tmp_path: Path) -> None:
+    """The lock file is written (the holder's pid): a link planted at `.lock` would have that write truncate
+    whatever it points to."""
+    from refusal_sae.io import directory_lock
+
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / LOCK_FILE).symlink_to(target)
+    with pytest.raises(UserError, match=r"\.lock is a symbolic link; a lock file never is: remove it"):
+        with directory_lock(run_dir, "run directory", "--run_dir"):
+            pass
+    assert target.read_text() == "keep me\n"
