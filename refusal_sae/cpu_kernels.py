@@ -11,7 +11,10 @@ The C file is compiled on first use with the system C compiler (`$CC`, else `cc`
 -fopenmp` into `cache_root()/kernels/<key>/`, where the key hashes the source, the flags, the compiler's
 version and the CPU, so a cache shared by different machines holds one build per CPU. The build's sha256 is
 recorded beside it (`cpu_kernels.so.sha256`) and checked before every load: a library changed since it
-was built is rebuilt (with a warning) and never loaded. It is loaded with ctypes and runs on PyTorch's
+was built is rebuilt (with a warning) and never loaded. A record kept beside the library guards against damage,
+not against someone who can write there (they can replace both), so the build directory, the library and its
+record must also be this user's and writable by no one else (no group or other write bit, no symbolic link):
+otherwise nothing is built or loaded there. It is loaded with ctypes and runs on PyTorch's
 OpenMP threads (`torch.get_num_threads()`). The kernels are used for float32 tensors on the CPU;
 everything else (CUDA, bf16) takes the PyTorch path. Without a working compiler they
 are skipped with one warning: the results are the same up to float rounding of the gradient sums, only
@@ -25,6 +28,7 @@ import functools
 import hashlib
 import os
 import platform
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -69,12 +73,13 @@ def compile_kernels(directory: str | Path, flags: Sequence[str] = FLAGS, compile
         "\0".join([SOURCE.read_text(encoding="utf-8"), " ".join(flags), version, _cpu_identity()]).encode()
     ).hexdigest()[:16]
     target = Path(directory) / key / "cpu_kernels.so"
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(target)
     if target.is_file():
         if _matches_record(target):
             return target
         warnings.warn(f"refusal_sae: {target} is not the library recorded when it was built (its sha256 differs, "
                       "or there is no record); rebuilding it", stacklevel=2)
-    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
@@ -97,6 +102,26 @@ def _record(library: Path) -> Path:
     return library.with_name(f"{library.name}.sha256")
 
 
+def _check_private(library: Path) -> None:
+    """Refuse (RuntimeError) a build directory, library or record that is not this user's alone."""
+    for path in (library.parent, library, _record(library)):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        why = None
+        if stat.S_ISLNK(st.st_mode):
+            why = "is a symbolic link"
+        elif st.st_uid != os.getuid():
+            why = f"belongs to uid {st.st_uid}, not to this user ({os.getuid()})"
+        elif st.st_mode & 0o022:
+            why = f"is writable by group or others (mode {st.st_mode & 0o777:o})"
+        if why:
+            raise RuntimeError(f"{path} {why}: whoever can write there can replace the library and its recorded "
+                               "sha256 together; not building or loading it (remove it, or set REFUSAL_SAE_CACHE to "
+                               "a directory only you can write)")
+
+
 def _matches_record(library: Path) -> bool:
     """Whether `library` is the file whose sha256 `compile_kernels` recorded."""
     try:
@@ -109,8 +134,10 @@ class Kernels:
     """The compiled library, with tensor-level wrappers that check what the C code assumes."""
 
     def __init__(self, path: str | Path) -> None:
-        """Load the library at `path` after checking it against its recorded sha256: loading runs its code, so a
-        file changed since it was built (damaged, or replaced in a shared cache) is refused (RuntimeError)."""
+        """Load the library at `path` after checking that it and its record are private to this user and that it
+        matches its recorded sha256: loading runs its code, so a file changed since it was built (damaged, or
+        replaced in a shared cache) is refused (RuntimeError)."""
+        _check_private(Path(path))
         if not _matches_record(Path(path)):
             raise RuntimeError(f"{path} does not match the sha256 recorded when it was built; not loading it")
         lib = ctypes.CDLL(str(path))

@@ -160,3 +160,24 @@ def test_training_step_is_the_same_with_and_without_the_kernels(kernels, monkeyp
     assert on.auxk_loss > 0
     for name, grad in on_grads.items():
         torch.testing.assert_close(grad, off_grads[name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_library_anyone_else_could_have_replaced_is_never_loaded(tmp_path):
+    """A library and its sha256 record both sit in the cache, so whoever can write there can replace both: a build
+    directory, library or record writable by group or others (or a symbolic link) is refused, not loaded."""
+    path = cpu_kernels.compile_kernels(tmp_path)
+    assert path.parent.stat().st_mode & 0o077 == 0  # built into a directory only this user can write
+    cpu_kernels.Kernels(path)
+    for victim in (path.parent, path, path.with_name(f"{path.name}.sha256")):
+        mode = victim.stat().st_mode
+        victim.chmod(mode | 0o022)
+        with pytest.raises(RuntimeError, match=r"writable by group or others .*not building or loading it"):
+            cpu_kernels.Kernels(path)
+        with pytest.raises(RuntimeError, match="writable by group or others"):
+            cpu_kernels.compile_kernels(tmp_path)
+        victim.chmod(mode)
+    elsewhere = tmp_path / "elsewhere.so"
+    path.rename(elsewhere)
+    path.symlink_to(elsewhere)
+    with pytest.raises(RuntimeError, match="is a symbolic link"):
+        cpu_kernels.Kernels(path)
