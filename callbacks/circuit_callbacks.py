@@ -88,6 +88,7 @@ class CircuitAnalysisCallback(Callback):
         saes = {layer: copy.deepcopy(sae).float().cpu().eval() for layer, sae in pl_module.saes.items()}
         inputs = AnalysisInputs(saes, dm.cache, dm.splits, dm.llm, run, self.analysis.validity)
         summary = run_analysis(inputs, out, self.analysis)
+        out.mark_complete()
         run.point_latest(out)
         self.report(trainer, out, summary)
         log.info("%s", format_summary(summary))

@@ -293,6 +293,10 @@ def analyze(args: list[str]) -> None:
     if stages[0] != "discover" and not source.root.exists():
         raise UserError(f"{source.root} not found: the run has no analysis to take circuits from; run analyze "
                         "--stage all (or discover) first, or give --source")
+    if stages[0] != "discover" and not source.complete:
+        raise UserError(f"--source {source.name}: unfinished (an interrupted analyze or fit epoch, or one made before "
+                        "analyses were marked complete): it may hold some circuits only; finish it with analyze "
+                        f"--resume {source.name} where analyze started it, or give another --source")
     if stages[0] != "discover" and source.protocol != (theirs := stamp and asdict(stamp)):
         raise UserError(f"--source {source.name}: made under protocol {protocol_label(source.protocol)}, this "
                         f"analysis under {protocol_label(theirs)}; take circuits from an analysis under the same "

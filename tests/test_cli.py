@@ -478,6 +478,9 @@ def test_an_interrupted_analysis_is_finished_by_resume_as_if_never_stopped(
     assert process.wait() != 0, "the analysis finished before it could be interrupted"
     first = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
     assert 1 <= len(first) < 10 and not out.complete
+    unfinished = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "summary",
+                                               "--source", "stopped"))
+    assert "--source stopped: unfinished" in unfinished and "--resume stopped" in unfinished  # not a partial summary
     refused = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--resume", "stopped",
                                             "--stage", "all"))
     assert "--stage given; an analysis is finished as it was started" in refused
