@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded", help="data.model.name")
     parser.add_argument("--layers", default="12,16,20", help="hooked layers (block indices)")
-    parser.add_argument("--prompts", type=int, default=40, help="prompts (a multiple of 20: n per category x 2 labels x 10)")
+    parser.add_argument("--prompts", type=int, default=40,
+                        help="prompts (a multiple of 20, at least 40: n per category x 2 labels x 10)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a tiny random model: a smoke run in seconds")
@@ -42,10 +43,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from tests.tiny_model import make_tiny_model
 
         args.model = str(make_tiny_model(Path(tempfile.mkdtemp(prefix="bench_collection_")) / "model"))
-        args.layers, args.prompts, args.repeats = "0,1", 20, 1
+        args.layers, args.prompts, args.repeats = "0,1", 40, 1
 
     work = Path(tempfile.mkdtemp(prefix="bench_collection_"))
-    splits = build_prompts(PromptConfig(balance="n_per_category", n_per_category=max(1, args.prompts // 20))).splits
+    splits = build_prompts(PromptConfig(balance="n_per_category", n_per_category=max(2, args.prompts // 20))).splits
     wrapper = ModelWrapper(ModelConfig(name=args.model))
     layers = wrapper.resolve_layers([int(i) for i in args.layers.split(",")])
     prompts = [s.prompt for split in ("discovery", "evaluation") for s in splits[split]]
