@@ -166,3 +166,21 @@ def test_the_category_table_has_a_row_per_point_and_a_column_per_category(plante
     assert lines[0] == "| method | setting | alpha |"
     assert lines[2:] == ["| unedited | unedited | 8/8 · 8/8 |", "| refusal direction | project out x1 | 0/8 · 0/8 |"]
     assert result.transfer == [] and result.chosen[0].method == DIRECTION
+
+
+def test_the_contrast_objective_never_ranks_the_true_refusal_latents(planted) -> None:
+    """Under hard minus toxic, setting a true-refusal latent to its harmless value lowers the toxic prompts' score
+    and not the hard ones': the contrast rises, so the latent is never an over-refusal feature there."""
+    from refusal_sae.circuits import candidate_mask
+    from refusal_sae.overrefusal import feature_ranking, harmless_ablator
+    from tests.planted import TRUE_REFUSAL
+
+    ablator, _, splits, files = planted
+    harmless, _ = read_prompt_csv(files["harmless"], "harmless")
+    with single_thread():
+        values = harmless_ablator(ablator, harmless)
+        candidates = candidate_mask({k: ablator.means.live(k) for k in ablator.layers}, errors=False)
+        contrast = feature_ranking(ablator.wrapper, values, candidates, splits["discovery"],
+                                   config(files, objective="contrast"))
+    last = ablator.scheme.node_classes.index("-1")
+    assert not {(layer, last, TRUE_REFUSAL) for layer in LAYERS} & set(contrast)
