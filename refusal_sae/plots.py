@@ -243,8 +243,9 @@ def plot_directions(result: DirectionsResult, path: Path) -> None:
 
 def plot_tradeoff(result: TradeoffResult, path: Path) -> None:
     """Toxic refusal against over-refusal (hard-but-safe prompts refused), pooled, one line per method through its
-    sweep's points (Wilson intervals on both axes), the unedited model a black star, the chosen points ringed.
-    Up and to the left is better."""
+    sweep's points (Wilson intervals on both axes), the unedited model a black star, the chosen points ringed, and
+    the line through the origin and the unedited model (an edit on it lowers both refusals in proportion). Up and
+    to the left is better."""
     fig = Figure(figsize=(7.5, 5.5), layout="constrained")
     ax = fig.subplots()
     colours = {"features": "tab:red", "refusal direction": "tab:blue", "false-refusal vector": "tab:green"}
@@ -269,6 +270,10 @@ def plot_tradeoff(result: TradeoffResult, path: Path) -> None:
     base = result.points[0]
     ax.scatter([base.hard.rate.value], [base.toxic.rate.value], marker="*", s=220, color="black", zorder=5,
                label="unedited")
+    if base.hard.rate.value > 0:  # an edit on this line lowers both refusals in proportion: no selectivity
+        slope = base.toxic.rate.value / base.hard.rate.value
+        end = min(1.0, 1.0 / slope) if slope > 0 else 1.0
+        ax.plot([0, end], [0, slope * end], ls="--", color="grey", lw=0.8, label="both lowered in proportion")
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel(f"hard-but-safe prompts refused (over-refusal), n = {base.hard.n}")
