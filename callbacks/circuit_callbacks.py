@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from typing import Any
 
 import lightning as L
@@ -85,6 +86,8 @@ class CircuitAnalysisCallback(Callback):
         dm = _datamodule(trainer)
         run = RunLayout(dm.run_dir)
         out = run.epoch(trainer.current_epoch + 1)
+        if out.root.exists():  # an earlier fit's analysis of this epoch: replaced whole, never mixed with this one's
+            shutil.rmtree(out.root)
         saes = {layer: copy.deepcopy(sae).float().cpu().eval() for layer, sae in pl_module.saes.items()}
         inputs = AnalysisInputs(saes, dm.cache, dm.splits, dm.llm, run, self.analysis.validity)
         summary = run_analysis(inputs, out, self.analysis)

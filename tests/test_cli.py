@@ -572,7 +572,7 @@ def test_analyze_runs_a_models_own_code_only_when_its_command_line_asks(capsys: 
     result, run_dir = tiny_run
     assert result.returncode == 0, result.stderr
     copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(".lock"))
+    shutil.copytree(run_dir, copy, symlinks=True, ignore=shutil.ignore_patterns(".lock"))
     config = yaml.safe_load((copy / "config.yaml").read_text(encoding="utf-8"))
     config["data"]["model"]["trust_remote_code"] = True
     (copy / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -584,3 +584,21 @@ def test_analyze_runs_a_models_own_code_only_when_its_command_line_asks(capsys: 
     done = cli_in_process(capsys, "analyze", "--run_dir", str(copy), "--stage", "summary", "--source", source,
                           "--name", "trusted", "--trust_remote_code", "true")
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_a_refit_replaces_its_epoch_analysis_whole(tiny_args: list[str], tiny_run, tmp_path: Path) -> None:
+    """A fit into a run that holds an earlier fit's analysis of the same epoch writes that folder anew: nothing of
+    the earlier one (e.g. a category since dropped) stays beside the new records for the summary to read."""
+    import shutil
+
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True, ignore=shutil.ignore_patterns(".lock"))
+    circuits = RunLayout(copy).epoch(2).root / "correlation" / "circuits"
+    stale = circuits / "dropped__all.json"
+    stale.write_text(next(circuits.glob("*.json")).read_text(encoding="utf-8"), encoding="utf-8")
+    again = cli("fit", *tiny_args, "--run_dir", str(copy))
+    assert again.returncode == 0, again.stderr
+    assert not stale.exists() and RunLayout(copy).epoch(2).complete
