@@ -183,7 +183,10 @@ def _fitted(run: RunLayout) -> dict:
     if not run.config.is_file():
         raise UserError(f"{run.config} not found: {run.root} is not a directory `fit` ran in; give analyze the "
                         "--run_dir of a finished run")
-    return yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
+    fitted = _read_config(str(run.config))
+    if not isinstance(fitted, dict):
+        raise UserError(f"{run.config}: not the mapping of options fit writes; restore it or fit the run again")
+    return fitted
 
 
 def _analysis_defaults(fitted: dict) -> dict:

@@ -602,3 +602,22 @@ def test_a_refit_replaces_its_epoch_analysis_whole(tiny_args: list[str], tiny_ru
     again = cli("fit", *tiny_args, "--run_dir", str(copy))
     assert again.returncode == 0, again.stderr
     assert not stale.exists() and RunLayout(copy).epoch(2).complete
+
+
+@pytest.mark.slow
+def test_a_damaged_run_config_is_one_line_naming_it(capsys: pytest.CaptureFixture[str], tiny_run,
+                                                     tmp_path: Path) -> None:
+    """analyze reads the run's config.yaml: a YAML error there (or a file that is no mapping) names the file and the
+    line instead of a traceback (#30 case 16)."""
+    import shutil
+
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True, ignore=shutil.ignore_patterns(".lock", "activations", "analysis"))
+    (copy / "config.yaml").write_text("data:\n  model: [unclosed\n", encoding="utf-8")
+    error = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(copy), "--stage", "summary"))
+    assert str(copy / "config.yaml") in error and "line" in error, error
+    (copy / "config.yaml").write_text("- a list\n", encoding="utf-8")
+    error = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(copy), "--stage", "summary"))
+    assert "not the mapping of options fit writes" in error, error
