@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import sys
+import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -124,16 +125,22 @@ class RefusalCLI(LightningCLI):
         ckpt_path = str(self.config_init[self.subcommand].get("ckpt_path") or "")
         if ckpt_path == "last":
             self._check_last_checkpoint()
-        elif ckpt_path and ckpt_path not in ("best", "hpc") and ":" not in ckpt_path and not Path(ckpt_path).is_file():
+        elif ckpt_path and ckpt_path not in ("best", "hpc") and ":" not in ckpt_path:
             # (with a ":", a URL or a model registry name: left to Lightning)
-            raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file; give a checkpoint `fit` saved, or "
-                            "`last` (the newest in <run_dir>/checkpoints), or leave out --ckpt_path to start afresh")
+            if not Path(ckpt_path).is_file():
+                raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file; give a checkpoint `fit` saved, or "
+                                "`last` (the newest in <run_dir>/checkpoints), or leave out --ckpt_path to start "
+                                "afresh")
+            _check_complete(ckpt_path)
 
     def _check_last_checkpoint(self) -> None:
         """`--ckpt_path last` must find a checkpoint (Lightning only warns, then trains from scratch)."""
         callbacks = [cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
         found = sorted(set().union(*(cb._find_last_checkpoints(self.trainer) for cb in callbacks)))
         if any(os.path.exists(path) for path in found):
+            for path in found:
+                if os.path.exists(path):
+                    _check_complete(path)
             return
         folders = [str(cb.dirpath) for cb in callbacks if cb.dirpath]
         broken = [path for path in found if os.path.islink(path)]
@@ -176,6 +183,14 @@ class RefusalCLI(LightningCLI):
 
 
 CALLBACK = "callbacks.CircuitAnalysisCallback"
+
+
+def _check_complete(path: str) -> None:
+    """A checkpoint file is a zip archive (`torch.save`), whose directory is written last: without it the file
+    was cut short (a full disk, a killed copy) and loading it would fail half way."""
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"--ckpt_path: {path} is not a complete checkpoint (cut short or damaged); give another one "
+                        "(`fit` keeps one per epoch in <run_dir>/checkpoints), or leave out --ckpt_path to start afresh")
 
 
 def _fitted(run: RunLayout) -> dict:

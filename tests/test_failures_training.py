@@ -171,6 +171,12 @@ def dangling_last(run_dir: Path) -> None:
     run_dir.joinpath("checkpoints", "last.ckpt").symlink_to("epoch=3-step=40.ckpt")
 
 
+def truncated_last(run_dir: Path) -> None:
+    """`last.ckpt` cut short (a full disk, a killed copy): the start of a zip archive without its directory."""
+    run_dir.joinpath("checkpoints").mkdir(parents=True)
+    run_dir.joinpath("checkpoints", "last.ckpt").write_bytes(b"PK\x03\x04" + bytes(200))
+
+
 @pytest.mark.parametrize(
     ("prepare", "ckpt_path", "message"),
     [
@@ -178,8 +184,9 @@ def dangling_last(run_dir: Path) -> None:
         (lambda run_dir: run_dir.joinpath("checkpoints").mkdir(parents=True), "last", "no last.ckpt in"),
         (dangling_last, "last", "last.ckpt is a link to epoch=3-step=40.ckpt, which does not exist"),
         (lambda run_dir: run_dir.mkdir(), "no/such.ckpt", "--ckpt_path no/such.ckpt: no such checkpoint file"),
+        (truncated_last, "last", "last.ckpt is not a complete checkpoint (cut short or damaged)"),
     ],
-    ids=["mistyped-run-dir", "no-checkpoint", "dangling-link", "missing-file"],
+    ids=["mistyped-run-dir", "no-checkpoint", "dangling-link", "missing-file", "truncated"],
 )
 @pytest.mark.slow
 def test_a_checkpoint_to_resume_that_is_not_there_stops_before_any_work(
