@@ -32,8 +32,8 @@ Coherence: an edit that stops refusing by breaking the model is no success. Per 
 log-likelihood per token of the unedited model's answers to the coherence half (`answer_log_likelihood`), as a
 change from the unedited model with a paired bootstrap interval.
 
-Choice and transfer: per method, the point with the lowest hard refusal among those keeping at least
-`keep_toxic` of the unedited toxic refusal rate (point estimates, on the held-out prompts it is measured on: a
+Choice and transfer: per method, the point with the lowest hard refusal among those that lower it and keep at
+least `keep_toxic` of the unedited toxic refusal rate (point estimates, on the held-out prompts it is measured on: a
 selection the transfer set then checks) is applied unchanged to the transfer set (`transfer`: a CSV with
 `prompt` and `label` safe/unsafe; default the bundled XSTest-style set written for this project), reported the
 same way.
@@ -117,7 +117,7 @@ class TradeoffConfig:
     """CSV (columns `prompt`, `label` safe/unsafe) the chosen edits are applied to unchanged; 'bundled': the
     project's XSTest-style set; null: none."""
     keep_toxic: float = 0.9
-    """A chosen point keeps at least this fraction of the unedited toxic refusal rate."""
+    """A chosen point lowers the over-refusal and keeps at least this fraction of the unedited toxic refusal rate."""
     max_new_tokens: int = 16
     """Greedy answer length in tokens; a refusal shows in its first few words."""
     edit_generated: bool = False
@@ -373,15 +373,17 @@ class _Judge:
 
 
 def choose(points: Sequence[TradeoffPoint], keep_toxic: float) -> list[Chosen]:
-    """Per method, the lowest over-refusal among the points keeping `keep_toxic` of the unedited toxic refusal
-    (ties: the first in sweep order), and its lowest over-refusal whatever the cost."""
-    base = points[0].toxic.rate.value if points[0].toxic.rate else 0.0
+    """Per method, the lowest over-refusal among the points that lower it (below the unedited model's) while
+    keeping `keep_toxic` of the unedited toxic refusal (ties: the first in sweep order), and its lowest
+    over-refusal whatever the cost."""
+    base, base_hard = (points[0].toxic.rate.value if points[0].toxic.rate else 0.0), points[0].hard.rate.value
     out = []
     for method in METHODS:
         mine = [p for p in points if p.method == method]
         if not mine:
             continue
-        keeping = [p for p in mine if p.toxic.rate and p.toxic.rate.value >= keep_toxic * base - 1e-12]
+        keeping = [p for p in mine if p.toxic.rate and p.toxic.rate.value >= keep_toxic * base - 1e-12
+                   and p.hard.rate.value < base_hard]
         best = min(keeping, key=lambda p: p.hard.rate.value, default=None)
         lowest = min(mine, key=lambda p: p.hard.rate.value)
         out.append(Chosen(method, best and best.setting,

@@ -184,3 +184,20 @@ def test_the_contrast_objective_never_ranks_the_true_refusal_latents(planted) ->
                                    config(files, objective="contrast"))
     last = ablator.scheme.node_classes.index("-1")
     assert not {(layer, last, TRUE_REFUSAL) for layer in LAYERS} & set(contrast)
+
+
+def test_a_point_that_raises_over_refusal_is_never_chosen() -> None:
+    """Keeping the toxic refusal is not enough: a chosen edit must also lower the over-refusal (on OR-Bench, features
+    ranked by hard minus toxic kept the toxic refusal while raising the over-refusal)."""
+    from refusal_sae.editing import refusal_rate
+    from refusal_sae.overrefusal import TradeoffPoint, choose
+
+    def point(method: str, setting: str, toxic: int, hard: int) -> TradeoffPoint:
+        rate = lambda k: refusal_rate([True] * k + [False] * (10 - k), 0.95)  # noqa: E731
+        return TradeoffPoint(method, setting, rate(toxic), rate(hard), [], None, [])
+
+    points = [point(UNEDITED, UNEDITED, 5, 3), point(FEATURES, "worse", 5, 4), point(FEATURES, "same", 5, 3),
+              point(DIRECTION, "better", 5, 2), point(DIRECTION, "best but costly", 1, 0)]
+    chosen = {c.method: c for c in choose(points, 0.9)}
+    assert chosen[FEATURES].setting is None and chosen[DIRECTION].setting == "better"
+    assert chosen[DIRECTION].lowest_hard == "0% at toxic 10% (best but costly)"
