@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import csv
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from refusal_sae.ablation import Ablator
 from refusal_sae.attribution import attribution_scores
-from refusal_sae.circuits import candidate_mask, node_mask
+from refusal_sae.circuits import candidate_mask, node_mask, ranked_nodes
 from refusal_sae.activations import ActivationCache, PromptActivations
 from refusal_sae.data import BUNDLED_SETS, DATASET_TYPES, FILES, PromptSample, sample_data_dir
 from refusal_sae.directions import activation_addition, directional_ablation, site_residuals
@@ -288,13 +288,8 @@ def feature_ranking(wrapper: ModelWrapper, ablator: Ablator, candidates: Mapping
                   else "safe", np.array([not s.refusal_label for s in chosen]), where="tradeoff.objective")
     scores = attribution_scores(wrapper, ablator.saes, ablator.means, ablator.metric,
                                 [chosen[i].prompt for i in f.rows], f.weights, batch_size=cfg.batch_size)
-    entries = []
-    for li, layer in enumerate(ablator.layers):
-        signed = scores.signed[layer]
-        pos, col = np.nonzero(candidates[layer] & (signed < 0))
-        entries += [(float(signed[p, c]), li, int(p), int(c)) for p, c in zip(pos, col)]
-    entries.sort()
-    return [(ablator.layers[li], p, c) for _, li, p, c in entries]
+    lowering = {layer: candidates[layer] & (signed < 0) for layer, signed in scores.signed.items()}
+    return ranked_nodes(replace(scores, importance={k: -v for k, v in scores.signed.items()}), lowering)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,16 +336,18 @@ def sweep(ablator: Ablator, candidates: Mapping[str, np.ndarray], ranking: Seque
 
 
 class _Judge:
-    """Answers and coherence of a prompt list under an edit, against the unedited model's."""
+    """Answers under an edit, and its coherence: the change of the likelihood of the unedited model's answers to
+    the coherence prompts, measured once per edit whatever prompts it answers."""
 
-    def __init__(self, ablator: Ablator, prompts: Sequence[str], coherence: Sequence[str], cfg: TradeoffConfig,
+    def __init__(self, ablator: Ablator, coherence: Sequence[str], cfg: TradeoffConfig,
                  rng: np.random.Generator) -> None:
-        self.ablator, self.prompts, self.cfg = ablator, list(prompts), cfg
+        self.ablator, self.cfg = ablator, cfg
         base = generate(ablator.wrapper, list(coherence), cfg.max_new_tokens, cfg.batch_size,
                         desc="unedited answers to the coherence prompts")
         self.reference, self.tokens = list(coherence), base.tokens
         self.weights = resample_weights(objective("toxic", "all", np.ones(len(coherence), bool)), cfg.bootstrap, rng)
         self.unedited = self._likelihood(Edit(UNEDITED, UNEDITED, {}))
+        self._coherence: dict[tuple[str, str], Interval | None] = {}
 
     def _context(self, edit: Edit) -> contextlib.AbstractContextManager:
         return edit.context() if edit.context is not None else contextlib.nullcontext()
@@ -361,15 +358,19 @@ class _Judge:
                 self.ablator.wrapper, self.reference, self.tokens, self.cfg.batch_size, scheme=self.ablator.scheme,
                 edits=edit.nodes, edit_generated=self.cfg.edit_generated))
 
-    def __call__(self, edit: Edit) -> tuple[list[str], Interval | None]:
+    def answers(self, edit: Edit, prompts: Sequence[str]) -> list[str]:
         with self._context(edit):
-            texts = generate(self.ablator.wrapper, self.prompts, self.cfg.max_new_tokens, self.cfg.batch_size,
-                             scheme=self.ablator.scheme, edits=edit.nodes, edit_generated=self.cfg.edit_generated,
-                             desc=f"{edit.method}: {edit.setting}").texts
-        if edit.method == UNEDITED or not self.reference:
-            return texts, None
-        delta = self._likelihood(edit) - self.unedited
-        return texts, interval(float(delta.mean()), self.weights @ delta, self.cfg.confidence)
+            return generate(self.ablator.wrapper, prompts, self.cfg.max_new_tokens, self.cfg.batch_size,
+                            scheme=self.ablator.scheme, edits=edit.nodes, edit_generated=self.cfg.edit_generated,
+                            desc=f"{edit.method}: {edit.setting}").texts
+
+    def coherence(self, edit: Edit) -> Interval | None:
+        key = (edit.method, edit.setting)
+        if key not in self._coherence:
+            delta = None if edit.method == UNEDITED or not self.reference else self._likelihood(edit) - self.unedited
+            self._coherence[key] = None if delta is None else interval(float(delta.mean()), self.weights @ delta,
+                                                                        self.cfg.confidence)
+        return self._coherence[key]
 
 
 def choose(points: Sequence[TradeoffPoint], keep_toxic: float) -> list[Chosen]:
@@ -441,17 +442,18 @@ def run_tradeoff(ablator: Ablator, cache: ActivationCache, splits: Mapping[str, 
     toxic = [s for s in evaluation if s.category in categories and s.refusal_label]
     hard = [s for s in evaluation if s.category in categories and s.dataset_type == "hard"]
     held_out = toxic + hard
-    judge = _Judge(ablator, [s.prompt for s in held_out], for_coherence, cfg, rng)
+    is_toxic = np.arange(len(held_out)) < len(toxic)
+    masks = {c: mine for c in categories if (mine := np.array([s.category == c for s in held_out])).any()}
+    judge = _Judge(ablator, for_coherence, cfg, rng)
     points = []
     for edit in tqdm(edits, desc="over-refusal trade-off", unit="point"):
-        texts, coherence = judge(edit)
+        texts = judge.answers(edit, [s.prompt for s in held_out])
         refused = np.array([is_refusal(t, phrases) for t in texts])
-        is_toxic = np.arange(len(held_out)) < len(toxic)
         per = [CategoryRates(c, refusal_rate(refused[is_toxic & mine], cfg.confidence),
-                             refusal_rate(refused[~is_toxic & mine], cfg.confidence))
-               for c in categories if (mine := np.array([s.category == c for s in held_out])).any()]
+                             refusal_rate(refused[~is_toxic & mine], cfg.confidence)) for c, mine in masks.items()]
         points.append(TradeoffPoint(edit.method, edit.setting, refusal_rate(refused[is_toxic], cfg.confidence),
-                                    refusal_rate(refused[~is_toxic], cfg.confidence), per, coherence, texts))
+                                    refusal_rate(refused[~is_toxic], cfg.confidence), per, judge.coherence(edit),
+                                    texts))
     chosen = choose(points, cfg.keep_toxic)
 
     result = TradeoffResult(asdict(cfg), layer, position, len(ranking),
@@ -462,14 +464,15 @@ def run_tradeoff(ablator: Ablator, cache: ActivationCache, splits: Mapping[str, 
         path = bundled_transfer() if cfg.transfer == BUNDLED else Path(cfg.transfer)
         prompts, unsafe = read_prompt_csv(path, "tradeoff.transfer", labelled=True)
         result.transfer_prompts, result.transfer_unsafe = prompts, unsafe
-        judge_t = _Judge(ablator, prompts, for_coherence, cfg, rng)
         by_name = {(e.method, e.setting): e for e in edits}
         flags = np.array(unsafe)
         for method, setting in [(UNEDITED, UNEDITED)] + [(c.method, c.setting) for c in chosen if c.setting]:
-            texts, coherence = judge_t(by_name[method, setting])
+            edit = by_name[method, setting]
+            texts = judge.answers(edit, prompts)
             refused = np.array([is_refusal(t, phrases) for t in texts])
             result.transfer.append(TransferPoint(method, setting, refusal_rate(refused[~flags], cfg.confidence),
-                                                 refusal_rate(refused[flags], cfg.confidence), coherence, texts))
+                                                 refusal_rate(refused[flags], cfg.confidence), judge.coherence(edit),
+                                                 texts))
     return result
 
 
