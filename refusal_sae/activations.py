@@ -45,6 +45,7 @@ from refusal_sae.data import DATASET_TYPES, PromptSample, Split
 from refusal_sae.errors import UserError
 from refusal_sae.io import LOCK_FILE, directory_lock, sha256_file, write_json
 from refusal_sae.model import ModelWrapper
+from refusal_sae.prefix import SharedPrefix
 from refusal_sae.validate import one_of, positive_int
 
 log = logging.getLogger(__name__)
@@ -381,9 +382,8 @@ class InferencePipeline:
         The files are memory maps, and a write to a map the disk cannot back kills the process with SIGBUS: so
         the free space is checked first and every file's blocks are allocated before anything is written to
         it, which turns a full disk into a UserError while the shard is still a temporary directory."""
-        batches = [block[i : i + self.cfg.batch_size] for i in range(0, len(block), self.cfg.batch_size)]
-        encoded = [self.wrapper.tokenize([s.prompt for s, _ in batch]) for batch in batches]
-        lengths = np.concatenate([enc["attention_mask"].sum(1).numpy() for enc in encoded])
+        prompts = [s.prompt for s, _ in block]
+        lengths = np.array([len(ids) for ids in self.wrapper.encode(prompts)], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         n_tokens = int(offsets[-1])
         d_model = self.wrapper.d_model
@@ -400,9 +400,17 @@ class InferencePipeline:
             raise _no_space(tmp, need) from e
         tokens = np.zeros(n_tokens, TOKEN_DTYPE)
         row, prompt = 0, 0
-        for batch, enc in zip(batches, encoded):
-            mask = enc["attention_mask"].bool()
-            residuals = self.wrapper.residuals(enc["input_ids"], enc["attention_mask"], self.layers)
+        shared = SharedPrefix(self.wrapper, "activation collection")
+        prefix: dict[str, torch.Tensor] = {}
+        for pb in shared.batches(prompts, self.cfg.batch_size):
+            batch = block[pb.rows]
+            mask = pb.mask.bool().cpu()
+            residuals = self.wrapper.residuals(pb.run_ids, pb.mask, self.layers, past=pb.past)
+            if pb.offset:  # the template prefix's states are every prompt's: computed once, copied to each row
+                if not prefix:
+                    prefix = self.wrapper.residuals(shared.ids, torch.ones_like(shared.ids), self.layers)
+                residuals = {layer: torch.cat([prefix[layer].expand(len(acts), -1, -1), acts], 1)
+                             for layer, acts in residuals.items()}
             n = int(mask.sum())
             for layer, acts in residuals.items():
                 real = acts[mask.to(acts.device)]  # (n, d_model): padding dropped, prompts in order

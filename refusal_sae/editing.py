@@ -82,7 +82,7 @@ class EditingConfig:
     """Also ablate and add the refusal-directions stage's global direction, when that stage has run."""
     coherence: bool = True
     """Measure the edited model's likelihood of the unedited answers (plainly safe or answered prompts)."""
-    batch_size: int = 8
+    batch_size: int = 32
     """Prompts per generate call."""
     bootstrap: int = 1000
     """Bootstrap resamples of the coherence intervals."""
@@ -94,7 +94,7 @@ class EditingConfig:
     def __post_init__(self) -> None:
         positive_int("editing.max_new_tokens", self.max_new_tokens, 24)
         positive_int("editing.n_nodes", self.n_nodes, 30)
-        positive_int("editing.batch_size", self.batch_size, 8)
+        positive_int("editing.batch_size", self.batch_size, 32)
         non_negative_int("editing.random_circuits", self.random_circuits, 5)
         for n in self.sizes:
             positive_int("editing.sizes", n, 30)

@@ -101,7 +101,7 @@ def _hooked(wrapper: ModelWrapper, edits: Mapping[str, NodeEdit], state: _Positi
 
 
 @torch.no_grad()
-def generate(wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int = 24, batch_size: int = 8, *,
+def generate(wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int = 24, batch_size: int = 32, *,
              scheme: PositionScheme | None = None, edits: Mapping[str, NodeEdit] | None = None,
              edit_generated: bool = False, class_offsets: Sequence[int] | None = None, reuse_prefix: bool = True,
              desc: str = "generating answers") -> Answers:

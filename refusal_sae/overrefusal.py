@@ -122,7 +122,7 @@ class TradeoffConfig:
     """Greedy answer length in tokens; a refusal shows in its first few words."""
     edit_generated: bool = False
     """Also edit every generated token with the feature edits (the vector edits always act everywhere)."""
-    batch_size: int = 16
+    batch_size: int = 32
     """Prompts per generate call (and per attribution batch)."""
     bootstrap: int = 1000
     """Bootstrap resamples of the coherence intervals."""
@@ -151,7 +151,7 @@ class TradeoffConfig:
         if not 0 < self.keep_toxic <= 1:
             raise UserError(f"tradeoff.keep_toxic: {self.keep_toxic!r} is outside (0, 1]; give e.g. 0.9")
         positive_int("tradeoff.max_new_tokens", self.max_new_tokens, 16)
-        positive_int("tradeoff.batch_size", self.batch_size, 16)
+        positive_int("tradeoff.batch_size", self.batch_size, 32)
         statistics_options("tradeoff", self)
 
 

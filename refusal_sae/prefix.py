@@ -3,7 +3,7 @@
 Every chat-formatted prompt starts with the same P template tokens (system prompt, user header: 24 for the
 embedded Qwen). Attention is causal, so their hidden states, keys and values are the same in every prompt:
 a batch can run only the positions after them and read the prefix's keys and values from a cache computed
-once per prompt list (`SharedPrefix`). The ablation, attribution, the refusal metric and generation all
+once per prompt list (`SharedPrefix`). Activation collection, the ablation, attribution, the refusal metric and generation all
 batch their prompts here; nothing else builds a prefix cache.
 
 Two layouts of a batch, both with each row's prefix at positions 0 .. P-1:
@@ -75,6 +75,10 @@ def continuation_matches(wrapper: ModelWrapper, cached: Callable[[], Tensor], in
                     "(slower, same numbers)", who, first_line(e, 120))
         return False
     plain = wrapper.last_token_logits(input_ids, attention_mask)
+    if not torch.isfinite(plain).all():  # nothing to compare; whole prompts, whose own checks name the problem
+        log.warning("%s: this model's logits are not finite, so continuing its key/value cache cannot be checked; "
+                    "it runs whole prompts", who)
+        return False
     ok = bool(torch.allclose(got, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max())))
     if not ok:
         log.warning("%s: continuing this model's key/value cache changes its logits (max |diff| %.3g); it runs "

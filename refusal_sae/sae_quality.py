@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from refusal_sae.model import ModelWrapper
 from refusal_sae.positions import PositionScheme
+from refusal_sae.prefix import PromptBatch, SharedPrefix, expand
 from refusal_sae.sae import SparseAutoencoder
 
 DENSE = 0.5
@@ -79,40 +80,47 @@ class _Sums:
         return self.sq_err[part] / total if total > 0 else float("nan")
 
 
-def _log_probs(logits: Tensor) -> Tensor:
-    """Next-token log-probabilities at every position that has a next token, (batch, seq - 1, vocab)."""
-    return F.log_softmax(logits[:, :-1].float(), dim=-1)
-
-
-def _next_token_losses(logp: Tensor, input_ids: Tensor, predicted: Tensor, clean_logp: Tensor | None = None
-                       ) -> tuple[float, float]:
-    """Summed cross-entropy of the next tokens at `predicted` (batch, seq) positions from `_log_probs`, and summed
-    KL(clean || these) when `clean_logp` is given."""
-    mask = predicted[:, :-1]
-    ce = -logp.gather(-1, input_ids[:, 1:, None])[..., 0][mask].sum()
-    kl = 0.0
-    if clean_logp is not None:
-        kl = float((clean_logp.exp() * (clean_logp - logp)).sum(-1)[mask].sum())
-    return float(ce), kl
+def _next_token_losses(wrapper: ModelWrapper, hidden: Tensor, targets: Tensor, predicted: Tensor,
+                       clean_logp: Tensor | None = None) -> tuple[float, float, Tensor]:
+    """Summed cross-entropy of the next tokens `targets` at the `predicted` positions of final-norm outputs
+    `hidden` (batch, seq, d_model), the head run at those positions only; the summed KL(clean || these) when
+    `clean_logp` (an earlier call's log-probabilities) is given; and these log-probabilities."""
+    logp = F.log_softmax(wrapper.unembed(hidden[predicted]).float(), dim=-1)
+    ce = float(-logp.gather(-1, targets[predicted][:, None]).sum())
+    kl = float((clean_logp.exp() * (clean_logp - logp)).sum()) if clean_logp is not None else 0.0
+    return ce, kl, logp
 
 
 @torch.no_grad()
 def sae_quality(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencoder], prompts: Sequence[str],
                 scheme: PositionScheme, batch_size: int = 8) -> list[LayerQuality]:
-    """Every SAE's quality (module docstring) on `prompts` (held-out ones: the SAEs never trained on them)."""
+    """Every SAE's quality (module docstring) on `prompts` (held-out ones: the SAEs never trained on them).
+
+    Nothing before `scheme.prefix` is scored or edited, so the template prefix's keys and values are computed
+    once (`SharedPrefix`) and every pass runs only the positions after it; the head runs only where a next
+    token is predicted."""
     layers = wrapper.resolve_layers(list(saes))
-    batches = [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    engine = SharedPrefix(wrapper, "SAE quality", scheme.prefix)
+    n_batches = -(-len(prompts) // batch_size)
     sums = {layer: _Sums(saes[layer].cfg.width, saes[layer].cfg.d_in) for layer in layers}
+
+    def positions(pb: PromptBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(scored, suffix, predicted, targets) over the positions that run."""
+        mask = pb.mask.bool()
+        at = torch.arange(mask.shape[1], device=mask.device)
+        length = mask.sum(1, keepdim=True)
+        scored = (mask & (at >= scheme.prefix))[:, pb.offset:]
+        suffix = scored & (at >= length - scheme.suffix)[:, pb.offset:]
+        predicted = scored & (at < length - 1)[:, pb.offset:]  # the last token's next is the answer's, unknown
+        targets = torch.cat([pb.input_ids[:, 1:], pb.input_ids[:, :1]], 1)[:, pb.offset:]
+        return scored, suffix, predicted, targets
+
     # pass 1: each SAE on the residual (FVU, L0, dead and dense latents) and the residual's mean over the scored
     # positions (the mean-ablation baseline of pass 2)
-    encoded = []
-    for batch in tqdm(batches, desc="SAE quality: reconstructions", unit="batch", leave=False):
-        enc = wrapper.tokenize(batch)
-        ids, mask = enc["input_ids"].to(wrapper.device), enc["attention_mask"].to(wrapper.device)
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        scored = mask.bool() & (positions >= scheme.prefix)
-        suffix = scored & (positions >= (mask.sum(1) - scheme.suffix)[:, None])
-        residuals = wrapper.residuals(ids, mask, layers)
+    for pb in tqdm(engine.batches(prompts, batch_size), total=n_batches, desc="SAE quality: reconstructions",
+                   unit="batch", leave=False):
+        scored, suffix, _, _ = positions(pb)
+        residuals = wrapper.residuals(pb.run_ids, pb.mask, layers, past=pb.past)
         for layer in layers:
             sae, s = saes[layer].to(wrapper.device), sums[layer]
             x = residuals[layer].float()
@@ -126,17 +134,16 @@ def sae_quality(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencoder], pr
             active = f[scored] > 0
             s.active += active.double().sum(0).cpu()
             s.l0 += float(active.sum())
-        encoded.append((ids, mask, scored))
     means = {layer: (s.x_sum["all"] / max(s.n["all"], 1)).float().to(wrapper.device) for layer, s in sums.items()}
     # pass 2: the next-token losses, clean, with each SAE spliced in, and with the residual at its mean
     ce_clean, n_predicted = 0.0, 0
-    for ids, mask, scored in tqdm(encoded, desc="SAE quality: spliced passes", unit="batch", leave=False):
-        predicted = scored.clone()
-        predicted[torch.arange(len(ids)), mask.sum(1) - 1] = False  # the last token's next is the answer's
-        clean_logp = _log_probs(wrapper.model(input_ids=ids, attention_mask=mask).logits)
-        ce, _ = _next_token_losses(clean_logp, ids, predicted)
+    for pb in tqdm(engine.batches(prompts, batch_size), total=n_batches, desc="SAE quality: spliced passes",
+                   unit="batch", leave=False):
+        scored, _, predicted, targets = positions(pb)
+        hidden = wrapper.final_hidden(pb.run_ids, pb.mask, past=pb.past)
+        ce, _, clean_logp = _next_token_losses(wrapper, hidden, targets, predicted)
         ce_clean += ce
-        n_predicted += int(predicted[:, :-1].sum())
+        n_predicted += int(predicted.sum())
         for layer in layers:
             sae, s = saes[layer], sums[layer]
             for name in ("spliced", "mean"):
@@ -146,8 +153,8 @@ def sae_quality(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencoder], pr
                     return torch.where(scored[..., None], new.to(hidden.dtype), hidden)
 
                 with wrapper.edit_residuals({layer: edit}):
-                    edited = _log_probs(wrapper.model(input_ids=ids, attention_mask=mask).logits)
-                ce, kl = _next_token_losses(edited, ids, predicted, clean_logp)
+                    edited = wrapper.final_hidden(pb.run_ids, pb.mask, past=None if pb.past is None else expand(engine.cache, len(pb.run_ids)))
+                ce, kl, _ = _next_token_losses(wrapper, edited, targets, predicted, clean_logp)
                 s.ce[name] += ce
                 s.kl[name] += kl
     out = []

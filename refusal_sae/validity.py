@@ -103,7 +103,7 @@ class ValidityConfig:
     """Greedy answer length in tokens; a refusal shows in its first few words."""
     refusal_phrases: list[str] = field(default_factory=lambda: list(DEFAULT_REFUSAL_PHRASES))
     """An answer containing any of these (case-insensitive) counts as a refusal."""
-    batch_size: int = 8
+    batch_size: int = 32
     """Prompts per forward pass and per generate call."""
     keep_answers: bool = True
     """Include every prompt's answer, score and label in the report."""
@@ -117,7 +117,7 @@ class ValidityConfig:
     def __post_init__(self) -> None:
         positive_int("validity.max_new_tokens", self.max_new_tokens, 24)
         statistics_options("validity", self)
-        positive_int("validity.batch_size", self.batch_size, 8)
+        positive_int("validity.batch_size", self.batch_size, 32)
         phrases = self.refusal_phrases
         if isinstance(phrases, str) or not phrases or any(not isinstance(p, str) or not p.strip() for p in phrases):
             raise UserError(
@@ -128,7 +128,7 @@ class ValidityConfig:
 
 
 def generate_answers(
-    wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int = 24, batch_size: int = 8,
+    wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int = 24, batch_size: int = 32,
     reuse_prefix: bool = True
 ) -> list[str]:
     """Greedy answers (decoded, special tokens dropped, stripped) of at most `max_new_tokens` tokens, batched

@@ -190,7 +190,8 @@ def test_token_stream_covers_each_token_once_per_epoch(tiny_dir: Path, splits, t
             assert torch.equal(torch.cat([b[layer] for b in batches]), rows[layer][index])
         orders.append(index)
     assert not torch.equal(orders[0], orders[1])  # a new order each epoch
-    assert set(orders[0].tolist()) == set(orders[1].tolist())
+    for order in orders:  # every token but the last partial batch's (fewer than 7), which differ per epoch
+        assert len(set(range(cache.n_tokens)) - set(order.tolist())) == cache.n_tokens % 7
 
 
 def test_token_stream_parts_are_disjoint_and_equal(tiny_dir: Path, splits, tmp_path: Path) -> None:
