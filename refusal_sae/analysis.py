@@ -708,7 +708,7 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
                 plot_curves({method: rs}, out.method(method).curves_png)
         report = build_report(out, inputs.run, inputs.saes, inputs.cache, inputs.splits, inputs.wrapper(),
                               discovery.circuits, discovery.record, similarity, summary, edits)
-        out.write_report(report.page, {"cards": report.cards, "prompts": report.prompts})
+        out.write_report(report.page, report.card_scripts)
         log.info("report: %d node cards in %s", len(report.cards), out.report_html)
     return summary
 

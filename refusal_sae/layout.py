@@ -30,8 +30,8 @@
         directions/ceiling.json                               their split-half ceiling (refusal_sae.ceiling)
         tradeoff/tradeoff.json, .png, .md                     over-refusal against refusal under three edits swept,
                                                               every answer (refusal_sae.overrefusal)
-        report/index.html, cards.json                         what each node is: node cards, circuit graphs, figures
-                                                              in one page (refusal_sae.report)
+        report/index.html, cards/<n>.js                       what each node is: circuit graphs, figures in one page,
+                                                              node cards one script per circuit (refusal_sae.report)
         sae_quality.json                                      each SAE spliced in on held-out prompts (sae_quality)
         summary.json, summary.md                              the short summary; the results table
 
@@ -562,12 +562,19 @@ class AnalysisLayout:
 
     @property
     def report_cards(self) -> Path:
-        """Every node card of the report, and the prompts they show, as JSON."""
-        return self.root / "report" / "cards.json"
+        """The node cards of the report, one script per circuit (`cards/<n>.js`), which the page loads when the
+        circuit is opened: the page itself stays light (`refusal_sae.report`)."""
+        return self.root / "report" / "cards"
 
-    def write_report(self, page: str, cards: Any) -> None:
-        """The cards first, then the page that shows them."""
-        write_json(self.report_cards, to_json(cards))
+    def write_report(self, page: str, card_files: Mapping[str, str]) -> None:
+        """The card scripts first ({file name: text}; any earlier ones removed), then the page that loads them."""
+        self.report_cards.mkdir(parents=True, exist_ok=True)
+        for old in self.report_cards.glob("*.js"):
+            if old.name not in card_files:
+                old.unlink()
+        for name, text in card_files.items():
+            with atomic_open(self.report_cards / name, "w", encoding="utf-8") as f:
+                f.write(text)
         with atomic_open(self.report_html, "w", encoding="utf-8") as f:
             f.write(page)
 

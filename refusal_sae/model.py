@@ -459,16 +459,14 @@ class ModelWrapper:
         return self._head_at_last(output, attention_mask)
 
     @torch.no_grad()
-    def suffix_last_token_logits(self, hidden: Tensor, attention_mask: Tensor | None, after_layer: str | int,
-                                 past: Any = None) -> Tensor:
-        """(batch, vocab) float32 logits at each row's last real token, running only the blocks after `after_layer`.
+    def _run_after(self, hidden: Tensor, attention_mask: Tensor | None, after_layer: str | int,
+                   past: Any = None) -> tuple[Any, Tensor]:
+        """(the base model's output, the attention mask) running only the blocks after `after_layer`.
 
         `hidden` (batch, seq, d_model), in the model's dtype, is taken as the residual stream after
         block `after_layer` (e.g. `residuals(...)[after_layer]`, possibly edited); blocks after_layer+1 ..
-        end, the final norm and the head (at the last real position only, softcapped like
-        `last_token_logits`) run on it. Without edits the result equals `last_token_logits` of the same
-        batch. Forward hooks on the blocks that run (`edit_residuals`) fire; one on block `after_layer`
-        itself or earlier does not: apply that edit to `hidden` first.
+        end and the final norm run on it. Forward hooks on the blocks that run (`edit_residuals`) fire; one on
+        block `after_layer` itself or earlier does not: apply that edit to `hidden` first.
 
         How: the base model runs with `inputs_embeds=hidden` and its layer list temporarily swapped for
         one of the SAME length whose blocks 0 .. after_layer are stand-ins that skip the work and emit
@@ -526,7 +524,22 @@ class ModelWrapper:
                                    **self._continuation(past, hidden))
         finally:
             self._decoder.layers = original
-        return self._head_at_last(output, attention_mask)
+        return output, attention_mask
+
+    def suffix_last_token_logits(self, hidden: Tensor, attention_mask: Tensor | None, after_layer: str | int,
+                                 past: Any = None) -> Tensor:
+        """(batch, vocab) float32 logits at each row's last real token, running only the blocks after `after_layer`
+        (`suffix_final_hidden`; the head at the last real position only, softcapped like `last_token_logits`).
+        Without edits the result equals `last_token_logits` of the same batch."""
+        return self._head_at_last(*self._run_after(hidden, attention_mask, after_layer, past))
+
+    def suffix_final_hidden(self, hidden: Tensor, attention_mask: Tensor | None, after_layer: str | int,
+                            past: Any = None) -> Tensor:
+        """(batch, seq, d_model) the base model's output (after the final norm) at every position, running only the
+        blocks after `after_layer` on `hidden` (see `_run_after`), for the head at chosen positions (`unembed`).
+        Without edits it equals `final_hidden` of the same batch."""
+        output, _ = self._run_after(hidden, attention_mask, after_layer, past)
+        return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
     def final_hidden(self, input_ids: Tensor, attention_mask: Tensor, past: Any = None) -> Tensor:
         """(batch, positions that run, d_model) the base model's output (after the final norm), for the head at

@@ -5,6 +5,33 @@
   const data = JSON.parse(document.getElementById("report-data").textContent);
   const SVG = "http://www.w3.org/2000/svg";
   const MAX_EDGES = 3000; // the strongest edges drawn per circuit; a denser picture shows nothing more
+  const SIZES = [10, 20, 30, 50, 100, 200, 500]; // the size control's choices (and "all")
+
+  // ---------------------------------------------------------------- node cards, one script per circuit
+  // Each circuit's cards live in report/cards/<n>.js, which calls refusalReportCards when the circuit is first
+  // opened: a <script> loads from the file system, where fetching a JSON file would be refused.
+  data.cards = {};
+  data.prompts = {};
+  const loaded = new Map(); // cards file -> Promise
+  const arrived = new Map(); // cards file -> resolve
+  window.refusalReportCards = (file, payload) => {
+    Object.assign(data.cards, payload.cards);
+    Object.assign(data.prompts, payload.prompts);
+    const done = arrived.get("cards/" + file);
+    if (done) done();
+  };
+  function loadCards(circuit) {
+    const file = circuit.cards_file;
+    if (!loaded.has(file)) {
+      loaded.set(file, new Promise((resolve, reject) => {
+        arrived.set(file, resolve);
+        const script = el("script", { src: file });
+        script.onerror = () => reject(new Error(`${file} did not load`));
+        document.head.appendChild(script);
+      }));
+    }
+    return loaded.get(file);
+  }
 
   function el(tag, attrs, text) {
     const e = document.createElement(tag);
@@ -86,13 +113,21 @@
     return box;
   }
 
-  function showCard(name) {
+  function showCard(name, circuit) {
     const c = data.cards[name];
     card.replaceChildren();
     document.querySelectorAll("svg .node.selected").forEach((n) => n.classList.remove("selected"));
     document.querySelectorAll(`svg .node[data-node="${CSS.escape(name)}"]`).forEach((n) => n.classList.add("selected"));
+    if (!c && circuit && !card.loading) {
+      card.appendChild(el("p", { class: "note" }, `${name}: loading its card…`));
+      card.loading = true;
+      loadCards(circuit).then(() => { card.loading = false; showCard(name); },
+        (e) => { card.loading = false; card.replaceChildren(el("p", {}, `${name}: ${e.message}`)); });
+      return;
+    }
     if (!c) {
-      card.appendChild(el("p", {}, `${name}: no card`));
+      card.appendChild(el("p", {}, `${name}: no card (the report has cards for each circuit's ` +
+        `${data.card_nodes} most important nodes)`));
       return;
     }
     card.setAttribute("data-node", name);
@@ -139,16 +174,17 @@
   }
 
   // ---------------------------------------------------------------- the circuit graph
-  function drawCircuit(circuit, method) {
+  function drawCircuit(circuit, method, size) {
     const classes = data.classes, layers = data.layers;
-    const colW = 64, dy = 14, top = 40, left = 20;
+    const colW = 120, dy = 16, top = 40, left = 20;
     const columns = new Map();
-    circuit.nodes.forEach((n) => {
+    const shown = circuit.nodes.slice(0, size); // the most important first
+    shown.forEach((n) => {
       const key = layers.indexOf(n.layer) * classes.length + classes.indexOf(n.position);
       if (!columns.has(key)) columns.set(key, []);
       columns.get(key).push(n);
     });
-    const maxImp = Math.max(1e-9, ...circuit.nodes.map((n) => Math.abs(n.importance)));
+    const maxImp = Math.max(1e-9, ...shown.map((n) => Math.abs(n.importance)));
     const place = new Map();
     let height = top + 20;
     const used = [...columns.keys()].sort((a, b) => a - b);
@@ -158,7 +194,7 @@
     used.forEach((key) => {
       const nodes = columns.get(key).sort((a, b) => b.importance - a.importance);
       nodes.forEach((n, i) => {
-        const x = left + colIndex.get(key) * colW + colW / 2 + (i % 2 ? 10 : -10);
+        const x = left + colIndex.get(key) * colW + 12;
         const y = top + i * dy;
         place.set(n.name, [x, y]);
         height = Math.max(height, y + 20);
@@ -173,7 +209,7 @@
       t.textContent = layer;
       svg.appendChild(t);
       classes.forEach((cls, c) => {
-        const u = svgEl("text", { x: x + c * colW + colW / 2 - 12, y: 28 });
+        const u = svgEl("text", { x: x + c * colW + 6, y: 28 });
         u.textContent = cls;
         svg.appendChild(u);
       });
@@ -184,11 +220,16 @@
     const edgeGroup = svgEl("g");
     edges.forEach(([a, b, w]) => {
       const [x1, y1] = place.get(a), [x2, y2] = place.get(b);
-      edgeGroup.appendChild(svgEl("line", { class: "edge", x1, y1, x2, y2,
-        "stroke-opacity": (0.08 + 0.6 * Math.abs(w) / maxW).toFixed(2), "stroke-width": 1 }));
+      const line = svgEl("line", { class: "edge", x1, y1, x2, y2, stroke: w < 0 ? "#3b7dd8" : "#d9534f",
+        "stroke-opacity": (0.15 + 0.6 * Math.abs(w) / maxW).toFixed(2),
+        "stroke-width": (0.5 + 2.5 * Math.abs(w) / maxW).toFixed(2) });
+      const title = svgEl("title");
+      title.textContent = `${a} → ${b}: ${fmt(w)}`;
+      line.appendChild(title);
+      edgeGroup.appendChild(line);
     });
     svg.appendChild(edgeGroup);
-    circuit.nodes.forEach((n) => {
+    shown.forEach((n) => {
       const [x, y] = place.get(n.name);
       const r = 2 + 5 * Math.sqrt(Math.abs(n.importance) / maxImp);
       const sign = n.score === null ? 0 : Math.sign(n.score);
@@ -198,9 +239,14 @@
       const title = svgEl("title");
       title.textContent = `${n.name}\nimportance ${fmt(n.importance)}, score ${fmt(n.score)}`;
       dot.appendChild(title);
-      dot.addEventListener("click", () => showCard(n.name));
-      dot.addEventListener("mouseenter", () => { if (!card.getAttribute("data-node")) showCard(n.name); });
+      dot.addEventListener("click", () => showCard(n.name, circuit));
+      dot.addEventListener("mouseenter", () => { if (!card.getAttribute("data-node")) showCard(n.name, circuit); });
       svg.appendChild(dot);
+      if (n.label) {
+        const label = svgEl("text", { class: "label", x: x + 9, y: y + 3, "data-node": n.name });
+        label.textContent = n.label;
+        svg.appendChild(label);
+      }
     });
     return svg;
   }
@@ -250,30 +296,56 @@
       const button = el("button", { "data-circuit": `${m.name}/${c.name}` }, `${c.name} (${c.nodes.length})`);
       const pane = el("div", { class: "circuit", "data-circuit": `${m.name}/${c.name}` });
       const ev = c.evaluation;
-      pane.appendChild(el("p", { class: "note" }, `${c.nodes.length} nodes, ${c.edges.length} edges, ` +
+      pane.appendChild(el("p", { class: "note" }, `${c.nodes.length} nodes, ${c.n_edges} edges ` +
+        `(the ${c.edges.length} among each node's ${data.edges_per_node} strongest drawn), ` +
         `threshold ${fmt(c.threshold, 2)}, ${c.n_prompts} discovery prompts` + (ev ? ` · F(M) - F(∅) ${interval(ev.span)}` +
         ` · faithfulness 0.5 / 0.8 at ${ev.reaches["0.5"] ?? "-"} / ${ev.reaches["0.8"] ?? "-"} of ${ev.n_candidates}` +
         ` nodes · CPR ${interval(ev.cpr)} · sanity ${ev.sanity_passed === null ? "not tested" : ev.sanity_passed ? "ok" : "FAILED"}` : " · not evaluated") +
         " · colour: red raises, blue lowers the signed score; grey: SAE error"));
       const graph = el("div", { class: "graph" });
-      graph.appendChild(drawCircuit(c, m.name));
+      const control = el("label", { class: "size" }, "nodes shown (most important first): ");
+      const select = el("select", { "data-circuit": `${m.name}/${c.name}` });
+      const sizes = [...new Set([...SIZES.filter((k) => k < c.nodes.length), c.default_size])].sort((a, b) => a - b);
+      sizes.forEach((k) => select.appendChild(el("option", { value: String(k) }, String(k) +
+        (k === c.default_size ? (ev && ev.reaches["0.8"] === k ? " (faithfulness 0.8)" : " (top)") : ""))));
+      select.appendChild(el("option", { value: String(c.nodes.length) }, `all ${c.nodes.length}`));
+      select.value = String(c.default_size);
+      control.appendChild(select);
+      const draw = () => graph.replaceChildren(drawCircuit(c, m.name, Number(select.value)));
+      select.addEventListener("change", draw);
+      if (c.measurable === false) { // nothing to explain: say so instead of drawing a graph
+        const why = el("p", { class: "unmeasurable" }, `Nothing measurable to explain: F(M) - F(∅) = ` +
+          `${interval(ev.span)} does not lie above 0 on the held-out prompts, so no size of this circuit can be ` +
+          "faithful; the graph is not drawn. ");
+        const anyway = el("button", {}, "draw it anyway");
+        anyway.addEventListener("click", () => { why.remove(); pane.insertBefore(control, graph); draw(); });
+        why.appendChild(anyway);
+        pane.appendChild(why);
+      } else {
+        pane.appendChild(control);
+        draw();
+      }
       pane.appendChild(graph);
       button.addEventListener("click", () => {
         panes.forEach(([b, p]) => { b.classList.remove("active"); p.classList.remove("active"); });
         button.classList.add("active");
         pane.classList.add("active");
+        loadCards(c).catch(() => {}); // ready before the first click
       });
       panes.push([button, pane]);
       nav.appendChild(button);
       section.appendChild(pane);
-      if (ci === 0) { button.classList.add("active"); pane.classList.add("active"); }
+      if (ci === 0) { button.classList.add("active"); pane.classList.add("active"); loadCards(c).catch(() => {}); }
     });
     if (m.verdict) section.appendChild(el("p", {}, m.verdict));
     if (m.shared_core.length) {
       const core = el("p", {}, "Shared core: ");
       m.shared_core.forEach((name) => {
         const a = el("a", { href: "#", "data-node": name }, name);
-        a.addEventListener("click", (e) => { e.preventDefault(); showCard(name); });
+        a.addEventListener("click", (e) => {
+          e.preventDefault();
+          showCard(name, m.circuits.find((c) => c.nodes.some((n) => n.name === name && n.card)));
+        });
         core.appendChild(a);
         core.appendChild(document.createTextNode(" "));
       });

@@ -16,10 +16,13 @@ sae_vis and Neuronpedia show the same as dashboards). Every node of every saved 
     directions      its decoder direction's cosine with each refusal direction at its layer and the chosen
                     suffix position, when the analysis has the directions stage (`refusal_sae.directions`)
 
-`build_report` makes the cards (written to `cards.json`) and `index.html`: per circuit a layered graph (columns:
-layer x position class; nodes sized by importance, coloured by signed score; edges by weight) whose nodes
-open their card, the curves, similarity and direction figures inlined, the results table and the metric's
-validity. The page needs no network: its script and style are this package's `report.js` / `report.css`,
+`build_report` makes the cards of each circuit's `CARD_NODES` most important nodes (one script per circuit,
+`cards/<n>.js`, loaded by the page when the circuit is opened) and `index.html`: per circuit a layered graph
+(columns: layer x position class; nodes sized by importance, coloured by signed score and labelled with the token
+they fire on most and the token they promote most; each node's `EDGES_PER_NODE` strongest edges) that opens at the
+smallest size reaching faithfulness 0.8 (at most `MAX_DEFAULT` nodes, else the top `DEFAULT_NODES`) with a size
+control, and says "nothing measurable" instead of drawing a circuit whose F(M) - F(∅) does not lie above 0; the
+curves, similarity and direction figures inlined, the results table and the metric's validity. The page needs no network: its script and style are this package's `report.js` / `report.css`,
 inlined when it is built. Outside the page (the W&B table the analysis callback logs, `notebooks/02_run.ipynb`)
 the cards are read back with `load_cards` and shown by `node_card_table`, one row per card with its top
 contexts as HTML (`contexts_html`).
@@ -41,7 +44,7 @@ import torch
 from scipy import sparse
 
 from refusal_sae.activations import SPLITS, ActivationCache
-from refusal_sae.circuits import ERROR, Circuit, NodeScores
+from refusal_sae.circuits import ERROR, Circuit, Edge, Node, NodeScores
 from refusal_sae.data import PromptSample, Split
 from refusal_sae.directions import DirectionsResult
 from refusal_sae.editing import CategoryEdits
@@ -60,6 +63,19 @@ LENS_TOKENS = 10
 """Tokens promoted and suppressed per node in the logit lens."""
 CHUNK = 4096
 """Tokens encoded at once."""
+CARD_NODES = 100
+"""Nodes of each circuit, the most important first, that get a card (the size control's largest view with
+cards): a reader opens a few dozen; cards for every node of a 300-node circuit made a 17 MB report."""
+EDGES_PER_NODE = 3
+"""Each node's strongest edges (by |weight|) kept in the page; the rest only hide the picture."""
+DEFAULT_NODES = 30
+"""Nodes a circuit opens with when its smallest size reaching faithfulness 0.8 is unknown or above MAX_DEFAULT."""
+MAX_DEFAULT = 50
+"""The largest faithful size a circuit opens at."""
+LABEL_CHARS = 10
+"""Characters of each part of a node's label."""
+CARDS_CALLBACK = "refusalReportCards"
+"""The function each card script calls with its circuit's cards (report.js defines it)."""
 LABELS = ("safe", "toxic")
 
 
@@ -263,8 +279,10 @@ def check_inputs(record: DiscoveryRecord, circuits: Mapping[str, Sequence[tuple[
 def node_cards(circuits: Mapping[str, Sequence[tuple[Circuit, NodeScores]]], record: DiscoveryRecord,
                saes: Mapping[str, SparseAutoencoder], cache: ActivationCache, wrapper: ModelWrapper,
                shared_core: Mapping[str, Sequence[str]] | None = None,
-               directions: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict[str, NodeCard]:
-    """A card for every node of every circuit (see the module docstring); one pass over the cache per layer."""
+               directions: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+               wanted: set[str] | None = None) -> dict[str, NodeCard]:
+    """A card for every node of every circuit, or for the `wanted` ones (see the module docstring); one pass over
+    the cache per layer."""
     layers = check_inputs(record, circuits, saes, cache)
     scheme = PositionScheme(**record.scheme)
     classes = scheme.node_classes
@@ -280,7 +298,9 @@ def node_cards(circuits: Mapping[str, Sequence[tuple[Circuit, NodeScores]]], rec
     cards: dict[str, NodeCard] = {}
     for layer in layers:
         sae = saes[layer].cpu().float()
-        here = [n for n in nodes.values() if n.layer == layer]
+        here = [n for n in nodes.values() if n.layer == layer and (wanted is None or n.name in wanted)]
+        if not here:
+            continue
         latents = np.array(sorted({n.feature for n in here if n.feature != ERROR}), np.int64)
         column = {f: i for i, f in enumerate(latents.tolist())}
         matrix, errors = encode_layer(cache, layer, sae, latents, any(n.feature == ERROR for n in here))
@@ -381,6 +401,84 @@ def render_html(title: str, data: Mapping[str, Any]) -> str:
             f"<script>{script}</script>\n</body></html>\n")
 
 
+def ranked(circuit: Circuit) -> list[Node]:
+    """The circuit's nodes, the most important first (ties by name): the order the size control cuts."""
+    return sorted(circuit.nodes, key=lambda n: (-abs(n.importance), n.name))
+
+
+def carded(circuit: Circuit) -> list[str]:
+    """The nodes of `circuit` that get a card (`CARD_NODES`)."""
+    return [n.name for n in ranked(circuit)[:CARD_NODES]]
+
+
+def card_file_names(circuits: Mapping[str, Sequence[tuple[Circuit, NodeScores]]]) -> list[str]:
+    """One card script per circuit, in the order of the methods and their circuits."""
+    return [f"{i}.js" for i in range(sum(len(items) for items in circuits.values()))]
+
+
+def _measurable(evaluation: Any) -> bool | None:
+    """Whether F(M) - F(∅)'s interval lies above 0 (None: not evaluated)."""
+    if evaluation is None:
+        return None
+    low = evaluation.span.low
+    return low is not None and np.isfinite(low) and low > 0
+
+
+def default_size(circuit: Circuit, evaluation: Any) -> int:
+    """The nodes a circuit opens with: its smallest size reaching faithfulness 0.8 where that is at most
+    MAX_DEFAULT, else its top DEFAULT_NODES."""
+    reach = None if evaluation is None else evaluation.reaches.get("0.8")
+    size = reach if reach is not None and reach <= MAX_DEFAULT else DEFAULT_NODES
+    return min(size, len(circuit.nodes))
+
+
+def strongest_edges(circuit: Circuit, per_node: int = EDGES_PER_NODE) -> list[Edge]:
+    """The edges among each node's `per_node` strongest (by |weight|), strongest first."""
+    by_strength = sorted(circuit.edges, key=lambda e: (-abs(e.score), e.source, e.target))
+    count: dict[str, int] = {}
+    kept = []
+    for e in by_strength:
+        if count.get(e.source, 0) < per_node or count.get(e.target, 0) < per_node:
+            kept.append(e)
+            count[e.source] = count.get(e.source, 0) + 1
+            count[e.target] = count.get(e.target, 0) + 1
+    return kept
+
+
+def node_label(card: NodeCard | None, prompts: Mapping[int, Mapping[str, Any]]) -> str:
+    """A short label: the token where the node is largest in its top context, and the token its decoder promotes
+    most ("kill → sorry"); "error" for an error node; "" without a card."""
+    if card is None:
+        return ""
+    if card.feature == ERROR:
+        return "error"
+    def short(token: str) -> str:  # a whitespace token shows as its escape ("\\n")
+        return token.strip()[:LABEL_CHARS] or repr(token)[1:-1][:LABEL_CHARS]
+
+    fires = ""
+    if card.contexts:
+        top = card.contexts[0]
+        position = max(top.values, key=lambda pv: pv[1])[0] if top.values else None
+        tokens = prompts.get(top.prompt, {}).get("tokens", [])
+        if position is not None and position < len(tokens):
+            fires = short(tokens[position])
+    promotes = short(card.promoted[0][0]) if card.promoted else ""
+    return f"{fires} \u2192 {promotes}" if fires and promotes else fires or (f"\u2192 {promotes}" if promotes else "")
+
+
+def card_scripts(circuits: Mapping[str, Sequence[tuple[Circuit, NodeScores]]], cards: Mapping[str, NodeCard],
+                 prompts: Mapping[int, Mapping[str, Any]]) -> dict[str, str]:
+    """{file name: script}: per circuit, its carded nodes' cards and the prompts they show, as one call of
+    `CARDS_CALLBACK` (a script loads from the file system where a fetch of a JSON file would be refused)."""
+    out = {}
+    items = [c for group in circuits.values() for c, _ in group]
+    for name, circuit in zip(card_file_names(circuits), items):
+        mine = {n: cards[n] for n in carded(circuit) if n in cards}
+        shown = {str(c.prompt): prompts[c.prompt] for card in mine.values() for c in card.contexts}
+        out[name] = f"{CARDS_CALLBACK}({_json_script(name)},{_json_script({'cards': mine, 'prompts': shown})});\n"
+    return out
+
+
 def report_data(out: AnalysisLayout, run: RunLayout, record: DiscoveryRecord,
                 circuits: Mapping[str, Sequence[tuple[Circuit, NodeScores]]], cards: Mapping[str, NodeCard],
                 prompts: Mapping[int, Mapping[str, Any]], similarity: Mapping[str, Similarity],
@@ -389,6 +487,7 @@ def report_data(out: AnalysisLayout, run: RunLayout, record: DiscoveryRecord,
     """Everything the page shows, as one JSON-able dict."""
     edits = edits or {}
     methods = []
+    files = iter(card_file_names(circuits))
     for method, items in circuits.items():
         layout = out.method(method)
         sim = similarity.get(method)
@@ -397,10 +496,15 @@ def report_data(out: AnalysisLayout, run: RunLayout, record: DiscoveryRecord,
             "name": method,
             "circuits": [{"name": c.name, "category": c.category, "group": c.group, "threshold": c.threshold,
                           "n_prompts": c.n_prompts, "evaluation": evaluated.get(c.name),
+                          "measurable": _measurable(evaluated.get(c.name)),
+                          "default_size": default_size(c, evaluated.get(c.name)),
+                          "cards_file": f"cards/{next(files)}",
                           "nodes": [{"name": n.name, "layer": n.layer, "position": n.position,
-                                     "error": n.feature == ERROR, "importance": n.importance, "score": n.score}
-                                    for n in c.nodes],
-                          "edges": [[e.source, e.target, e.score] for e in c.edges]} for c, _ in items],
+                                     "error": n.feature == ERROR, "importance": n.importance, "score": n.score,
+                                     "card": n.name in cards, "label": node_label(cards.get(n.name), prompts)}
+                                    for n in ranked(c)],
+                          "n_edges": len(c.edges),
+                          "edges": [[e.source, e.target, e.score] for e in strongest_edges(c)]} for c, _ in items],
             "curves": _image(layout.curves_png),
             "similarity_png": _image(layout.similarity_png),
             "verdict": sim.verdict.explanation if sim else None,
@@ -415,8 +519,8 @@ def report_data(out: AnalysisLayout, run: RunLayout, record: DiscoveryRecord,
     return {
         "analysis": out.name, "run": str(run.root), "target": record.target, "scheme": record.scheme,
         "layers": list(dict.fromkeys(layer for items in circuits.values() for c, _ in items for layer in c.layers)),
-        "classes": PositionScheme(**record.scheme).node_classes, "methods": methods, "cards": cards,
-        "prompts": {str(k): v for k, v in prompts.items()},
+        "classes": PositionScheme(**record.scheme).node_classes, "methods": methods, "card_nodes": CARD_NODES,
+        "edges_per_node": EDGES_PER_NODE,
         "comparison": _image(out.comparison_png),
         "directions": None if directions is None else {
             "png": _image(out.directions.png), "verdict": directions.verdict.explanation,
@@ -448,6 +552,8 @@ class Report:
     page: str
     cards: dict[str, NodeCard]
     prompts: dict[int, dict[str, Any]]
+    card_scripts: dict[str, str]
+    """{file name in report/cards/: script} (`card_scripts`)."""
 
 
 def build_report(out: AnalysisLayout, run: RunLayout, saes: Mapping[str, SparseAutoencoder], cache: ActivationCache,
@@ -459,23 +565,38 @@ def build_report(out: AnalysisLayout, run: RunLayout, saes: Mapping[str, SparseA
     summary and refusal directions as written there, and the answers under each edit)."""
     directions, position = refusal_directions(out)
     core = {m: s.shared_core.nodes for m, s in similarity.items()}
-    cards = node_cards(circuits, record, saes, cache, wrapper, core, directions)
+    wanted = {n for items in circuits.values() for c, _ in items for n in carded(c)}
+    cards = node_cards(circuits, record, saes, cache, wrapper, core, directions, wanted)
     samples = [(s, split) for split in SPLITS for s in splits.get(split, [])]  # the cache's prompt order
     prompts = prompt_texts(cards, samples, wrapper, cache)
     data = report_data(out, run, record, circuits, cards, prompts, similarity, summary, position, edits)
-    return Report(render_html(f"refusal circuits: {out.name}", data), cards, prompts)
+    return Report(render_html(f"refusal circuits: {out.name}", data), cards, prompts,
+                  card_scripts(circuits, cards, prompts))
 
 
 # --------------------------------------------------------------------------------------------------
 # the cards outside the page: the W&B table, the notebook
 
 
+def card_data(out: AnalysisLayout) -> dict[str, dict[str, Any]]:
+    """The card scripts `build_report` wrote for `out`, read back as JSON: {"cards": {...}, "prompts": {...}}."""
+    files = sorted(out.report_cards.glob("*.js"), key=lambda p: int(p.stem)) if out.report_cards.is_dir() else []
+    if not files:
+        raise UserError(f"{out.report_cards} holds no card scripts: this analysis has no report; run `python -m "
+                        f"refusal_sae analyze --run_dir <run> --stage report --source {out.name}`")
+    merged: dict[str, dict[str, Any]] = {"cards": {}, "prompts": {}}
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        start = text.index(",") + 1  # after `refusalReportCards("<n>.js",`
+        payload = json.loads(text[start : text.rindex(")")])
+        merged["cards"].update(payload["cards"])
+        merged["prompts"].update(payload["prompts"])
+    return merged
+
+
 def load_cards(out: AnalysisLayout) -> tuple[dict[str, NodeCard], dict[int, dict[str, Any]]]:
     """The node cards `build_report` wrote for `out`, typed again, and the prompts their contexts show."""
-    if not out.report_cards.is_file():
-        raise UserError(f"{out.report_cards} not found: this analysis has no report; run `python -m refusal_sae "
-                        f"analyze --run_dir <run> --stage report --source {out.name}`")
-    data = json.loads(out.report_cards.read_text(encoding="utf-8"))
+    data = card_data(out)
     return from_json(dict[str, NodeCard], data["cards"]), {int(k): v for k, v in data["prompts"].items()}
 
 
@@ -551,6 +672,6 @@ def node_card_table(cards: Mapping[str, NodeCard], prompts: Mapping[int, Mapping
 
 
 __all__ = ["Context", "GroupStats", "NodeCard", "NodeScore", "Report", "TokenTable", "build_report", "check_inputs",
-           "contexts_html", "encode_layer", "load_cards", "logit_lens", "markdown_tables", "node_card_table",
+           "card_data", "contexts_html", "encode_layer", "load_cards", "logit_lens", "markdown_tables", "node_card_table",
            "node_cards", "node_statistics", "prompt_texts", "refusal_directions", "render_html", "report_data",
            "token_table"]

@@ -135,26 +135,26 @@ def sae_quality(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencoder], pr
             s.active += active.double().sum(0).cpu()
             s.l0 += float(active.sum())
     means = {layer: (s.x_sum["all"] / max(s.n["all"], 1)).float().to(wrapper.device) for layer, s in sums.items()}
-    # pass 2: the next-token losses, clean, with each SAE spliced in, and with the residual at its mean
+    # pass 2: the next-token losses, clean, with each SAE spliced in, and with the residual at its mean; an edited
+    # pass runs only the blocks after its layer, on the clean residual edited there
     ce_clean, n_predicted = 0.0, 0
     for pb in tqdm(engine.batches(prompts, batch_size), total=n_batches, desc="SAE quality: spliced passes",
                    unit="batch", leave=False):
         scored, _, predicted, targets = positions(pb)
+        residuals = wrapper.residuals(pb.run_ids, pb.mask, layers,
+                                      past=None if pb.past is None else expand(engine.cache, len(pb.run_ids)))
         hidden = wrapper.final_hidden(pb.run_ids, pb.mask, past=pb.past)
         ce, _, clean_logp = _next_token_losses(wrapper, hidden, targets, predicted)
         ce_clean += ce
         n_predicted += int(predicted.sum())
         for layer in layers:
-            sae, s = saes[layer], sums[layer]
+            sae, s, x = saes[layer], sums[layer], residuals[layer]
             for name in ("spliced", "mean"):
-                def edit(hidden: Tensor, name: str = name, sae: SparseAutoencoder = sae, mean: Tensor = means[layer],
-                         scored: Tensor = scored) -> Tensor:
-                    new = sae.decode(sae.encode(hidden.float())) if name == "spliced" else mean.expand_as(hidden)
-                    return torch.where(scored[..., None], new.to(hidden.dtype), hidden)
-
-                with wrapper.edit_residuals({layer: edit}):
-                    edited = wrapper.final_hidden(pb.run_ids, pb.mask, past=None if pb.past is None else expand(engine.cache, len(pb.run_ids)))
-                ce, kl, _ = _next_token_losses(wrapper, edited, targets, predicted, clean_logp)
+                new = sae.decode(sae.encode(x.float())) if name == "spliced" else means[layer].expand_as(x)
+                edited = torch.where(scored[..., None], new.to(x.dtype), x)
+                past = None if pb.past is None else expand(engine.cache, len(pb.run_ids))
+                out = wrapper.suffix_final_hidden(edited, pb.mask, layer, past=past)
+                ce, kl, _ = _next_token_losses(wrapper, out, targets, predicted, clean_logp)
                 s.ce[name] += ce
                 s.kl[name] += kl
     out = []

@@ -20,7 +20,7 @@ from refusal_sae.errors import UserError
 from refusal_sae.evaluation import EvaluationConfig
 from refusal_sae.layout import RunLayout
 from refusal_sae.positions import PositionScheme
-from refusal_sae.report import load_cards, node_card_table, node_cards, render_html
+from refusal_sae.report import CARD_NODES, card_data, load_cards, node_card_table, node_cards, render_html
 from refusal_sae.sae import SAEMeta
 from refusal_sae.similarity import SimilarityConfig
 from refusal_sae.validity import ValidityConfig
@@ -49,7 +49,7 @@ def analysed(planted, tmp_path_factory: pytest.TempPathFactory):
 
 
 def cards_of(out) -> tuple[dict, dict]:
-    data = json.loads(out.report_cards.read_text(encoding="utf-8"))
+    data = card_data(out)
     return data["cards"], data["prompts"]
 
 
@@ -60,6 +60,7 @@ def test_planted_latents_show_their_trigger_words_and_promote_the_refusal_token(
     triggers = set(vocabulary()[0])
     circuits = [c for c, _ in load_discovery(out).circuits["correlation"]]
     assert set(cards) == set().union(*(c.node_names() for c in circuits))  # a card for every node, no other
+    assert all(len(c.nodes) <= CARD_NODES for c in circuits)  # (small circuits: every node is carded)
     for layer in LAYERS:
         for j in PLANTED:
             card = cards[f"{layer}/{j}@content"]
@@ -203,9 +204,16 @@ def test_the_report_renders_every_node_and_opens_a_card(analysed, browser) -> No
     _, out = analysed
     open_page(browser, out.report_html)
     assert not_blank(browser.get_screenshot_as_png())
+    evaluated = out.read_summary().methods["correlation"].circuits
     for circuit, _ in load_discovery(out).circuits["correlation"]:
         drawn = browser.find_elements(By.CSS_SELECTOR, f'svg[data-circuit="correlation/{circuit.name}"] circle.node')
-        assert len(drawn) == len(circuit.nodes) > 0
+        labels = browser.find_elements(By.CSS_SELECTOR, f'svg[data-circuit="correlation/{circuit.name}"] text.label')
+        reach = evaluated[circuit.name].reaches["0.8"]  # opens at its faithful size, else its top 30
+        assert len(drawn) == min(reach if reach is not None and reach <= 50 else 30, len(circuit.nodes)) > 0
+        assert len(labels) == len(drawn) and all(t.get_attribute("textContent").strip() for t in labels)
+    first = load_discovery(out).circuits["correlation"][0][0].name  # the pane open at first: labels visible
+    shown = browser.find_elements(By.CSS_SELECTOR, f'svg[data-circuit="correlation/{first}"] text.label')
+    assert all(t.is_displayed() and t.text.strip() for t in shown)
     name = f"{LAYERS[0]}/{PLANTED[0]}@content"
     browser.find_element(By.CSS_SELECTOR, f'svg[data-circuit="correlation/alpha"] circle[data-node="{name}"]').click()
     card = browser.find_element(By.ID, "card")
@@ -245,8 +253,10 @@ def test_the_report_shows_each_edits_answers_beside_the_unedited_ones(analysed, 
 
 @pytest.mark.slow
 def test_a_circuit_of_500_nodes_renders_and_responds(analysed, browser, tmp_path: Path) -> None:
-    """The planted run's page data with one circuit grown to 500 nodes (each with a card)."""
+    """The planted run's page data with one circuit grown to 500 nodes (each with a card in its circuit's script):
+    it opens at its default size, draws all 500 when asked, and a click loads the card."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     _, out = analysed
     page = out.report_html.read_text(encoding="utf-8")
@@ -254,21 +264,31 @@ def test_a_circuit_of_500_nodes_renders_and_responds(analysed, browser, tmp_path
     data = json.loads(page[start : page.index("</script>", start)])
     circuit = data["methods"][0]["circuits"][0]
     template = circuit["nodes"][0]
-    nodes = []
+    cards = card_data(out)
+    nodes, mine = [], {}
     for i in range(500):
         layer, position = LAYERS[i % 2], data["classes"][i % len(data["classes"])]
         name = f"{layer}/{1000 + i}@{position}"
         nodes.append({**template, "name": name, "layer": layer, "position": position, "importance": 1 - i / 1000})
-        data["cards"][name] = {**data["cards"][template["name"]], "name": name, "position": position}
+        mine[name] = {**cards["cards"][template["name"]], "name": name, "position": position}
     circuit["nodes"] = nodes
     circuit["edges"] = [[a["name"], b["name"], 0.5] for a, b in zip(nodes[::2], nodes[1::2])]
+    circuit["cards_file"] = "cards/big.js"
     path = tmp_path / "big.html"
     path.write_text(render_html("500 nodes", data), encoding="utf-8")
+    (tmp_path / "cards").mkdir()
+    (tmp_path / "cards" / "big.js").write_text(
+        f"refusalReportCards('big.js', {json.dumps({'cards': mine, 'prompts': cards['prompts']})});")
     open_page(browser, path)
-    drawn = browser.find_elements(By.CSS_SELECTOR, f'svg[data-circuit="correlation/{circuit["name"]}"] circle.node')
+    svg = f'svg[data-circuit="correlation/{circuit["name"]}"]'
+    assert len(browser.find_elements(By.CSS_SELECTOR, f"{svg} circle.node")) == circuit["default_size"] <= 50
+    Select(browser.find_element(By.CSS_SELECTOR, f'select[data-circuit="correlation/{circuit["name"]}"]')
+           ).select_by_value("500")
+    drawn = browser.find_elements(By.CSS_SELECTOR, f"{svg} circle.node")
     assert len(drawn) == 500
     drawn[-1].click()
-    assert browser.find_element(By.ID, "card").get_attribute("data-node") == nodes[-1]["name"]
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "card").get_attribute("data-node") == nodes[-1]["name"])
+    assert "Top contexts" in browser.find_element(By.ID, "card").text  # its card, loaded from the circuit's script
     assert not_blank(browser.get_screenshot_as_png())
 
 

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from refusal_sae.layout import RunLayout
+from refusal_sae.report import card_data
 from refusal_sae.sae_io import load_sae
 from tests.conftest import ROOT
 from tests.run_cli import cli_in_process, one_line_error
@@ -97,7 +98,7 @@ def test_ddp_ranks_end_identical_with_global_dead_latent_counts_and_w_and_b_offl
         assert key.encode() in history, key
     # the report's node cards as a table, a row per card, each with its top contexts as an HTML file (highlighted
     # tokens) in the table's artifact
-    cards = json.loads(RunLayout(tmp_path).latest.report_cards.read_text(encoding="utf-8"))["cards"]
+    cards = card_data(RunLayout(tmp_path).latest)["cards"]
     [table] = runs[0].parent.glob("files/media/table/circuits/node_cards_*.table.json")
     logged = json.loads(table.read_text(encoding="utf-8"))
     assert len(logged["data"]) == len(cards) > 0
