@@ -380,9 +380,11 @@ class _Run:
 
 def _ratio(f: tuple[float, np.ndarray], empty: tuple[float, np.ndarray], model: tuple[float, np.ndarray]
            ) -> tuple[float, np.ndarray]:
-    """(F - F(∅)) / (F(M) - F(∅)), point estimate and per resample."""
+    """(F - F(∅)) / (F(M) - F(∅)), point estimate and per resample (nan or inf where F(M) = F(∅) exactly: the
+    point estimate is a NumPy float so that it divides as the resamples do, never raising)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        return (f[0] - empty[0]) / (model[0] - empty[0]), (f[1] - empty[1]) / (model[1] - empty[1])
+        return (float(np.float64(f[0] - empty[0]) / (model[0] - empty[0])),
+                (f[1] - empty[1]) / (model[1] - empty[1]))
 
 
 def areas(points: list[tuple[float, tuple[float, np.ndarray]]],
