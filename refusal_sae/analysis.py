@@ -30,7 +30,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -112,6 +112,7 @@ from refusal_sae.sae import SparseAutoencoder
 from refusal_sae.sae_quality import LayerQuality, quality_table, sae_quality
 from refusal_sae.similarity import Similarity, SimilarityConfig, analyse_similarity
 from refusal_sae.stats import Interval
+from refusal_sae.validate import positive_int
 from refusal_sae.validity import (
     ValidityConfig,
     behavior_labels,
@@ -120,6 +121,7 @@ from refusal_sae.validity import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -638,6 +640,20 @@ class AnalysisConfig:
     sae_quality: bool = True
     """Judge each SAE spliced into the model on the held-out prompts (`refusal_sae.sae_quality`): FVU, L0, dead and
     dense latents, cross-entropy and KL against the clean model and against mean ablation (loss recovered)."""
+    sae_quality_prompts: int | None = None
+    """How many held-out prompts the SAE quality stage splices on (evenly spaced over the held-out split, so every
+    category is in); null: all of them. Each prompt costs a forward per SAE and a clean one."""
+
+    def __post_init__(self) -> None:
+        if self.sae_quality_prompts is not None:
+            positive_int("analysis.sae_quality_prompts", self.sae_quality_prompts, 64)
+
+
+def spread(items: Sequence[T], n: int | None) -> list[T]:
+    """`n` of `items` evenly spaced over them, in order (all of them when `n` is None or not smaller)."""
+    if n is None or n >= len(items):
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
 def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfig,
@@ -650,7 +666,8 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
         raise UserError(f"analyze --stage: unknown stage(s) {unknown}; use {', '.join(STAGES)}")
     source = source or out
     if cfg.validity_report and "evaluate" in stages and not inputs.run.validity.is_file():
-        report = validity_report(inputs.wrapper(), inputs.splits["evaluation"], cfg.metric, cfg.validity)
+        report = validity_report(inputs.wrapper(), inputs.splits["evaluation"], cfg.metric, cfg.validity,
+                                 inputs.run.behavior_answers)
         write_validity_report(report, inputs.run.validity)
     if "discover" in stages:
         discovery = run_discovery(inputs, out, cfg.discovery, cfg.evaluation.target, cfg.metric)
@@ -659,7 +676,7 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
         if source.root != out.root:
             out.copy_discovery(source)
     if "quality" in stages and (cfg.sae_quality or stages[0] == "quality"):
-        held_out = [s.prompt for s in inputs.splits.get("evaluation", [])]
+        held_out = spread([s.prompt for s in inputs.splits.get("evaluation", [])], cfg.sae_quality_prompts)
         quality = sae_quality(inputs.wrapper(), inputs.saes, held_out, inputs.scheme("positional"),
                               cfg.evaluation.batch_size)
         out.write_sae_quality(quality)
@@ -808,5 +825,6 @@ __all__ = [
     "run_edits",
     "run_evaluation",
     "run_similarity",
+    "spread",
     "summarise",
 ]

@@ -463,9 +463,10 @@ class DataProcessor:
     def split(
         self, samples: Sequence[PromptSample], eval_fraction: float = 0.3
     ) -> dict[Split, list[PromptSample]]:
-        """Stratified split by (category, refusal_label): each stratum of n >= 2 prompts gives
-        round(n * eval_fraction) prompts, at least 1 and at most n - 1, to the evaluation split; a stratum of one
-        prompt is refused (it could be only in one split).
+        """Stratified split by (category, refusal_label), and within a label by dataset type, so that hard and
+        plainly safe prompts are held out in proportion: each (category, label) stratum of n >= 2 prompts gives
+        round(n * eval_fraction) prompts, at least 1 and at most n - 1, to the evaluation split, shared among its
+        dataset types by largest remainder; a stratum of one prompt is refused (it could be only in one split).
 
         Prompt texts must be unique (`deduplicate`): a repeated text could fall in both splits."""
         repeated = [text for text, n in Counter(s.prompt for s in samples).items() if n > 1]
@@ -484,11 +485,26 @@ class DataProcessor:
                                 "a category needs at least 2 per label (one for discovery, one held out): add "
                                 "prompts, or leave it out with data.prompts.categories")
             n_eval = min(max(round(len(members) * eval_fraction), 1), len(members) - 1)
-            eval_ids.update(id(members[i]) for i in rng.choice(len(members), n_eval, replace=False))
+            for group, n in _share_by_type(members, n_eval):
+                eval_ids.update(id(group[i]) for i in rng.choice(len(group), n, replace=False))
         return {
             "discovery": [s for s in samples if id(s) not in eval_ids],
             "evaluation": [s for s in samples if id(s) in eval_ids],
         }
+
+
+def _share_by_type(members: Sequence[PromptSample], n_eval: int) -> list[tuple[list[PromptSample], int]]:
+    """`n_eval` held-out prompts shared among the dataset types of one stratum in proportion to their counts
+    (largest remainder, ties by type name). One type gets all n_eval, so a single-type stratum (OR-Bench's hard
+    prompts, every toxic stratum) draws exactly as an unstratified split would."""
+    groups: dict[str, list[PromptSample]] = defaultdict(list)
+    for s in members:
+        groups[s.dataset_type].append(s)
+    quotas = {t: n_eval * len(g) / len(members) for t, g in groups.items()}
+    counts = {t: int(q) for t, q in quotas.items()}
+    for t in sorted(quotas, key=lambda t: (counts[t] - quotas[t], t))[: n_eval - sum(counts.values())]:
+        counts[t] += 1
+    return [(groups[t], counts[t]) for t in sorted(groups) if counts[t]]
 
 
 SPLIT_COLUMNS = ("prompt", "category", "refusal_label", "dataset_type", "original_source", "split")

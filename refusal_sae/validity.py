@@ -268,6 +268,7 @@ def validity_report(
     samples: Sequence[PromptSample],
     metric: RefusalMetric | RefusalMetricConfig | None = None,
     cfg: ValidityConfig | None = None,
+    answers_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """How well the refusal score predicts what the model actually does, as a JSON-able dict.
 
@@ -278,9 +279,11 @@ def validity_report(
     `auc_refusal_logprob_vs_refusal` (log P(refusal set) alone, ignoring the compliance side), refusal rates overall,
     per `dataset_type` and per `refusal_label`, mean scores, mean probability mass of each opener set,
     the token sets (`metric`), timings (`seconds`) and, with `keep_answers`, one record per prompt.
-    AUCs are null when a class is empty (e.g. nothing was refused). `auc_by_category` rates every metric
-    variant (`METRIC_VARIANTS`, whose token sets are in `metric_variants`; one that cannot be built for this
-    tokenizer is left out, its error in `metric_variant_errors`) and log P(refusal set) alone, per category.
+    With `answers_cache` the answers are read from and added to that file (`cached_answers`: the run's
+    behaviour answers, so a prompt is answered once per run). AUCs are null when a class is empty (e.g.
+    nothing was refused). `auc_by_category` rates every metric variant (`METRIC_VARIANTS`, whose token sets
+    are in `metric_variants`; one that cannot be built for this tokenizer is left out, its error in
+    `metric_variant_errors`) and log P(refusal set) alone, per category.
     """
     cfg = cfg if cfg is not None else ValidityConfig()
     samples = list(samples)
@@ -296,7 +299,8 @@ def validity_report(
     scores = (log_r - log_c).tolist()
     variant_scores = {name: (r - c).tolist() for name, (r, c) in log_probs.items()}
     t1 = time.perf_counter()
-    answers = generate_answers(wrapper, prompts, cfg.max_new_tokens, cfg.batch_size)
+    answers = (cached_answers(wrapper, prompts, cfg, answers_cache) if answers_cache is not None
+               else generate_answers(wrapper, prompts, cfg.max_new_tokens, cfg.batch_size))
     t2 = time.perf_counter()
     refused = [is_refusal(a, cfg.refusal_phrases) for a in answers]
     labels = [s.refusal_label for s in samples]
@@ -364,14 +368,11 @@ def metric_variants(wrapper: ModelWrapper, base: RefusalMetricConfig) -> tuple[d
     return built, errors
 
 
-def behavior_labels(
-    wrapper: ModelWrapper, samples: Sequence[PromptSample], cfg: ValidityConfig, cache_path: str | Path
-) -> np.ndarray:
-    """Whether the model refuses each prompt (greedy answer, `is_refusal`), as a bool array.
-
-    Answers are kept in `cache_path` (JSON keyed by prompt, with the model and generation settings), so
-    each prompt is generated once per run; a cache made with other settings is ignored and rewritten.
-    """
+def cached_answers(wrapper: ModelWrapper, prompts: Sequence[str], cfg: ValidityConfig,
+                   cache_path: str | Path) -> list[str]:
+    """The greedy answer to each prompt, read from `cache_path` (JSON keyed by prompt, with the model and
+    generation settings) where it is there and generated and added to it where not, so each prompt is
+    answered once per run; a cache made with other settings is ignored and rewritten."""
     cache_path = Path(cache_path)
     settings = {"model": wrapper.cfg.name, "max_new_tokens": cfg.max_new_tokens}
     answers: dict[str, str] = {}
@@ -379,12 +380,21 @@ def behavior_labels(
         saved = json.loads(cache_path.read_text(encoding="utf-8"))
         if saved.get("settings") == settings:
             answers = saved["answers"]
-    todo = sorted({s.prompt for s in samples} - answers.keys())
+    todo = sorted(set(prompts) - answers.keys())
     if todo:
-        log.info("generating %d answers to label refusals (label_source: behavior)", len(todo))
+        log.info("generating %d greedy answers (%d tokens each)", len(todo), cfg.max_new_tokens)
         answers.update(zip(todo, generate_answers(wrapper, todo, cfg.max_new_tokens, cfg.batch_size)))
         write_json(cache_path, {"settings": settings, "answers": answers})
-    return np.array([is_refusal(answers[s.prompt], cfg.refusal_phrases) for s in samples], dtype=bool)
+    return [answers[p] for p in prompts]
+
+
+def behavior_labels(
+    wrapper: ModelWrapper, samples: Sequence[PromptSample], cfg: ValidityConfig, cache_path: str | Path
+) -> np.ndarray:
+    """Whether the model refuses each prompt (greedy answer, `is_refusal`), as a bool array; the answers are the
+    run's (`cached_answers`)."""
+    answers = cached_answers(wrapper, [s.prompt for s in samples], cfg, cache_path)
+    return np.array([is_refusal(a, cfg.refusal_phrases) for a in answers], dtype=bool)
 
 
 def write_validity_report(report: dict[str, Any], path: str | Path) -> None:
@@ -401,6 +411,7 @@ __all__ = [
     "auc_by_category",
     "auc_table_markdown",
     "behavior_labels",
+    "cached_answers",
     "generate_answers",
     "is_refusal",
     "metric_variants",

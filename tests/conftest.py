@@ -1,5 +1,5 @@
 """Shared fixtures and helpers: the real OR-Bench subset, small CSV writers, one-thread torch, and the models
-built in the test that several modules share (the tiny model with its 40 bundled prompts, the planted model with
+built in the test that several modules share (the tiny model with 40 of the tests' prompts, the planted model with
 its activation cache).
 
 A module may define a fixture of the same name to use a model of its own (e.g. `test_model.tiny_dir`,
@@ -23,7 +23,7 @@ from refusal_sae.data import PromptConfig, prepare_prompts
 from refusal_sae.features import encode_prompts
 from refusal_sae.model import ModelConfig, ModelWrapper
 from tests.planted import LAYERS, exact_saes, make_planted_model, planted_prompts
-from tests.tiny_model import make_tiny_model
+from tests.tiny_model import TEST_PROMPTS, make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ORBENCH_DIR = ROOT.parent / "shared" / "data" / "or-bench"
@@ -94,8 +94,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory: pytest.TempPathFactory):
-    """The discovery and evaluation splits of 40 bundled prompts (2 per category and label)."""
-    cfg = PromptConfig(balance="n_per_category", n_per_category=2, seed=0)
+    """The discovery and evaluation splits of 40 of the tests' prompts (2 per category and label)."""
+    cfg = PromptConfig(source=str(TEST_PROMPTS), balance="n_per_category", n_per_category=2, seed=0)
     data = tmp_path_factory.mktemp("data")
     return prepare_prompts(cfg, data / "prompts.csv", data / "data_report", data / "balanced_report")
 

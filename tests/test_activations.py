@@ -30,7 +30,7 @@ from refusal_sae.errors import UserError
 from refusal_sae.model import ModelConfig, ModelWrapper
 from tests.collection import CHILD, collect, run_child, tree
 from tests.conftest import ROOT
-from tests.tiny_model import make_tiny_model
+from tests.tiny_model import TEST_PROMPTS, make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -128,7 +128,7 @@ def test_killed_collection_resumes_to_the_identical_cache(tmp_path: Path) -> Non
     """A subprocess is SIGKILLed part-way; the next run finishes, and the cache equals an uninterrupted one."""
     model_dir = make_tiny_model(tmp_path / "model", n_layers=3, d_model=256)
     prompts = tmp_path / "data" / "prompts.csv"
-    prepare_prompts(PromptConfig(balance="n_per_category", n_per_category=4, seed=0), prompts,
+    prepare_prompts(PromptConfig(source=str(TEST_PROMPTS), balance="n_per_category", n_per_category=4, seed=0), prompts,
                     prompts.parent / "data_report", prompts.parent / "balanced_report")  # 80 prompts
     child = run_child(str(model_dir), str(prompts), str(tmp_path / "killed"))
     manifest = tmp_path / "killed" / "manifest.json"
@@ -155,7 +155,7 @@ def test_killed_collection_resumes_to_the_identical_cache(tmp_path: Path) -> Non
 def test_full_disk_leaves_no_partial_shard(tiny_dir: Path, splits, tmp_path: Path) -> None:
     """A file-size limit makes writes fail like a full disk; complete shards stay, the next run resumes."""
     prompts = tmp_path / "data" / "prompts.csv"
-    prepare_prompts(PromptConfig(balance="n_per_category", n_per_category=2, seed=0), prompts,
+    prepare_prompts(PromptConfig(source=str(TEST_PROMPTS), balance="n_per_category", n_per_category=2, seed=0), prompts,
                     prompts.parent / "data_report", prompts.parent / "balanced_report")
     limited = (
         "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "

@@ -18,6 +18,7 @@ import yaml
 
 from refusal_sae.analysis import load_discovery, load_evaluation
 from refusal_sae.cli import CALLBACK
+from refusal_sae.data import read_splits
 from refusal_sae.editing import CategoryEdits, circuit_answers, edits_table
 from refusal_sae.evaluation import (
     ALL_LAYERS,
@@ -529,8 +530,10 @@ def test_analyze_tradeoff_sweeps_three_methods_and_chooses_per_method(capsys: py
     result, run_dir = tiny_run
     assert result.returncode == 0, result.stderr
     run = RunLayout(run_dir)
+    with_hard = sorted({s.category for s in read_splits(run.prompts_csv)["evaluation"] if s.dataset_type == "hard"})
+    assert len(with_hard) >= 3, with_hard
     options = ["--source", run.epoch(2).name, "--analysis.tradeoff.layer", "residuals_1",
-               "--analysis.tradeoff.categories", "[harassment, illegal, violence]",  # those with hard held-out prompts
+               "--analysis.tradeoff.categories", f"[{', '.join(with_hard[:3])}]",  # three with hard held-out prompts
                "--analysis.tradeoff.feature_sizes", "[2]", "--analysis.tradeoff.direction_strengths", "[1.0]",
                "--analysis.tradeoff.direction_subtract", "[]", "--analysis.tradeoff.orthogonalisation", "[1.0]",
                "--analysis.tradeoff.max_new_tokens", "2", "--analysis.tradeoff.bootstrap", "100"]
@@ -559,7 +562,8 @@ def test_analyze_tradeoff_sweeps_three_methods_and_chooses_per_method(capsys: py
     assert "tradeoff.direction_strengths: 2.0 is outside (0, 1]" in error, error
     error = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "tradeoff",
                                           *options, "--analysis.tradeoff.categories", "null"))
-    assert "tradeoff.categories: ['deception', 'harmful'," in error and "(here ['harassment', 'illegal'," in error
+    without = sorted({s.category for s in read_splits(run.prompts_csv)["evaluation"]} - set(with_hard))
+    assert f"tradeoff.categories: {without} have no hard" in error and f"(here {with_hard})" in error, error
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ from refusal_sae.data import (
     DataProcessor,
     ORBenchLoader,
     PromptConfig,
+    PromptSample,
+    build_prompts,
     prepare_prompts,
     read_splits,
 )
@@ -64,6 +66,28 @@ def test_bundled_sample_has_every_category_and_both_labels() -> None:
     assert {c for c, _ in labels} == CATEGORIES
     assert all(labels[(c, True)] > 0 and labels[(c, False)] > 0 for c in CATEGORIES)
     assert {s.dataset_type for s in samples} == {"safe_80k", "hard", "toxic"}
+
+
+def test_default_split_of_the_bundled_sample_holds_out_ten_toxic_and_ten_hard_per_category() -> None:
+    """The default run judges circuits and edits on at least 10 held-out toxic and 10 held-out hard-but-safe
+    prompts per category (fewer leave F(M) - F(∅)'s interval around 0), and keeps plainly safe ones for the
+    coherence check."""
+    splits = build_prompts(PromptConfig()).splits
+    held_out = Counter((s.category, s.dataset_type) for s in splits["evaluation"])
+    for category in CATEGORIES:
+        assert held_out[(category, "toxic")] >= 10 and held_out[(category, "hard")] >= 10, category
+        assert held_out[(category, "safe_80k")] >= 1, category
+
+
+def test_split_holds_out_each_safe_type_in_proportion() -> None:
+    """Within a (category, label) stratum the held-out prompts are shared among dataset types by their counts,
+    so a random draw cannot leave the hard prompts, or the plainly safe ones, nearly all in discovery."""
+    samples = [PromptSample(f"hard {i}", "hate", False, "hard", "h.csv") for i in range(35)]
+    samples += [PromptSample(f"plain {i}", "hate", False, "safe_80k", "p.csv") for i in range(8)]
+    samples += [PromptSample(f"toxic {i}", "hate", True, "toxic", "t.csv") for i in range(43)]
+    for seed in range(5):
+        held_out = Counter(s.dataset_type for s in DataProcessor(seed).split(samples, 0.3)["evaluation"])
+        assert held_out == {"toxic": 13, "hard": 11, "safe_80k": 2}  # 13 of 43 safe: 10.58 + 2.42 -> 11 + 2
 
 
 def test_hub_source_reads_each_config(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,7 +31,7 @@ from refusal_sae.model import ModelConfig, ModelWrapper
 from tests.collection import collect, run_child, tree
 from tests.conftest import ROOT
 from tests.run_cli import one_line_error
-from tests.tiny_model import make_tiny_model, tiny_fit_options
+from tests.tiny_model import TEST_PROMPTS, make_tiny_model, tiny_fit_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -196,7 +196,7 @@ def test_two_collections_into_one_cache_directory(tiny_dir: Path, tmp_path: Path
     """Two real processes collect into one cache (as two runs sharing data.activations.cache_dir would): the
     second stops naming the first; the first, resumed, finishes a cache whose every checksum holds."""
     prompts = tmp_path / "data" / "prompts.csv"
-    prepare_prompts(PromptConfig(balance="n_per_category", n_per_category=2, seed=0), prompts,
+    prepare_prompts(PromptConfig(source=str(TEST_PROMPTS), balance="n_per_category", n_per_category=2, seed=0), prompts,
                     prompts.parent / "data_report", prompts.parent / "balanced_report")
     cache = tmp_path / "cache"
     first = run_child(str(tiny_dir), str(prompts), str(cache))

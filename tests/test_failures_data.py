@@ -28,7 +28,7 @@ from refusal_sae.errors import UserError
 from refusal_sae.model import ModelConfig, ModelWrapper
 from tests.conftest import write_csv
 from tests.run_cli import cli_in_process
-from tests.tiny_model import DEFAULT_CONFIG
+from tests.tiny_model import DEFAULT_CONFIG, TEST_PROMPTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,10 +111,10 @@ def test_split_refuses_a_repeated_prompt() -> None:
 
 def test_a_stale_cache_refusal_leaves_the_run_directory_as_it_was(tiny_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    data_module(tiny_dir, run_dir, balance="n_per_category", n_per_category=2, seed=0).prepare_data()
+    data_module(tiny_dir, run_dir, source=str(TEST_PROMPTS), balance="n_per_category", n_per_category=2, seed=0).prepare_data()
     before = {p.name: p.read_bytes() for p in (run_dir / "data").iterdir()}
     assert {"prompts.csv", "data_report.json", "balanced_report.json"} <= set(before)
-    other_prompts = data_module(tiny_dir, run_dir, balance="n_per_category", n_per_category=2, seed=1)
+    other_prompts = data_module(tiny_dir, run_dir, source=str(TEST_PROMPTS), balance="n_per_category", n_per_category=2, seed=1)
     with pytest.raises(UserError, match=r"was built with a different prompts_sha256; .*overwrite: true"):
         other_prompts.prepare_data()
     assert {p.name: p.read_bytes() for p in (run_dir / "data").iterdir()} == before

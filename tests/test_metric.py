@@ -32,6 +32,7 @@ from refusal_sae.validity import (
     ValidityConfig,
     auc_by_category,
     auc_table_markdown,
+    behavior_labels,
     generate_answers,
     is_refusal,
     precision_recall,
@@ -407,6 +408,26 @@ def test_validity_report(wrapper: ModelWrapper, tmp_path: Path) -> None:
                                                                              keep_answers=False))
     assert none_refused["auc_score_vs_refusal"] is None and "prompts" not in none_refused
     json.dumps(none_refused, allow_nan=False)
+
+
+def test_validity_report_answers_each_prompt_once_per_run(wrapper: ModelWrapper, tmp_path: Path) -> None:
+    """With the run's answer cache, the report's answers are kept there and the behaviour labels read them: the
+    held-out prompts are not answered a second time (a phrase list that differs is judged on the same answers)."""
+    samples = [PromptSample(p, "privacy", i % 2 == 0, "toxic" if i % 2 == 0 else "hard", "test.csv")
+               for i, p in enumerate(PROMPTS)]
+    cfg = ValidityConfig(max_new_tokens=4, refusal_phrases=["not"], batch_size=3)
+    metric = RefusalMetric.from_wrapper(wrapper, RefusalMetricConfig(refusal_openers=["not"], compliance_openers=["how"]))
+    cache = tmp_path / "behavior_answers.json"
+    report = validity_report(wrapper, samples, metric, cfg, cache)
+    saved = json.loads(cache.read_text())
+    assert saved["settings"] == {"model": wrapper.cfg.name, "max_new_tokens": 4}
+    assert [saved["answers"][p] for p in PROMPTS] == [r["answer"] for r in report["prompts"]]
+    assert [saved["answers"][p] for p in PROMPTS] == generate_answers(wrapper, PROMPTS, max_new_tokens=4)
+    # a cached answer is read, not generated: an answer planted in the cache is the one judged
+    saved["answers"][PROMPTS[1]] = "zzz planted"
+    cache.write_text(json.dumps(saved))
+    labels = behavior_labels(wrapper, samples, ValidityConfig(max_new_tokens=4, refusal_phrases=["zzz"]), cache)
+    assert labels.tolist() == [False, True, False, False]
 
 
 def test_auc_by_category_with_bootstrap_intervals() -> None:

@@ -22,7 +22,7 @@ from refusal_sae.report import card_data
 from refusal_sae.sae_io import load_sae
 from tests.conftest import ROOT
 from tests.run_cli import cli_in_process, one_line_error
-from tests.tiny_model import DEFAULT_CONFIG, TINY_CALLBACKS, tiny_fit_options
+from tests.tiny_model import DEFAULT_CONFIG, TINY_CALLBACKS, tiny_fit_options, tiny_held_out_hard_categories
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
@@ -47,10 +47,11 @@ def test_ddp_ranks_end_identical_with_global_dead_latent_counts_and_w_and_b_offl
     args = [a for a in tiny if a not in ("--trainer.logger", "false")]
     args[args.index(str(DEFAULT_CONFIG))] = str(config)
     # the edit and trade-off stages on too, on one category: refusal rates as metrics, answers and points in tables
+    category = tiny_held_out_hard_categories()[0]  # one with hard held-out prompts, for the over-refusal stage
     callbacks = tmp_path / "callbacks.yaml"
     callbacks.write_text(TINY_CALLBACKS.replace("          validity:", "          editing: {enabled: true, categories: "
-                                                "[violence], random_circuits: 1, max_new_tokens: 2, bootstrap: 100}\n"
-                                                "          tradeoff: {enabled: true, categories: [violence], layer: "
+                                                f"[{category}], random_circuits: 1, max_new_tokens: 2, bootstrap: 100}}\n"
+                                                f"          tradeoff: {{enabled: true, categories: [{category}], layer: "
                                                 "residuals_1, feature_sizes: [2], direction_strengths: [1.0], "
                                                 "direction_subtract: [], orthogonalisation: [1.0], max_new_tokens: 2, "
                                                 "bootstrap: 100, transfer: null}\n"
@@ -93,7 +94,7 @@ def test_ddp_ranks_end_identical_with_global_dead_latent_counts_and_w_and_b_offl
                 "sae/residuals_0/cos_sim", "circuits/correlation/violence/span",
                 "circuits/correlation/hate/sanity_passed", "circuits/correlation/violence/faithfulness",
                 "circuits/correlation/curves", "circuits/correlation/similarity", "circuits/points",
-                "answers/correlation/violence/model/toxic_refusal_rate", "circuits/answers",
+                f"answers/correlation/{category}/model/toxic_refusal_rate", "circuits/answers",
                 "tradeoff/features/ablate 2/hard_refusal_rate", "tradeoff/points", "tradeoff/figure"):
         assert key.encode() in history, key
     # the report's node cards as a table, a row per card, each with its top contexts as an HTML file (highlighted

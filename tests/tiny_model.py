@@ -1,7 +1,7 @@
 """A tiny random-weight Llama chat model, built in the test, for fast model-stage tests.
 
 `make_tiny_model(directory)` writes a seeded `LlamaForCausalLM` (2 layers, d_model 32 by default) and a
-real fast tokenizer (a word-level vocabulary counted from the bundled sample prompts, with bos/eos/pad
+real fast tokenizer (a word-level vocabulary counted from the tests' prompts, `TEST_PROMPTS`, with bos/eos/pad
 and chat-role special tokens) plus a small Jinja chat template, all with `save_pretrained` (weights as
 safetensors). The directory then loads offline like any local checkpoint, e.g. through
 `refusal_sae.model.ModelWrapper(ModelConfig(name=str(directory)))`. Same arguments, same files.
@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from refusal_sae.data import FILES, sample_data_dir
+from refusal_sae.data import FILES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -36,12 +36,16 @@ TINY_CHAT_TEMPLATE = (
 _WORD = re.compile(r"\w+|[^\w\s]+")
 
 
+#: The tests' own OR-Bench-format prompts: a frozen copy of the package's first bundled sample (320 prompts), so
+#: that growing or editing the bundled sample changes no test's prompts, tiny vocabulary or split.
+TEST_PROMPTS = Path(__file__).parent / "data" / "or-bench-sample"
+
+
 def sample_prompts() -> list[str]:
-    """Every prompt of the bundled OR-Bench sample CSVs, in file order (320 prompts; the other bundled sets are
-    not the sample)."""
+    """Every prompt of the tests' OR-Bench-format CSVs (`TEST_PROMPTS`), in file order (320 prompts)."""
     prompts = []
     for name in sorted(FILES.values()):
-        with open(sample_data_dir() / name, encoding="utf-8", newline="") as f:
+        with open(TEST_PROMPTS / name, encoding="utf-8", newline="") as f:
             prompts += [row["prompt"] for row in csv.DictReader(f)]
     return prompts
 
@@ -50,7 +54,7 @@ def make_tiny_tokenizer(vocab_size: int = 512, chat_template: str | None = TINY_
     """A `PreTrainedTokenizerFast`: lowercase, whitespace/punctuation split, word-level vocabulary.
 
     The vocabulary is the special tokens then the `vocab_size - len(SPECIAL_TOKENS)` most frequent
-    words of the sample prompts (ties broken alphabetically, so it is deterministic); other words are
+    words of the test prompts (ties broken alphabetically, so it is deterministic); other words are
     `<unk>`.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
@@ -137,21 +141,33 @@ trainer:
       init_args:
         every_n_epochs: 2
         analysis:
-          discovery: {correlation: {threshold: 0.9, edge_threshold: 0.9}}
-          evaluation: {n_sizes: 4, fractions: [0.01, 0.1, 0.5], random_circuits: 2, bootstrap: 200}
+          discovery: {methods: [correlation], label_source: dataset, correlation: {threshold: 0.9, edge_threshold: 0.9}}
+          evaluation: {target: toxic, n_sizes: 4, fractions: [0.01, 0.1, 0.5], random_circuits: 2, bootstrap: 200}
+          directions: {enabled: false}
           metric: {refusal_openers: [not], compliance_openers: [how]}
           validity: {max_new_tokens: 2, refusal_phrases: [not]}
 """
 
 
+def tiny_held_out_hard_categories() -> list[str]:
+    """The categories whose held-out split under `tiny_fit_options` has a hard-but-safe prompt (what the
+    over-refusal stage needs), from the same prompt options and seed as `fit`."""
+    from refusal_sae.data import PromptConfig, build_prompts
+
+    splits = build_prompts(PromptConfig(source=str(TEST_PROMPTS), balance="n_per_category", n_per_category=3,
+                                        seed=0)).splits
+    return sorted({s.category for s in splits["evaluation"] if s.dataset_type == "hard"})
+
+
 def tiny_fit_options(root: str | Path) -> list[str]:
     """`fit` options that run the whole default pipeline (circuit callbacks included) on a 2-layer tiny
-    model written into `root` and 60 bundled prompts, in seconds, without W&B."""
+    model written into `root` and 60 of the tests' prompts (`TEST_PROMPTS`), in seconds, without W&B."""
     root = Path(root)
     model_dir = make_tiny_model(root / "model", n_layers=2)
     callbacks = root / "callbacks.yaml"
     callbacks.write_text(TINY_CALLBACKS)
     return ["--config", str(DEFAULT_CONFIG), "--config", str(callbacks), "--data.model.name", str(model_dir),
-            "--data.activations.layers", "[0, 1]", "--model.sae.d_in", "32", "--data.prompts.balance",
+            "--data.activations.layers", "[0, 1]", "--model.sae.d_in", "32", "--data.prompts.source",
+            str(TEST_PROMPTS), "--data.prompts.balance",
             "n_per_category", "--data.prompts.n_per_category", "3", "--data.batch_size", "64",
             "--trainer.logger", "false"]
