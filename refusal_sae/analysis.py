@@ -571,7 +571,7 @@ def verdict_line(method: MethodSummary, directions: DirectionsSummary | None) ->
     circuits pass the evaluation (a measurably positive F(M) - F(∅), faithfulness 0.8 reached by the interval's
     lower bound, no failed check) and both ceilings ran; otherwise "no verdict is supported", and why."""
     passing = [n for n, r in method.circuits.items()
-               if r.span.low > 0 and r.reaches.get("0.8") is not None and r.sanity_passed is not False]
+               if r.span.above_zero() and r.reaches.get("0.8") is not None and r.sanity_passed is not False]
     why = []
     if len(passing) < 2:
         why.append(f"{len(passing)} of {len(method.circuits)} circuits pass the evaluation (a measurable effect, "

@@ -416,7 +416,7 @@ def _size_ceiling(n: int, tops: Sequence[Mapping[int, Mapping[str, tuple[frozens
     for c in categories:
         ex = _spread(excess[c], cfg.confidence)
         rows.append(CategoryCeiling(c, _spread(within[c], cfg.confidence), float(np.nanmean(nulls[c])), ex,
-                                    bool(ex.low > 0)))
+                                    ex.above_zero()))
     reproducible = [r.category for r in rows if r.reproducible]
     pairs, per_split_means = [], [[] for _ in tops]
     for i, c in enumerate(categories):
@@ -510,7 +510,7 @@ def direction_ceiling(residuals: np.ndarray, categories: np.ndarray, labels: np.
         dims.append(gram)
     within_a, specific_a = np.array(within), np.array(specific)
     within_i = {c: _spread(within_a[:, i], cfg.confidence) for i, c in enumerate(names)}
-    reproducible = [c for c in names if within_i[c].low > 0]
+    reproducible = [c for c in names if within_i[c].above_zero()]
     keep = [names.index(c) for c in reproducible]
     pairs, means = [], [[] for _ in range(cfg.splits)]
     for i, a in enumerate(names):

@@ -421,7 +421,7 @@ def _curve(run: _Run, scope: str, layers: list[str], mode: str, ranking: list[tu
     prefix = f"{mode}/{scope}"
     empty = run.F(run(f"{prefix}/empty", ablator.variant(none, candidates, layers)))
     span = run.interval((model[0] - empty[0], model[1] - empty[1]))
-    defined = span.low > 0
+    defined = span.above_zero()
     note = None if defined else (
         f"F(M) - F(∅) = {span.format('.4g')}: its interval contains 0, so faithfulness and completeness are "
         "undefined" if span.high >= 0 else
@@ -528,7 +528,7 @@ def _sanity(run: _Run, cfg: EvaluationConfig, main: Curve, ranking: Sequence[tup
         if prefix_check == "fail":
             notes.append(f"ablating the shared prefix moved a score by {prefix_change:.3g} > {PREFIX_TOLERANCE}: "
                          "the prefix is not shared, or the means are off")
-    excludes, positive = main.span.excludes_zero(), main.span.low > 0
+    excludes, positive = main.span.excludes_zero(), main.span.above_zero()
     splice = None
     if positive:
         f_model = run.obj.value(model)

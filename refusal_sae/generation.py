@@ -110,8 +110,9 @@ def generate(wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int 
     positions' classes (edits whose values are per prompt: `Ablator.prompt_values`).
 
     Every row's new tokens follow its own last prompt token (the prefix engine's generation layout: pads between
-    the shared template prefix and the rest), so a batch gives what each prompt would alone. It stops at the
-    model's eos token(s). `reuse_prefix=False` runs whole prompts (plain left padding).
+    the shared template prefix and the rest), so a batch gives what each prompt would alone; prompts are batched
+    by token length (a batch runs every row to its longest prompt) and the answers returned in the given order.
+    It stops at the model's eos token(s). `reuse_prefix=False` runs whole prompts (plain left padding).
     """
     from transformers import GenerationConfig
 
@@ -119,6 +120,10 @@ def generate(wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int 
     positive_int("batch_size", batch_size, 8)
     edits = _node_edits(edits, scheme)
     prompts = as_prompt_list(prompts)
+    order = np.argsort([len(row) for row in wrapper.encode(prompts)], kind="stable")
+    prompts = [prompts[i] for i in order]
+    if class_offsets is not None:
+        class_offsets = [class_offsets[i] for i in order]
     tok = wrapper.tokenizer
     eos = wrapper.model.generation_config.eos_token_id
     eos = eos if eos is not None else tok.eos_token_id
@@ -146,7 +151,8 @@ def generate(wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int 
                 tokens.append(row[:end])
             texts += [t.strip() for t in tok.batch_decode(out[:, batch.input_ids.shape[1]:].cpu(),
                                                           skip_special_tokens=True)]
-    return Answers(texts, tokens)
+    given = np.argsort(order)  # back to the order the prompts were given in
+    return Answers([texts[i] for i in given], [tokens[i] for i in given])
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ def _series(curve: Curve, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
 def _effect_word(r: CircuitEvaluation) -> str | None:
     """None where the circuit's first curve has a measurable positive F(M) - F(∅), else what it has instead."""
     span = r.curves[0].span if r.curves else None
-    if span is not None and span.low > 0:
+    if span is not None and span.above_zero():
         return None
     return "negative F(M) - F(∅)" if span is not None and span.high < 0 else "nothing measurable"
 

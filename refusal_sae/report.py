@@ -420,8 +420,7 @@ def _measurable(evaluation: Any) -> bool | None:
     """Whether F(M) - F(∅)'s interval lies above 0 (None: not evaluated)."""
     if evaluation is None:
         return None
-    low = evaluation.span.low
-    return low is not None and np.isfinite(low) and low > 0
+    return evaluation.span.low is not None and evaluation.span.above_zero()
 
 
 def default_size(circuit: Circuit, evaluation: Any) -> int:

@@ -45,6 +45,10 @@ class Interval:
     def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
 
+    def above_zero(self) -> bool:
+        """The interval lies above 0 (an effect measurably positive; a NaN bound is not)."""
+        return bool(self.low > 0)
+
     def format(self, spec: str = ".2f") -> str:
         """`value [low, high]`, each number formatted by `spec` (".2f", "+.3f", ".0%", ...)."""
         return f"{self.value:{spec}} [{self.low:{spec}}, {self.high:{spec}}]"

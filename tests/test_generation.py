@@ -135,6 +135,8 @@ def test_steering_the_circuit_scales_the_refusal(setup) -> None:
 def test_edited_batches_equal_one_prompt_at_a_time_and_whole_prompts(setup) -> None:
     wrapper, scheme, ablator, toxic, safe = setup
     prompts = toxic[:3] + safe[:3]
+    lengths = [len(row) for row in wrapper.encode(prompts)]
+    assert lengths != sorted(lengths)  # generation batches them by length: answers must come back in this order
     edits = under(ablator, ablator.variant(planted_mask(ablator), all_latents(ablator), inside=False))
     batched = generate(wrapper, prompts, NEW, 4, scheme=scheme, edits=edits)
     # one prompt shares its whole start with itself: the prefix run once must still be the template's only
