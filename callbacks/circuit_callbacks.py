@@ -6,19 +6,25 @@ and runs the analysis stages (`refusal_sae.analysis`: discover, similarity, eval
 table and the report's node cards); the other ranks wait at a barrier. `<run_dir>/analysis/latest` links to
 the newest complete analysis. Nothing here changes training: the SAEs are copied, never touched. An analysis
 that fails on bad input does not stop training: the checkpoints and the SAE export still happen, and `fit`
-then ends with the error (exit status 2).
+then ends with the error (exit status 2). SIGTERM stops an analysis at once (exit status 143, one line naming the
+checkpoint to resume from: the previous epoch's, as Lightning writes an epoch's checkpoint after its callbacks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from refusal_sae.analysis import AnalysisConfig, AnalysisInputs, format_summary, run_analysis
 from refusal_sae.editing import MODEL, CategoryEdits
@@ -37,6 +43,28 @@ def _datamodule(trainer: L.Trainer) -> Any:
     if dm is None or not hasattr(dm, "cache") or not hasattr(dm, "llm"):
         raise UserError("CircuitAnalysisCallback needs the ActivationDataModule (prompts, cache and model); use `fit`")
     return dm
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM raises Lightning's SIGTERMException at once, as it does at a training batch's boundary (`fit` then
+    says so in one line, exit status 143): Lightning's own handler only notes the signal, and an analysis can run
+    for an hour. Its handler still runs first (it notes the signal and stops a launcher's other processes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop(signum: int, frame: Any) -> None:
+        if callable(previous):
+            previous(signum, frame)
+        raise SIGTERMException
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class CircuitAnalysisCallback(Callback):
@@ -65,7 +93,8 @@ class CircuitAnalysisCallback(Callback):
             return
         if trainer.is_global_zero:
             try:
-                self.run(trainer, pl_module)
+                with _sigterm_stops():
+                    self.run(trainer, pl_module)
             except Exception as e:  # noqa: BLE001 - re-raised at the end of fit, after the SAEs are saved
                 self.failure = e
                 log.error("circuit analysis of epoch %d failed: %s (training goes on; the SAEs and checkpoints are "

@@ -24,7 +24,7 @@ import yaml
 from refusal_sae.layout import RunLayout
 from tests.conftest import ROOT
 from tests.run_cli import cli_in_process, one_line_error
-from tests.tiny_model import tiny_fit_options
+from tests.tiny_model import TINY_CALLBACKS, tiny_fit_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,24 +126,19 @@ def test_a_run_dir_a_later_config_would_override_is_refused(capsys: pytest.Captu
 # ------------------------------------------------------------------------------------ case 7: SIGTERM
 
 
-@pytest.mark.slow
-def test_sigterm_during_training_exits_143_keeping_the_checkpoint_to_resume_from(
-    capsys: pytest.CaptureFixture[str], tiny: list[str], tmp_path: Path
-) -> None:
-    """A real SIGTERM to a real `fit` once its first checkpoint exists; the advice it prints then resumes."""
-    run_dir = tmp_path / "run"
-    last = RunLayout(run_dir).checkpoints / "last.ckpt"
-    log = tmp_path / "fit.log"
+def sigterm_fit(args: list[str], log: Path, ready: Callable[[], bool]) -> str:
+    """Run a real `fit` with `args` in a subprocess, send it SIGTERM once `ready()`, and return its one `error:` line
+    after checking it exited 143."""
     with open(log, "w") as out:
-        fit = subprocess.Popen([sys.executable, "-m", "refusal_sae", "fit", *tiny, "--trainer.max_epochs", "100000",
-                                "--run_dir", str(run_dir)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        fit = subprocess.Popen([sys.executable, "-m", "refusal_sae", "fit", *args], cwd=ROOT, stdout=out,
+                               stderr=subprocess.STDOUT)
     try:
         give_up = time.monotonic() + 600  # only so that a hung fit cannot hang the tests
-        while not os.path.exists(last) and fit.poll() is None and time.monotonic() < give_up:
-            time.sleep(0.2)
-        assert os.path.exists(last) and fit.poll() is None, log.read_text()
+        while not ready() and fit.poll() is None and time.monotonic() < give_up:
+            time.sleep(0.05)
+        assert ready() and fit.poll() is None, log.read_text()
         fit.send_signal(signal.SIGTERM)
-        fit.wait(timeout=600)
+        fit.wait(timeout=120)
     finally:
         if fit.poll() is None:
             fit.kill()
@@ -151,6 +146,18 @@ def test_sigterm_during_training_exits_143_keeping_the_checkpoint_to_resume_from
     output = log.read_text()
     assert fit.returncode == 128 + signal.SIGTERM, output
     [error] = [line for line in output.splitlines() if line.startswith("error:")]
+    return error
+
+
+@pytest.mark.slow
+def test_sigterm_during_training_exits_143_keeping_the_checkpoint_to_resume_from(
+    capsys: pytest.CaptureFixture[str], tiny: list[str], tmp_path: Path
+) -> None:
+    """A real SIGTERM to a real `fit` once its first checkpoint exists; the advice it prints then resumes."""
+    run_dir = tmp_path / "run"
+    last = RunLayout(run_dir).checkpoints / "last.ckpt"
+    error = sigterm_fit([*tiny, "--trainer.max_epochs", "100000", "--run_dir", str(run_dir)], tmp_path / "fit.log",
+                        lambda: os.path.exists(last))
     assert "training stopped by SIGTERM" in error and f"{last}, is kept" in error and "--ckpt_path last" in error
     epoch = torch.load(last, weights_only=True)["epoch"]
     assert not RunLayout(run_dir).saes.exists()  # an unfinished run exports no SAEs
@@ -160,6 +167,35 @@ def test_sigterm_during_training_exits_143_keeping_the_checkpoint_to_resume_from
     assert resumed.returncode == 0, resumed.stderr
     assert torch.load(last, weights_only=True)["epoch"] == epoch + 1
     assert all((RunLayout(run_dir).saes / layer / "sae.safetensors").is_file() for layer in LAYERS)
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_epoch_end_analysis_stops_it_at_once_and_resumes(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A real SIGTERM while the last epoch's circuit analysis runs: `fit` stops there (143, one line naming the
+    checkpoint kept) instead of analysing on, no analysis looks complete, and resuming finishes the run."""
+    root = tmp_path / "tiny"
+    root.mkdir()
+    options = tiny_fit_options(root)
+    slow = root / "slow_analysis.yaml"  # many random circuits: an analysis that lasts long enough to be stopped
+    slow.write_text(TINY_CALLBACKS.replace("random_circuits: 2", "random_circuits: 200")
+                    .replace("    - class_path: lightning_modules.RunDirCheckpoint\n",
+                             "    - class_path: lightning_modules.RunDirCheckpoint\n      init_args: {save_last: link}\n"))
+    options[options.index("--config", options.index("--config") + 1) + 1] = str(slow)
+    run = RunLayout(tmp_path / "run")
+    error = sigterm_fit([*options, "--model.sae.num_latents", "64", "--trainer.max_epochs", "2",
+                         "--trainer.enable_progress_bar", "false", "--run_dir", str(run.root)], tmp_path / "fit.log",
+                        run.epoch(2).discovery_json.is_file)  # the analysis left alone would run for many minutes
+    assert "stopped by SIGTERM in epoch 1" in error and "is kept" in error, error
+    assert torch.load(run.checkpoints / "last.ckpt", weights_only=True)["epoch"] == 0  # the epoch before
+    assert run.epoch(2).root.is_dir() and not run.epoch(2).complete and not run.latest.root.exists()
+    # resumed with the usual analysis: the interrupted epoch is trained again, analysed and the SAEs exported
+    options[options.index(str(slow))] = str(root / "callbacks.yaml")
+    resumed = cli_in_process(capsys, "fit", *options, "--model.sae.num_latents", "64", "--trainer.max_epochs", "2",
+                             "--run_dir", str(run.root), "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr
+    assert all((run.saes / layer / "sae.safetensors").is_file() for layer in LAYERS) and run.epoch(2).complete
 
 
 # ------------------------------------------------------------------------------------ case 8: --ckpt_path
