@@ -105,6 +105,9 @@ def _ablation(r: dict) -> list[Row]:
                  "floor: later blocks, no edits", side["floor"]["seconds_per_variant"]),
             _row("ablation variants", measure, "floor, two variants per batch", side["floor x2"]["seconds_per_variant"],
                  "floor: later blocks, no edits", side["floor"]["seconds_per_variant"]),
+            *[_row("ablation variants", measure, f"floor, prompts by length in batches of {name.rsplit('/', 1)[1]}",
+                   side[name]["seconds_per_variant"], f"floor: later blocks, batches of {r['batch_size']}",
+                   side["floor"]["seconds_per_variant"]) for name in side if name.startswith("floor by length")],
             _row("ablation setup", "s per prompt list", "prefix check + cached residuals", r["setup_seconds"],
                  "floor: one variant", side["floor"]["seconds_per_variant"])]
 

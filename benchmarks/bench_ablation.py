@@ -15,7 +15,9 @@ rest ablated at every SAE layer), the evaluation's main cost. The sides, each ov
            hook, once per variant: what a variant cannot cost less than, so cached/floor is the price of
            the edits;
   floor x2 the floor with two variants' prompts in one forward pass (batches twice as large): what
-           batching variants together could gain on this device at best.
+           batching variants together could gain on this device at best;
+  floor by length /B  the floor over the same prompts in batches of B (`--length-batch-sizes`), prompts of
+           similar token length together (what `Ablator` does): fewer padded positions against more passes.
 Reported: median seconds of each side (after a one-batch warm-up; the repeats alternate between the
 sides, so a change of the machine's load hits all alike), per variant, whole/cached, cached/floor and
 floor x2/floor, and the largest difference between the cached and whole per-prompt scores (they must agree
@@ -29,13 +31,15 @@ Qwen2.5-Coder-0.5B-Instruct, SAEs at layers 12, 16, 20. `--quick` uses a tiny ra
 instead (a smoke run in seconds; its timings mean nothing).
 
     python -m benchmarks.bench_ablation [--quick] [--model embedded] [--layers 12,16,20] [--prompts 16]
-                                        [--batch-size 8] [--variants 16] [--repeats 3] [--out result.json]
+                                        [--batch-size 8] [--variants 16] [--length-batch-sizes 8,16]
+                                        [--repeats 3] [--out result.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sae_options(parser, "evaluation prompts (half toxic, half safe)")
     parser.add_argument("--variants", type=int, default=16, help="ablation variants per side")
+    parser.add_argument("--length-batch-sizes", default="8,16",
+                        help="batch sizes of the 'floor by length' sides (prompts batched by token length)")
     add_model_options(parser)
     return run_model_benchmark(parser.parse_args(argv), run, "bench_ablation_")
 
@@ -137,13 +143,19 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     def whole() -> None:
         results["whole"] = [whole_model_scores(base, prompts, v) for v in variants]
 
-    @torch.no_grad()
-    def floor() -> None:
-        for _ in variants:
-            for batch in batches:
-                metric.score(wrapper.suffix_last_token_logits(batch.hidden[first], batch.prompts.mask, first,
-                                                              past=batch.prompts.past))
+    def floor_of(cached: list) -> Callable[[], None]:
+        """The floor on residuals cached in some batching: every variant's passes without the edits."""
+        @torch.no_grad()
+        def run_floor() -> None:
+            for _ in variants:
+                for batch in cached:
+                    metric.score(wrapper.suffix_last_token_logits(batch.hidden[first], batch.prompts.mask, first,
+                                                                  past=batch.prompts.past))
+        return run_floor
 
+    floor = floor_of(batches)
+    by_length = {f"floor by length /{b}": floor_of(Ablator(wrapper, saes, means, metric, b).residuals(prompts))
+                 for b in (int(x) for x in args.length_batch_sizes.split(","))}
     doubled = Ablator(wrapper, saes, means, metric, 2 * args.batch_size).residuals(prompts + prompts)
 
     @torch.no_grad()
@@ -160,7 +172,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     metric.score(wrapper.suffix_last_token_logits(batches[0].hidden[first], batches[0].prompts.mask, first,
                                                   past=batches[0].prompts.past))
     # one repeat of each side in turn, so that a change of the machine's load hits all alike
-    fns = {"setup": setup, "cached": cached, "whole": whole, "floor": floor, "floor x2": floor_x2}
+    fns = {"setup": setup, "cached": cached, "whole": whole, "floor": floor, "floor x2": floor_x2, **by_length}
     times = alternating_seconds(fns, args.repeats)
     seconds = {name: statistics.median(t) for name, t in times.items()}
     got, want = np.stack(results["cached"]), np.stack(results["whole"])
@@ -185,6 +197,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "setup_seconds": seconds["setup"],
         "cached_with_setup_over_floor": (seconds["cached"] + seconds["setup"]) / seconds["floor"],
         "floor_x2_over_floor": seconds["floor x2"] / seconds["floor"],
+        "floor_by_length_over_floor": {name: seconds[name] / seconds["floor"] for name in by_length},
         "seconds_each_repeat": times, "max_abs_score_difference": diff, "scores_equal": same,
     }
     result = report("ablation variants", rows, extra, args.out)

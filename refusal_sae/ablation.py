@@ -39,7 +39,7 @@ from refusal_sae.errors import UserError
 from refusal_sae.features import NodeMeans
 from refusal_sae.metric import RefusalMetric
 from refusal_sae.model import LAYER_PREFIX, ModelWrapper
-from refusal_sae.prefix import PromptBatch, SharedPrefix
+from refusal_sae.prefix import PromptBatch, SharedPrefix, in_given_order
 from refusal_sae.sae import SparseAutoencoder
 from refusal_sae.validate import positive_int
 
@@ -227,7 +227,8 @@ class Ablator:
                                            self._mean_f[layer]))
                 parts_e.append(torch.where(have, torch.einsum("bsc,bsd->bcd", onehot, err) / counts.clamp(min=1),
                                            self._mean_e[layer]))
-            out[layer] = (torch.cat(parts_f).flatten(0, 1), torch.cat(parts_e).flatten(0, 1))
+            rows = [cached.prompts.rows for cached in self.residuals(prompts)]
+            out[layer] = (in_given_order(rows, parts_f).flatten(0, 1), in_given_order(rows, parts_e).flatten(0, 1))
         return out
 
     @torch.no_grad()
@@ -239,7 +240,7 @@ class Ablator:
             self._cache.move_to_end(key)
             return self._cache[key]
         batches = [_Batch(b, self.wrapper.residuals(b.run_ids, b.mask, self.layers, past=b.past))
-                   for b in self._prefix.batches(key, self.batch_size, self.scheme)]
+                   for b in self._prefix.batches(key, self.batch_size, self.scheme, by_length=True)]
         self._cache[key] = batches
         while len(self._cache) > self.CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -254,7 +255,7 @@ class Ablator:
         prefix_edited = any(not (k.features[rows[layer]].all() and k.errors[rows[layer]].all())
                             for layer, k in variant.items())
         start = next((layer for layer in self.layers if layer in edits), self.layers[-1])
-        out = []
+        out, rows = [], []
         for cached in self.residuals(prompts):
             batch = cached.prompts
             if prefix_edited and batch.past is not None:  # the prefix itself is edited: run it too
@@ -269,8 +270,9 @@ class Ablator:
                 with self.wrapper.edit_residuals(at(later, classes)):
                     logits = self.wrapper.suffix_last_token_logits(h, batch.mask, start, past=batch.past)
             out.append(self.metric.score(logits).double().cpu())
+            rows.append(batch.rows)
             self.n_forward += 1
-        return torch.cat(out).numpy() if out else np.zeros(0)
+        return in_given_order(rows, out).numpy() if out else np.zeros(0)
 
 
 def at(edits: Mapping[str, Callable[..., Tensor]], classes: Tensor) -> dict[str, Callable[[Tensor], Tensor]]:

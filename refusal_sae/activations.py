@@ -403,7 +403,7 @@ class InferencePipeline:
         shared = SharedPrefix(self.wrapper, "activation collection")
         prefix: dict[str, torch.Tensor] = {}
         for pb in shared.batches(prompts, self.cfg.batch_size):
-            batch = block[pb.rows]
+            batch = [block[i] for i in pb.rows]
             mask = pb.mask.bool().cpu()
             residuals = self.wrapper.residuals(pb.run_ids, pb.mask, self.layers, past=pb.past)
             if pb.offset:  # the template prefix's states are every prompt's: computed once, copied to each row

@@ -204,7 +204,7 @@ class _Batch:
     """(batch, positions that run, node classes) float: 1 where a real token belongs to that node class."""
 
     @property
-    def rows(self) -> slice:
+    def rows(self) -> np.ndarray:
         return self.prompts.rows
 
 
@@ -216,7 +216,8 @@ def _batches(wrapper: ModelWrapper, prompts: Sequence[str], batch_size: int, mea
     hooks (`SharedPrefix`), and every batch runs only the positions after it."""
     scheme = means.scheme
     index = NodeIndex.of(scheme, 0)
-    for batch in SharedPrefix(wrapper, "attribution", scheme.prefix).batches(prompts, batch_size, scheme):
+    for batch in SharedPrefix(wrapper, "attribution", scheme.prefix).batches(prompts, batch_size, scheme,
+                                                                              by_length=True):
         classes = batch.run_classes
         node = index.node_class(classes)
         valid = (node >= 0) & batch.mask[:, batch.offset:].bool()

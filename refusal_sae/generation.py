@@ -120,10 +120,6 @@ def generate(wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int 
     positive_int("batch_size", batch_size, 8)
     edits = _node_edits(edits, scheme)
     prompts = as_prompt_list(prompts)
-    order = np.argsort([len(row) for row in wrapper.encode(prompts)], kind="stable")
-    prompts = [prompts[i] for i in order]
-    if class_offsets is not None:
-        class_offsets = [class_offsets[i] for i in order]
     tok = wrapper.tokenizer
     eos = wrapper.model.generation_config.eos_token_id
     eos = eos if eos is not None else tok.eos_token_id
@@ -131,13 +127,13 @@ def generate(wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int 
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
                                no_repeat_ngram_size=0, eos_token_id=eos, pad_token_id=tok.pad_token_id)
     state = _Positions(edit_generated=edit_generated)
-    texts: list[str] = []
-    tokens: list[list[int]] = []
+    texts: list[str] = [""] * len(prompts)
+    tokens: list[list[int]] = [[] for _ in prompts]
     with _hooked(wrapper, edits, state):
         # node edits never touch the template prefix, and only it: a longer shared start would run unedited
         length = scheme.prefix if edits else None
         batches = SharedPrefix(wrapper, "generation", length, reuse=reuse_prefix).batches(
-            prompts, batch_size, scheme if edits else None, layout="generation")
+            prompts, batch_size, scheme if edits else None, layout="generation", by_length=True)
         for batch in tqdm(batches, total=-(-len(prompts) // batch_size), desc=desc, unit="batch", leave=False):
             state.passes = 0
             if edits:
@@ -146,13 +142,11 @@ def generate(wrapper: ModelWrapper, prompts: Sequence[str], max_new_tokens: int 
             out = wrapper.model.generate(input_ids=batch.input_ids, attention_mask=batch.mask,
                                          generation_config=gen_cfg, **cache)
             state.prompt = None
-            for row in out[:, batch.input_ids.shape[1]:].tolist():
-                end = next((i for i, t in enumerate(row) if t in stops), len(row))
-                tokens.append(row[:end])
-            texts += [t.strip() for t in tok.batch_decode(out[:, batch.input_ids.shape[1]:].cpu(),
-                                                          skip_special_tokens=True)]
-    given = np.argsort(order)  # back to the order the prompts were given in
-    return Answers([texts[i] for i in given], [tokens[i] for i in given])
+            new = out[:, batch.input_ids.shape[1]:]
+            for i, row, text in zip(batch.rows, new.tolist(), tok.batch_decode(new.cpu(), skip_special_tokens=True)):
+                end = next((j for j, t in enumerate(row) if t in stops), len(row))
+                tokens[i], texts[i] = row[:end], text.strip()
+    return Answers(texts, tokens)
 
 
 @torch.no_grad()
@@ -168,8 +162,9 @@ def answer_log_likelihood(wrapper: ModelWrapper, prompts: Sequence[str], answers
     out = np.full(len(prompts), np.nan)
     engine = SharedPrefix(wrapper, "answer likelihood", scheme.prefix if edits else None)
     state = _Positions(edit_generated=edit_generated)
-    for batch in engine.batches(prompts, batch_size, scheme if edits else None, continuations=answers):
-        lengths = [len(a) for a in answers[batch.rows]]
+    for batch in engine.batches(prompts, batch_size, scheme if edits else None, continuations=answers,
+                                by_length=True):
+        lengths = [len(answers[i]) for i in batch.rows]
         ends = (batch.mask.sum(1) - batch.offset).tolist()  # each row's length in the positions that run
         if edits:
             _bind_classes(state, batch.run_classes, scheme, class_offsets, batch.rows)
@@ -186,7 +181,7 @@ def answer_log_likelihood(wrapper: ModelWrapper, prompts: Sequence[str], answers
             logits = wrapper.unembed(hidden[i, end - n - 1 : end - 1])  # positions that predict the answer
             target = batch.run_ids[i, end - n : end]
             logp = torch.log_softmax(logits, -1).gather(-1, target[:, None])
-            out[batch.rows.start + i] = float(logp.mean())
+            out[batch.rows[i]] = float(logp.mean())
     return out
 
 
@@ -199,10 +194,10 @@ def _node_edits(edits: Mapping[str, NodeEdit] | None, scheme: PositionScheme | N
 
 
 def _bind_classes(state: _Positions, classes: Tensor, scheme: PositionScheme, offsets: Sequence[int] | None,
-                  rows: slice) -> None:
+                  rows: np.ndarray) -> None:
     """The classes the hooks use for this batch: the prompt pass's and the generated tokens', each row's shifted
     by its offset."""
-    shift = (torch.as_tensor(list(offsets[rows]), device=classes.device)[:, None] if offsets is not None
+    shift = (torch.as_tensor([offsets[i] for i in rows], device=classes.device)[:, None] if offsets is not None
              else torch.zeros((len(classes), 1), dtype=classes.dtype, device=classes.device))
     state.prompt = classes + shift
     state.generated = scheme.generated + shift

@@ -81,7 +81,7 @@ from torch import Tensor
 
 from refusal_sae.errors import UserError
 from refusal_sae.model import ModelWrapper
-from refusal_sae.prefix import SharedPrefix
+from refusal_sae.prefix import SharedPrefix, in_given_order
 from refusal_sae.validate import one_of
 
 log = logging.getLogger(__name__)
@@ -471,7 +471,10 @@ def variant_log_probs(
     """
     out: dict[str, tuple[list[Tensor], list[Tensor]]] = {name: ([], []) for name in metrics}
     appended = sorted({m.second.id for m in metrics.values() if m.second is not None})
-    for batch in SharedPrefix(wrapper, "refusal metric", reuse=reuse_prefix).batches(prompts, batch_size):
+    rows = []
+    for batch in SharedPrefix(wrapper, "refusal metric", reuse=reuse_prefix).batches(prompts, batch_size,
+                                                                                     by_length=True):
+        rows.append(batch.rows)
         logits = {None: wrapper.last_token_logits(batch.run_ids, batch.mask, past=batch.past)}
         for i in appended:
             after = wrapper.last_token_logits(*append_token(batch.run_ids, batch.mask, i), past=batch.past)
@@ -480,7 +483,7 @@ def variant_log_probs(
             r, c = metric.log_probs(logits[None if metric.second is None else metric.second.id])
             out[name][0].append(r.cpu())
             out[name][1].append(c.cpu())
-    return {name: (torch.cat(r), torch.cat(c)) if r else (torch.zeros(0), torch.zeros(0))
+    return {name: (in_given_order(rows, r), in_given_order(rows, c)) if r else (torch.zeros(0), torch.zeros(0))
             for name, (r, c) in out.items()}
 
 

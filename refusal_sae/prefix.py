@@ -90,8 +90,8 @@ def continuation_matches(wrapper: ModelWrapper, cached: Callable[[], Tensor], in
 class PromptBatch:
     """One batch of prompts on the model's device."""
 
-    rows: slice
-    """Which prompts of the list."""
+    rows: np.ndarray
+    """Which prompts of the list (their indices, in the batch's row order)."""
     input_ids: Tensor
     """(batch, seq) whole prompts, prefix included, padded as the layout says."""
     mask: Tensor
@@ -136,12 +136,14 @@ class SharedPrefix:
         return self.cache is not None
 
     def batches(self, prompts: Sequence[str], batch_size: int, scheme: PositionScheme | None = None,
-                layout: Layout = "right", continuations: Sequence[Sequence[int]] | None = None
-                ) -> Iterator[PromptBatch]:
+                layout: Layout = "right", continuations: Sequence[Sequence[int]] | None = None,
+                by_length: bool = False) -> Iterator[PromptBatch]:
         """`prompts` in batches of `batch_size`, each with its copy of the prefix's keys and values (made lazily:
         a caller whose hooks change between batches gets the cache of the hooks active at the first).
         `continuations`: token ids appended to each prompt (e.g. an answer; right layout), of the scheme's
-        `generated` class."""
+        `generated` class. `by_length`: batch prompts of similar token length together (a batch runs every row
+        to its longest: on OR-Bench's categories batches of 16 hold 86% real tokens sorted, 69% as given); the
+        caller puts each batch's results back by its `rows` (`in_given_order`)."""
         positive_int("batch_size", batch_size, 8)
         ids = self.wrapper.encode(prompts)
         prompt_lengths = [len(row) for row in ids]
@@ -150,18 +152,21 @@ class SharedPrefix:
                 raise ValueError("continuations: one per prompt, right layout only")
             ids = [row + list(more) for row, more in zip(ids, continuations)]
         length = self._length(ids, prompt_lengths)
+        order = np.argsort([len(row) for row in ids], kind="stable") if by_length else np.arange(len(ids))
         for start in range(0, len(ids), batch_size):
-            rows = slice(start, min(start + batch_size, len(ids)))
-            right = self.wrapper.pad(ids[rows], "right")
+            rows = order[start : start + batch_size]
+            batch_ids = [ids[i] for i in rows]
+            right = self.wrapper.pad(batch_ids, "right")
             input_ids = right["input_ids"].to(self.wrapper.device)
             mask = right["attention_mask"].to(self.wrapper.device)
             past = self._past(input_ids, mask, length)
             offset = length if past is not None else 0
             if layout == "generation":
-                input_ids, mask = self._generation_layout(ids[rows], offset)
+                input_ids, mask = self._generation_layout(batch_ids, offset)
             classes = None
             if scheme is not None:
-                classes = torch.as_tensor(_classes(scheme, prompt_lengths[rows], [len(row) for row in ids[rows]],
+                classes = torch.as_tensor(_classes(scheme, [prompt_lengths[i] for i in rows],
+                                                   [len(row) for row in batch_ids],
                                                    input_ids.shape[1], offset if layout == "generation" else None),
                                           device=self.wrapper.device)
             yield PromptBatch(rows, input_ids, mask, past, offset, classes)
@@ -210,6 +215,14 @@ class SharedPrefix:
         return ids.to(self.wrapper.device), mask.to(self.wrapper.device)
 
 
+def in_given_order(rows: Sequence[np.ndarray], parts: Sequence[Tensor]) -> Tensor:
+    """Per-batch results (first dimension: the batch's rows) concatenated in the order the prompts were given."""
+    done = torch.cat(list(parts))
+    out = torch.empty_like(done)
+    out[torch.as_tensor(np.concatenate(rows), device=done.device)] = done
+    return out
+
+
 def _classes(scheme: PositionScheme, prompts: Sequence[int], rows: Sequence[int], width: int,
              pads_after: int | None) -> np.ndarray:
     """(batch, width) mean classes of a batch's rows, `prompts` tokens of prompt then the rest of `rows` tokens
@@ -225,4 +238,4 @@ def _classes(scheme: PositionScheme, prompts: Sequence[int], rows: Sequence[int]
     return out
 
 
-__all__ = ["Layout", "PromptBatch", "SharedPrefix", "continuation_matches", "expand", "prefix_cache"]
+__all__ = ["Layout", "PromptBatch", "SharedPrefix", "continuation_matches", "expand", "in_given_order", "prefix_cache"]

@@ -117,7 +117,7 @@ def sae_quality(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencoder], pr
 
     # pass 1: each SAE on the residual (FVU, L0, dead and dense latents) and the residual's mean over the scored
     # positions (the mean-ablation baseline of pass 2)
-    for pb in tqdm(engine.batches(prompts, batch_size), total=n_batches, desc="SAE quality: reconstructions",
+    for pb in tqdm(engine.batches(prompts, batch_size, by_length=True), total=n_batches, desc="SAE quality: reconstructions",
                    unit="batch", leave=False):
         scored, suffix, _, _ = positions(pb)
         residuals = wrapper.residuals(pb.run_ids, pb.mask, layers, past=pb.past)
@@ -138,7 +138,7 @@ def sae_quality(wrapper: ModelWrapper, saes: Mapping[str, SparseAutoencoder], pr
     # pass 2: the next-token losses, clean, with each SAE spliced in, and with the residual at its mean; an edited
     # pass runs only the blocks after its layer, on the clean residual edited there
     ce_clean, n_predicted = 0.0, 0
-    for pb in tqdm(engine.batches(prompts, batch_size), total=n_batches, desc="SAE quality: spliced passes",
+    for pb in tqdm(engine.batches(prompts, batch_size, by_length=True), total=n_batches, desc="SAE quality: spliced passes",
                    unit="batch", leave=False):
         scored, _, predicted, targets = positions(pb)
         residuals = wrapper.residuals(pb.run_ids, pb.mask, layers,

@@ -307,6 +307,15 @@ def test_cached_residuals_equal_the_whole_model_on_the_planted_model(tmp_path: P
 # refusal_scores: the shared prefix run once per call
 
 
+def batch_widths_by_length(ids: list[list[int]], batch_size: int, p: int) -> list[int]:
+    """Positions after the prefix p that each batch runs when prompts are batched by token length (each batch
+    right-padded to its longest); the prompts must not already be in length order, or this tests nothing."""
+    lengths = [len(row) for row in ids]
+    assert lengths != sorted(lengths)
+    by_length = sorted(lengths)
+    return [by_length[min(i + batch_size, len(ids)) - 1] - p for i in range(0, len(ids), batch_size)]
+
+
 def assert_prefix_path_equals_plain(wrapper: ModelWrapper, prompts: list[str], batch_size: int = 3) -> None:
     """`refusal_scores` with the prompts' shared prefix run once equals whole prompts: with no hook, and under a
     directional ablation of a random direction, which edits every position, the prefix's included. The prefix's
@@ -325,8 +334,9 @@ def assert_prefix_path_equals_plain(wrapper: ModelWrapper, prompts: list[str], b
     finally:
         handle.remove()
     assert wrapper.prefix_continues
-    # the prefix once, then each batch from the prefix on (right-padded to its longest prompt)
-    widths = [max(map(len, ids[i : i + batch_size])) - p for i in range(0, len(ids), batch_size)]
+    # the prefix once, then each batch from the prefix on, prompts batched by length (each batch right-padded to
+    # its longest prompt), the scores returned in the given order
+    widths = batch_widths_by_length(ids, batch_size, p)
     assert seen[-len(widths) - 1 :] == [p, *widths]
     torch.testing.assert_close(cached, plain, rtol=RTOL, atol=ATOL)
 
@@ -408,7 +418,7 @@ def assert_attribution_reuses_the_prefix(wrapper: ModelWrapper, saes: Mapping[st
         finally:
             handle.remove()
         assert wrapper.prefix_continues
-        widths = [max(map(len, ids[i : i + 3])) - p for i in range(0, len(ids), 3)]
+        widths = batch_widths_by_length(ids, 3, p)
         runs = 1 if estimate == "patching" else 2 * len(saes)  # forward passes per batch
         assert seen[-len(widths) * runs :] == [w for w in widths for _ in range(runs)]
         monkeypatch.setattr(wrapper, "prefix_continues", False)  # whole prompts

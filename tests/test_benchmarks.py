@@ -29,7 +29,7 @@ def test_quick_suite_writes_one_table_and_json_with_stable_keys(tmp_path: Path) 
     kernels = cpu_kernels.usable(torch.zeros(1)) is not None  # then the SAE step is also run without them
     assert [r["benchmark"] for r in suite["rows"]] == [
         "activation collection", *["SAE training step"] * (3 if kernels else 2), "SAE quality", "streaming memory",
-        *["ablation variants"] * 3, "ablation setup", "refusal scores", "refusal scores, direction ablated",
+        *["ablation variants"] * 5, "ablation setup", "refusal scores", "refusal scores, direction ablated",
         "attribution patching", "greedy generation", "generation under an edit", "end to end", "report"]
     for row in suite["rows"]:
         assert set(row) == {"benchmark", "measure", "a", "a_value", "b", "b_value", "a/b"}
@@ -38,10 +38,12 @@ def test_quick_suite_writes_one_table_and_json_with_stable_keys(tmp_path: Path) 
     results = suite["results"]
     ablation = results["ablation"]
     assert ablation["scores_equal"] and ablation["max_abs_score_difference"] < 1e-4  # cached = whole model
-    assert [r["side"] for r in ablation["rows"]] == ["cached", "whole", "floor", "floor x2"]
+    assert [r["side"] for r in ablation["rows"]] == ["cached", "whole", "floor", "floor x2", "floor by length /8",
+                                                     "floor by length /16"]
     assert ablation["setup_seconds"] > 0
     assert [r["b"] for r in suite["rows"] if r["benchmark"] == "ablation variants"] == [
-        "whole model, edits hooked", "floor: later blocks, no edits", "floor: later blocks, no edits"]
+        "whole model, edits hooked", "floor: later blocks, no edits", "floor: later blocks, no edits",
+        *[f"floor: later blocks, batches of {ablation['batch_size']}"] * 2]
     attribution = results["attribution"]
     assert attribution["scores_equal"] and attribution["max_relative_score_difference"] < 1e-3
     assert results["generation"]["same_answers"] == results["generation"]["prompts"]
