@@ -77,6 +77,9 @@ class CircuitAnalysisCallback(Callback):
 
     def __init__(self, analysis: AnalysisConfig = AnalysisConfig(), every_n_epochs: int = 1) -> None:
         positive_int("every_n_epochs", every_n_epochs, 1)
+        if analysis.saes:
+            raise UserError("analysis.saes: the epoch-end analysis judges the SAEs being trained; analyse loaded SAEs "
+                            "after fit with `python -m refusal_sae analyze --run_dir <run> --analysis.saes ...`")
         self.analysis = analysis
         self.every_n_epochs = every_n_epochs
         self.failure: Exception | None = None

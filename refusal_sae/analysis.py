@@ -109,6 +109,7 @@ from refusal_sae.positions import PositionMode, PositionScheme, position_scheme
 from refusal_sae.protocol import ProtocolStamp
 from refusal_sae.report import build_report
 from refusal_sae.sae import SparseAutoencoder
+from refusal_sae.sae_io import PretrainedSAE
 from refusal_sae.sae_quality import LayerQuality, quality_table, sae_quality
 from refusal_sae.similarity import Similarity, SimilarityConfig, analyse_similarity
 from refusal_sae.stats import Interval
@@ -643,6 +644,10 @@ class AnalysisConfig:
     sae_quality_prompts: int | None = None
     """How many held-out prompts the SAE quality stage splices on (evenly spaced over the held-out split, so every
     category is in); null: all of them. Each prompt costs a forward per SAE and a clean one."""
+    saes: dict[str, PretrainedSAE] = field(default_factory=dict)
+    """SAEs to analyse instead of the ones `fit` trained, per layer the run cached, e.g. `{residuals_16: {path:
+    sae_dir}}` (SAELens, sparsify or this package's directories, or a safetensors file with its activation):
+    `analyze` only; the SAE quality stage judges them like trained ones."""
 
     def __post_init__(self) -> None:
         if self.sae_quality_prompts is not None:

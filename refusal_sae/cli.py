@@ -18,7 +18,7 @@ import signal
 import sys
 import zipfile
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -232,11 +232,26 @@ def _inputs(run: RunLayout, fitted: dict, cfg: AnalysisConfig) -> AnalysisInputs
     dm = parser.instantiate_classes(parser.parse_object({"data": data})).data
     dm.setup("fit")
     layers = (fitted.get("model") or {}).get("layers") or list(dm.cache.layers)  # those fit trained, as SAEModule
-    missing = [layer for layer in layers if not (run.saes / layer).is_dir()]
+    unknown = [layer for layer in cfg.saes if layer not in dm.cache.layers]
+    if unknown:
+        raise UserError(f"analysis.saes: layer(s) {unknown} are not in this run's activation cache "
+                        f"({', '.join(dm.cache.layers)}); give SAEs for cached layers, or fit a run that caches them")
+    missing = [layer for layer in layers if layer not in cfg.saes and not (run.saes / layer).is_dir()]
     if missing:
         raise UserError(f"{run.saes}: no SAE for layer(s) {missing}; finish `fit` on this run first")
     saes = {layer: load_sae(run.saes / layer, expected_layer=layer, expected_d_in=dm.cache.d_model).eval()
-            for layer in layers}
+            for layer in layers if layer not in cfg.saes}
+    model = dm.cache.manifest["config"]["model"].get("name")
+    for layer, given in cfg.saes.items():
+        sae = saes[layer] = load_sae(given.path, expected_layer=layer, expected_d_in=dm.cache.d_model,
+                                     activation=given.activation, k=given.k).eval()
+        log.info("analysis.saes: %s is the %s SAE of %s (%d latents)", layer, sae.cfg.activation, given.path,
+                 sae.cfg.width)
+        if sae.meta.model not in (None, model):  # a hub name beside a local one, say: the user paired them
+            log.warning("analysis.saes: the SAE of %s names model %r, this run's is %r; analysed as given",
+                        layer, sae.meta.model, model)
+            sae.meta = replace(sae.meta, model=None)
+    saes = {layer: saes[layer] for layer in sorted(saes, key=dm.cache.layers.index)}
     return AnalysisInputs(saes, dm.cache, dm.splits, dm.llm, run, cfg.validity)
 
 

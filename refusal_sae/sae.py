@@ -10,6 +10,10 @@ The circuit code splices `x_hat + error` back into the model: that is exactly `x
 unchanged until a feature or the error term is ablated. Top-k fixes L0 = k directly instead of tuning an
 L1 penalty, and does not shrink the activations it keeps.
 
+A loaded standard SAE (SAELens' `standard` architecture, `refusal_sae.sae_io`) is the same module with
+`activation: relu`: f = ReLU(W_enc (x - b_dec) + b_enc), every positive pre-activation kept; it is analysed,
+never trained here.
+
 The training recipe is the one shared by EleutherAI/sparsify, openai/sparse_autoencoder and
 saprmarks/dictionary_learning: unit-norm decoder rows, encoder initialised as the decoder's transpose,
 b_dec started at the data's geometric median, FVU as the reconstruction loss and an AuxK loss that
@@ -67,6 +71,9 @@ class SAEConfig:
     """A latent that has not fired for this many training tokens is dead and gets the AuxK loss (sparsify's default)."""
     normalize_decoder: bool = True
     """Keep decoder rows at unit norm, so a feature's activation is the size of its contribution."""
+    activation: Literal["topk", "relu"] = "topk"
+    """topk: the k largest pre-activations of a token, ReLU'd (what `fit` trains); relu: every positive
+    pre-activation, as a loaded standard SAE (SAELens' `standard` architecture) defines it: analysis only."""
 
     def __post_init__(self) -> None:
         for name, example in (("d_in", 896), ("expansion_factor", 32), ("num_latents", 28672), ("k", DEFAULT_K),
@@ -77,7 +84,10 @@ class SAEConfig:
             raise UserError(f"model.sae.k_percent: {self.k_percent!r} is set as well as k={self.k}; set only one")
         if self.k_percent is not None:
             fraction("model.sae.k_percent", self.k_percent, 0.01, include_one=True)
-        if self.k_active > self.width:
+        if self.activation not in ("topk", "relu"):
+            raise UserError(f"model.sae.activation: {self.activation!r} is not an SAE activation here; use topk "
+                            "(or relu, for a loaded standard SAE)")
+        if self.activation == "topk" and self.k_active > self.width:
             raise UserError(
                 f"model.sae.k: {self.k_active!r} is larger than the SAE width of {self.width} latents; "
                 "lower k or raise num_latents/expansion_factor"
@@ -186,7 +196,7 @@ def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> 
 
 
 class SparseAutoencoder(nn.Module):
-    """Top-k SAE with fp32 parameters; tensor names match EleutherAI/sparsify's `SparseCoder`."""
+    """Top-k SAE (or a loaded ReLU one) with fp32 parameters; tensor names match EleutherAI/sparsify's `SparseCoder`."""
 
     tokens_since_fired: Tensor
 
@@ -259,8 +269,13 @@ class SparseAutoencoder(nn.Module):
 
     def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """`encode(x)` as its k (values, indices) per token, each (..., k): k / width of the memory, for
-        features that are kept (e.g. reused by many ablation variants)."""
-        values, indices = select_topk(self._product(x), self.encoder.bias, self.cfg.k_active)
+        features that are kept (e.g. reused by many ablation variants). A ReLU SAE's k is the largest number of
+        positive pre-activations of any token of `x` (the other tokens' extra entries are 0)."""
+        product = self._product(x)
+        k = self.cfg.k_active
+        if self.cfg.activation == "relu":
+            k = max(1, int((product + self.encoder.bias.to(product.dtype) > 0).sum(-1).max())) if len(product) else 1
+        values, indices = select_topk(product, self.encoder.bias, k)
         return values.reshape(*x.shape[:-1], -1), indices.reshape(*x.shape[:-1], -1)
 
     def densify(self, values: Tensor, indices: Tensor) -> Tensor:
@@ -309,6 +324,9 @@ class SparseAutoencoder(nn.Module):
         plus O(tokens x k x d_in). `features` is then only built when read. Otherwise the dense features go
         through plain autograd. Either way the top-k and the AuxK candidates come from the same product.
         """
+        if self.cfg.activation != "topk":
+            raise UserError(f"model.sae.activation: {self.cfg.activation!r} SAEs are loaded for analysis, not trained "
+                            "here; train top-k SAEs (activation: topk)")
         tokens = self._tokens(x)
         width, d_in, k = self.cfg.width, self.cfg.d_in, self.cfg.k_active
         use_auxk = self.training and self.cfg.auxk_alpha > 0

@@ -625,3 +625,36 @@ def test_a_damaged_run_config_is_one_line_naming_it(capsys: pytest.CaptureFixtur
     (copy / "config.yaml").write_text("- a list\n", encoding="utf-8")
     error = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(copy), "--stage", "summary"))
     assert "not the mapping of options fit writes" in error, error
+
+
+@pytest.mark.slow
+def test_analyze_reads_a_saelens_sae_given_for_a_layer(capsys: pytest.CaptureFixture[str], tiny_run,
+                                                      tmp_path: Path) -> None:
+    """A SAELens directory given for one layer (`--analysis.saes`) is what every stage reads there: discovery's
+    node means, the evaluation, the SAE quality stage and the report; the other layer keeps the run's SAE."""
+    from safetensors.torch import save_file
+
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    g = torch.Generator().manual_seed(0)
+    saelens = tmp_path / "saelens"
+    saelens.mkdir()
+    save_file({"W_enc": torch.randn(32, 48, generator=g) / 4, "W_dec": torch.randn(48, 32, generator=g) / 4,
+               "b_enc": torch.zeros(48), "b_dec": torch.zeros(32)}, saelens / "sae_weights.safetensors")
+    (saelens / "cfg.json").write_text(json.dumps({
+        "architecture": "standard", "d_in": 32, "d_sae": 48, "apply_b_dec_to_input": True,
+        "normalize_activations": "none", "metadata": {"hook_name": "blocks.1.hook_resid_post", "model_name": "tiny"}}))
+    done = cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--name", "loaded",
+                          "--analysis.saes", json.dumps({"residuals_1": {"path": str(saelens)}}),
+                          "--analysis.evaluation.n_sizes", "3", "--analysis.evaluation.random_circuits", "2")
+    assert done.returncode == 0, done.stderr
+    out = RunLayout(run_dir).analysis("loaded")
+    means = load_discovery(out).means
+    widths = {layer: means.features[layer].shape[-1] for layer in means.layers}
+    assert widths == {"residuals_0": load_sae(run_dir / "saes" / "residuals_0").cfg.width, "residuals_1": 48}
+    quality = {q["layer"]: q for q in json.loads(out.sae_quality_json.read_text(encoding="utf-8"))["layers"]}
+    assert quality["residuals_1"]["l0"] > 8  # a ReLU SAE: as many latents as are positive, not the run's k
+    assert len(load_evaluation(out, load_discovery(out), "correlation")) == 10 and out.report_html.is_file()
+    mismatch = cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--name", "wrong_layer",
+                              "--analysis.saes", json.dumps({"residuals_0": {"path": str(saelens)}}))
+    assert one_line_error(mismatch) and "trained for layer='residuals_1' but 'residuals_0'" in mismatch.stderr
