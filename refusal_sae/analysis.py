@@ -647,11 +647,34 @@ class AnalysisConfig:
     saes: dict[str, PretrainedSAE] = field(default_factory=dict)
     """SAEs to analyse instead of the ones `fit` trained, per layer the run cached, e.g. `{residuals_16: {path:
     sae_dir}}` (SAELens, sparsify or this package's directories, or a safetensors file with its activation):
-    `analyze` only; the SAE quality stage judges them like trained ones."""
+    `analyze` only; the SAE quality stage judges them like trained ones, before discovery, and refuses one whose
+    fraction of loss recovered is below `loaded_sae_floor`."""
+    loaded_sae_floor: float = 0.8
+    """The least fraction of next-token loss a loaded SAE (`saes`) must recover, spliced in on the held-out prompts
+    (the default run's trained SAEs: 0.94 to 0.99); below it the analysis stops with one line."""
+    accept_weak_saes: bool = False
+    """Analyse a loaded SAE below `loaded_sae_floor` anyway, with a warning."""
 
     def __post_init__(self) -> None:
         if self.sae_quality_prompts is not None:
             positive_int("analysis.sae_quality_prompts", self.sae_quality_prompts, 64)
+        if not isinstance(self.loaded_sae_floor, (int, float)) or not 0 <= self.loaded_sae_floor <= 1:
+            raise UserError(f"analysis.loaded_sae_floor: {self.loaded_sae_floor!r}; give a fraction of loss recovered "
+                            "in [0, 1], e.g. 0.8")
+
+
+def check_loaded_saes(quality: Sequence[LayerQuality], cfg: AnalysisConfig) -> None:
+    """A loaded SAE (`cfg.saes`) that recovers less of the next-token loss than `cfg.loaded_sae_floor` stops the
+    analysis (its circuits would explain the SAE's errors), unless `cfg.accept_weak_saes`."""
+    for q in quality:
+        if q.layer not in cfg.saes or q.loss_recovered >= cfg.loaded_sae_floor:  # NaN: refused
+            continue
+        what = (f"analysis.saes: the SAE of {q.layer} ({cfg.saes[q.layer].path}) recovers {q.loss_recovered:.3f} of the "
+                f"next-token loss spliced in on the held-out prompts, below analysis.loaded_sae_floor "
+                f"{cfg.loaded_sae_floor}")
+        if not cfg.accept_weak_saes:
+            raise UserError(f"{what}; use a better SAE for this model and layer, or --analysis.accept_weak_saes true")
+        log.warning("%s; analysed anyway (accept_weak_saes)", what)
 
 
 def spread(items: Sequence[T], n: int | None) -> list[T]:
@@ -674,19 +697,20 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
         report = validity_report(inputs.wrapper(), inputs.splits["evaluation"], cfg.metric, cfg.validity,
                                  inputs.run.behavior_answers)
         write_validity_report(report, inputs.run.validity)
+    if "quality" in stages and (cfg.sae_quality or stages[0] == "quality" or cfg.saes):  # first: it judges loaded SAEs
+        held_out = spread([s.prompt for s in inputs.splits.get("evaluation", [])], cfg.sae_quality_prompts)
+        quality = sae_quality(inputs.wrapper(), inputs.saes, held_out, inputs.scheme("positional"),
+                              cfg.evaluation.batch_size)
+        out.write_sae_quality(quality)
+        check_loaded_saes(quality, cfg)
+    else:
+        quality = source.read_sae_quality(LayerQuality)
     if "discover" in stages:
         discovery = run_discovery(inputs, out, cfg.discovery, cfg.evaluation.target, cfg.metric)
     else:
         discovery = load_discovery(source)
         if source.root != out.root:
             out.copy_discovery(source)
-    if "quality" in stages and (cfg.sae_quality or stages[0] == "quality"):
-        held_out = spread([s.prompt for s in inputs.splits.get("evaluation", [])], cfg.sae_quality_prompts)
-        quality = sae_quality(inputs.wrapper(), inputs.saes, held_out, inputs.scheme("positional"),
-                              cfg.evaluation.batch_size)
-        out.write_sae_quality(quality)
-    else:
-        quality = source.read_sae_quality(LayerQuality)
     similarity = run_similarity(discovery, out, cfg.similarity) if "similarity" in stages else {
         m: s for m in discovery.circuits if (s := source.method(m).read_similarity(Similarity)) is not None}
     if "evaluate" in stages:

@@ -644,8 +644,8 @@ def test_analyze_reads_a_saelens_sae_given_for_a_layer(capsys: pytest.CaptureFix
     (saelens / "cfg.json").write_text(json.dumps({
         "architecture": "standard", "d_in": 32, "d_sae": 48, "apply_b_dec_to_input": True,
         "normalize_activations": "none", "metadata": {"hook_name": "blocks.1.hook_resid_post", "model_name": "tiny"}}))
-    done = cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--name", "loaded",
-                          "--analysis.saes", json.dumps({"residuals_1": {"path": str(saelens)}}),
+    given = json.dumps({"residuals_1": {"path": str(saelens)}})
+    done = cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--name", "loaded", "--analysis.saes", given,
                           "--analysis.evaluation.n_sizes", "3", "--analysis.evaluation.random_circuits", "2")
     assert done.returncode == 0, done.stderr
     out = RunLayout(run_dir).analysis("loaded")

@@ -13,8 +13,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from refusal_sae.analysis import AnalysisConfig, check_loaded_saes
 from refusal_sae.errors import UserError
-from refusal_sae.sae_io import load_sae, saelens_layer, save_sae
+from refusal_sae.sae_io import PretrainedSAE, load_sae, saelens_layer, save_sae
+from refusal_sae.sae_quality import LayerQuality
 
 D_IN, D_SAE = 24, 96
 
@@ -162,3 +164,26 @@ def test_an_sae_for_another_layer_or_width_and_a_directory_in_no_format_are_refu
     np.save(tmp_path / "sae.npy", np.zeros(3))
     with pytest.raises(UserError, match="must be .safetensors"):
         load_sae(tmp_path / "sae.npy", activation="relu")
+
+
+def quality(layer: str, loss_recovered: float) -> LayerQuality:
+    """A quality record as the quality stage writes one (only the loss recovered matters to the floor)."""
+    return LayerQuality(layer=layer, n_tokens=100, n_predicted=90, fvu=0.2, fvu_content=0.2, fvu_suffix=0.2, l0=32.0,
+                        dead_fraction=0.0, dense_fraction=0.0, ce_clean=2.0, ce_spliced=2.1, ce_mean=3.0,
+                        loss_recovered=loss_recovered, kl_spliced=0.1, kl_mean=1.0)
+
+
+def test_a_loaded_sae_that_recovers_too_little_of_the_loss_stops_the_analysis(caplog) -> None:
+    """The loss-recovered floor judges loaded SAEs only (the run's own are judged, never refused), NaN included;
+    `accept_weak_saes` analyses one anyway, with a warning. (On the tiny test models mean ablation barely moves the
+    loss, so no SAE there falls below a floor: the rule is tested on the records the quality stage writes.)"""
+    cfg = AnalysisConfig(saes={"residuals_1": PretrainedSAE("hub/sae")})
+    check_loaded_saes([quality("residuals_0", 0.1), quality("residuals_1", 0.85)], cfg)  # residuals_0: the run's
+    for weak in (0.5, float("nan")):
+        with pytest.raises(UserError, match=r"analysis.saes: the SAE of residuals_1 \(hub/sae\) recovers .* below "
+                                            r"analysis.loaded_sae_floor 0.8; .*--analysis.accept_weak_saes true"):
+            check_loaded_saes([quality("residuals_1", weak)], cfg)
+    check_loaded_saes([quality("residuals_1", 0.5)], AnalysisConfig(saes=cfg.saes, accept_weak_saes=True))
+    assert "analysed anyway (accept_weak_saes)" in caplog.text
+    with pytest.raises(UserError, match="analysis.loaded_sae_floor: 1.5"):
+        AnalysisConfig(loaded_sae_floor=1.5)
