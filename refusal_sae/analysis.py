@@ -1,5 +1,5 @@
-"""The analysis stages after SAE training: discover -> similarity -> evaluate -> cross -> directions -> ceiling ->
-edit -> tradeoff -> summary -> report.
+"""The analysis stages after SAE training: quality -> discover -> similarity -> evaluate -> cross -> directions ->
+ceiling -> edit -> tradeoff -> summary -> report -> export.
 
 Each stage is a plain function of the SAEs, the activation cache, the prompts and the model
 (`AnalysisInputs`) and of the previous stage's result, passed in memory. A stage returns typed records; this
@@ -22,6 +22,10 @@ run (`analyze`).
                 false-refusal vector, swept (`refusal_sae.overrefusal`; when `tradeoff.enabled`, or by name)
     summary     the short summary the CLI prints
     report      node cards (top contexts, logit lens, ...) and the analysis as one HTML page (`refusal_sae.report`)
+    export      every circuit as a circuit-tracer graph, its nodes labelled as the report labels them
+                (`refusal_sae.export`)
+
+(The SAE quality stage, `quality`, runs first: it needs no circuit, and it judges loaded SAEs before they are used.)
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ from refusal_sae.evaluation import (
     upgrade_record,
 )
 from refusal_sae.features import NodeMeans, encode_prompts
-from refusal_sae.io import from_json, md_cell
+from refusal_sae.io import from_json, md_cell, write_json
 from refusal_sae.layout import (
     AnalysisLayout,
     AnswersSummary,
@@ -107,7 +111,8 @@ from refusal_sae.plots import (
 from refusal_sae.overrefusal import TradeoffConfig, TradeoffResult, category_table, run_tradeoff, tradeoff_table
 from refusal_sae.positions import PositionMode, PositionScheme, position_scheme
 from refusal_sae.protocol import ProtocolStamp
-from refusal_sae.report import build_report
+from refusal_sae.export import circuit_tracer_graph
+from refusal_sae.report import build_report, load_cards, node_label
 from refusal_sae.sae import SparseAutoencoder
 from refusal_sae.sae_io import PretrainedSAE
 from refusal_sae.sae_quality import LayerQuality, quality_table, sae_quality
@@ -612,7 +617,7 @@ def _answers(rows: Sequence[AnswersSummary]) -> list[str]:
 
 
 STAGES = ("discover", "quality", "similarity", "evaluate", "cross", "directions", "ceiling", "edit", "tradeoff",
-          "summary", "report")
+          "summary", "report", "export")
 
 
 @dataclass
@@ -756,7 +761,27 @@ def run_analysis(inputs: AnalysisInputs, out: AnalysisLayout, cfg: AnalysisConfi
                               discovery.circuits, discovery.record, similarity, summary, edits)
         out.write_report(report.page, report.card_scripts)
         log.info("report: %d node cards in %s", len(report.cards), out.report_html)
+    if "export" in stages:
+        export_circuits(inputs, discovery, out, source)
     return summary
+
+
+def export_circuits(inputs: AnalysisInputs, discovery: Discovery, out: AnalysisLayout, source: AnalysisLayout) -> None:
+    """Every circuit as a circuit-tracer graph (`refusal_sae.export`), its nodes labelled as the report labels them
+    where a report of this analysis (or its source) has their cards."""
+    reported = next((a for a in (out, source) if a.report_cards.is_dir() and any(a.report_cards.glob("*.js"))), None)
+    cards, prompts = load_cards(reported) if reported is not None else ({}, {})
+    labels = {name: node_label(card, prompts) for name, card in cards.items()}
+    metric = discovery.record.metric
+    target = f"refusal score F ({metric.get('compliance_mode')} score, {discovery.record.target} target)"
+    model = inputs.cache.manifest["config"]["model"].get("name") or ""
+    positions = PositionScheme(**discovery.record.scheme).node_classes
+    for method, circuits in discovery.circuits.items():
+        for circuit, _ in circuits:
+            write_json(out.method(method).export_path(circuit.name),
+                       circuit_tracer_graph(circuit, positions, model, target, labels))
+    log.info("export: %d circuits as circuit-tracer graphs in %s", sum(map(len, discovery.circuits.values())),
+             out.root / "<method>" / "export")
 
 
 def global_direction(*places: AnalysisLayout) -> GlobalDirection | None:

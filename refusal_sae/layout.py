@@ -211,6 +211,10 @@ class MethodLayout:
         stem = _stem(name)
         return self.root / "circuits" / f"{stem}.json", self.root / "circuits" / f"{stem}.graphml"
 
+    def export_path(self, name: str) -> Path:
+        """The circuit as a circuit-tracer graph (`refusal_sae.export`)."""
+        return self.root / "export" / f"{_stem(name)}.circuit-tracer.json"
+
     def write_circuit(self, circuit: Circuit, scores: NodeScores) -> None:
         circuit.save(*self.circuit_paths(circuit.name))
         meta = {"method": scores.method, "layers": ",".join(scores.layers), "positions": ",".join(scores.positions),

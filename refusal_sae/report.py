@@ -457,7 +457,7 @@ def node_label(card: NodeCard | None, prompts: Mapping[int, Mapping[str, Any]]) 
     fires = ""
     if card.contexts:
         top = card.contexts[0]
-        position = max(top.values, key=lambda pv: pv[1])[0] if top.values else None
+        position = int(max(top.values, key=lambda pv: pv[1])[0]) if top.values else None  # read back: a float
         tokens = prompts.get(top.prompt, {}).get("tokens", [])
         if position is not None and position < len(tokens):
             fires = short(tokens[position])

@@ -20,7 +20,15 @@ from refusal_sae.errors import UserError
 from refusal_sae.evaluation import EvaluationConfig
 from refusal_sae.layout import RunLayout
 from refusal_sae.positions import PositionScheme
-from refusal_sae.report import CARD_NODES, card_data, load_cards, node_card_table, node_cards, render_html
+from refusal_sae.report import (
+    CARD_NODES,
+    card_data,
+    load_cards,
+    node_card_table,
+    node_cards,
+    node_label,
+    render_html,
+)
 from refusal_sae.sae import SAEMeta
 from refusal_sae.similarity import SimilarityConfig
 from refusal_sae.validity import ValidityConfig
@@ -297,3 +305,51 @@ def test_markdown_tables_escape_what_they_show() -> None:
 
     page = markdown_tables("**m** (x)\n\n| a | b |\n|---|---|\n| <script> | 1 \\| 2 |\n")
     assert "<b>m</b>" in page and "&lt;script&gt;" in page and "<td>1 | 2</td>" in page
+
+
+CIRCUIT_TRACER_FIELDS = {
+    "metadata": {"slug": str, "scan": str, "transcoder_list": list, "prompt_tokens": list, "prompt": str,
+                 "node_threshold": (float, type(None)), "schema_version": int},
+    "qParams": {"pinnedIds": list, "supernodes": list, "linkType": str, "clickedId": str, "sg_pos": str},
+    "node": {"node_id": str, "feature": int, "layer": str, "ctx_idx": int, "feature_type": str, "token_prob": float,
+             "is_target_logit": bool, "run_idx": int, "reverse_ctx_idx": int, "jsNodeId": str, "clerp": str,
+             "influence": (float, type(None)), "activation": (float, type(None))},
+}
+"""The fields and types of circuit-tracer's graph models (its `frontend/graph_models.py`: Metadata, QParams, Node;
+links are source, target, weight), which `refusal_sae.export` writes."""
+
+
+@pytest.mark.slow
+def test_every_circuit_is_exported_as_a_circuit_tracer_graph(analysed) -> None:
+    _, out = analysed
+    discovery = load_discovery(out)
+    cards, prompts = load_cards(out)
+    for method, circuits in discovery.circuits.items():
+        for circuit, _ in circuits:
+            doc = json.loads(out.method(method).export_path(circuit.name).read_text(encoding="utf-8"))
+            assert set(doc) == {"metadata", "qParams", "nodes", "links"}
+            for part, fields in (("metadata", doc["metadata"]), ("qParams", doc["qParams"]),
+                                 *(("node", n) for n in doc["nodes"])):
+                assert set(fields) == set(CIRCUIT_TRACER_FIELDS[part]), part
+                for key, kind in CIRCUIT_TRACER_FIELDS[part].items():
+                    assert isinstance(fields[key], kind), (part, key, fields[key])
+            nodes = {n["node_id"]: n for n in doc["nodes"]}
+            assert len(nodes) == len(circuit.nodes) + 1  # one per circuit node, and the target F
+            (target,) = [n for n in doc["nodes"] if n["is_target_logit"]]
+            assert doc["metadata"]["prompt_tokens"] == discovery.means.scheme.node_classes
+            assert target["ctx_idx"] == len(doc["metadata"]["prompt_tokens"]) - 1
+            assert all({"source", "target", "weight"} == set(link) and link["source"] in nodes
+                       and link["target"] in nodes for link in doc["links"])
+            to_target = {link["source"]: link["weight"] for link in doc["links"] if link["target"] == target["node_id"]}
+            by_name = {n.name: n for n in circuit.nodes}
+            for exported, node in zip(doc["nodes"], circuit.nodes):  # the circuit's nodes in its order, then F
+                assert exported["influence"] == pytest.approx(node.importance)
+                assert to_target[exported["node_id"]] == pytest.approx(node.score)
+                assert doc["metadata"]["prompt_tokens"][exported["ctx_idx"]] == node.position
+                assert exported["layer"] == node.layer.removeprefix("residuals_")
+                assert exported["feature_type"] == ("sae error" if node.feature == ERROR else "sae latent")
+                label = node_label(cards[node.name], prompts) if node.name in cards else ""
+                assert exported["clerp"] == (label or node.name)  # the report's label, else the node's name
+            assert len(to_target) == len(by_name)
+    planted = [n for c, _ in discovery.circuits["correlation"] for n in c.nodes if n.feature in PLANTED]
+    assert planted  # the planted latents are in the exported circuits (checked node by node above)
