@@ -182,6 +182,9 @@ class SAEModule(L.LightningModule):
         self.saes: nn.ModuleDict | None = None
         self.metrics: nn.ModuleDict | None = None
         self._first_epoch_of_fit = False
+        self._prompts: str | None = None
+        """sha256 of the prompts the activation cache was built from (its manifest), once known: a checkpoint of
+        SAEs trained on other prompts is not resumed."""
 
     # ----------------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -203,6 +206,7 @@ class SAEModule(L.LightningModule):
                     f"d_model={cache.d_model}; set model.sae.d_in: {cache.d_model}"
                 )
         model_name = self.model_name or (cache.manifest["config"]["model"]["name"] if cache else None)
+        self._prompts = cache.manifest["config"].get("prompts_sha256") if cache else None
         self._build(list(layers), model_name)
 
     def _build(self, layers: list[str], model_name: str | None) -> None:
@@ -226,6 +230,7 @@ class SAEModule(L.LightningModule):
             "d_in": self.sae_cfg.d_in,
             "num_latents": self.sae_cfg.width,
             "k": self.sae_cfg.k_active,
+            "prompts_sha256": self._prompts,
         }
 
     # ----------------------------------------------------------------------------------- training
@@ -413,8 +418,10 @@ class SAEModule(L.LightningModule):
         if self.saes is None:  # SAEModule.load_from_checkpoint: no trainer called configure_model
             self._build(list(saved["layers"]), saved.get("model"))
         current = self._identity()
-        diffs = [f"{key} {saved.get(key)!r} (this run: {value!r})"
-                 for key, value in current.items() if saved.get(key) != value]
+        diffs = [f"{key} {saved.get(key)!r} (this run: {value!r})" for key, value in current.items()
+                 if saved.get(key) != value and (key in saved or key != "prompts_sha256")]  # (older checkpoints)
+        if any(d.startswith("prompts_sha256") for d in diffs):
+            diffs.append("the activation cache holds other prompts than the SAEs were trained on")
         if diffs:
             raise UserError(
                 f"{name} holds SAEs for another configuration: {'; '.join(diffs)}; resume with the config it "

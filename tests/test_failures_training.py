@@ -315,3 +315,24 @@ def test_a_run_dir_that_is_a_file_is_one_line_before_any_work(
     error = one_line_error(cli_in_process(capsys, "fit", *tiny, "--run_dir", str(run_dir)))
     assert str(run_dir) in error and "--run_dir" in error
     assert run_dir.read_text() == "not a directory"
+
+
+@pytest.mark.slow
+def test_a_resume_onto_a_cache_rebuilt_from_other_prompts_is_refused(
+    capsys: pytest.CaptureFixture[str], tiny: list[str], tmp_path: Path
+) -> None:
+    """#30 case 3: the config changed to `overwrite: true` with other prompts, then `--ckpt_path last`: the
+    checkpoint's SAEs would go on training on data they were not trained on. Refused in one line; the same data
+    resumes."""
+    run_dir = tmp_path / "run"
+    first = cli_in_process(capsys, "fit", *tiny, "--run_dir", str(run_dir))
+    assert first.returncode == 0, first.stderr
+    other = cli_in_process(capsys, "fit", *tiny, "--run_dir", str(run_dir), "--trainer.max_epochs", "2",
+                           "--data.prompts.n_per_category", "4", "--data.activations.overwrite", "true",
+                           "--ckpt_path", "last")
+    error = one_line_error(other)
+    assert "holds SAEs for another configuration: prompts_sha256" in error
+    assert "the activation cache holds other prompts than the SAEs were trained on" in error
+    same = cli_in_process(capsys, "fit", *tiny, "--run_dir", str(run_dir), "--trainer.max_epochs", "2",
+                          "--data.activations.overwrite", "true", "--ckpt_path", "last")
+    assert same.returncode == 0, same.stderr
