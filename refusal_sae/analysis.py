@@ -780,8 +780,8 @@ def export_circuits(inputs: AnalysisInputs, discovery: Discovery, out: AnalysisL
         for circuit, _ in circuits:
             write_json(out.method(method).export_path(circuit.name),
                        circuit_tracer_graph(circuit, positions, model, target, labels))
-    log.info("export: %d circuits as circuit-tracer graphs in %s", sum(map(len, discovery.circuits.values())),
-             out.root / "<method>" / "export")
+    log.info("export: %d circuits as circuit-tracer graphs under %s", sum(map(len, discovery.circuits.values())),
+             out.root)
 
 
 def global_direction(*places: AnalysisLayout) -> GlobalDirection | None:
