@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib.metadata
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,3 +115,38 @@ def planted(tmp_path_factory: pytest.TempPathFactory):
         scheme = position_scheme(wrapper, splits["discovery"] + splits["evaluation"], "positional")
         pf = encode_prompts(saes, PromptActivations(cache, ["discovery"]), scheme)
     return wrapper, splits, saes, pf, cache
+
+
+# ------------------------------------------------------------------ a real browser, for the report's tests
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium driven by Selenium (skipped where it is not installed; `make test` installs it)."""
+    if not (shutil.which("chromium") or Path(CHROMIUM).is_file()) or not Path(CHROMEDRIVER).is_file():
+        pytest.skip(f"no Chromium here ({CHROMIUM}, {CHROMEDRIVER}): `apt-get install chromium chromium-driver`, "
+                    "as `make test` does")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def open_page(driver, path: Path) -> None:
+    """Open a report from the file system and wait until its script has drawn it."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(path.resolve().as_uri())
+    WebDriverWait(driver, 60).until(lambda d: d.find_element("tag name", "body").get_attribute("data-ready") == "1")

@@ -30,7 +30,7 @@ from refusal_sae.evaluation import (
 from refusal_sae.layout import RunLayout
 from refusal_sae.overrefusal import TradeoffResult, tradeoff_table
 from refusal_sae.sae_io import load_sae
-from tests.conftest import ROOT, write_csv
+from tests.conftest import ROOT, open_page, write_csv
 from tests.run_cli import cli, cli_in_process, one_line_error
 from tests.tiny_model import DEFAULT_CONFIG, TINY_CALLBACKS, tiny_fit_options
 
@@ -523,10 +523,10 @@ def test_two_analyses_started_at_once_never_share_a_folder(tiny_run) -> None:
 
 @pytest.mark.slow
 def test_analyze_tradeoff_sweeps_three_methods_and_chooses_per_method(capsys: pytest.CaptureFixture[str],
-                                                                         tiny_run) -> None:
+                                                                         tiny_run, browser) -> None:
     """`analyze --stage tradeoff` judges every point of the three sweeps by the answers, writes the record, its
-    tables and figure, puts the table in the summary and applies each method's choice to the transfer set; a
-    strength outside its range is one line naming the option."""
+    tables and figure, puts the table in the summary and applies each method's choice to the transfer set; the
+    report shows them in a browser; a strength outside its range is one line naming the option."""
     result, run_dir = tiny_run
     assert result.returncode == 0, result.stderr
     run = RunLayout(run_dir)
@@ -557,6 +557,20 @@ def test_analyze_tradeoff_sweeps_three_methods_and_chooses_per_method(capsys: py
     assert report.returncode == 0, report.stderr
     page = run.analysis("tradeoff_report").report_html.read_text()
     assert "Lowering over-refusal" in page and record.points[1].answers[0][:20] in page
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, run.analysis("tradeoff_report").report_html)  # the panel as a reader sees it
+    assert browser.find_element(By.XPATH, "//h2[text()='Lowering over-refusal']").is_displayed()
+    figure = browser.find_element(By.XPATH, "//img[@alt='Toxic refusal against over-refusal, three edits swept']")
+    assert figure.is_displayed() and browser.execute_script("return arguments[0].naturalWidth", figure) > 100
+    cells = [td.text for td in browser.find_elements(By.XPATH, "//section//table//td")]
+    for p in record.points:  # every point of the sweep is a row of the panel's table
+        assert p.setting in cells, p.setting
+    details = browser.find_element(By.XPATH, "//details[summary[text()=\"Every held-out answer under each method's "
+                                             "chosen edit\"]]")
+    details.find_element(By.TAG_NAME, "summary").click()
+    rows = details.find_elements(By.XPATH, ".//tr[td]")
+    assert len(rows) == len(record.prompts) and rows[0].is_displayed()
     error = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(run_dir), "--stage", "tradeoff",
                                           *options, "--analysis.tradeoff.direction_strengths", "[2.0]"))
     assert "tradeoff.direction_strengths: 2.0 is outside (0, 1]" in error, error

@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,11 +30,10 @@ from refusal_sae.report import (
 from refusal_sae.sae import SAEMeta
 from refusal_sae.similarity import SimilarityConfig
 from refusal_sae.validity import ValidityConfig
-from tests.conftest import single_thread
+from tests.conftest import open_page, single_thread
 from tests.planted import LAYERS, METRIC, PLANTED, REFUSAL_WORD, exact_saes, vocabulary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CFG = AnalysisConfig(evaluation=EvaluationConfig(n_sizes=4, fractions=[0.1], random_circuits=2, bootstrap=100),
                      similarity=SimilarityConfig(permutations=20), metric=METRIC, validity_report=False,
                      directions=DirectionsConfig(enabled=True, bootstrap=100),
@@ -168,34 +165,6 @@ def test_the_report_stage_alone_builds_the_page_from_another_analysis(analysed) 
 
 
 # ------------------------------------------------------------------ in a real browser
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not (shutil.which("chromium") or Path(CHROMIUM).is_file()) or not Path(CHROMEDRIVER).is_file():
-        pytest.skip(f"no Chromium here ({CHROMIUM}, {CHROMEDRIVER}): `apt-get install chromium chromium-driver`, "
-                    "as `make test` does")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000", f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
-
-
-def open_page(driver, path: Path) -> None:
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    driver.get(path.resolve().as_uri())
-    WebDriverWait(driver, 60).until(lambda d: d.find_element("tag name", "body").get_attribute("data-ready") == "1")
 
 
 def not_blank(png: bytes) -> bool:
