@@ -322,7 +322,7 @@ def analyze(args: list[str]) -> None:
     if out is not None and out.root.exists():
         raise UserError(f"{out.root} exists already; give analyze another --name (analyses are never overwritten), "
                         f"or finish an interrupted one with --resume {ns.name}")
-    source = run.analysis(ns.source) if ns.source != "latest" else run.latest
+    source = run.source(ns.source)
     if stages[0] != "discover" and not source.root.exists():
         raise UserError(f"{source.root} not found: the run has no analysis to take circuits from; run analyze "
                         "--stage all (or discover) first, or give --source")
@@ -374,7 +374,7 @@ def _resume(args: list[str], run: RunLayout, fitted: dict, name: str) -> None:
         raise UserError(f"analyze --resume: {out.root} is complete already; start a new analysis with --name")
     invocation = out.read_invocation()
     cfg = from_json(AnalysisConfig, invocation["analysis"])
-    stages, source = invocation["stages"], run.analysis(invocation["source"])
+    stages, source = invocation["stages"], run.source(invocation["source"])
     if out.discovery_json.is_file():  # discovery done (or copied): every later stage takes it from here
         stages, source = [s for s in stages if s != "discover"], out
     summary = run_analysis(_inputs(run, fitted, cfg), out, cfg, stages, source)

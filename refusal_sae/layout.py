@@ -650,6 +650,10 @@ class RunLayout:
                             f"name of at most {MAX_NAME} characters, e.g. orbench_toxic")
         return AnalysisLayout(self.analysis_root / name)
 
+    def source(self, name: str) -> AnalysisLayout:
+        """The analysis `--source name` names: `latest` is the link to the newest, any other name a folder."""
+        return self.latest if name == LATEST else self.analysis(name)
+
     def epoch(self, epoch: int) -> AnalysisLayout:
         """The analysis of training epoch `epoch` (1-based)."""
         return self.analysis(f"epoch_{epoch:03d}")

@@ -502,6 +502,27 @@ def test_an_interrupted_analysis_is_finished_by_resume_as_if_never_stopped(
 
 
 @pytest.mark.slow
+def test_resume_of_an_analysis_started_before_any_latest(capsys: pytest.CaptureFixture[str], tiny_run,
+                                                        tmp_path: Path) -> None:
+    """A run fitted without epoch analyses has no `analysis/latest`: an analysis started there records its source
+    as `latest`, and `--resume` must still finish it (it used to refuse `latest` as a folder name)."""
+    import shutil
+
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True, ignore=shutil.ignore_patterns(".lock", "analysis"))
+    started = cli_in_process(capsys, "analyze", "--run_dir", str(copy), "--stage", "discover", "--name", "cut")
+    assert started.returncode == 0, started.stderr
+    out = RunLayout(copy).analysis("cut")
+    assert out.read_invocation()["source"] == "latest"
+    (out.root / "complete").unlink()  # as if killed between its last record and its marker
+    done = cli_in_process(capsys, "analyze", "--run_dir", str(copy), "--resume", "cut")
+    assert done.returncode == 0, done.stderr
+    assert out.complete
+
+
+@pytest.mark.slow
 def test_two_analyses_started_at_once_never_share_a_folder(tiny_run) -> None:
     """Two `analyze` processes without --name, started together, pick the same next name; the one that does not
     create the folder first takes the next one, so each writes a folder of its own, complete."""
