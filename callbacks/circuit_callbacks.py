@@ -18,6 +18,7 @@ import logging
 import shutil
 import signal
 import threading
+from dataclasses import replace
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,7 +73,7 @@ class CircuitAnalysisCallback(Callback):
 
     Args:
         analysis: every option of the analysis (discovery, evaluation, similarity, metric, validity).
-        every_n_epochs: run after every N training epochs (and after the last).
+        every_n_epochs: run after every N training epochs (and after the last, or one training stops after).
     """
 
     def __init__(self, analysis: AnalysisConfig = AnalysisConfig(), every_n_epochs: int = 1) -> None:
@@ -89,7 +90,7 @@ class CircuitAnalysisCallback(Callback):
 
     def due(self, trainer: L.Trainer) -> bool:
         epoch = trainer.current_epoch + 1
-        return epoch % self.every_n_epochs == 0 or epoch == trainer.max_epochs
+        return epoch % self.every_n_epochs == 0 or epoch == trainer.max_epochs or trainer.should_stop
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self.due(trainer):
@@ -122,7 +123,10 @@ class CircuitAnalysisCallback(Callback):
             shutil.rmtree(out.root)
         saes = {layer: copy.deepcopy(sae).float().cpu().eval() for layer, sae in pl_module.saes.items()}
         inputs = AnalysisInputs(saes, dm.cache, dm.splits, dm.llm, run, self.analysis.validity)
-        summary = run_analysis(inputs, out, self.analysis)
+        # SAEs loaded instead of trained (model.pretrained) are judged like analyze's analysis.saes: quality first,
+        # and one below analysis.loaded_sae_floor stops the analysis
+        cfg = replace(self.analysis, saes=dict(getattr(pl_module, "pretrained", {})))
+        summary = run_analysis(inputs, out, cfg)
         out.mark_complete()
         run.point_latest(out)
         self.report(trainer, out, summary)

@@ -19,6 +19,11 @@ Resuming (`fit --ckpt_path last`) restores weights, optimiser, schedule and dead
 replays the same token order (the TokenStream's epoch follows the trainer's), so it ends with the SAEs
 an uninterrupted run would have produced. `RunDirCheckpoint` keeps the checkpoints where `--ckpt_path
 last` finds them.
+
+Layers given a pretrained SAE (`pretrained`: SAELens, sparsify or raw weights, `refusal_sae.sae_io.load_sae`) are
+loaded instead of built and never trained; they are exported to `saes/` beside the trained ones, so every later
+stage reads them the same way. When every layer has one there is nothing to train: the first epoch ends at its
+first batch (its epoch-end callbacks, the circuit analysis among them, still run once) and training stops.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from refusal_sae.errors import UserError
 from refusal_sae.io import atomic_open
 from refusal_sae.layout import RunLayout
 from refusal_sae.sae import SAEConfig, SAEMeta, SparseAutoencoder
-from refusal_sae.sae_io import export_saes
+from refusal_sae.sae_io import PretrainedSAE, export_saes
 from refusal_sae.validate import non_negative_int, positive_number
 
 LOGGED = ("fvu", "mse", "cos_sim", "l0", "auxk_loss", "dead_fraction")
@@ -151,6 +156,8 @@ class SAEModule(L.LightningModule):
         save_all_ranks: also write every DDP rank's SAE state (weights and dead-latent counters) to
             `<default_root_dir>/saes_by_rank/rank<r>.safetensors` at the end of training, to check
             that the replicas agree. The SAEs in `saes/` come from rank 0 only.
+        pretrained: SAEs loaded instead of trained, per layer, e.g. `{residuals_16: {path: sae_dir}}` (a
+            SAELens, sparsify or refusal_sae directory, or a raw safetensors file with its `activation`).
     """
 
     def __init__(
@@ -163,6 +170,7 @@ class SAEModule(L.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         save_all_ranks: bool = False,
+        pretrained: dict[str, PretrainedSAE] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(sae, Mapping):  # hyper-parameters of a checkpoint (see on_save_checkpoint)
@@ -179,6 +187,8 @@ class SAEModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.save_all_ranks = save_all_ranks
+        self.pretrained = {layer: PretrainedSAE(**given) if isinstance(given, Mapping) else given
+                           for layer, given in (pretrained or {}).items()}  # a checkpoint's are plain dicts
         self.saes: nn.ModuleDict | None = None
         self.metrics: nn.ModuleDict | None = None
         self._first_epoch_of_fit = False
@@ -194,6 +204,8 @@ class SAEModule(L.LightningModule):
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         cache = getattr(datamodule, "cache", None)
         layers = self.layers or (cache.layers if cache else None)
+        if not layers and self._trainer is None:  # load_from_checkpoint: on_load_checkpoint builds the checkpoint's
+            return
         if not layers:
             raise UserError("model.layers is null and there is no activation cache to take the layers from; list them")
         if cache is not None:
@@ -205,12 +217,19 @@ class SAEModule(L.LightningModule):
                     f"model.sae.d_in={self.sae_cfg.d_in} but the activation cache {cache.dir} holds "
                     f"d_model={cache.d_model}; set model.sae.d_in: {cache.d_model}"
                 )
+        unknown = [layer for layer in self.pretrained if layer not in layers]
+        if unknown:
+            raise UserError(f"model.pretrained: {unknown[0]} is not a layer of this run ({', '.join(layers)}); "
+                            "name one of them, or add it to model.layers")
         model_name = self.model_name or (cache.manifest["config"]["model"]["name"] if cache else None)
         self._prompts = cache.manifest["config"].get("prompts_sha256") if cache else None
         self._build(list(layers), model_name)
+        if not self.trained and self._trainer is not None and self.trainer.world_size > 1:
+            raise UserError("model.pretrained gives every layer an SAE, so there is nothing to train and DDP has no "
+                            "parameter to share; run this fit on one device (--trainer.devices 1)")
 
     def _build(self, layers: list[str], model_name: str | None) -> None:
-        """The SAEs and their metrics. The initial weights depend only on the global seed (torch's initial
+        """The SAEs (those of `pretrained` layers loaded) and their metrics. The initial weights depend only on the global seed (torch's initial
         seed, which `seed_everything` sets), not on what consumed random numbers before, e.g. whether
         this run collected the activations or found them cached."""
         self.model_name = model_name
@@ -221,6 +240,8 @@ class SAEModule(L.LightningModule):
                 {layer: SparseAutoencoder(self.sae_cfg, SAEMeta(layer=layer, model=model_name)) for layer in layers}
             )
         self.metrics = nn.ModuleDict({layer: layer_metrics(self.sae_cfg.d_in) for layer in layers})
+        for layer, given in self.pretrained.items():  # replacing the built ones leaves the others' weights as they were
+            self.saes[layer] = given.load(layer, self.sae_cfg.d_in, model_name).requires_grad_(False)
 
     def _identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed by this module."""
@@ -231,7 +252,13 @@ class SAEModule(L.LightningModule):
             "num_latents": self.sae_cfg.width,
             "k": self.sae_cfg.k_active,
             "prompts_sha256": self._prompts,
+            "pretrained": {layer: given.path for layer, given in sorted(self.pretrained.items())},
         }
+
+    @property
+    def trained(self) -> dict[str, SparseAutoencoder]:
+        """The SAEs this module trains: every layer's but those loaded (`pretrained`)."""
+        return {layer: sae for layer, sae in self.saes.items() if layer not in self.pretrained}
 
     # ----------------------------------------------------------------------------------- training
     def on_train_start(self) -> None:
@@ -268,16 +295,19 @@ class SAEModule(L.LightningModule):
 
         Rank 0's batch decides and is broadcast, so every DDP replica starts from the same weights.
         """
+        if not self.trained:  # nothing to train: this epoch ends here (Lightning's -1), its callbacks run, and fit stops
+            self.trainer.should_stop = True
+            return -1
         if self.global_step > 0 or batch_idx > 0:
             return
-        for layer, sae in self.saes.items():
+        for layer, sae in self.trained.items():
             sae.init_from_data(batch[layer])
             with torch.no_grad():
                 sae.b_dec.copy_(self.trainer.strategy.broadcast(sae.b_dec.detach().clone(), src=0))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         outs, fired = {}, []
-        for layer, sae in self.saes.items():
+        for layer, sae in self.trained.items():
             outs[layer] = out = sae(batch[layer])
             fired.append(out.fired)  # (width,) bool, from the top-k indices: no (tokens, width) pass
         # One all-reduce for all layers: which latents fired on any rank, how many tokens all ranks saw,
@@ -293,7 +323,7 @@ class SAEModule(L.LightningModule):
             layer = list(outs)[next(i for i, b in enumerate(bad_layers) if b)]
             self._stop(self.global_step, f"the loss of layer {layer} is {outs[layer].loss.item()} (not finite)")
         n_global = stats[-1]
-        for i, (layer, sae) in enumerate(self.saes.items()):
+        for i, (layer, sae) in enumerate(self.trained.items()):
             sae.record_firing(stats[i * width : (i + 1) * width] > 0, n_global)  # every rank's tokens
             self._log_step(layer, sae, batch[layer], outs[layer])
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
@@ -320,12 +350,12 @@ class SAEModule(L.LightningModule):
                 self.log(f"sae/{layer}/{name}_epoch", metrics[name], on_step=False, on_epoch=True)
 
     def on_train_epoch_end(self) -> None:
-        for layer, sae in self.saes.items():
+        for layer, sae in self.trained.items():
             # identical on every rank; sync_dist only keeps Lightning from asking for it
             self.log(f"sae/{layer}/dead_fraction_epoch", sae.dead_latents().float().mean(), sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for sae in self.saes.values():
+        for sae in self.trained.values():
             sae.project_decoder_grad()
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
@@ -333,12 +363,12 @@ class SAEModule(L.LightningModule):
         (a checkpoint) can see the weights."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         finite = []
-        for sae in self.saes.values():
+        for sae in self.trained.values():
             sae.renormalize_decoder()
             finite.append(torch.stack([p.isfinite().all() for p in sae.parameters()]).all())
         finite = torch.stack(finite).tolist()
         if not all(finite):
-            layer = list(self.saes)[finite.index(False)]
+            layer = list(self.trained)[finite.index(False)]
             self._stop(self.global_step, f"the weights of layer {layer} became NaN/inf in the optimiser step")
 
     def _stop(self, step: int, what: str) -> None:
@@ -363,8 +393,10 @@ class SAEModule(L.LightningModule):
                 f.write(safetensors_bytes(state))
 
     # ------------------------------------------------------------------------------- optimisation
-    def configure_optimizers(self) -> dict[str, Any]:
-        params = list(self.saes.parameters())
+    def configure_optimizers(self) -> dict[str, Any] | None:
+        if not self.trained:
+            return None  # every layer's SAE is loaded (`pretrained`): no optimiser, nothing trained
+        params = [p for sae in self.trained.values() for p in sae.parameters()]
         if self.optimizer_factory is None:
             # fused: one kernel per parameter instead of ~10 elementwise passes over it and its two
             # moments (on 2 CPU cores at width 7168: ~13 ms instead of ~75 ms of a ~700 ms step)
@@ -416,8 +448,10 @@ class SAEModule(L.LightningModule):
                 "give a checkpoint from `fit`, or leave out --ckpt_path to start afresh"
             )
         if self.saes is None:  # SAEModule.load_from_checkpoint: no trainer called configure_model
+            self._prompts = saved.get("prompts_sha256")  # no cache to compare with: the checkpoint's SAEs as they are
             self._build(list(saved["layers"]), saved.get("model"))
         current = self._identity()
+        saved = {"pretrained": {}, **saved}  # checkpoints from before model.pretrained loaded none
         diffs = [f"{key} {saved.get(key)!r} (this run: {value!r})" for key, value in current.items()
                  if saved.get(key) != value and (key in saved or key != "prompts_sha256")]  # (older checkpoints)
         if any(d.startswith("prompts_sha256") for d in diffs):

@@ -669,12 +669,12 @@ class AnalysisConfig:
 
 
 def check_loaded_saes(quality: Sequence[LayerQuality], cfg: AnalysisConfig) -> None:
-    """A loaded SAE (`cfg.saes`) that recovers less of the next-token loss than `cfg.loaded_sae_floor` stops the
+    """A loaded SAE (`cfg.saes`, or `fit`'s `model.pretrained`) that recovers less of the next-token loss than `cfg.loaded_sae_floor` stops the
     analysis (its circuits would explain the SAE's errors), unless `cfg.accept_weak_saes`."""
     for q in quality:
         if q.layer not in cfg.saes or q.loss_recovered >= cfg.loaded_sae_floor:  # NaN: refused
             continue
-        what = (f"analysis.saes: the SAE of {q.layer} ({cfg.saes[q.layer].path}) recovers {q.loss_recovered:.3f} of the "
+        what = (f"the loaded SAE of {q.layer} ({cfg.saes[q.layer].path}) recovers {q.loss_recovered:.3f} of the "
                 f"next-token loss spliced in on the held-out prompts, below analysis.loaded_sae_floor "
                 f"{cfg.loaded_sae_floor}")
         if not cfg.accept_weak_saes:

@@ -242,15 +242,7 @@ def _inputs(run: RunLayout, fitted: dict, cfg: AnalysisConfig) -> AnalysisInputs
     saes = {layer: load_sae(run.saes / layer, expected_layer=layer, expected_d_in=dm.cache.d_model).eval()
             for layer in layers if layer not in cfg.saes}
     model = dm.cache.manifest["config"]["model"].get("name")
-    for layer, given in cfg.saes.items():
-        sae = saes[layer] = load_sae(given.path, expected_layer=layer, expected_d_in=dm.cache.d_model,
-                                     activation=given.activation, k=given.k).eval()
-        log.info("analysis.saes: %s is the %s SAE of %s (%d latents)", layer, sae.cfg.activation, given.path,
-                 sae.cfg.width)
-        if sae.meta.model not in (None, model):  # a hub name beside a local one, say: the user paired them
-            log.warning("analysis.saes: the SAE of %s names model %r, this run's is %r; analysed as given",
-                        layer, sae.meta.model, model)
-            sae.meta = replace(sae.meta, model=None)
+    saes.update({layer: given.load(layer, dm.cache.d_model, model) for layer, given in cfg.saes.items()})
     saes = {layer: saes[layer] for layer in sorted(saes, key=dm.cache.layers.index)}
     return AnalysisInputs(saes, dm.cache, dm.splits, dm.llm, run, cfg.validity)
 

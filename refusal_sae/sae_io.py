@@ -18,6 +18,7 @@ SAELens does not subtract b_dec from the input, b_enc' = b_enc + W_enc b_dec giv
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,13 +38,14 @@ from refusal_sae.sae import SAEConfig, SAEMeta, SparseAutoencoder
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
+log = logging.getLogger(__name__)
 SAELENS_ARCHITECTURES = {"standard": "relu", "topk": "topk"}
 """SAELens architectures read here, and the activation each is; jumprelu, gated and the rest are refused."""
 
 
 @dataclass
 class PretrainedSAE:
-    """An SAE brought from elsewhere for one layer (`analysis.saes`), read by `load_sae`."""
+    """An SAE brought from elsewhere for one layer (`analysis.saes`, `fit`'s `model.pretrained`), read by `load_sae`."""
 
     path: str
     """A SAELens directory, a refusal_sae or sparsify directory, or a safetensors file of W_enc, W_dec, b_enc, b_dec."""
@@ -51,6 +53,17 @@ class PretrainedSAE:
     """For a safetensors file: relu or topk (the directories say it themselves)."""
     k: int | None = None
     """For a safetensors file with activation topk: active latents per token."""
+
+    def load(self, layer: str, d_in: int, model: str | None) -> SparseAutoencoder:
+        """The SAE, checked to read `layer` of width `d_in`; one that names another model than the run's `model`
+        (a hub name beside a local one, say) is used as the user paired them, with a warning."""
+        sae = load_sae(self.path, expected_layer=layer, expected_d_in=d_in, activation=self.activation, k=self.k)
+        log.info("%s is the %s SAE of %s (%d latents)", layer, sae.cfg.activation, self.path, sae.cfg.width)
+        if sae.meta.model not in (None, model):
+            log.warning("the SAE of %s (%s) names model %r, this run's is %r; analysed as given", layer, self.path,
+                        sae.meta.model, model)
+            sae.meta = replace(sae.meta, model=None)
+        return sae.eval()
 
 
 def save_sae(sae: SparseAutoencoder, directory: str | Path) -> None:

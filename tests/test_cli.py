@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from lightning_modules import SAEModule
 from refusal_sae.analysis import load_discovery, load_evaluation
 from refusal_sae.cli import CALLBACK
 from refusal_sae.data import read_splits
@@ -660,6 +661,65 @@ def test_a_damaged_run_config_is_one_line_naming_it(capsys: pytest.CaptureFixtur
     (copy / "config.yaml").write_text("- a list\n", encoding="utf-8")
     error = one_line_error(cli_in_process(capsys, "analyze", "--run_dir", str(copy), "--stage", "summary"))
     assert "not the mapping of options fit writes" in error, error
+
+
+@pytest.mark.slow
+def test_fit_with_every_layer_pretrained_trains_nothing_and_analyses_them(tiny_args: list[str], tiny_run,
+                                                                            tmp_path: Path) -> None:
+    """`model.pretrained` for every layer: no optimiser step, one epoch whose analysis judges the loaded SAEs (here the
+    tiny run's own, so its circuits are that run's last analysis's, file for file), and the same SAEs in `saes/`."""
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    given = {layer: {"path": str(run_dir / "saes" / layer)} for layer in ("residuals_0", "residuals_1")}
+    copy = tmp_path / "run"
+    done = cli("fit", *tiny_args, "--run_dir", str(copy), "--model.pretrained", json.dumps(given))
+    assert done.returncode == 0, done.stderr
+    run, theirs = RunLayout(copy), RunLayout(run_dir)
+    assert torch.load(run.checkpoints / "last.ckpt", weights_only=True)["global_step"] == 0
+    for layer in given:
+        assert (run.saes / layer / "sae.safetensors").read_bytes() == (theirs.saes / layer / "sae.safetensors"
+                                                                     ).read_bytes()
+    assert run.epoch(1).complete and not run.epoch(2).root.exists()
+    restored = SAEModule.load_from_checkpoint(run.checkpoints / "last.ckpt")  # the loaded SAEs, as loaded
+    assert torch.equal(restored.saes["residuals_1"].W_dec, load_sae(theirs.saes / "residuals_1").W_dec)
+    ours, last = (a.root / "correlation" / "circuits" for a in (run.epoch(1), theirs.epoch(2)))
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in last.iterdir())
+    for path in ours.glob("*.json"):
+        assert path.read_bytes() == (last / path.name).read_bytes(), path.name
+
+
+@pytest.mark.slow
+def test_fit_with_one_layer_pretrained_trains_only_the_other(tiny_args: list[str], tiny_run, tmp_path: Path) -> None:
+    """A SAELens SAE given for residuals_1 is exported unchanged while residuals_0 trains exactly as without it (the
+    same bytes as the tiny run's); the epoch-end analysis judges the loaded SAE (quality stage) like a trained one; a
+    layer the run does not have is one line."""
+    from safetensors.torch import save_file
+
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    g = torch.Generator().manual_seed(0)
+    saelens = tmp_path / "saelens"
+    saelens.mkdir()
+    weights = {"W_enc": torch.randn(32, 48, generator=g) / 4, "W_dec": torch.randn(48, 32, generator=g) / 4,
+               "b_enc": torch.zeros(48), "b_dec": torch.zeros(32)}
+    save_file(weights, saelens / "sae_weights.safetensors")
+    (saelens / "cfg.json").write_text(json.dumps({
+        "architecture": "standard", "d_in": 32, "d_sae": 48, "apply_b_dec_to_input": True,
+        "normalize_activations": "none", "metadata": {"hook_name": "blocks.1.hook_resid_post", "model_name": "tiny"}}))
+    copy = tmp_path / "run"
+    done = cli("fit", *tiny_args, "--run_dir", str(copy), "--model.pretrained",
+               json.dumps({"residuals_1": {"path": str(saelens)}}))
+    assert done.returncode == 0, done.stderr
+    run = RunLayout(copy)
+    quality = {q["layer"]: q for q in json.loads(run.epoch(2).sae_quality_json.read_text(encoding="utf-8"))["layers"]}
+    assert quality["residuals_1"]["l0"] > 8 and quality["residuals_1"]["fvu"] > 1  # the loaded ReLU SAE was judged
+    assert (run.saes / "residuals_0" / "sae.safetensors").read_bytes() == (
+        run_dir / "saes" / "residuals_0" / "sae.safetensors").read_bytes()
+    loaded = load_sae(run.saes / "residuals_1")
+    assert loaded.cfg.activation == "relu" and torch.equal(loaded.W_dec, weights["W_dec"])
+    wrong = cli("fit", *tiny_args, "--run_dir", str(tmp_path / "wrong"), "--model.pretrained",
+                json.dumps({"residuals_7": {"path": str(saelens)}}))
+    assert one_line_error(wrong) and "model.pretrained: residuals_7 is not a layer of this run" in wrong.stderr
 
 
 @pytest.mark.slow

@@ -180,7 +180,7 @@ def test_a_loaded_sae_that_recovers_too_little_of_the_loss_stops_the_analysis(ca
     cfg = AnalysisConfig(saes={"residuals_1": PretrainedSAE("hub/sae")})
     check_loaded_saes([quality("residuals_0", 0.1), quality("residuals_1", 0.85)], cfg)  # residuals_0: the run's
     for weak in (0.5, float("nan")):
-        with pytest.raises(UserError, match=r"analysis.saes: the SAE of residuals_1 \(hub/sae\) recovers .* below "
+        with pytest.raises(UserError, match=r"the loaded SAE of residuals_1 \(hub/sae\) recovers .* below "
                                             r"analysis.loaded_sae_floor 0.8; .*--analysis.accept_weak_saes true"):
             check_loaded_saes([quality("residuals_1", weak)], cfg)
     check_loaded_saes([quality("residuals_1", 0.5)], AnalysisConfig(saes=cfg.saes, accept_weak_saes=True))
