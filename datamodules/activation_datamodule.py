@@ -110,7 +110,8 @@ class ActivationDataModule(L.LightningDataModule):
         of one) would get less than one batch: the SAEs would take no optimiser step, and be saved and
         analysed untrained."""
         stream = TokenStream(self.cache_dir, batch_size=self.batch_size, seed=self.prompts.seed,
-                             splits=self.train_splits, min_position=0 if self.train_prefix else self.template_prefix())
+                             splits=self.train_splits, min_position=0 if self.train_prefix else self.template_prefix(),
+                             answers=self.activations.answer_tokens > 0)
         processes = self.trainer.world_size if self.trainer is not None else 1
         workers = max(self.num_workers, 1)
         tokens = stream.tokens_per_part(processes * workers)

@@ -11,6 +11,8 @@ them to a directory of shards that later stages memory-map:
         residuals_<i>.npy            (tokens, d_model) activations of layer i, one row per real token
         tokens.npy                   per-token metadata (TOKEN_DTYPE): prompt index, position, ...
         prompt_offsets.npy           row where each of the shard's prompts starts, plus the end
+        answer_residuals_<i>.npy     with `answer_tokens`: the model's greedy answer tokens after each prompt,
+        answer_offsets.npy           (answer tokens, d_model), and the row where each prompt's answer starts
 
 A shard holds the tokens of a fixed block of `shard_size` consecutive prompts, so shard boundaries do not
 depend on when a run was interrupted. A shard is built in a temporary directory, hashed, renamed into
@@ -46,7 +48,7 @@ from refusal_sae.errors import UserError
 from refusal_sae.io import LOCK_FILE, directory_lock, sha256_file, write_json
 from refusal_sae.model import ModelWrapper
 from refusal_sae.prefix import SharedPrefix
-from refusal_sae.validate import one_of, positive_int
+from refusal_sae.validate import non_negative_int, one_of, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ CACHE_ENTRY = re.compile(
 SHARD_NAME = re.compile(r"shard_\d{5}")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+")  # a layer name, which becomes a file name in every shard
 SHARD_FILES = ("tokens.npy", "prompt_offsets.npy")  # beside one <layer>.npy per layer
+ANSWER_OFFSETS = "answer_offsets.npy"  # beside one answer_<layer>.npy per layer, when answers are cached
+ANSWER_PREFIX = "answer_"
 SPLITS: tuple[Split, ...] = ("discovery", "evaluation")
 TOKEN_DTYPE = np.dtype(
     [
@@ -94,9 +98,13 @@ class ActivationConfig:
     """Delete a cache built by a different config instead of stopping with an error."""
     verify: bool = True
     """Check every shard's sha256 when the cache is opened (files' sizes are checked either way)."""
+    answer_tokens: int = 0
+    """Also cache the residuals of the model's own greedy answer to each prompt, up to this many tokens, for SAE
+    training (in-distribution chat text that varies, where the prompts share a template); 0: prompts only."""
 
     def __post_init__(self) -> None:
         positive_int("data.activations.batch_size", self.batch_size, 8)
+        non_negative_int("data.activations.answer_tokens", self.answer_tokens, 32)
         positive_int("data.activations.shard_size", self.shard_size, 256)
         one_of("data.activations.dtype", self.dtype, ("auto", *STORAGE))
 
@@ -150,6 +158,19 @@ class ActivationCache:
         """Memory-mapped (tokens, d_model) array of one shard and layer (raw uint16 bits for bfloat16)."""
         return np.load(self.dir / self.shards[shard]["name"] / f"{layer}.npy", mmap_mode="r")
 
+    @property
+    def has_answers(self) -> bool:
+        """The cache holds the model's greedy answer tokens after the prompts (`answer_tokens`)."""
+        return bool(self.manifest["config"].get("answer_tokens"))
+
+    def answer_activations(self, shard: int, layer: str) -> np.ndarray:
+        """Memory-mapped (answer tokens, d_model) array of one shard and layer (`has_answers` only)."""
+        return np.load(self.dir / self.shards[shard]["name"] / f"{ANSWER_PREFIX}{layer}.npy", mmap_mode="r")
+
+    def answer_offsets(self, shard: int) -> np.ndarray:
+        """Row of `answer_activations` where each of the shard's prompts' answer starts, plus the end."""
+        return np.load(self.dir / self.shards[shard]["name"] / ANSWER_OFFSETS)
+
     def tokens(self, shard: int) -> np.ndarray:
         """Memory-mapped per-token metadata of one shard (TOKEN_DTYPE)."""
         return np.load(self.dir / self.shards[shard]["name"] / "tokens.npy", mmap_mode="r")
@@ -185,6 +206,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
         if bad:
             raise UserError(f"{path}: layer name {bad[0]!r} is not a plain name (letters, digits, _); {damaged}")
         files = {f"{layer}.npy" for layer in layers} | set(SHARD_FILES)
+        if config.get("answer_tokens"):
+            files |= {f"{ANSWER_PREFIX}{layer}.npy" for layer in layers} | {ANSWER_OFFSETS}
         for shard in manifest["shards"]:
             name = shard["name"]
             if not (isinstance(name, str) and SHARD_NAME.fullmatch(name)):
@@ -257,6 +280,7 @@ class InferencePipeline:
             "batch_size": self.cfg.batch_size,
             "n_prompts": len(samples),
             "prompts_sha256": prompts_fingerprint(samples),
+            **({"answer_tokens": self.cfg.answer_tokens} if self.cfg.answer_tokens else {}),  # older caches: none
         }
 
     @staticmethod
@@ -386,18 +410,7 @@ class InferencePipeline:
         lengths = np.array([len(ids) for ids in self.wrapper.encode(prompts)], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         n_tokens = int(offsets[-1])
-        d_model = self.wrapper.d_model
-        storage = np.dtype(STORAGE[self.dtype])
-        need = n_tokens * (len(self.layers) * d_model * storage.itemsize + TOKEN_DTYPE.itemsize) + offsets.nbytes
-        if need > _free_bytes(tmp):
-            raise _no_space(tmp, need)
-        try:
-            arrays = {layer: _allocated_memmap(tmp / f"{layer}.npy", storage, (n_tokens, d_model))
-                      for layer in self.layers}
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            raise _no_space(tmp, need) from e
+        arrays = self._allocate(tmp, "", n_tokens, n_tokens * TOKEN_DTYPE.itemsize + offsets.nbytes)
         tokens = np.zeros(n_tokens, TOKEN_DTYPE)
         row, prompt = 0, 0
         shared = SharedPrefix(self.wrapper, "activation collection")
@@ -413,18 +426,7 @@ class InferencePipeline:
                              for layer, acts in residuals.items()}
             n = int(mask.sum())
             for layer, acts in residuals.items():
-                real = acts[mask.to(acts.device)]  # (n, d_model): padding dropped, prompts in order
-                bad = ~torch.isfinite(real).all(-1)
-                if bad.any():
-                    first = int(np.searchsorted(offsets, row + int(bad.nonzero()[0, 0]), side="right")) - 1
-                    raise UserError(
-                        f"NaN/inf activations at layer {layer} for prompt {start + first}; "
-                        "use a wider dtype (data.model.dtype: float32 or bfloat16) or check the model weights"
-                    )
-                stored = real.to(TORCH_DTYPES[self.dtype]).cpu()
-                if self.dtype == "bfloat16":
-                    stored = stored.view(torch.int16)
-                arrays[layer][row : row + n] = stored.numpy().view(STORAGE[self.dtype])
+                self._store(arrays[layer], row, acts[mask.to(acts.device)], layer, start, offsets)  # padding dropped
             for (sample, split), length in zip(batch, mask.sum(1).tolist()):
                 t = tokens[offsets[prompt] : offsets[prompt] + length]
                 t["prompt_index"] = start + prompt
@@ -442,11 +444,73 @@ class InferencePipeline:
         del arrays
         np.save(tmp / "tokens.npy", tokens)
         np.save(tmp / "prompt_offsets.npy", offsets)
+        if self.cfg.answer_tokens:
+            self._fill_answers(tmp, start, prompts)
         return {
             "prompts": [start, start + len(block)],
             "n_tokens": n_tokens,
             "sha256": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
         }
+
+
+    def _allocate(self, tmp: Path, prefix: str, n_tokens: int, extra: int) -> dict[str, np.memmap]:
+        """One `(n_tokens, d_model)` memory map per layer, `<prefix><layer>.npy` in `tmp`, its disk blocks allocated
+        (`extra`: the bytes the caller writes beside them, counted in the free-space check)."""
+        storage = np.dtype(STORAGE[self.dtype])
+        need = n_tokens * len(self.layers) * self.wrapper.d_model * storage.itemsize + extra
+        if need > _free_bytes(tmp):
+            raise _no_space(tmp, need)
+        try:
+            return {layer: _allocated_memmap(tmp / f"{prefix}{layer}.npy", storage, (n_tokens, self.wrapper.d_model))
+                    for layer in self.layers}
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise _no_space(tmp, need) from e
+
+    def _store(self, array: np.memmap, row: int, real: torch.Tensor, layer: str, start: int,
+               offsets: np.ndarray) -> None:
+        """`real` (tokens, d_model) into `array` from `row` on, in the storage dtype; NaN/inf is one line naming the
+        prompt (`offsets`: where each of the shard's prompts starts in `array`)."""
+        bad = ~torch.isfinite(real).all(-1)
+        if bad.any():
+            first = int(np.searchsorted(offsets, row + int(bad.nonzero()[0, 0]), side="right")) - 1
+            raise UserError(f"NaN/inf activations at layer {layer} for prompt {start + first}; use a wider dtype "
+                            "(data.model.dtype: float32 or bfloat16) or check the model weights")
+        stored = real.to(TORCH_DTYPES[self.dtype]).cpu()
+        if self.dtype == "bfloat16":
+            stored = stored.view(torch.int16)
+        array[row : row + len(real)] = stored.numpy().view(STORAGE[self.dtype])
+
+    def _fill_answers(self, tmp: Path, start: int, prompts: list[str]) -> None:
+        """The model's greedy answers to the block's prompts (at most `answer_tokens` each, up to its end-of-turn
+        token), run again after their prompts: the residuals at the answer's tokens, stored beside the prompts'.
+        Right padding leaves every real token's positions and attention as in the prompt alone."""
+        from refusal_sae.generation import generate
+
+        answers = generate(self.wrapper, prompts, self.cfg.answer_tokens, self.cfg.batch_size,
+                           desc="answers to cache").tokens
+        ids = self.wrapper.encode(prompts)
+        lengths = np.array([len(a) for a in answers], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        arrays = self._allocate(tmp, ANSWER_PREFIX, int(offsets[-1]), offsets.nbytes)
+        pad = self.wrapper.tokenizer.pad_token_id or 0
+        for first in range(0, len(prompts), self.cfg.batch_size):
+            rows = range(first, min(first + self.cfg.batch_size, len(prompts)))
+            width = max(len(ids[i]) + len(answers[i]) for i in rows)
+            run = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(run)
+            for j, i in enumerate(rows):
+                run[j, : len(ids[i]) + len(answers[i])] = torch.tensor(ids[i] + answers[i])
+                mask[j, : len(ids[i]) + len(answers[i])] = 1
+            residuals = self.wrapper.residuals(run, mask, self.layers)
+            for layer, acts in residuals.items():
+                real = torch.cat([acts[j, len(ids[i]) : len(ids[i]) + len(answers[i])] for j, i in enumerate(rows)])
+                self._store(arrays[layer], int(offsets[first]), real, layer, start, offsets)
+        for array in arrays.values():
+            array.flush()
+        del arrays
+        np.save(tmp / ANSWER_OFFSETS, offsets)
 
 
 def _allocated_memmap(path: Path, dtype: np.dtype, shape: tuple[int, int]) -> np.memmap:
@@ -490,12 +554,13 @@ class TokenStream(torch.utils.data.IterableDataset):
     seeded random order, and each batch gathers only its own rows. Under DDP (and across DataLoader
     workers) every shard's shuffled tokens are cut into equal disjoint parts, one per process, so the
     ranks see disjoint tokens and the same number of batches (the remainder and the last partial batch
-    are dropped). Call `set_epoch` before each epoch for a new order.
+    are dropped). Call `set_epoch` before each epoch for a new order. With `answers` (a cache with
+    `answer_tokens`), the model's answer tokens after the chosen splits' prompts are drawn beside the prompts'.
     """
 
     def __init__(self, cache_dir: str | Path, layers: Sequence[str] | None = None, batch_size: int = 4096,
                  seed: int = 0, splits: Sequence[Split] = SPLITS, shuffle: bool = True,
-                 with_index: bool = False, min_position: int = 0) -> None:
+                 with_index: bool = False, min_position: int = 0, answers: bool = False) -> None:
         super().__init__()
         self.dir = Path(cache_dir)
         cache = ActivationCache(self.dir, verify=False)
@@ -509,6 +574,12 @@ class TokenStream(torch.utils.data.IterableDataset):
         self.shuffle = shuffle
         self.with_index = with_index  # also yield "index": each token's row in the whole cache
         self.min_position = min_position  # tokens before it (the shared template prefix) are left out
+        if answers and not cache.has_answers:
+            raise UserError(f"activation cache {self.dir} holds no answer tokens; collect it with "
+                            "data.activations.answer_tokens > 0")
+        if answers and with_index:
+            raise ValueError("with_index numbers the prompt tokens only; it cannot be combined with answers")
+        self.answers = answers
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -521,9 +592,15 @@ class TokenStream(torch.utils.data.IterableDataset):
         return sum(len(self._rows(cache, shard)) // parts for shard in range(len(cache.shards)))
 
     def _rows(self, cache: ActivationCache, shard: int) -> np.ndarray:
-        """The rows of `shard` whose tokens belong to the chosen splits, from `min_position` on."""
+        """The rows of `shard` whose tokens belong to the chosen splits, from `min_position` on; with `answers`,
+        then the answer tokens of those splits' prompts, numbered on after the shard's prompt tokens."""
         tokens = cache.tokens(shard)
-        return np.flatnonzero(np.isin(tokens["split"], self.split_codes) & (tokens["position"] >= self.min_position))
+        rows = np.flatnonzero(np.isin(tokens["split"], self.split_codes) & (tokens["position"] >= self.min_position))
+        if not self.answers:
+            return rows
+        offsets = cache.answer_offsets(shard)
+        split = np.repeat(tokens["split"][tokens["is_last"]], np.diff(offsets))  # each answer token's prompt's
+        return np.concatenate([rows, len(tokens) + np.flatnonzero(np.isin(split, self.split_codes))])
 
     @staticmethod
     def _part() -> tuple[int, int]:
@@ -554,9 +631,17 @@ class TokenStream(torch.utils.data.IterableDataset):
             share = len(rows) // parts
             mine = rows[part * share : (part + 1) * share]
             arrays = {layer: cache.activations(shard, layer) for layer in self.layers}  # unmapped after the shard
+            answers = {layer: cache.answer_activations(shard, layer) for layer in self.layers} if self.answers else {}
+            n_prompt_rows = cache.shards[shard]["n_tokens"]
             for start in range(0, len(mine), self.batch_size):
                 chunk = np.sort(mine[start : start + self.batch_size])  # sorted: sequential reads
-                batch = {layer: cache.to_torch(array[chunk]) for layer, array in arrays.items()}
+                if answers:  # prompt rows, then answer rows (numbered after the prompt tokens)
+                    cut = np.searchsorted(chunk, n_prompt_rows)
+                    batch = {layer: cache.to_torch(np.concatenate([array[chunk[:cut]],
+                                                                   answers[layer][chunk[cut:] - n_prompt_rows]]))
+                             for layer, array in arrays.items()}
+                else:
+                    batch = {layer: cache.to_torch(array[chunk]) for layer, array in arrays.items()}
                 if self.with_index:
                     batch["index"] = torch.from_numpy(first_row[shard] + chunk)
                 pending.append(batch)

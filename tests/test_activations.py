@@ -225,12 +225,58 @@ def test_the_template_prefix_is_recorded_and_left_out_of_training(tiny_dir: Path
     assert len(seen) == 5 * (int((position >= prefix).sum()) // 5)
 
 
+def test_answer_tokens_cache_the_models_own_answers_and_stream_beside_the_prompts(tiny_dir: Path, splits,
+                                                                                  tmp_path: Path) -> None:
+    """`answer_tokens`: each prompt's greedy answer (as `generate` gives it alone) is run after its prompt, and the
+    residuals at its tokens are what the cache holds, while the prompts' rows stay those of a cache without answers;
+    a stream with `answers` yields the chosen splits' prompt tokens after the prefix, then their answer tokens."""
+    from refusal_sae.generation import generate
+
+    plain = collect(tiny_dir, tmp_path / "plain", splits)
+    cache = collect(tiny_dir, tmp_path / "cache", splits, answer_tokens=3)
+    assert cache.has_answers and not plain.has_answers and cache.manifest["config"]["answer_tokens"] == 3
+    wrapper = ModelWrapper(ModelConfig(name=str(tiny_dir)))
+    samples = [s for split in SPLITS for s in splits[split]]
+    for shard in range(len(cache.shards)):
+        for layer in cache.layers:
+            assert np.array_equal(cache.activations(shard, layer), plain.activations(shard, layer))
+    for index in (0, 21, 39):  # its answer alone, run after its prompt alone
+        shard, local = divmod(index, cache.manifest["config"]["shard_size"])
+        answer = generate(wrapper, [samples[index].prompt], 3).tokens[0]
+        offsets = cache.answer_offsets(shard)
+        assert offsets[local + 1] - offsets[local] == len(answer) > 0
+        ids = wrapper.encode([samples[index].prompt])[0]
+        run = torch.tensor([ids + answer])
+        alone = wrapper.residuals(run, torch.ones_like(run), cache.layers)
+        for layer in cache.layers:
+            cached = cache.to_torch(cache.answer_activations(shard, layer)[offsets[local]:offsets[local + 1]])
+            torch.testing.assert_close(cached, alone[layer][0, len(ids):], rtol=1e-4, atol=1e-5)
+    prefix = cache.manifest["template_prefix"]
+    stream = TokenStream(tmp_path / "cache", layers=["residuals_2"], batch_size=1, shuffle=False,
+                         splits=["discovery"], min_position=prefix, answers=True)
+    expected = []
+    for shard in range(len(cache.shards)):
+        tokens = cache.tokens(shard)
+        keep = (tokens["split"] == SPLITS.index("discovery")) & (tokens["position"] >= prefix)
+        expected.append(cache.to_torch(cache.activations(shard, "residuals_2")[keep]))
+        split = np.repeat(tokens["split"][tokens["is_last"]], np.diff(cache.answer_offsets(shard)))
+        expected.append(cache.to_torch(cache.answer_activations(shard, "residuals_2")[split == 0]))
+    assert torch.equal(torch.cat([b["residuals_2"] for b in stream]), torch.cat(expected))
+    shuffled = TokenStream(tmp_path / "cache", batch_size=5, seed=0, answers=True)
+    assert sum(len(b["residuals_0"]) for b in shuffled) == 5 * (shuffled.tokens_per_part(1) // 5)
+    assert shuffled.tokens_per_part(1) == cache.n_tokens + int(sum(cache.answer_offsets(i)[-1]
+                                                                   for i in range(len(cache.shards))))
+    with pytest.raises(UserError, match="holds no answer tokens; collect it with data.activations.answer_tokens"):
+        TokenStream(tmp_path / "plain", answers=True)
+
+
 @pytest.mark.parametrize(
     ("build", "message"),
     [
         (lambda: ActivationConfig(layers=[0], batch_size=True), "data.activations.batch_size: True is not a positive"),
         (lambda: ActivationConfig(layers=[0], shard_size=0), "data.activations.shard_size: 0 is not a positive integer"),
         (lambda: ActivationConfig(layers=[0], dtype="float8"), "data.activations.dtype: 'float8' is not a known value"),
+        (lambda: ActivationConfig(layers=[0], answer_tokens=-1), "data.activations.answer_tokens: -1 is not an integer"),
         (lambda: ActivationDataModule(batch_size=0), "data.batch_size: 0 is not a positive integer; give e.g. 4096"),
         (lambda: ActivationDataModule(num_workers=-1), "data.num_workers: -1 is not an integer >= 0"),
         (lambda: ActivationDataModule(train_splits=("train",)), "data.train_splits: 'train' is not a known value"),
