@@ -106,6 +106,9 @@ def _rows_to_samples(
 
 MAX_CATEGORY = 80
 """Characters a category name may have: it names files (circuits, records), whose names have a length limit."""
+MAX_CATEGORY_BYTES = 160
+"""UTF-8 bytes a category name may take: a file name holds 255 bytes, and the longest one a category names (a
+circuit's export, written through a temporary sibling) adds 41 to it."""
 
 
 def _category_problem(category: str) -> str | None:
@@ -114,6 +117,8 @@ def _category_problem(category: str) -> str | None:
     accept it."""
     if len(category) > MAX_CATEGORY:
         return f"has {len(category)} characters, more than the {MAX_CATEGORY} a file name can take here"
+    if (size := len(category.encode("utf-8", "surrogatepass"))) > MAX_CATEGORY_BYTES:
+        return f"takes {size} bytes in UTF-8, more than the {MAX_CATEGORY_BYTES} a file name can take here"
     if bad := sorted({c for c in category if c in '/\\' or ord(c) < 32}):
         return f"holds {', '.join(repr(c) for c in bad)}, which file names cannot (or would join to a group)"
     if "__" in category:

@@ -205,6 +205,7 @@ def test_category_without_toxic_rows(tmp_path: Path) -> None:
     ("self/harm", "holds '/', which file names cannot"),
     ("self__toxic", "holds '__', which file names use to join a category to its circuit's group"),
     ("x" * 81, "has 81 characters, more than the 80"),
+    ("\U0001F600" * 41, "takes 164 bytes in UTF-8, more than the 160"),
     (".hidden", "starts with '.'"),
     ("tab\there", "holds '\\t'"),
 ])
