@@ -29,6 +29,7 @@ first batch (its epoch-end callbacks, the circuit analysis among them, still run
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 from collections.abc import Mapping
@@ -127,6 +128,20 @@ class RunDirCheckpoint(ModelCheckpoint):
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
         self._use_run_dir(trainer)  # called for ckpt_path="last" before setup
         return super()._find_last_checkpoints(trainer)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """Lightning's save (a temporary file moved into place, so a failed write leaves no part of a checkpoint),
+        with a full disk (or a file-size limit) as one line: the previous checkpoint, not yet replaced, resumes."""
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            kept = sorted(path for path in self._find_last_checkpoints(trainer) if os.path.exists(path))
+            resume = (f"the previous checkpoint, {kept[0]}, is intact: free space and run the same command with "
+                      "--ckpt_path last" if kept else "no earlier checkpoint exists: free space and run it again")
+            raise UserError(f"writing checkpoint {filepath} failed ({e.strerror}) in epoch {trainer.current_epoch}; "
+                            f"{resume}") from None
 
 
 def saved_checkpoint(trainer: L.Trainer) -> str | None:

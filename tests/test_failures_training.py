@@ -23,7 +23,7 @@ import yaml
 
 from refusal_sae.layout import RunLayout
 from tests.conftest import ROOT
-from tests.run_cli import cli_in_process, one_line_error
+from tests.run_cli import cli, cli_in_process, one_line_error
 from tests.tiny_model import TINY_CALLBACKS, tiny_fit_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,6 +167,37 @@ def test_sigterm_during_training_exits_143_keeping_the_checkpoint_to_resume_from
     assert resumed.returncode == 0, resumed.stderr
     assert torch.load(last, weights_only=True)["epoch"] == epoch + 1
     assert all((RunLayout(run_dir).saes / layer / "sae.safetensors").is_file() for layer in LAYERS)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_the_disk_cannot_take_is_one_line_and_the_previous_one_resumes(tiny: list[str],
+                                                                                    tmp_path: Path) -> None:
+    """The OS refuses the checkpoint's bytes (a real file-size limit, RLIMIT_FSIZE, below a checkpoint's size: the
+    write fails as on a full disk, EFBIG instead of ENOSPC): `fit` ends with one line naming the checkpoint kept,
+    leaves no part of the new one, and resuming from the kept one finishes the run (#30 case 11)."""
+    import resource
+
+    run_dir = tmp_path / "run"  # every fit in its own process: a fit holds its run directory until its process ends
+    first = cli("fit", *tiny, "--run_dir", str(run_dir))
+    assert first.returncode == 0, first.stderr
+    checkpoints = RunLayout(run_dir).checkpoints
+    last = checkpoints / "last.ckpt"
+    before = sorted(p.name for p in checkpoints.iterdir())
+    limit = last.stat().st_size // 2
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    refused = subprocess.run([sys.executable, "-m", "refusal_sae", "fit", *tiny, "--run_dir", str(run_dir),
+                              "--trainer.max_epochs", "2", "--ckpt_path", "last"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=600, preexec_fn=small_files)
+    error = one_line_error(refused)
+    assert "writing checkpoint" in error and "File too large" in error and f"{last}, is intact" in error, error
+    assert sorted(p.name for p in checkpoints.iterdir()) == before  # nothing half-written beside it
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    resumed = cli("fit", *tiny, "--run_dir", str(run_dir), "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(last, weights_only=True)["epoch"] == 1
 
 
 @pytest.mark.slow
