@@ -85,11 +85,26 @@ def load_causal_lm(
             model_kwargs["quantization_config"] = GgufConfig(dequantize=True)
     with _no_safetensors_conversion():
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
-        model = AutoModelForCausalLM.from_pretrained(source, **common, **model_kwargs)
-    if gguf_file is not None:
+        model = AutoModelForCausalLM.from_pretrained(source, **common, **model_kwargs,
+                                                     output_loading_info=gguf_file is None)
+    if gguf_file is None:
+        model, info = model
+        _check_loading_info(source, info)
+    else:
         _detach_gguf_quantizer(model, gguf_file)
         model.to(dtype)
     return model, tokenizer
+
+
+def _check_loading_info(source: str, info: dict[str, Any]) -> None:
+    """Refuse weights that do not fill the architecture config.json describes: transformers would initialise a
+    missing weight at random (a warning only) and drop an unexpected one, and the model would still run."""
+    for key, what in (("missing_keys", "has no weight for"), ("unexpected_keys", "holds weights its config.json "
+                                                                                  "has no place for, e.g.")):
+        names = sorted(info.get(key) or [])
+        if names:
+            raise UserError(f"{source}: the checkpoint {what} {names[0]} ({len(names)} such tensor(s)), so its "
+                            "config.json and weights do not belong together; download or save the model again")
 
 
 def _detach_gguf_quantizer(model: Any, gguf_file: str) -> None:
@@ -167,13 +182,23 @@ def _safetensors_weights(directory: Path) -> list[Path]:
     return [directory / shard for shard in shards]
 
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+"""safetensors dtypes a weight may have: an integer one is quantized (or not a weight), which a load in a float
+dtype would turn into wrong values without a word."""
+
+
 def check_safetensors_file(path: Path) -> None:
-    """Parse the header of a safetensors file; UserError naming it if the file is truncated or corrupted."""
+    """Parse the header of a safetensors file; UserError naming it if the file is truncated or corrupted, or holds
+    a weight or bias in an integer dtype (a quantized checkpoint)."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="pt"):
-            pass
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                dtype = f.get_slice(name).get_dtype()
+                if name.endswith(("weight", "bias")) and dtype not in FLOAT_DTYPES:
+                    raise UserError(f"{path}: {name} is stored as {dtype}, not a float dtype ({', '.join(FLOAT_DTYPES)})"
+                                    "; give an unquantized checkpoint (or a GGUF file, which is dequantized)")
     except SafetensorError as e:
         raise UserError(f"{path} is truncated or corrupted ({e}); download or save the model again") from None
 

@@ -8,6 +8,7 @@ run's SAEs beside the new ones, where `analyze` took them as this run's.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -77,6 +78,31 @@ def test_a_missing_shard_of_a_sharded_model_is_named(model_copy: Path) -> None:
     with pytest.raises(UserError) as e:
         ModelWrapper(ModelConfig(name=str(model_copy)))
     assert f"{model_copy / 'model-00002-of-00002.safetensors'} not found" in str(e.value)
+
+
+def test_weights_that_do_not_fill_the_configured_architecture_are_refused(model_copy: Path) -> None:
+    """A config.json naming 4 layers beside weights of 2 (transformers would start layers 2 and 3 at random, with a
+    warning) or of fewer layers than the weights hold: one line naming a tensor (#30 case 1)."""
+    config = json.loads((model_copy / "config.json").read_text(encoding="utf-8"))
+    for layers, says in ((4, "has no weight for model.layers.2."), (1, "holds weights its config.json has no place "
+                                                                       "for, e.g. model.layers.1.")):
+        (model_copy / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+        with pytest.raises(UserError, match=re.escape(says)) as e:
+            ModelWrapper(ModelConfig(name=str(model_copy)))
+        assert "do not belong together" in str(e.value)
+
+
+def test_integer_weights_are_refused_naming_the_tensor(model_copy: Path) -> None:
+    """int8 weights (a quantized checkpoint) would be cast to float without a word; refused naming file and tensor."""
+    from safetensors.torch import load_file, save_file
+
+    weights = model_copy / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(n for n in tensors if n.endswith("q_proj.weight"))[0]
+    tensors[name] = tensors[name].mul(100).to(torch.int8)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=re.escape(f"{weights}: {name} is stored as I8, not a float dtype")):
+        ModelWrapper(ModelConfig(name=str(model_copy)))
 
 
 @pytest.mark.slow
