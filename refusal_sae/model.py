@@ -132,6 +132,14 @@ class ModelWrapper:
                 source, self.dtype, gguf_file=gguf_file, revision=cfg.revision, local_files_only=local,
                 trust_remote_code=cfg.trust_remote_code,
             )
+        except (ValueError, RuntimeError) as e:  # a tokenizer that cannot be built; a weight of another shape
+            what = ("a weight's shape is not the one its config.json describes" if "mismatch" in str(e) else
+                    "its tokenizer cannot be built" if "tokenizer" in str(e).lower() else None)
+            if what is None:
+                raise
+            raise UserError(f"data.model.name: {cfg.name!r}: {what} ({first_line(e)}); give the whole directory "
+                            "save_pretrained wrote (config.json, tokenizer files, *.safetensors), or download it "
+                            "again") from None
         except OSError as e:
             if gguf_file is None and "safetensors" in str(e):
                 raise UserError(

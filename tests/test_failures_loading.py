@@ -92,6 +92,28 @@ def test_weights_that_do_not_fill_the_configured_architecture_are_refused(model_
         assert "do not belong together" in str(e.value)
 
 
+def test_a_weight_of_another_shape_and_missing_tokenizer_files_are_one_line(model_copy: Path, tmp_path: Path) -> None:
+    """Two tracebacks of #30 case 16: a weight whose shape is not config.json's, and a directory without the tokenizer's
+    files."""
+    from safetensors.torch import load_file, save_file
+
+    pristine = Path(shutil.copytree(model_copy, tmp_path / "pristine"))
+    weights = model_copy / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(n for n in tensors if n.endswith("q_proj.weight"))[0]
+    tensors[name] = torch.zeros(tensors[name].shape[0], tensors[name].shape[1] + 1)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(UserError, match="a weight's shape is not the one its config.json describes") as e:
+        ModelWrapper(ModelConfig(name=str(model_copy)))
+    assert "\n" not in str(e.value)
+    for path in pristine.iterdir():
+        if path.name.startswith("tokenizer"):
+            path.unlink()
+    with pytest.raises(UserError, match="its tokenizer cannot be built") as e:
+        ModelWrapper(ModelConfig(name=str(pristine)))
+    assert "\n" not in str(e.value) and "tokenizer files" in str(e.value)
+
+
 def test_integer_weights_are_refused_naming_the_tensor(model_copy: Path) -> None:
     """int8 weights (a quantized checkpoint) would be cast to float without a word; refused naming file and tensor."""
     from safetensors.torch import load_file, save_file
