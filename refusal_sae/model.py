@@ -137,9 +137,10 @@ class ModelWrapper:
                     "its tokenizer cannot be built" if "tokenizer" in str(e).lower() else None)
             if what is None:
                 raise
-            raise UserError(f"data.model.name: {cfg.name!r}: {what} ({first_line(e)}); give the whole directory "
-                            "save_pretrained wrote (config.json, tokenizer files, *.safetensors), or download it "
-                            "again") from None
+            advice = ("a GGUF file written with its architecture and tokenizer metadata" if gguf_file else
+                      "the whole directory save_pretrained wrote (config.json, tokenizer files, *.safetensors)")
+            raise UserError(f"data.model.name: {cfg.name!r}: {what} ({first_line(e)}); give {advice}, or download "
+                            "it again") from None
         except OSError as e:
             if gguf_file is None and "safetensors" in str(e):
                 raise UserError(

@@ -93,8 +93,8 @@ def test_weights_that_do_not_fill_the_configured_architecture_are_refused(model_
 
 
 def test_a_weight_of_another_shape_and_missing_tokenizer_files_are_one_line(model_copy: Path, tmp_path: Path) -> None:
-    """Two tracebacks of #30 case 16: a weight whose shape is not config.json's, and a directory without the tokenizer's
-    files."""
+    """Tracebacks of #30 case 16: a weight whose shape is not config.json's, a directory without the tokenizer's
+    files, a GGUF file without its metadata."""
     from safetensors.torch import load_file, save_file
 
     pristine = Path(shutil.copytree(model_copy, tmp_path / "pristine"))
@@ -112,6 +112,18 @@ def test_a_weight_of_another_shape_and_missing_tokenizer_files_are_one_line(mode
     with pytest.raises(UserError, match="its tokenizer cannot be built") as e:
         ModelWrapper(ModelConfig(name=str(pristine)))
     assert "\n" not in str(e.value) and "tokenizer files" in str(e.value)
+    import gguf
+
+    bare = tmp_path / "bare.gguf"  # a whole GGUF file with one tensor and no tokenizer or architecture metadata
+    writer = gguf.GGUFWriter(str(bare), arch="llama")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UserError, match="its tokenizer cannot be built") as e:
+        ModelWrapper(ModelConfig(name=str(bare)))
+    assert "a GGUF file written with its architecture and tokenizer metadata" in str(e.value)
 
 
 def test_integer_weights_are_refused_naming_the_tensor(model_copy: Path) -> None:
