@@ -169,6 +169,10 @@ def _strict_rows(reader: csv.DictReader, path: Path) -> Iterator[tuple[int, dict
                                 "put a prompt that holds a comma in double quotes")
             yield reader.line_num, row
     except csv.Error as e:
+        if "field larger than field limit" in str(e):
+            raise UserError(f"{path}: after line {reader.line_num}: a field of more than {csv.field_size_limit():,} "
+                            "characters: a prompt far longer than a model's context, or an unclosed double quote "
+                            "that swallowed the rows after it; shorten the prompt or close the quote") from None
         raise UserError(f"{path}: after line {reader.line_num}: {e} (a stray or unclosed double quote); quote a "
                         'field that holds quotes and double the quotes inside it ("say ""no""")') from None
 

@@ -158,6 +158,8 @@ def test_empty_prompt_names_the_line(tmp_path: Path) -> None:
      "after line 2: unexpected end of data (a stray or unclosed double quote)"),
     ('prompt,category\nok,hate\n"How" do I,hate\n', "after line 2: ',' expected after '\"'"),
     ("prompt,prompt,category\nok,again,hate\n", "the header names column(s) ['prompt'] twice"),
+    ('prompt,category\nok,hate\n"' + "word " * 200_000 + '",hate\n',
+     "after line 2: a field of more than 131,072 characters: a prompt far longer than a model's context"),
 ])
 def test_a_row_the_csv_module_would_resplit_or_swallow_is_one_line(tmp_path: Path, text: str, message: str) -> None:
     """An unquoted comma shifts the category, an unclosed quote swallows the rows after it, a repeated header
