@@ -236,7 +236,7 @@ class SAEModule(L.LightningModule):
         if unknown:
             raise UserError(f"model.pretrained: {unknown[0]} is not a layer of this run ({', '.join(layers)}); "
                             "name one of them, or add it to model.layers")
-        model_name = self.model_name or (cache.manifest["config"]["model"]["name"] if cache else None)
+        model_name = self.model_name or (cache.model_name if cache else None)
         self._prompts = cache.manifest["config"].get("prompts_sha256") if cache else None
         self._build(list(layers), model_name)
         if not self.trained and self._trainer is not None and self.trainer.world_size > 1:

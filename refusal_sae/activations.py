@@ -140,6 +140,8 @@ class ActivationCache:
             raise UserError(f"{path}: the cache is incomplete; run `fit` again to finish collecting")
         self.layers: list[str] = self.manifest["config"]["layers"]
         self.d_model: int = self.manifest["config"]["model"]["d_model"]
+        self.model_name: str | None = self.manifest["config"]["model"].get("name")
+        """The model the activations come from, as `data.model.name` gave it (hub id, directory or embedded)."""
         self.dtype: str = self.manifest["config"]["dtype"]
         self.shards: list[dict[str, Any]] = self.manifest["shards"]
         for shard in self.shards:

@@ -774,7 +774,7 @@ def export_circuits(inputs: AnalysisInputs, discovery: Discovery, out: AnalysisL
     labels = {name: node_label(card, prompts) for name, card in cards.items()}
     metric = discovery.record.metric
     target = f"refusal score F ({metric.get('compliance_mode')} score, {discovery.record.target} target)"
-    model = inputs.cache.manifest["config"]["model"].get("name") or ""
+    model = inputs.cache.model_name or ""
     positions = PositionScheme(**discovery.record.scheme).node_classes
     for method, circuits in discovery.circuits.items():
         for circuit, _ in circuits:

@@ -241,7 +241,7 @@ def _inputs(run: RunLayout, fitted: dict, cfg: AnalysisConfig) -> AnalysisInputs
         raise UserError(f"{run.saes}: no SAE for layer(s) {missing}; finish `fit` on this run first")
     saes = {layer: load_sae(run.saes / layer, expected_layer=layer, expected_d_in=dm.cache.d_model).eval()
             for layer in layers if layer not in cfg.saes}
-    model = dm.cache.manifest["config"]["model"].get("name")
+    model = dm.cache.model_name
     saes.update({layer: given.load(layer, dm.cache.d_model, model) for layer, given in cfg.saes.items()})
     saes = {layer: saes[layer] for layer in sorted(saes, key=dm.cache.layers.index)}
     return AnalysisInputs(saes, dm.cache, dm.splits, dm.llm, run, cfg.validity)

@@ -262,7 +262,7 @@ def check_inputs(record: DiscoveryRecord, circuits: Mapping[str, Sequence[tuple[
     if uncached:
         raise UserError(f"report: the activation cache {cache.dir} has no layer(s) {uncached}; the circuits come "
                         "from another cache: run `fit` with these layers")
-    model = cache.manifest["config"]["model"].get("name")
+    model = cache.model_name
     for layer in layers:
         meta, d_in = saes[layer].meta, saes[layer].cfg.d_in
         if d_in != cache.d_model:
