@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from refusal_sae.data import DATASET_TYPES, PromptSample, Split
 from refusal_sae.errors import UserError
-from refusal_sae.io import LOCK_FILE, directory_lock, sha256_file, write_json
+from refusal_sae.io import LOCK_FILE, directory_lock, hold_shared, sha256_file, write_json
 from refusal_sae.model import ModelWrapper
 from refusal_sae.prefix import SharedPrefix
 from refusal_sae.validate import non_negative_int, one_of, positive_int
@@ -135,6 +135,7 @@ class ActivationCache:
         path = self.dir / MANIFEST
         if not path.is_file():
             raise UserError(f"{path} not found: no activation cache there; run `fit` to collect activations")
+        hold_shared(self.dir, "activation cache", "data.activations.cache_dir")  # no other process rewrites it now
         self.manifest = read_manifest(path)
         if not self.manifest.get("complete"):
             raise UserError(f"{path}: the cache is incomplete; run `fit` again to finish collecting")

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
 # Directories this process holds: resolved path -> (lock file descriptor, pid of the process that took it).
 _held: dict[Path, tuple[int, int]] = {}
+# Directories this process reads under a shared lock (`hold_shared`): resolved path -> lock file descriptor.
+_shared: dict[Path, int] = {}
 
 
 @contextlib.contextmanager
@@ -168,38 +170,77 @@ def directory_lock(directory: str | Path, what: str, option: str) -> Iterator[No
             _release(key)
 
 
-def _acquire(directory: Path, what: str, option: str) -> bool:
-    """Take the lock of `directory` into `_held`; False (after a warning) where the filesystem has no locks."""
-    path = directory / LOCK_FILE
+def hold_shared(directory: str | Path, what: str, option: str) -> None:
+    """Hold a shared lock on `directory` for the rest of this process, as a reader of it: any number of readers hold
+    it together, and a writer (`directory_lock`, `hold_directory`) is refused while one does, as a reader is while a
+    writer works, instead of rewriting files a reader has mapped. A no-op where this process holds it already."""
+    key = Path(directory).resolve()
+    if key in _shared or key in _held:
+        return
     while True:
+        fd = _open_lock(key, what, option)
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-        except OSError as e:
-            if e.errno == errno.ELOOP:  # the lock is written to: a link would have it write the link's target
-                raise UserError(f"{path} is a symbolic link; a lock file never is: remove it (and check who made "
-                                "it) before using this directory") from None
-            raise UserError(f"{what} {directory} cannot be written ({e.strerror or e}); give a writable directory "
-                            f"as {option}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
-            raise UserError(
-                f"{what} {directory} is in use by another refusal_sae process (pid {holder}); wait for it to end "
-                f"or stop it, or give another {option}"
-            ) from None
+            raise UserError(f"{what} {key} is being written by another refusal_sae process (pid {holder}); wait for "
+                            f"it to end, or give another {option}") from None
+        except OSError as e:
+            os.close(fd)
+            log.warning("cannot lock %s %s (%s): a process rewriting it while this one reads would go unnoticed",
+                        what, key, e.strerror or e)
+            return
+        if _is_current(fd, key / LOCK_FILE):
+            _shared[key] = fd
+            return
+        os.close(fd)  # a writer removed the file between our open and flock: lock the new one
+
+
+def _open_lock(directory: Path, what: str, option: str) -> int:
+    """A descriptor of `<directory>/.lock`, created if needed, never through a symbolic link."""
+    path = directory / LOCK_FILE
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # the lock is written to: a link would have it write the link's target
+            raise UserError(f"{path} is a symbolic link; a lock file never is: remove it (and check who made "
+                            "it) before using this directory") from None
+        raise UserError(f"{what} {directory} cannot be written ({e.strerror or e}); give a writable directory "
+                        f"as {option}") from None
+
+
+def _is_current(fd: int, path: Path) -> bool:
+    """`fd` is the file at `path` (not one its last holder removed after we opened it)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.lstat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _acquire(directory: Path, what: str, option: str) -> bool:
+    """Take the lock of `directory` into `_held`; False (after a warning) where the filesystem has no locks. A shared
+    lock this process holds on it (as a reader) is given up first."""
+    path = directory / LOCK_FILE
+    if directory in _shared:
+        os.close(_shared.pop(directory))
+    while True:
+        fd = _open_lock(directory, what, option)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()  # empty: readers only (hold_shared)
+            os.close(fd)
+            who = f"pid {holder}" if holder else "one or more reading it"
+            raise UserError(f"{what} {directory} is in use by another refusal_sae process ({who}); wait for it to end "
+                            f"or stop it, or give another {option}") from None
         except OSError as e:  # e.g. a network filesystem mounted without lock support
             os.close(fd)
             log.warning("cannot lock %s %s (%s): another process writing it at the same time would go unnoticed",
                         what, directory, e.strerror or e)
             return False
-        try:
-            current = os.lstat(path)
-        except FileNotFoundError:
-            current = None
-        if current is not None and os.path.samestat(os.fstat(fd), current):
+        if _is_current(fd, path):
             break
         os.close(fd)  # its last holder removed the file between our open and flock: lock the new one
     os.ftruncate(fd, 0)

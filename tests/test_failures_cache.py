@@ -24,7 +24,7 @@ import torch
 
 from refusal_sae import cpu_kernels
 from refusal_sae.activations import MANIFEST, ActivationCache, TokenStream
-from refusal_sae.data import PromptConfig, prepare_prompts
+from refusal_sae.data import PromptConfig, prepare_prompts, write_splits
 from refusal_sae.errors import UserError
 from refusal_sae.io import LOCK_FILE, write_json
 from refusal_sae.model import ModelConfig, ModelWrapper
@@ -211,12 +211,60 @@ def test_two_collections_into_one_cache_directory(tiny_dir: Path, tmp_path: Path
     finally:
         first.kill()
         first.wait()
+    lock = cache / LOCK_FILE  # the writer removed its lock; a reader's (the child opened the cache it wrote) is empty
+    assert not lock.exists() or lock.read_text() == ""
     assert ActivationCache(cache).n_prompts == 40
-    assert not (cache / LOCK_FILE).exists()
 
 
 # ------------------------------------------------------------------------------------------------
 # Damaged or edited cache files
+
+
+REBUILD = """
+import sys
+from refusal_sae.activations import ActivationConfig, InferencePipeline
+from refusal_sae.data import read_splits
+from refusal_sae.model import ModelConfig, ModelWrapper
+model_dir, prompts_csv, cache_dir = sys.argv[1:4]
+cfg = ActivationConfig(layers=[1], shard_size=16, batch_size=5, overwrite=True)
+InferencePipeline(ModelWrapper(ModelConfig(name=model_dir)), cfg, cache_dir).run(read_splits(prompts_csv))
+"""
+HOLD = """
+import sys
+from refusal_sae.io import directory_lock
+with directory_lock(sys.argv[1], "activation cache", "data.activations.cache_dir"):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_cache_being_read_is_not_rebuilt_and_one_being_written_is_not_read(tiny_dir: Path, splits,
+                                                                             tmp_path: Path) -> None:
+    """#30 case 12: readers of a cache hold a shared lock. Another process rebuilding it (`overwrite: true`, other
+    layers) while this one reads it is refused before it deletes anything; a cache another process is writing is
+    refused to a new reader, naming that process."""
+    cache = collect(tiny_dir, tmp_path / "cache", splits)  # this process reads it from now on
+    manifest = (cache.dir / MANIFEST).read_bytes()
+    prompts = tmp_path / "prompts.csv"
+    write_splits(splits, prompts)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    rebuild = subprocess.run([sys.executable, "-c", REBUILD, str(tiny_dir), str(prompts), str(cache.dir)], env=env,
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rebuild.returncode != 0
+    assert f"activation cache {cache.dir.resolve()} is in use by another refusal_sae process (one or more reading it)" \
+        in rebuild.stderr, rebuild.stderr
+    assert (cache.dir / MANIFEST).read_bytes() == manifest and cache.activations(0, "residuals_0").shape[0] > 0
+    other = Path(shutil.copytree(cache.dir, tmp_path / "other", ignore=shutil.ignore_patterns(LOCK_FILE)))
+    writer = subprocess.Popen([sys.executable, "-c", HOLD, str(other)], env=env, cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "held"
+        with pytest.raises(UserError) as e:
+            ActivationCache(other)
+        assert f"is being written by another refusal_sae process (pid {writer.pid})" in one_line(e)
+    finally:
+        writer.communicate("\n", timeout=60)
+    assert ActivationCache(other).n_tokens == cache.n_tokens  # the writer gone, it reads
 
 
 def test_following_the_corrupted_shard_advice_recollects_that_shard(tiny_dir: Path, splits, tmp_path: Path) -> None:
