@@ -82,8 +82,13 @@ class OneLineErrorParser(LightningArgumentParser):
 
 
 class Terminated(Exception):
-    """`fit` stopped by SIGTERM: `main` says so in one line and exits 143 (128 + SIGTERM, what a shell reports
-    for a process the signal ended), so that a scheduler never records the stopped run as a success."""
+    """`fit` stopped by a signal (SIGTERM, or SIGINT: Ctrl-C): `main` says so in one line and exits 128 + the signal
+    (143, 130: what a shell reports for a process the signal ended), so that a scheduler never records the stopped
+    run as a success."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class RefusalCLI(LightningCLI):
@@ -157,16 +162,26 @@ class RefusalCLI(LightningCLI):
         raise UserError(f"--ckpt_path last: {why}; {advice}, or leave out --ckpt_path to start afresh")
 
     def fit(self, **kwargs: Any) -> None:
-        """`trainer.fit`, raising `Terminated` when SIGTERM stopped it (Lightning 2.x exits 0, its issue 19916)."""
+        """`trainer.fit`, raising `Terminated` when SIGTERM (Lightning 2.x exits 0, its issue 19916) or Ctrl-C stopped
+        it."""
         try:
             self.trainer.fit(**kwargs)
         except SIGTERMException:
-            saved = saved_checkpoint(self.trainer)
-            resume = "last" if saved and Path(saved).name.startswith("last") else saved
-            kept = (f"the last checkpoint, {saved}, is kept: run the same command with --ckpt_path {resume} to resume"
-                    if saved else "no checkpoint had been saved yet: run the same command again to start afresh")
-            raise Terminated(f"training stopped by SIGTERM in epoch {self.trainer.current_epoch} (step "
-                             f"{self.trainer.global_step}); {kept}") from None
+            raise Terminated(self._stopped("SIGTERM")) from None
+        except SystemExit:
+            if not self.trainer.interrupted:
+                raise
+            # Lightning ends its own handling of Ctrl-C with sys.exit(1) after "Detected KeyboardInterrupt"
+            raise Terminated(self._stopped("Ctrl-C (SIGINT)"), signal.SIGINT) from None
+
+    def _stopped(self, by: str) -> str:
+        """The line a stopped `fit` ends with: where it stopped and the checkpoint to resume from."""
+        saved = saved_checkpoint(self.trainer)
+        resume = "last" if saved and Path(saved).name.startswith("last") else saved
+        kept = (f"the last checkpoint, {saved}, is kept: run the same command with --ckpt_path {resume} to resume"
+                if saved else "no checkpoint had been saved yet: run the same command again to start afresh")
+        return (f"training stopped by {by} in epoch {self.trainer.current_epoch} (step {self.trainer.global_step}); "
+                f"{kept}")
 
     def after_fit(self) -> None:
         """Print where the SAEs are and the latest circuits' summary (rank 0)."""
@@ -449,4 +464,4 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(2)
     except Terminated as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
+        sys.exit(128 + e.signum)

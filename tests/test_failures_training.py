@@ -126,9 +126,9 @@ def test_a_run_dir_a_later_config_would_override_is_refused(capsys: pytest.Captu
 # ------------------------------------------------------------------------------------ case 7: SIGTERM
 
 
-def sigterm_fit(args: list[str], log: Path, ready: Callable[[], bool]) -> str:
-    """Run a real `fit` with `args` in a subprocess, send it SIGTERM once `ready()`, and return its one `error:` line
-    after checking it exited 143."""
+def sigterm_fit(args: list[str], log: Path, ready: Callable[[], bool], sig: int = signal.SIGTERM) -> str:
+    """Run a real `fit` with `args` in a subprocess, send it `sig` once `ready()`, and return its one `error:` line
+    after checking it exited 128 + `sig` (143 for SIGTERM, 130 for SIGINT)."""
     with open(log, "w") as out:
         fit = subprocess.Popen([sys.executable, "-m", "refusal_sae", "fit", *args], cwd=ROOT, stdout=out,
                                stderr=subprocess.STDOUT)
@@ -137,28 +137,31 @@ def sigterm_fit(args: list[str], log: Path, ready: Callable[[], bool]) -> str:
         while not ready() and fit.poll() is None and time.monotonic() < give_up:
             time.sleep(0.05)
         assert ready() and fit.poll() is None, log.read_text()
-        fit.send_signal(signal.SIGTERM)
+        fit.send_signal(sig)
         fit.wait(timeout=120)
     finally:
         if fit.poll() is None:
             fit.kill()
             fit.wait()
     output = log.read_text()
-    assert fit.returncode == 128 + signal.SIGTERM, output
+    assert fit.returncode == 128 + sig, output
+    assert "Traceback" not in output, output
     [error] = [line for line in output.splitlines() if line.startswith("error:")]
     return error
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("sig", "by"), [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C (SIGINT)")])
 def test_sigterm_during_training_exits_143_keeping_the_checkpoint_to_resume_from(
-    capsys: pytest.CaptureFixture[str], tiny: list[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], tiny: list[str], tmp_path: Path, sig: int, by: str
 ) -> None:
-    """A real SIGTERM to a real `fit` once its first checkpoint exists; the advice it prints then resumes."""
+    """A real SIGTERM (or SIGINT, Ctrl-C: exit 130) to a real `fit` once its first checkpoint exists; the advice it
+    prints then resumes."""
     run_dir = tmp_path / "run"
     last = RunLayout(run_dir).checkpoints / "last.ckpt"
     error = sigterm_fit([*tiny, "--trainer.max_epochs", "100000", "--run_dir", str(run_dir)], tmp_path / "fit.log",
-                        lambda: os.path.exists(last))
-    assert "training stopped by SIGTERM" in error and f"{last}, is kept" in error and "--ckpt_path last" in error
+                        lambda: os.path.exists(last), sig)
+    assert f"training stopped by {by}" in error and f"{last}, is kept" in error and "--ckpt_path last" in error
     epoch = torch.load(last, weights_only=True)["epoch"]
     assert not RunLayout(run_dir).saes.exists()  # an unfinished run exports no SAEs
 
