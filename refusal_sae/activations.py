@@ -161,6 +161,17 @@ class ActivationCache:
         """Memory-mapped (tokens, d_model) array of one shard and layer (raw uint16 bits for bfloat16)."""
         return np.load(self.dir / self.shards[shard]["name"] / f"{layer}.npy", mmap_mode="r")
 
+    def changed_source(self, wrapper: ModelWrapper, splits: dict[Split, list[PromptSample]]) -> dict[str, list[str]]:
+        """What differs between the model and prompts this cache was built from and `wrapper` / `splits` now, as
+        {"model": [fields], "prompts": ["prompts_sha256"]} without the empty ones. The model's dtype aside: a run may
+        be analysed on another device."""
+        config = self.manifest["config"]
+        then, now = ({k: v for k, v in model.items() if k != "dtype"} for model in (config["model"], wrapper.identity))
+        changed = {"model": [f"model.{d}" for d in _differences(then, now)], "prompts": []}
+        if config.get("prompts_sha256") not in (None, prompts_fingerprint(InferencePipeline.samples(splits))):
+            changed["prompts"] = ["prompts_sha256"]
+        return {kind: what for kind, what in changed.items() if what}
+
     @property
     def has_answers(self) -> bool:
         """The cache holds the model's greedy answer tokens after the prompts (`answer_tokens`)."""
@@ -287,7 +298,8 @@ class InferencePipeline:
         }
 
     @staticmethod
-    def _samples(splits: dict[Split, list[PromptSample]]) -> list[tuple[PromptSample, Split]]:
+    def samples(splits: dict[Split, list[PromptSample]]) -> list[tuple[PromptSample, Split]]:
+        """Every prompt to collect with its split, in cache order."""
         samples = [(s, split) for split in SPLITS for s in splits.get(split, [])]
         if not samples:
             raise UserError("data.activations: the prompt list is empty; nothing to collect")
@@ -296,13 +308,13 @@ class InferencePipeline:
     def check(self, splits: dict[Split, list[PromptSample]]) -> None:
         """Refuse what `run` would refuse (a directory that is not a cache; without `overwrite`, a cache of
         another config) before anything is written, so a refused run leaves its run directory as it was."""
-        self._manifest(self.cache_config(self._samples(splits)))
+        self._manifest(self.cache_config(self.samples(splits)))
 
     def run(self, splits: dict[Split, list[PromptSample]]) -> ActivationCache:
         """Collect (or finish collecting) activations for every prompt of both splits; return the cache.
 
         The cache directory is locked meanwhile: a second process collecting into it stops at once."""
-        samples = self._samples(splits)
+        samples = self.samples(splits)
         config = self.cache_config(samples)
         categories = sorted({s.category for s, _ in samples})
         self._prefix = template_prefix(self.wrapper, [s for s, _ in samples])

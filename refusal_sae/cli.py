@@ -81,6 +81,10 @@ class OneLineErrorParser(LightningArgumentParser):
         sys.exit(2)
 
 
+CHANGEABLE = ("model", "prompts")
+"""Inputs `analyze --allow_changed` may accept as changed since `fit` cached the activations."""
+
+
 class Terminated(Exception):
     """`fit` stopped by a signal (SIGTERM, or SIGINT: Ctrl-C): `main` says so in one line and exits 128 + the signal
     (143, 130: what a shell reports for a process the signal ended), so that a scheduler never records the stopped
@@ -237,8 +241,10 @@ def _check_trust(run: RunLayout, fitted: dict, trust_remote_code: bool) -> None:
                         "add --trust_remote_code true")
 
 
-def _inputs(run: RunLayout, fitted: dict, cfg: AnalysisConfig) -> AnalysisInputs:
-    """The finished run's data module (prompts, cache, model) and saved SAEs."""
+def _inputs(run: RunLayout, fitted: dict, cfg: AnalysisConfig, allow_changed: Sequence[str] = ()
+            ) -> AnalysisInputs:
+    """The finished run's data module (prompts, cache, model) and saved SAEs; a model or prompts list changed since
+    the activations were cached is refused unless `allow_changed` names it."""
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False, parser_mode="omegaconf")
@@ -246,6 +252,18 @@ def _inputs(run: RunLayout, fitted: dict, cfg: AnalysisConfig) -> AnalysisInputs
     data = dict(fitted.get("data") or {}, run_dir=str(run.root))
     dm = parser.instantiate_classes(parser.parse_object({"data": data})).data
     dm.setup("fit")
+    unknown = [kind for kind in allow_changed if kind not in CHANGEABLE]
+    if unknown:
+        raise UserError(f"--allow_changed: {unknown[0]!r}; give any of {', '.join(CHANGEABLE)}")
+    changed = dm.cache.changed_source(dm.llm(), dm.splits)
+    if refused := {kind: what for kind, what in changed.items() if kind not in allow_changed}:
+        raise UserError(f"{run.root}: the {' and the '.join(refused)} changed since `fit` cached the run's activations "
+                        f"({', '.join(w for what in refused.values() for w in what)}), so its SAEs and activations are "
+                        f"of the old one; restore it, fit again, or give --allow_changed '[{', '.join(refused)}]' to "
+                        "analyse anyway (the analysis records it)")
+    for kind, what in changed.items():
+        log.warning("the %s changed since fit cached the activations (%s); analysed anyway (--allow_changed)", kind,
+                    ", ".join(what))
     layers = (fitted.get("model") or {}).get("layers") or list(dm.cache.layers)  # those fit trained, as SAEModule
     unknown = [layer for layer in cfg.saes if layer not in dm.cache.layers]
     if unknown:
@@ -292,6 +310,10 @@ def analyze(args: list[str]) -> None:
     parser.add_argument("--trust_remote_code", type=bool, default=False,
                         help="Run the model directory's own code when the run's config trusts it "
                              "(data.model.trust_remote_code); never taken from the run directory alone.")
+    parser.add_argument("--allow_changed", type=list[str], default=[],
+                        help=f"Analyse although these inputs changed since `fit` cached the run's activations, e.g. "
+                             f"[model] for a model directory copied elsewhere (one of {', '.join(CHANGEABLE)}); the "
+                             "analysis records it.")
     parser.add_argument("--protocol", type=str, default=None,
                         help="A protocol file (configs/protocols/*.yaml): its analysis options apply, no other option "
                              "may depart from them, and every record carries its stamp.")
@@ -341,6 +363,7 @@ def analyze(args: list[str]) -> None:
         raise UserError(f"--source {source.name}: made under protocol {protocol_label(source.protocol)}, this "
                         f"analysis under {protocol_label(theirs)}; take circuits from an analysis under the same "
                         "protocol (or run --stage all)")
+    inputs = _inputs(run, fitted, cfg, ns.allow_changed)  # before a folder is claimed: a refused input leaves none
     if out is None:  # the first free default name, claimed (another analyze may be claiming names too)
         out = run.analysis(next(f"analyze_{ns.stage}_{i}" for i in range(1, 10_000)
                                 if _claim(run.analysis_root / f"analyze_{ns.stage}_{i}")))
@@ -348,8 +371,8 @@ def analyze(args: list[str]) -> None:
         raise UserError(f"{out.root} was just created by another analyze; give this one another --name")
     if stamp is not None:
         out.write_protocol(stamp)
-    out.write_invocation(stages, source.root.resolve().name, cfg)
-    summary = run_analysis(_inputs(run, fitted, cfg), out, cfg, stages, source)
+    out.write_invocation(stages, source.root.resolve().name, cfg, ns.allow_changed)
+    summary = run_analysis(inputs, out, cfg, stages, source)
     out.mark_complete()
     print(format_summary(summary))
 
@@ -384,7 +407,7 @@ def _resume(args: list[str], run: RunLayout, fitted: dict, name: str) -> None:
     stages, source = invocation["stages"], run.source(invocation["source"])
     if out.discovery_json.is_file():  # discovery done (or copied): every later stage takes it from here
         stages, source = [s for s in stages if s != "discover"], out
-    summary = run_analysis(_inputs(run, fitted, cfg), out, cfg, stages, source)
+    summary = run_analysis(_inputs(run, fitted, cfg, invocation.get("allow_changed", [])), out, cfg, stages, source)
     out.mark_complete()
     print(format_summary(summary))
 

@@ -45,7 +45,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -437,10 +437,12 @@ class AnalysisLayout:
     def invocation_json(self) -> Path:
         return self.root / "invocation.json"
 
-    def write_invocation(self, stages: list[str], source: str, analysis: Any) -> None:
-        """What `analyze` was asked to do (stages, source analysis, every option), before any stage runs: all
-        `--resume` needs to finish it."""
-        write_json(self.invocation_json, {"stages": stages, "source": source, "analysis": to_json(analysis)})
+    def write_invocation(self, stages: list[str], source: str, analysis: Any, allow_changed: Sequence[str] = ()
+                         ) -> None:
+        """What `analyze` was asked to do (stages, source analysis, every option, the changed inputs it was allowed
+        to analyse), before any stage runs: all `--resume` needs to finish it."""
+        write_json(self.invocation_json, {"stages": stages, "source": source, "analysis": to_json(analysis),
+                                          "allow_changed": list(allow_changed)})
 
     def read_invocation(self) -> dict[str, Any]:
         return read_json(self.invocation_json, "record of what analyze was asked to do",

@@ -524,6 +524,44 @@ def test_resume_of_an_analysis_started_before_any_latest(capsys: pytest.CaptureF
 
 
 @pytest.mark.slow
+def test_analyze_refuses_prompts_or_a_model_changed_since_fit_unless_allowed(capsys: pytest.CaptureFixture[str],
+                                                                             tiny_run, tmp_path: Path) -> None:
+    """#30 case 1: `data/prompts.csv` edited (a label flipped), or the run's model directory replaced by a copy (other
+    files, other path), after `fit`: `analyze` names what changed in one line instead of analysing a mixture;
+    `--allow_changed` analyses anyway and the analysis records it."""
+    import shutil
+
+    result, run_dir = tiny_run
+    assert result.returncode == 0, result.stderr
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True, ignore=shutil.ignore_patterns(".lock", "analysis"))
+    run = RunLayout(copy)
+    text = run.prompts_csv.read_text(encoding="utf-8")
+    rows = list(csv.DictReader(text.splitlines()))
+    rows[0]["refusal_label"] = str(rows[0]["refusal_label"] != "True")
+    with open(run.prompts_csv, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    options = ["analyze", "--run_dir", str(copy), "--stage", "discover"]
+    error = one_line_error(cli_in_process(capsys, *options, "--name", "edited"))
+    assert "the prompts changed since `fit` cached the run's activations (prompts_sha256)" in error, error
+    assert "--allow_changed '[prompts]'" in error and not run.analysis("edited").root.exists()
+    allowed = cli_in_process(capsys, *options, "--name", "allowed", "--allow_changed", "[prompts]")
+    assert allowed.returncode == 0, allowed.stderr
+    assert run.analysis("allowed").read_invocation()["allow_changed"] == ["prompts"]
+    run.prompts_csv.write_text(text, encoding="utf-8")  # restored: only the model differs now
+    config = yaml.safe_load(run.config.read_text(encoding="utf-8"))
+    model = Path(shutil.copytree(config["data"]["model"]["name"], tmp_path / "model"))
+    config["data"]["model"]["name"] = str(model)
+    run.config.write_text(yaml.safe_dump(config), encoding="utf-8")
+    error = one_line_error(cli_in_process(capsys, *options, "--name", "moved"))
+    assert "the model changed since `fit` cached the run's activations (model.name)" in error, error
+    moved = cli_in_process(capsys, *options, "--name", "moved_allowed", "--allow_changed", "[model]")
+    assert moved.returncode == 0, moved.stderr
+
+
+@pytest.mark.slow
 def test_two_analyses_started_at_once_never_share_a_folder(tiny_run) -> None:
     """Two `analyze` processes without --name, started together, pick the same next name; the one that does not
     create the folder first takes the next one, so each writes a folder of its own, complete."""
